@@ -1,0 +1,5 @@
+import sys
+
+from retlm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""`retlm build-db`, `retlm search`, `retlm db-info`: the retrieval database from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from retlm.cli.main import UsageError
+
+STAGE_HELP = (
+    "run one build stage only: chunk (tokenize TEXT_DIR), embed (shardable), index (merges embedding "
+    "shards, trains, tunes nprobe), neighbors (shardable), finalize (merges knn shards, writes "
+    "manifest.json). Default: all, in order"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    build = subparsers.add_parser(
+        "build-db",
+        help="build a retrieval database from a folder of text files",
+        description="Tokenize every file of TEXT_DIR matching --glob, cut the documents into chunks, embed "
+        "them with a frozen encoder, index them with faiss and precompute each chunk's nearest neighbours "
+        "from other documents. Re-running a killed build resumes it. For builds spread over many jobs, "
+        "run --stage chunk, then --stage embed --shard i/n for every i, --stage index, --stage neighbors "
+        "--shard i/n for every i, and --stage finalize (see docs/retrieval.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    build.add_argument("text_dir", type=Path, metavar="TEXT_DIR", help="folder of UTF-8 text files")
+    build.add_argument("--out", type=Path, required=True, metavar="DB", help="database folder to write")
+    build.add_argument("--glob", default="**/*.txt", help="which files of TEXT_DIR are documents")
+    build.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
+    build.add_argument("--neighbors", type=int, default=2, help="neighbours precomputed per chunk")
+    build.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="training sequence length (a multiple of --chunk-size); one sequence starts "
+        "every seq_len / chunk_size chunks of a document",
+    )
+    build.add_argument(
+        "--embedder",
+        default="all-MiniLM-L6-v2",
+        help="HF encoder name or folder; its tokenizer is the database's tokenizer. The "
+        "default is the bundled all-MiniLM-L6-v2 (offline)",
+    )
+    build.add_argument(
+        "--pooling",
+        choices=("mean", "cls"),
+        default="mean",
+        help="masked mean of the encoder's last layer, or its [CLS] vector",
+    )
+    build.add_argument("--batch-size", type=int, default=128, help="chunks per encoder batch")
+    build.add_argument(
+        "--embedding-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage type of embeddings.dat",
+    )
+    build.add_argument(
+        "--index-factory",
+        default=None,
+        help="faiss index_factory string; default: Flat (exact) below --exact-threshold "
+        "chunks, IVF{4 sqrt(n)},SQ8 above",
+    )
+    build.add_argument(
+        "--exact-threshold", type=int, default=100_000, help="below this many chunks the index is exact"
+    )
+    build.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="nprobe is raised until recall@k against exact search reaches this",
+    )
+    build.add_argument(
+        "--extra-neighbors",
+        type=int,
+        default=10,
+        help="extra results fetched per search so same-document hits can be dropped",
+    )
+    build.add_argument(
+        "--stage",
+        default="all",
+        choices=("all", "chunk", "embed", "index", "neighbors", "finalize"),
+        help=STAGE_HELP,
+    )
+    build.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="with --stage embed or neighbors: process only shard I of N of the chunk range",
+    )
+    build.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    build.set_defaults(func=run_build)
+
+    search = subparsers.add_parser(
+        "search",
+        help="find the chunks of a database nearest to a query text",
+        description="Embed the query (its first chunk_size tokens, as a chunk) and print the k nearest "
+        "chunks with their score, chunk id, document id and text.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    search.add_argument("db", type=Path, metavar="DB", help="database folder")
+    search.add_argument("query", nargs="+", metavar="QUERY", help="query text(s); each is searched")
+    search.add_argument("-k", type=int, default=4, help="neighbours per query")
+    search.add_argument(
+        "--exclude-doc", type=int, default=None, metavar="DOC_ID", help="skip the chunks of this document"
+    )
+    search.add_argument("--json", action="store_true", help="print json instead of text")
+    search.set_defaults(func=run_search)
+
+    info = subparsers.add_parser(
+        "db-info",
+        help="describe a retrieval database",
+        description="Print a database's manifest: sizes, tokenizer, embedder, index and its measured "
+        "recall. --verify also checks every file against its sha256 checksum.",
+    )
+    info.add_argument("db", type=Path, metavar="DB", help="database folder")
+    info.add_argument("--verify", action="store_true", help="check file checksums (reads every file)")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as json")
+    info.set_defaults(func=run_info)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from retlm.retrieval import RetrievalDatabase
+    from retlm.retrieval.chunking import EmptySourceError
+
+    if args.stage in ("all", "chunk") and not args.text_dir.is_dir():
+        raise UsageError(f"TEXT_DIR is not a folder: {args.text_dir}")
+    try:
+        db = RetrievalDatabase.build(
+            args.text_dir,
+            args.out,
+            chunk_size=args.chunk_size,
+            num_neighbors=args.neighbors,
+            seq_len=args.seq_len,
+            embedder=args.embedder,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            embedding_dtype=args.embedding_dtype,
+            index_factory=args.index_factory,
+            exact_threshold=args.exact_threshold,
+            target_recall=args.target_recall,
+            extra_neighbors=args.extra_neighbors,
+            glob=args.glob,
+            stage=args.stage,
+            shard=args.shard,
+            progress=not args.no_progress,
+        )
+    except EmptySourceError as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:
+        if "must" in str(err):  # an option with a bad value
+            raise UsageError(str(err)) from None
+        raise
+    if db is None:
+        print(f"stage {args.stage}{' shard ' + args.shard if args.shard else ''} done: {args.out}")
+    else:
+        print(f"built {db!r}")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from retlm.retrieval import RetrievalDatabase
+
+    if args.k <= 0:
+        raise UsageError(f"-k must be a positive integer, got {args.k}")
+    db = RetrievalDatabase.open(args.db, verify=False)
+    result = db.search(args.query, args.k, exclude_doc_ids=args.exclude_doc)
+    rows = []
+    for query, ids, docs, scores, texts in zip(
+        args.query, result.chunk_ids, result.doc_ids, result.scores, result.texts, strict=True
+    ):
+        found = [
+            {"chunk_id": int(i), "doc_id": int(d), "score": float(s), "text": t}
+            for i, d, s, t in zip(ids[ids >= 0], docs[ids >= 0], scores[ids >= 0], texts, strict=True)
+        ]
+        rows.append({"query": query, "neighbors": found})
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    for row in rows:
+        print(f"query: {row['query']}")
+        if not row["neighbors"]:
+            print("  (no neighbours: the database is empty)")
+        for rank, hit in enumerate(row["neighbors"], 1):
+            print(f"  {rank}. score {hit['score']:.4f}  chunk {hit['chunk_id']}  doc {hit['doc_id']}")
+            print(f"     {hit['text']}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from retlm.retrieval import RetrievalDatabase
+
+    db = RetrievalDatabase.open(args.db, verify=args.verify)
+    m = db.manifest
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+        return 0
+    size = sum(f.stat().st_size for f in Path(args.db).iterdir() if f.is_file())
+    lines = [
+        ("path", str(db.path)),
+        ("chunks", f"{m['num_chunks']} of {m['chunk_size']} tokens, from {m['num_docs']} documents"),
+        ("sequences", f"{m['num_seqs']} of {m['seq_len']} tokens"),
+        ("neighbours", f"{m['num_neighbors']} per chunk (same document excluded)"),
+        (
+            "tokenizer",
+            f"{m['tokenizer']['name']} ({m['tokenizer']['vocab_size']} tokens, pad {m['pad_id']}, "
+            f"eos {m['eos_id']})",
+        ),
+        (
+            "embedder",
+            f"{m['embedder']} ({m['pooling']} pooling, {m['embedding_dim']}-d {m['embedding_dtype']})",
+        ),
+        ("index", f"{m['index_type']}" + (f", nprobe {m['nprobe']}" if m["nprobe"] else "")),
+        (
+            "recall@k",
+            f"{m['recall_at_k']:.4f} vs exact search ({m['recall_queries']} held-out queries)"
+            if m["recall_queries"]
+            else "1.0 (exact index)",
+        ),
+        ("size on disk", f"{size / 2**20:.1f} MiB"),
+        ("checksums", "verified" if args.verify else "not checked (use --verify)"),
+    ]
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        print(f"{name:<{width}}  {value}")
+    return 0

@@ -1,0 +1,174 @@
+"""`retlm train` and `retlm eval`: train RETRO on a retrieval database, and measure what retrieval buys.
+
+Heavy imports (torch, transformers) happen inside the commands, so `retlm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from retlm.cli.main import UsageError
+
+TRAIN_DESCRIPTION = (
+    "Train a RETRO model on the sequences of a retrieval database (see `retlm build-db`), with the "
+    "neighbours precomputed there. Documents are split into training and held-out ones (--train-fraction); "
+    "held-out documents are never trained on, nor retrieved during training. Checkpoints (safetensors) go "
+    "to RUN_DIR; re-running the same command after a kill resumes on the same loss curve. Losses are logged "
+    "to RUN_DIR/metrics.jsonl. The same command runs under `torchrun --nproc_per_node N` or "
+    "`accelerate launch` for data-parallel training (see docs/training.md)."
+)
+EVAL_DESCRIPTION = (
+    "Held-out perplexity of a trained model with retrieval and with retrieval switched off (the same "
+    "weights, the same tokens), and bits per byte: the summed NLL in bits over the UTF-8 bytes of the "
+    "tokenizer's decoding of the scored tokens. CHECKPOINT is a run directory, its model/ folder or a "
+    "checkpoint-N folder."
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a RETRO model on a retrieval database",
+                                  description=TRAIN_DESCRIPTION,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--db", type=Path, required=True, metavar="DB", help="retrieval database folder")
+    train.add_argument("--model-config", default="retro-tiny", metavar="YAML",
+                       help="model config: a yaml file of RetroConfig arguments, or a built-in name "
+                       "(retro-tiny, retro-tiny-transformer, retro-seed). num_tokens, chunk_size and "
+                       "pad_id default to the database's")
+    train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    length = train.add_argument_group("length (with neither: one epoch)")
+    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock training budget, counted across resumes; without --max-steps the "
+                        "number of steps is chosen from a timing of the first steps")
+    optim = train.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    optim.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"),
+                       help="learning-rate schedule after warmup")
+    optim.add_argument("--warmup", type=float, default=0.05,
+                       help="warmup steps, or a fraction of the run when below 1")
+    optim.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-batch")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0: off")
+    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    optim.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
+    optim.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and split")
+    data = train.add_argument_group("data")
+    data.add_argument("--train-fraction", type=float, default=0.9,
+                      help="fraction of the documents trained on; the rest are held out")
+    data.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; None: the database's")
+    data.add_argument("--no-retrieval", action="store_true",
+                      help="train without neighbours: the no-retrieval baseline of the same model")
+    runs = train.add_argument_group("evaluation, checkpoints, logging")
+    runs.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
+    runs.add_argument("--eval-sequences", type=int, default=64,
+                      help="held-out sequences used by those evaluations (0: all)")
+    runs.add_argument("--save-every", type=int, default=100,
+                      help="steps between checkpoints (0: only the end of the run)")
+    runs.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    runs.add_argument("--log-every", type=int, default=1, help="steps between metrics.jsonl records")
+    runs.add_argument("--resume", default="auto",
+                      help="auto: continue RUN_DIR's newest checkpoint; never: refuse a used RUN_DIR; "
+                      "or a checkpoint folder")
+    runs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser("eval", help="held-out perplexity with and without retrieval",
+                                     description=EVAL_DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="run, model or checkpoint dir")
+    evaluate.add_argument("--db", type=Path, required=True, metavar="DB",
+                          help="the retrieval database the model was trained on")
+    evaluate.add_argument("--split", default="heldout", choices=("heldout", "train", "all"),
+                          help="the documents training held out, the ones it trained on, or all")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    evaluate.add_argument("--max-sequences", type=int, default=None,
+                          help="evaluate at most this many sequences, spread evenly over the split")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    evaluate.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
+                          help="numeric precision of the forward passes")
+    evaluate.add_argument("--json", action="store_true", help="print the result as json instead of a table")
+    evaluate.add_argument("--output", type=Path, default=None, metavar="FILE.json",
+                          help="also write the result to this json file")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    evaluate.set_defaults(func=run_eval)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return dict(
+        max_steps=args.max_steps, minutes=args.minutes, lr=args.lr, schedule=args.schedule,
+        warmup=args.warmup, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None,
+        batch_size=args.batch_size, weight_decay=args.weight_decay, eval_every=args.eval_every,
+        eval_sequences=args.eval_sequences or None, save_every=args.save_every or None,
+        save_total_limit=args.save_total_limit, log_every=args.log_every, precision=args.precision,
+        seed=args.seed, train_fraction=args.train_fraction, retrieval=not args.no_retrieval,
+        seq_len=args.seq_len, resume=args.resume, progress=not args.no_progress,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from retlm.training.precision import PRECISIONS
+    from retlm.training.trainer import TrainOptions, train
+
+    options = _options(args)
+    try:
+        TrainOptions(**options)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if not args.db.exists():
+        raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
+    result = train(args.db, args.model_config, args.out, **options)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary is enough
+        return 0
+    if result.stop_reason == "already_finished":
+        print(f"{args.out} already finished ({result.global_step} steps); nothing to do. "
+              f"Model: {result.model_dir}")
+        return 0
+    how = "time budget reached" if result.stop_reason == "time_budget" else "all steps done"
+    print(f"trained {result.global_step}/{result.max_steps} steps in {result.elapsed_s / 60:.1f} min ({how})")
+    if result.last_train_loss is not None:
+        print(f"last training loss {result.last_train_loss:.4f}")
+    if result.last_eval:
+        e = result.last_eval
+        line = f"held-out loss {e['eval_loss']:.4f} (perplexity {e['eval_perplexity']:.2f})"
+        if "eval_loss_no_retrieval" in e:
+            line += (f"; without retrieval {e['eval_loss_no_retrieval']:.4f} "
+                     f"(perplexity {e['eval_perplexity_no_retrieval']:.2f})")
+        print(line)
+    print(f"model: {result.model_dir}   metrics: {result.metrics_file}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from retlm.training.evaluate import SPLITS, evaluate, format_table
+
+    if args.split not in SPLITS:
+        raise UsageError(f"unknown --split {args.split!r}; choose one of {', '.join(SPLITS)}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_sequences is not None and args.max_sequences <= 0:
+        raise UsageError(f"--max-sequences must be positive, got {args.max_sequences}")
+    if not args.checkpoint.exists():
+        raise UsageError(f"CHECKPOINT: no such file or folder: {args.checkpoint}")
+    if not args.db.exists():
+        raise UsageError(f"--db: no retrieval database at {args.db}")
+    result = evaluate(args.checkpoint, args.db, split=args.split, batch_size=args.batch_size,
+                      max_sequences=args.max_sequences, device=args.device, precision=args.precision,
+                      progress=not args.no_progress)
+    if args.output is not None:
+        from retlm.utils import atomic_write
+
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(args.output, lambda tmp: tmp.write_text(text))
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(result))
+    return 0

@@ -1,0 +1,5 @@
+"""torch Datasets over the retrieval database's memmaps."""
+
+from retlm.data.retro_dataset import RETRODataset
+
+__all__ = ["RETRODataset"]

@@ -1,0 +1,178 @@
+"""`retlm demo`: the whole workflow on the bundled corpus (or a folder of your own text), on a CPU.
+
+1. build the retrieval database;
+2. train a small RETRO with the RetNet decoder on ~90% of the documents, within a time budget;
+   (with ``baseline=True``: also the same model trained with no retrieval at all, the paper's control);
+3. evaluate held-out perplexity with retrieval and with retrieval switched off (same weights, tokens);
+4. generate from a prompt, retrieving at chunk boundaries, and show the neighbours used;
+5. write ``loss.png`` (training and validation curves) and ``report.json``.
+
+Every step resumes: a second run (or a run after a kill) reuses the finished database, checkpoints and
+evaluations in the work directory instead of redoing them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retlm.utils import atomic_write, ensure_writable_dir
+
+DEFAULT_PROMPT = "The json module can serialize Python objects"
+
+
+@dataclass
+class DemoOptions:
+    """The knobs of :func:`run_demo` (the CLI exposes each one)."""
+
+    work_dir: Path = Path("demo-work")
+    corpus: Path | None = None  # None: the bundled Python documentation corpus
+    minutes: float = 5.0  # training budget per model
+    baseline: bool = False  # also train the no-retrieval control of the same size
+    model_config: str = "retro-tiny"
+    seq_len: int = 256
+    chunk_size: int = 64
+    num_neighbors: int = 2
+    batch_size: int = 8
+    lr: float = 2e-3
+    eval_sequences: int | None = 256  # held-out sequences scored at the end (None: all)
+    eval_every: int = 20  # steps between the validation points of the loss curve
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 128  # enough to cross chunk boundaries, so retrieval happens while generating
+    temperature: float = 0.8
+    top_k: int = 40
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.minutes > 0:
+            raise ValueError(f"--minutes must be positive (a training time budget), got {self.minutes}")
+        if self.corpus is not None:
+            corpus = Path(self.corpus)
+            if not corpus.is_dir():
+                raise FileNotFoundError(f"--corpus {corpus}: no such folder")
+            if not any(p.is_file() for p in corpus.rglob("*")):
+                raise FileNotFoundError(f"--corpus {corpus}: the folder holds no file")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _cached(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()``, or its stored result when ``path`` holds one for the same ``key``."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["value"]
+    value = compute()
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"key": key, "value": value}, indent=2)))
+    return value
+
+
+def build_database(opts: DemoOptions) -> Any:
+    from retlm.corpus import write_python_docs_corpus
+    from retlm.retrieval import RetrievalDatabase
+
+    db_dir = opts.work_dir / "db"
+    if (db_dir / "manifest.json").is_file():
+        db = RetrievalDatabase.open(db_dir)
+        _say(f"[1/5] database: reusing {db_dir} ({db.num_chunks} chunks)")
+        return db
+    corpus, glob = opts.corpus, "**/*"  # a user's folder: every text file (binary ones are skipped)
+    if corpus is None:
+        corpus, glob = write_python_docs_corpus(opts.work_dir / "corpus", progress=opts.progress), "*.txt"
+    start = time.perf_counter()
+    db = RetrievalDatabase.build(corpus, db_dir, chunk_size=opts.chunk_size, num_neighbors=opts.num_neighbors,
+                                 seq_len=opts.seq_len, glob=glob, progress=opts.progress)
+    _say(f"[1/5] database: {db.num_chunks} chunks of {db.chunk_size} tokens from {corpus} "
+         f"in {time.perf_counter() - start:.0f} s -> {db_dir}")
+    return db
+
+
+def train_model(opts: DemoOptions, db: Any, *, retrieval: bool, max_steps: int | None = None) -> Any:
+    """Train within ``opts.minutes``; the control (``retrieval=False``) instead gets ``max_steps``, the
+    steps the retrieval model made, so that both see the same tokens (with twice the time as a cap)."""
+    from retlm.training import train
+
+    run_dir = opts.work_dir / ("run" if retrieval else "run-no-retrieval")
+    minutes = opts.minutes if max_steps is None else 2 * opts.minutes
+    result = train(db, opts.model_config, run_dir, minutes=minutes, max_steps=max_steps, lr=opts.lr,
+                   batch_size=opts.batch_size, seq_len=opts.seq_len, seed=opts.seed, retrieval=retrieval,
+                   eval_every=opts.eval_every, eval_sequences=32, save_every=50, progress=opts.progress)
+    what = "with retrieval" if retrieval else "without retrieval (control)"
+    verb = "reused" if result.stop_reason == "already_finished" else "trained"
+    loss = f", last training loss {result.last_train_loss:.3f}" if result.last_train_loss is not None else ""
+    _say(f"[2/5] model {what}: {verb} {result.global_step} steps in {result.elapsed_s / 60:.1f} min{loss} "
+         f"-> {result.model_dir}")
+    return result
+
+
+def evaluate_model(opts: DemoOptions, db: Any, trained: Any) -> dict[str, Any]:
+    from retlm.training import evaluate
+
+    key = {"step": trained.global_step, "model": str(trained.model_dir), "sequences": opts.eval_sequences}
+    return _cached(trained.run_dir / "demo-eval.json", key, lambda: evaluate(
+        trained.model_dir, db, max_sequences=opts.eval_sequences, progress=opts.progress))
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Run the five steps (see the module docstring); returns the report also written to report.json."""
+    opts.validate()
+    opts.work_dir = Path(opts.work_dir)
+    ensure_writable_dir(opts.work_dir, "work directory", "; pass --work-dir DIR with a writable folder")
+    db = build_database(opts)
+
+    trained = train_model(opts, db, retrieval=True)
+    control = None
+    if opts.baseline:
+        control = train_model(opts, db, retrieval=False, max_steps=trained.global_step)
+
+    scores = evaluate_model(opts, db, trained)
+    with_r, without_r = scores["with_retrieval"], scores["without_retrieval"]
+    _say(f"[3/5] held-out ({scores['documents']} documents, {scores['tokens']} tokens): perplexity "
+         f"{with_r['perplexity']:.2f} with retrieval, {without_r['perplexity']:.2f} without")
+    control_scores = evaluate_model(opts, db, control) if control is not None else None
+    if control_scores is not None:
+        _say(f"      control trained without retrieval: perplexity "
+             f"{control_scores['without_retrieval']['perplexity']:.2f}")
+
+    from retlm.cli.generate import print_generation
+    from retlm.generation import generate_text
+    from retlm.training import load_model, plot_loss_curves
+
+    model = load_model(trained.model_dir)
+    generated = generate_text(model, db, opts.prompt, max_new_tokens=opts.max_new_tokens, seed=opts.seed,
+                              do_sample=True, temperature=opts.temperature, top_k=opts.top_k)
+    _say(f"[4/5] generation with retrieval at chunk boundaries (prompt: {opts.prompt!r}):")
+    print_generation(generated, show_neighbours=True)
+
+    runs = {"RETRO": trained.metrics_file}
+    if control is not None:
+        runs["control, trained without retrieval"] = control.metrics_file
+    png = plot_loss_curves(runs, opts.work_dir / "loss.png", title="retlm demo: RETRO with a RetNet decoder")
+    report = {
+        "database": {"path": str(db.path), "chunks": int(db.num_chunks), "chunk_size": int(db.chunk_size),
+                     "neighbours": int(db.num_neighbors)},
+        "training": {"steps": trained.global_step, "minutes": round(trained.elapsed_s / 60, 2),
+                     "model_dir": str(trained.model_dir), "model_config": opts.model_config},
+        "heldout": scores,
+        "control_no_retrieval_training": control_scores,
+        "generation": {"prompt": opts.prompt, "text": generated.text,
+                       "neighbours": [[n.__dict__ for n in ns] for _, ns in generated.chunks]},
+        "loss_png": str(png),
+    }
+    report_file = opts.work_dir / "report.json"
+    atomic_write(report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    _say(f"[5/5] loss curves -> {png}; report -> {report_file}")
+    ratio = without_r["perplexity"] / with_r["perplexity"]
+    _say(f"held-out perplexity with retrieval:    {with_r['perplexity']:.2f}")
+    _say(f"held-out perplexity without retrieval: {without_r['perplexity']:.2f}")
+    _say(f"ratio (without / with): {ratio:.3f}")
+    return report

@@ -1,0 +1,89 @@
+"""Retrieval-augmented generation from text: tokenize a prompt with the database's tokenizer, generate
+with retrieval at every chunk boundary, and report the neighbours used, as text.
+
+The token-level loop is :func:`retlm.models.retro.generation.generate_with_retrieval`; this layer adds
+the text on both ends (the database and the model share one tokenizer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from retlm.models.retro.generation import ChunkRetrieval, RetrievalGenerateOutput, generate_with_retrieval
+
+__all__ = [
+    "ChunkRetrieval",
+    "GeneratedText",
+    "NeighbourText",
+    "RetrievalGenerateOutput",
+    "generate_text",
+    "generate_with_retrieval",
+]
+
+
+@dataclass
+class NeighbourText:
+    """One neighbour of one completed chunk: database chunk and document ids, cosine score, text."""
+
+    chunk_id: int
+    doc_id: int
+    score: float
+    text: str
+
+
+@dataclass
+class GeneratedText:
+    """``prompt`` + ``continuation`` = ``text``; ``chunks[i]`` = (text of completed chunk i, its
+    neighbours), in the order the model read them."""
+
+    prompt: str
+    continuation: str
+    text: str
+    chunks: list[tuple[str, list[NeighbourText]]] = field(default_factory=list)
+
+
+def generate_text(
+    model: Any,
+    database: Any,
+    prompt: str,
+    *,
+    retrieval: bool = True,
+    max_new_tokens: int = 64,
+    seed: int | None = None,
+    **sampling: Any,
+) -> GeneratedText:
+    """Continue ``prompt`` with ``model``, retrieving from ``database`` (unless ``retrieval=False``).
+
+    ``sampling``: ``do_sample, temperature, top_k, top_p, num_neighbours, eos_token_id`` as in
+    :func:`generate_with_retrieval`. ``seed`` makes sampling reproducible.
+    """
+    tokenizer = database.tokenizer
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt holds no token; give some text")
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate_with_retrieval(model, database if retrieval else None, input_ids,
+                                      max_new_tokens=max_new_tokens, generator=generator, **sampling)
+    finally:
+        model.train(was_training)
+    new = out.sequences[0, len(ids):].tolist()
+    chunks = []
+    for r in out.retrievals[0]:
+        real = [t for t in r.query.tolist() if t != database.pad_id]
+        query = tokenizer.decode(real, skip_special_tokens=True)
+        neighbours = [NeighbourText(int(i), int(d), float(s), database.chunk_text(int(i)))
+                      for i, d, s in zip(r.chunk_ids, r.doc_ids, r.scores, strict=True) if i >= 0]
+        chunks.append((query, neighbours))
+    continuation = tokenizer.decode(new, skip_special_tokens=True)
+    text = tokenizer.decode(out.sequences[0].tolist(), skip_special_tokens=True)
+    return GeneratedText(prompt, continuation, text, chunks)

@@ -1,0 +1,283 @@
+"""Multi-scale retention (MSR), the token mixer of RetNet (arXiv 2307.08621, section 2.2).
+
+    q = rotate(x Wq),  k = rotate(x Wk) * dk^-1/2,  v = x Wv,  g = x Wg
+    y = out_proj( swish(g) * RMSNorm_head( retention(q, k, v) ) )
+
+The retention itself (one definition, three interchangeable modes) lives in
+:mod:`retlm.ops.retention`; this module only owns the projections, the position rotation, the
+per-head normalisation and the gate. Parameter names are torchscale's (``q_proj``, ``k_proj``,
+``v_proj``, ``g_proj``, ``out_proj``) so its weights load without renaming.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from retlm.ops import retention as retention_ops
+from retlm.ops.rotary import (
+    apply_rotary,
+    rotary_angles,
+    standard_inv_freq,
+    torchscale_inv_freq,
+    xpos_scale,
+)
+
+RetentionState = tuple[Tensor, Tensor]
+
+POSITION_ENCODINGS = ("rotary", "xpos")
+RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
+
+
+def absolute_positions(position_offset: int | Tensor, seq_len: int, device: torch.device) -> Tensor:
+    """Positions of a call's tokens: ``(seq,)`` for an int offset, ``(batch, seq)`` for a per-row one."""
+    steps = torch.arange(seq_len, device=device)
+    if isinstance(position_offset, Tensor):
+        return position_offset.to(device)[:, None] + steps
+    return steps + position_offset
+
+
+class MultiScaleRetention(nn.Module):
+    """Gated multi-scale retention.
+
+    Args:
+        hidden_size: model width d (input and output features).
+        num_heads: H; head h decays with gamma_h from :func:`retlm.ops.retention.decay_gammas`.
+        qk_dim: total query/key width (H * dk); torchscale uses d.
+        v_dim: total value width (H * hv); the paper uses 2d.
+        use_default_gamma: gamma_h = 1 - 2^(-5-h) (torchscale) instead of the paper's LM schedule.
+        bias: biases on q, k, v, g projections; ``out_bias``: on the output projection.
+        norm_eps: epsilon of the per-head RMSNorm (torchscale: ``layernorm_eps``).
+        position_encoding: "rotary" (torchscale's interleaved frequencies ``base^-linspace(0, 1, dk/2)``)
+            or "xpos" (standard frequencies plus the xpos magnitude, scale base ``xpos_scale_base``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        qk_dim: int | None = None,
+        v_dim: int | None = None,
+        *,
+        use_default_gamma: bool = True,
+        bias: bool = False,
+        out_bias: bool = False,
+        norm_eps: float = 1e-6,
+        position_encoding: str = "rotary",
+        rotary_base: float = 10000.0,
+        xpos_scale_base: float = 512.0,
+    ) -> None:
+        super().__init__()
+        qk_dim = qk_dim or hidden_size
+        v_dim = v_dim or 2 * hidden_size
+        if qk_dim % num_heads or v_dim % num_heads:
+            raise ValueError(
+                f"qk_dim ({qk_dim}) and v_dim ({v_dim}) must both be divisible by num_heads ({num_heads})"
+            )
+        if (qk_dim // num_heads) % 2:
+            raise ValueError(f"the key head dim qk_dim/num_heads = {qk_dim // num_heads} must be even")
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(
+                f"unknown position_encoding {position_encoding!r}; expected one of {POSITION_ENCODINGS}"
+            )
+
+        self.num_heads = num_heads
+        self.key_dim = qk_dim // num_heads
+        self.head_value_dim = v_dim // num_heads
+        self.use_default_gamma = use_default_gamma
+        self.position_encoding = position_encoding
+        self.rotary_base = rotary_base
+        self.xpos_scale_base = xpos_scale_base
+        self.norm_eps = norm_eps
+
+        self.q_proj = nn.Linear(hidden_size, qk_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, qk_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, v_dim, bias=bias)
+        self.g_proj = nn.Linear(hidden_size, v_dim, bias=bias)
+        self.out_proj = nn.Linear(v_dim, hidden_size, bias=out_bias)
+        # Decays and frequencies are derived from the config, never trained or saved: kept as plain
+        # float64 tensors (not buffers) so that model.half() cannot round them and meta-device
+        # construction in from_pretrained cannot leave them empty.
+        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._step_constants: dict[tuple[torch.device, torch.dtype], StepConstants] = {}
+
+    def constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(log_gamma (heads,), inv_freq (key_dim/2,))`` in float64 on ``device``."""
+        if device not in self._constants:
+            self._constants[device] = self._build_constants(device)
+        return self._constants[device]
+
+    # Cached constants are built outside inference mode even when first asked for inside it: tensors made
+    # in inference mode cannot be saved for backward, and the same layer may be trained afterwards.
+    @torch.inference_mode(False)
+    def _build_constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        gammas = retention_ops.decay_gammas(self.num_heads, use_default_gamma=self.use_default_gamma)
+        if self.position_encoding == "rotary":
+            inv_freq = torchscale_inv_freq(self.key_dim, self.rotary_base)
+        else:
+            inv_freq = standard_inv_freq(self.key_dim, self.rotary_base)
+        return gammas.to(torch.float64).log().to(device), inv_freq.to(device)
+
+    def step_constants(self, device: torch.device, dtype: torch.dtype) -> StepConstants:
+        """What :meth:`decode_step` would otherwise rebuild every token, for compute dtype ``dtype``."""
+        key = (device, dtype)
+        if key not in self._step_constants:
+            self._step_constants[key] = self._build_step_constants(device, dtype)
+        return self._step_constants[key]
+
+    @torch.inference_mode(False)  # see _build_constants
+    def _build_step_constants(self, device: torch.device, dtype: torch.dtype) -> StepConstants:
+        log_gamma, inv_freq = self.constants(device)
+        pair_sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=device).repeat(self.key_dim // 2)
+        decay = retention_ops.step_decay(log_gamma, dtype)
+        return StepConstants(decay, inv_freq.repeat_interleave(2), pair_sign)
+
+    def rotate(self, q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply the position rotation (and xpos magnitude) to q, k ``(batch, heads, seq, key_dim)``."""
+        cos, sin = rotary_angles(positions, inv_freq, q.dtype)
+        q = apply_rotary(q, cos, sin, interleaved=True)
+        k = apply_rotary(k, cos, sin, interleaved=True)
+        if self.position_encoding == "xpos":
+            scale = xpos_scale(positions, self.key_dim, self.xpos_scale_base, q.dtype)
+            q, k = q * scale, k / scale
+        return q, k
+
+    def rotate_step(
+        self, q: Tensor, k: Tensor, position_offset: int | Tensor, constants: StepConstants
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`rotate` for one token ``(batch, heads, 1, key_dim)``, bit for bit: the same float64 angles
+        and products, with cos/sin built directly in the interleaved layout. With pairs (x0, x1) and
+        angle a, x0' = x0 cos a + x1 (-sin a) and x1' = x1 cos a + x0 sin a."""
+        positions = position_offset
+        if isinstance(position_offset, Tensor):  # per row: (batch,) -> (batch, 1, 1, 1)
+            positions = position_offset.to(q.device, torch.float64)[:, None, None, None]
+        angles = positions * constants.inv_freq_pairs
+        cos = angles.cos().to(q.dtype)
+        signed_sin = (angles.sin() * constants.pair_sign).to(q.dtype)
+        q = q * cos + swap_pairs(q) * signed_sin
+        k = k * cos + swap_pairs(k) * signed_sin
+        if self.position_encoding == "xpos":
+            scale = xpos_scale(
+                absolute_positions(position_offset, 1, q.device), self.key_dim, self.xpos_scale_base, q.dtype
+            )
+            q, k = q * scale, k / scale
+        return q, k
+
+    def head_norm(self, x: Tensor) -> Tensor:
+        """RMSNorm over each head's values, in float32 (float64 stays float64), no affine weight."""
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.norm_eps).to(x.dtype)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_offset: int | Tensor = 0,
+        attention_mask: Tensor | None = None,
+        state: RetentionState | None = None,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        return_state: bool = False,
+    ) -> tuple[Tensor, RetentionState | None]:
+        """
+        Args:
+            hidden_states: ``(batch, seq, hidden_size)``.
+            position_offset: absolute position of the first token, an int or a LongTensor ``(batch,)``
+                (negative for left-padded rows: their first real token sits at position 0).
+            attention_mask: ``(batch, seq)``, 1 for real tokens, 0 for padding, or None. Padded positions
+                get zero keys and values, so they leave no trace in later tokens or in the state.
+            state: the retention state ``(kv (batch, heads, key_dim, head_value_dim), z (batch, heads,
+                key_dim))`` after the previous token, or None for a fresh start.
+            mode: "parallel", "chunkwise" or "recurrent"; all compute the same function.
+            chunk_size: block length for "chunkwise".
+            return_state: also return the state after the last token.
+
+        Returns:
+            ``(output (batch, seq, hidden_size), new_state or None)``.
+        """
+        seq_len = hidden_states.shape[1]
+        if mode == "recurrent" and seq_len == 1:
+            out, new_state = self.decode_step(hidden_states, position_offset, attention_mask, state)
+            return out, (new_state if return_state else None)
+        log_gamma, inv_freq = self.constants(hidden_states.device)
+
+        q = rearrange(self.q_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
+        k = rearrange(self.k_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
+        v = rearrange(self.v_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
+        k = k * self.key_dim**-0.5
+
+        # Half-precision q, k are rotated in float32: the xpos magnitudes zeta^(+-n/512) leave the fp16
+        # range after a few thousand positions, and the retention ops score in float32 anyway.
+        if q.dtype in (torch.float16, torch.bfloat16):
+            q, k = q.float(), k.float()
+        positions = absolute_positions(position_offset, seq_len, hidden_states.device)
+        q, k = self.rotate(q, k, positions, inv_freq)
+        if attention_mask is not None:
+            keep = attention_mask[:, None, :, None]
+            k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)  # k may be float32 while v is half
+
+        out, new_state = retention_ops.retention(
+            q,
+            k,
+            v,
+            log_gamma,
+            mode=mode,
+            chunk_size=chunk_size,
+            position_offset=position_offset,
+            state=state,
+            return_state=return_state,
+        )
+        out = rearrange(self.head_norm(out), "b h t d -> b t (h d)")
+        out = F.silu(self.g_proj(hidden_states)) * out
+        return self.out_proj(out), new_state
+
+    def decode_step(
+        self,
+        hidden_states: Tensor,
+        position_offset: int | Tensor,
+        attention_mask: Tensor | None,
+        state: RetentionState | None,
+    ) -> tuple[Tensor, RetentionState]:
+        """:meth:`forward` for one token in recurrent mode, i.e. one step of decoding; same result bit for
+        bit, always with the new state.
+
+        Decoding a small model is dominated by per-call overhead, not arithmetic, so this path does the
+        same math with fewer, cheaper ops: plain views instead of einops, rotation tables and decay
+        constants cached per (device, dtype) instead of rebuilt every token, and
+        :func:`retlm.ops.retention.recurrent_step` instead of the general loop.
+        """
+        batch = hidden_states.shape[0]
+        heads, key_dim = self.num_heads, self.key_dim
+        q = self.q_proj(hidden_states).view(batch, heads, 1, key_dim)
+        k = self.k_proj(hidden_states).view(batch, heads, 1, key_dim) * key_dim**-0.5
+        v = self.v_proj(hidden_states).view(batch, heads, 1, self.head_value_dim)
+        if q.dtype in (torch.float16, torch.bfloat16):  # as in forward: rotate in float32
+            q, k = q.float(), k.float()
+        constants = self.step_constants(q.device, q.dtype)
+        q, k = self.rotate_step(q, k, position_offset, constants)
+        if attention_mask is not None:
+            keep = attention_mask[:, None, :, None]
+            k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)
+
+        out, new_state = retention_ops.recurrent_step(
+            q, k, v, constants.decay, position_offset=position_offset, state=state
+        )
+        out = self.head_norm(out).reshape(batch, 1, heads * self.head_value_dim)
+        out = F.silu(self.g_proj(hidden_states)) * out
+        return self.out_proj(out), new_state
+
+
+class StepConstants(NamedTuple):
+    """Per (device, dtype) constants of :meth:`MultiScaleRetention.decode_step`."""
+
+    decay: retention_ops.StepDecay
+    inv_freq_pairs: Tensor  # (key_dim,) float64: each rotary frequency twice, for its pair (x0, x1)
+    pair_sign: Tensor  # (key_dim,) float64: -1, +1, -1, +1, ... (the sign of sin in each pair)
+
+
+def swap_pairs(x: Tensor) -> Tensor:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) over the last dim."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)

@@ -1,0 +1,402 @@
+"""RetNet (arXiv 2307.08621) as a transformers model: RetNetModel, RetNetForCausalLM.
+
+Block (pre-norm, torchscale's layout and parameter names):
+
+    x = x + dropout(MSR(norm(x)))        MSR: retlm.layers.retention.MultiScaleRetention
+    x = x + FFN(norm(x))                 FFN: GLU or plain, retlm.layers.feedforward.FeedForward
+
+Every forward picks a retention mode ("parallel", "chunkwise", "recurrent"); the three compute the
+same function, and a cache written in one mode can be continued in any other. Padding is handled
+per row: positions start at each row's first real token, and padded positions leave no trace.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from retlm.layers.feedforward import FeedForward
+from retlm.layers.norm import build_norm
+from retlm.layers.retention import MultiScaleRetention, RetentionState
+from retlm.models.retnet.cache import RetNetCache
+from retlm.models.retnet.configuration_retnet import FORWARD_IMPLS, RetNetConfig
+
+
+class RetNetDecoderLayer(nn.Module):
+    """One pre-norm RetNet block: retention then feed-forward, each with a residual.
+
+    ``config`` is a :class:`RetNetConfig` (or any object with its field names).
+    """
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.retention_layer_norm = build_norm(config.norm_type, d, config.norm_eps)
+        self.retention = MultiScaleRetention(
+            d,
+            config.num_heads,
+            config.qk_dim,
+            config.v_dim,
+            use_default_gamma=config.use_default_gamma,
+            bias=config.use_bias_in_msr,
+            out_bias=config.use_bias_in_msr_out,
+            norm_eps=config.norm_eps,
+            position_encoding=config.position_encoding,
+            rotary_base=config.rotary_base,
+            xpos_scale_base=config.xpos_scale_base,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.final_layer_norm = build_norm(config.norm_type, d, config.norm_eps)
+        self.ffn = FeedForward(
+            d,
+            config.ffn_proj_size,
+            activation=config.activation,
+            glu=config.use_glu,
+            bias=config.use_bias_in_mlp,
+            dropout=config.dropout,
+            activation_dropout=config.activation_dropout,
+        )
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_offset: int | Tensor = 0,
+        attention_mask: Tensor | None = None,
+        state: RetentionState | None = None,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        return_state: bool = False,
+    ) -> tuple[Tensor, RetentionState | None]:
+        """``hidden_states (batch, seq, hidden)`` -> ``(hidden_states, new_state)``; the other arguments are
+        those of :meth:`MultiScaleRetention.forward`."""
+        mixed, new_state = self.retention(
+            self.retention_layer_norm(hidden_states),
+            position_offset,
+            attention_mask,
+            state,
+            mode,
+            chunk_size,
+            return_state,
+        )
+        hidden_states = hidden_states + self.dropout(mixed)
+        hidden_states = hidden_states + self.ffn(self.final_layer_norm(hidden_states))
+        return hidden_states, new_state
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config: RetNetConfig
+    config_class = RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # The cache is a running state that cannot be rolled back (no assisted decoding).
+    _is_stateful = True
+
+
+def leading_padding(mask: Tensor) -> Tensor:
+    """Number of padding columns before each row's first real token. ``mask (batch, seq)`` -> ``(batch,)``."""
+    return (mask.long().cumsum(-1) == 0).sum(-1)
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    """Embeddings, RetNet blocks and the final norm; returns hidden states and the retention cache."""
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
+        self.layernorm_embedding = (
+            build_norm(config.norm_type, d, config.norm_eps) if config.layernorm_embedding else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(RetNetDecoderLayer(config) for _ in range(config.num_layers))
+        self.layer_norm = build_norm(config.norm_type, d, config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    # -- input checks ----------------------------------------------------------------------------
+    def resolve_mode(self, forward_impl: str | None, chunk_size: int | None) -> tuple[str, int]:
+        mode = forward_impl or self.config.forward_impl
+        if mode not in FORWARD_IMPLS:
+            raise ValueError(f"unknown forward_impl {mode!r}; expected one of {FORWARD_IMPLS}")
+        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer (>= 1), got {chunk_size!r}")
+        return mode, chunk_size
+
+    def check_input_ids(self, input_ids: Tensor) -> None:
+        vocab = self.config.vocab_size
+        if not input_ids.numel():
+            return
+        low, high = (int(x) for x in torch.aminmax(input_ids))  # one pass: this runs at every decoding step
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"input_ids outside the vocabulary: found ids in [{low}, {high}], "
+                f"allowed range is [0, {vocab - 1}]"
+            )
+
+    def check_cache(self, cache: RetNetCache, batch_size: int) -> None:
+        if not isinstance(cache, RetNetCache):
+            raise ValueError(
+                f"past_key_values must be a RetNetCache (or None), got {type(cache).__name__}; "
+                "pass the past_key_values returned by this model"
+            )
+        if len(cache.layers) != self.config.num_layers:
+            raise ValueError(
+                f"past_key_values comes from another config: it has {len(cache.layers)} layers, "
+                f"this model has num_layers={self.config.num_layers}"
+            )
+        expected_kv = (batch_size, self.config.num_heads, self.config.key_dim, self.config.head_value_dim)
+        for idx in range(len(cache.layers)):
+            state = cache.get_state(idx)
+            if state is not None and tuple(state[0].shape) != expected_kv:
+                raise ValueError(
+                    f"past_key_values comes from another config or batch: layer {idx} holds a state of shape "
+                    f"{tuple(state[0].shape)}, expected (batch, num_heads, key_dim, head_value_dim) = "
+                    f"{expected_kv}"
+                )
+
+    def row_offsets(
+        self,
+        cache: RetNetCache | None,
+        sequence_offset: int | None,
+        batch_size: int,
+        device: torch.device,
+    ) -> Tensor:
+        """Absolute position of each row's next token before this call, ``(batch,)``."""
+        if cache is not None and cache.position_offset is not None:
+            if sequence_offset is not None and sequence_offset != cache.get_seq_length():
+                raise ValueError(
+                    f"sequence_offset={sequence_offset} disagrees with past_key_values, which has seen "
+                    f"{cache.get_seq_length()} tokens; pass sequence_offset=None to continue from the cache"
+                )
+            return cache.position_offset.to(device)
+        start = 0 if sequence_offset is None else sequence_offset
+        return torch.full((batch_size,), start, dtype=torch.long, device=device)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        forward_impl: str | None = None,
+        chunk_size: int | None = None,
+        sequence_offset: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """
+        Args:
+            input_ids: ``(batch, seq)`` token ids, or give ``inputs_embeds (batch, seq, hidden)`` instead.
+            attention_mask: ``(batch, seq)`` or ``(batch, past + seq)`` (generate's growing mask), 1 = token,
+                0 = padding. Padding belongs on the left of a prompt; rows then start at position 0 at
+                their first real token, exactly as if run alone.
+            past_key_values: a :class:`RetNetCache` from an earlier call; it is updated in place.
+            use_cache: return the cache (default ``config.use_cache``).
+            forward_impl: "parallel" | "chunkwise" | "recurrent" (default ``config.forward_impl``).
+            chunk_size: block length of the chunkwise mode (default ``config.chunk_size``).
+            sequence_offset: absolute position of the first token when no cache is given (the seed's
+                argument); with a cache it must equal the number of tokens the cache has seen.
+        """
+        mode, chunk_size = self.resolve_mode(forward_impl, chunk_size)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if past_key_values is not None:
+            self.check_cache(past_key_values, batch_size)
+        checkpointing = self.gradient_checkpointing and self.training
+        if checkpointing:
+            use_cache = False  # a checkpointed block is replayed in backward and must not write a cache
+
+        mask = None
+        offsets = self.row_offsets(past_key_values, sequence_offset, batch_size, inputs_embeds.device)
+        if attention_mask is not None:
+            mask = attention_mask[:, -seq_len:].to(inputs_embeds.device)
+            if bool(mask.all()):  # the common case (every decoding step): nothing to shift or mask
+                mask = None
+            else:
+                offsets = offsets - leading_padding(mask)
+        position_offset: int | Tensor = offsets
+        if batch_size and bool((offsets == offsets[0]).all()):
+            position_offset = int(offsets[0])  # one offset for all rows: shared rotation tables
+
+        hidden = self.scale_embeddings(inputs_embeds)
+        all_hidden = [hidden] if output_hidden_states else None
+        cache = past_key_values if past_key_values is not None else RetNetCache(self.config.num_layers)
+        for idx, layer in enumerate(self.layers):
+            state = cache.get_state(idx)
+            if checkpointing:
+                hidden, _ = self._gradient_checkpointing_func(
+                    layer.__call__, hidden, position_offset, mask, state, mode, chunk_size, False
+                )
+            else:
+                hidden, new_state = layer(hidden, position_offset, mask, state, mode, chunk_size, use_cache)
+                if use_cache:
+                    cache.set_state(idx, new_state)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        hidden = self.layer_norm(hidden)
+        if use_cache:
+            cache.advance(offsets + seq_len, seq_len)
+
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def scale_embeddings(self, inputs_embeds: Tensor) -> Tensor:
+        """Token embeddings -> first block input: scale, optional norm, dropout."""
+        hidden = inputs_embeds * self.embed_scale
+        if self.layernorm_embedding is not None:
+            hidden = self.layernorm_embedding(hidden)
+        return self.dropout(hidden)
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    """RetNetModel + LM head. ``generate()`` computes the prompt in parallel (or chunkwise) mode and
+    then decodes recurrently, one token per step, at a cost independent of the context length."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig) -> None:
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate must not build a DynamicCache: the model creates its RetNetCache
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        forward_impl: str | None = None,
+        chunk_size: int | None = None,
+        sequence_offset: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Arguments of :meth:`RetNetModel.forward`, plus ``labels (batch, seq)`` (-100 = ignored; shifted
+        inside, as in every HF causal LM) and ``logits_to_keep`` (only the last n positions' logits)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            forward_impl=forward_impl,
+            chunk_size=chunk_size,
+            sequence_offset=sequence_offset,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        out = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: RetNetCache | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool = True,
+        parallel_compute_prompt: bool = True,
+        forward_impl: str | None = None,
+        chunk_size: int | None = None,
+        is_first_iteration: bool | None = False,
+        next_sequence_length: int | None = None,
+        **kwargs,
+    ) -> dict:
+        """Feed only the tokens the cache has not seen. The prompt runs in ``forward_impl`` (default:
+        chunkwise if the config says so, else parallel), or recurrently when
+        ``parallel_compute_prompt=False`` (the seed's switch); every later step runs recurrently."""
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if seen > 0:
+            mode = "recurrent"
+        elif not parallel_compute_prompt:
+            mode = "recurrent"
+        else:
+            default = "parallel" if self.config.forward_impl == "recurrent" else self.config.forward_impl
+            mode = forward_impl or default
+        inputs = {
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+            "forward_impl": mode,
+            "chunk_size": chunk_size,
+        }
+        if inputs_embeds is not None and seen == 0:
+            inputs["input_ids"] = None
+            inputs["inputs_embeds"] = inputs_embeds
+        elif use_cache:
+            # with inputs_embeds, input_ids holds only generated tokens; the cache also saw the prompt
+            total = input_ids.shape[1] + (inputs_embeds.shape[1] if inputs_embeds is not None else 0)
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - (total - seen) :]
+        else:
+            inputs["input_ids"] = input_ids
+        for key in ("output_hidden_states",):
+            if key in kwargs:
+                inputs[key] = kwargs[key]
+        return inputs
+
+
+RetNetModelWithLMHead = RetNetForCausalLM

@@ -1,0 +1,172 @@
+"""Generation that retrieves: at every chunk boundary, search the database with the chunk just
+completed and continue with its neighbours in chunked cross-attention.
+
+The loop drives :class:`RetroForCausalLM`'s incremental API (see ``modeling_retro``): a call receives
+the neighbours of every chunk whose LAST token is among its ``input_ids``. Because the tokens of a
+chunk are all known before that chunk's last token is fed, the database is searched just before that
+call, so the last token of chunk u already reads the neighbours of chunk u, exactly as in training.
+
+The database is duck-typed (this module imports nothing from ``retlm.retrieval``): anything with
+``chunk_size``, ``pad_id``, ``num_neighbors`` and ``search(token_chunks (..., chunk_size), k)``
+returning an object with ``tokens (..., k, 2 * chunk_size)``, ``chunk_ids``, ``doc_ids`` and
+``scores`` (numpy) works; :class:`retlm.retrieval.RetrievalDatabase` is one.
+
+Sampling reuses transformers' logits processors (temperature, top-k, top-p), so the options mean
+what they mean in ``GenerationMixin.generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+class SearchableDatabase(Protocol):
+    chunk_size: int
+    pad_id: int
+    num_neighbors: int
+
+    def search(self, queries: Any, k: int) -> Any: ...
+
+
+@dataclass
+class ChunkRetrieval:
+    """What was retrieved for one completed chunk of one row.
+
+    ``chunk_index``: which chunk of the sequence (0-based); ``query``: its token ids ``(chunk_size,)``;
+    ``chunk_ids``, ``doc_ids``, ``scores``: ``(k,)`` database neighbours (-1: none);
+    ``tokens``: ``(k, 2 * chunk_size)`` neighbour + continuation as fed to the model.
+    """
+
+    chunk_index: int
+    query: np.ndarray
+    chunk_ids: np.ndarray
+    doc_ids: np.ndarray
+    scores: np.ndarray
+    tokens: np.ndarray
+
+
+@dataclass
+class RetrievalGenerateOutput:
+    """``sequences (batch, prompt + new)``; ``retrievals[row]``: one :class:`ChunkRetrieval` per completed
+    chunk, in order, covering the prompt's own chunks and the generated ones."""
+
+    sequences: Tensor
+    retrievals: list[list[ChunkRetrieval]] = field(default_factory=list)
+
+
+def _logits_processors(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k > 0:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+class _Retriever:
+    """Searches the database for completed chunks and remembers what it found, per row."""
+
+    def __init__(self, database: SearchableDatabase, k: int, batch: int) -> None:
+        self.database = database
+        self.k = k
+        self.log: list[list[ChunkRetrieval]] = [[] for _ in range(batch)]
+
+    def __call__(self, sequence: Tensor, chunks: range) -> Tensor | None:
+        """Neighbours of ``chunks`` of ``sequence (batch, n)``: ``(batch, len(chunks), k, 2c)`` or None."""
+        if len(chunks) == 0:
+            return None
+        c = self.database.chunk_size
+        queries = torch.stack([sequence[:, u * c : (u + 1) * c] for u in chunks], dim=1).cpu().numpy()
+        found = self.database.search(queries, self.k)
+        for row, log in enumerate(self.log):
+            for j, u in enumerate(chunks):
+                log.append(ChunkRetrieval(u, queries[row, j], found.chunk_ids[row, j], found.doc_ids[row, j],
+                                          found.scores[row, j], found.tokens[row, j]))
+        return torch.as_tensor(np.asarray(found.tokens), dtype=torch.long, device=sequence.device)
+
+
+@torch.no_grad()
+def generate_with_retrieval(
+    model: Any,
+    database: SearchableDatabase | None,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_neighbours: int | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    retnet_mode: str | None = None,
+) -> RetrievalGenerateOutput:
+    """Continue ``input_ids (batch, prompt_len)`` by up to ``max_new_tokens``, retrieving from
+    ``database`` at every chunk boundary (``database=None``: no retrieval).
+
+    The prompt runs in one forward pass (its completed chunks retrieved first); then one token per
+    step with the model's cache (KV cache for the transformer decoder, constant-size recurrent state
+    for the RetNet decoder). Rows stop independently at ``eos_token_id`` (then padded with it).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must be a non-empty (batch, prompt_len) tensor, got {tuple(input_ids.shape)}"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    config = model.config
+    c = config.chunk_size
+    if database is not None and database.chunk_size != c:
+        raise ValueError(f"the database's chunk_size={database.chunk_size} differs from the model's "
+                         f"chunk_size={c}; build the database with --chunk-size {c}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > config.max_seq_len:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
+                         f"exceeds the model's max_seq_len={config.max_seq_len}")
+    k = num_neighbours or (database.num_neighbors if database is not None else 0)
+    retrieve = _Retriever(database, k, input_ids.shape[0]) if database is not None else None
+    processors = _logits_processors(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+
+    sequence = input_ids
+    prompt_len = input_ids.shape[1]
+    retrieved = retrieve(sequence, range(prompt_len // c)) if retrieve else None
+    out = model(input_ids=sequence, retrieved=retrieved, use_cache=True, retnet_mode=retnet_mode,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    finished = torch.zeros(sequence.shape[0], dtype=torch.bool, device=sequence.device)
+    for step in range(max_new_tokens):
+        scores = processors(sequence, out.logits[:, -1].float())
+        if do_sample:
+            probs = scores.softmax(dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            next_token = scores.argmax(dim=-1)
+        if eos_token_id is not None:
+            next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+            finished |= next_token == eos_token_id
+        sequence = torch.cat((sequence, next_token[:, None]), dim=1)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        position = sequence.shape[1] - 1  # the token about to be fed
+        retrieved = None
+        if retrieve and (position + 1) % c == 0:  # this token completes chunk position // c
+            retrieved = retrieve(sequence, range(position // c, position // c + 1))
+            retrieved = retrieved[:, 0]  # (batch, k, 2c): one chunk, as the incremental API expects
+        out = model(input_ids=sequence[:, -1:], retrieved=retrieved, past_key_values=cache, use_cache=True,
+                    retnet_mode=retnet_mode)
+    return RetrievalGenerateOutput(sequence, retrieve.log if retrieve else [[] for _ in range(len(sequence))])

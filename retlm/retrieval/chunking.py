@@ -1,0 +1,236 @@
+"""Documents -> fixed-size token chunks, streamed to int32 memmaps.
+
+Layout (the seed's, see docs/retrieval.md):
+- ``chunks``  int32 ``(num_chunks, chunk_size + 1)``: each document's tokens followed by its end-of-document
+  token, cut into rows of ``chunk_size``; the last row of a document is padded with ``pad_id``. The extra
+  column holds the first token of the next chunk of the same document (``pad_id`` if none), so a training
+  sequence's labels need no second lookup.
+- ``doc_ids`` int32 ``(num_chunks,)``: the document of each chunk, numbered from 0 in reading order.
+- ``seqs``    int32 ``(num_seqs,)``: the first chunk of each training sequence, one every
+  ``seq_len // chunk_size`` chunks within each document.
+
+Nothing holds a whole document, let alone the corpus, in memory: files are read in bounded pieces cut at
+whitespace, and each piece is tokenized on its own. A BERT-style pre-tokenizer splits at whitespace, so
+cutting there gives the same tokens as tokenizing the whole document at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PIECE_CHARS = 1 << 20  # characters tokenized at once; bounds memory for any line length
+_READ_BYTES = 1 << 20
+
+
+class EmptySourceError(ValueError):
+    """The source holds no readable document (empty folder, no file matching the glob)."""
+
+
+@dataclass
+class Document:
+    """One document as a stream of text pieces: ``name`` for messages, ``pieces()`` yields ``str``."""
+
+    name: str
+    path: Path | None = None
+    text: str | None = None
+
+    def pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+        if self.path is not None:
+            yield from _whitespace_pieces(_read_text_blocks(self.path), piece_chars)
+        else:
+            yield from _whitespace_pieces(iter([self.text or ""]), piece_chars)
+
+
+@dataclass
+class SkipReport:
+    """Files that could not be read as UTF-8 text, and the number of empty documents."""
+
+    unreadable: list[str] = field(default_factory=list)
+    empty: int = 0
+
+    def warn(self) -> None:
+        if self.unreadable:
+            shown = ", ".join(self.unreadable[:5]) + (" ..." if len(self.unreadable) > 5 else "")
+            warnings.warn(
+                f"skipped {len(self.unreadable)} non-UTF-8 or binary file(s): {shown}", stacklevel=3
+            )
+
+
+def _read_text_blocks(path: Path) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BYTES):
+            yield decoder.decode(block)
+        yield decoder.decode(b"", final=True)
+
+
+def is_utf8_text(path: Path) -> bool:
+    """True if the file decodes as UTF-8 and holds no NUL byte (a cheap binary-file test). Streams."""
+    try:
+        return all("\x00" not in block for block in _read_text_blocks(path))
+    except (UnicodeDecodeError, OSError):
+        return False
+
+
+def _whitespace_pieces(blocks: Iterator[str], piece_chars: int) -> Iterator[str]:
+    """Re-cut a stream of text into pieces of about ``piece_chars`` that end at whitespace.
+
+    A run without whitespace longer than ``piece_chars`` is cut anyway (a single "word" of a megabyte is
+    not text; it only must not exhaust memory).
+    """
+    carry = ""
+    for block in blocks:
+        text, start = carry + block, 0
+        while len(text) - start >= piece_chars:
+            end = start + piece_chars
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            cut = end if cut <= start else cut + 1
+            yield text[start:cut]
+            start = cut
+        carry = text[start:]
+    if carry:
+        yield carry
+
+
+def iter_documents(
+    source: str | os.PathLike | Iterable[str], glob: str = "**/*.txt", report: SkipReport | None = None
+) -> Iterator[Document]:
+    """Documents from a folder (files matching ``glob``, sorted by path), or from an iterable of strings.
+
+    Raises ``EmptySourceError`` before any work if a folder has no matching file. Non-UTF-8 or binary
+    files are skipped and recorded in ``report``.
+    """
+    report = report if report is not None else SkipReport()
+    if isinstance(source, str | os.PathLike):
+        root = Path(source)
+        if not root.is_dir():
+            raise EmptySourceError(
+                f"source folder does not exist: {root} (pass a list of strings to index text)"
+            )
+        paths = sorted(p for p in root.glob(glob) if p.is_file())
+        if not paths:
+            raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
+        return _folder_documents(paths, report)
+    return (Document(name=f"doc-{i}", text=text) for i, text in enumerate(source))
+
+
+def _folder_documents(paths: list[Path], report: SkipReport) -> Iterator[Document]:
+    for path in paths:
+        if is_utf8_text(path):
+            yield Document(name=str(path), path=path)
+        else:
+            report.unreadable.append(str(path))
+
+
+def document_token_ids(
+    doc: Document, tokenizer, eos_id: int, piece_chars: int = PIECE_CHARS
+) -> Iterator[np.ndarray]:
+    """Token ids of one document, piece by piece, ending with ``eos_id``; nothing if it has no token."""
+    any_tokens = False
+    for piece in doc.pieces(piece_chars):
+        ids = tokenizer(
+            piece,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        if ids:
+            any_tokens = True
+            yield np.asarray(ids, dtype=np.int32)
+    if any_tokens:
+        yield np.asarray([eos_id], dtype=np.int32)
+
+
+def chunk_document(token_pieces: Iterable[np.ndarray], chunk_size: int, pad_id: int) -> Iterator[np.ndarray]:
+    """Rows ``(n, chunk_size + 1)`` of one document, emitted as soon as they are complete."""
+    pending = np.empty(0, dtype=np.int32)
+    for ids in token_pieces:
+        pending = np.concatenate([pending, ids])
+        # Keep one token past the last full row back: it is that row's continuation column.
+        full = (len(pending) - 1) // chunk_size
+        if full > 0:
+            body = pending[: full * chunk_size].reshape(full, chunk_size)
+            nxt = pending[chunk_size : full * chunk_size + 1 : chunk_size]
+            yield np.concatenate([body, nxt[:, None]], axis=1)
+            pending = pending[full * chunk_size :]
+    if len(pending):
+        row = np.full((1, chunk_size + 1), pad_id, dtype=np.int32)
+        row[0, : len(pending)] = pending
+        yield row
+
+
+def sequence_starts(first_chunk: int, num_chunks: int, chunks_per_seq: int) -> np.ndarray:
+    """Start chunk of each training sequence of a document that owns chunks ``first_chunk ...``."""
+    return np.arange(first_chunk, first_chunk + num_chunks, chunks_per_seq, dtype=np.int32)
+
+
+@dataclass
+class ChunkCounts:
+    num_chunks: int = 0
+    num_docs: int = 0
+    num_seqs: int = 0
+
+
+def write_chunks(
+    docs: Iterable[Document],
+    tokenizer,
+    *,
+    chunk_size: int,
+    seq_len: int,
+    pad_id: int,
+    eos_id: int,
+    chunks_file,
+    doc_ids_file,
+    seqs_file,
+    first_doc_id: int = 0,
+    first_chunk: int = 0,
+    report: SkipReport | None = None,
+    progress=None,
+) -> ChunkCounts:
+    """Tokenize and chunk ``docs``, appending raw int32 rows to three open binary files.
+
+    ``first_doc_id`` / ``first_chunk`` number the new documents and chunks after existing ones
+    (``add()``). Empty documents are skipped and counted in ``report``.
+    """
+    counts = ChunkCounts()
+    chunks_per_seq = seq_len // chunk_size
+    for doc in docs:
+        doc_chunks = 0
+        for rows in chunk_document(document_token_ids(doc, tokenizer, eos_id), chunk_size, pad_id):
+            chunks_file.write(rows.astype("<i4").tobytes())
+            doc_chunks += len(rows)
+        if doc_chunks == 0:
+            if report is not None:
+                report.empty += 1
+            continue
+        doc_id = first_doc_id + counts.num_docs
+        start = first_chunk + counts.num_chunks
+        doc_ids_file.write(np.full(doc_chunks, doc_id, dtype="<i4").tobytes())
+        seqs = sequence_starts(start, doc_chunks, chunks_per_seq)
+        seqs_file.write(seqs.astype("<i4").tobytes())
+        counts.num_chunks += doc_chunks
+        counts.num_docs += 1
+        counts.num_seqs += len(seqs)
+        if progress is not None:
+            progress.update(doc_chunks)
+    return counts
+
+
+def chunk_mask(chunks: np.ndarray, pad_id: int = 0) -> np.ndarray:
+    """``True`` where a chunk row holds a real token, ``False`` on padding. Any shape."""
+    return np.asarray(chunks) != pad_id
+
+
+def validate_sizes(chunk_size: int, seq_len: int) -> None:
+    if not isinstance(chunk_size, int | np.integer) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not isinstance(seq_len, int | np.integer) or seq_len <= 0 or seq_len % chunk_size:
+        raise ValueError(f"seq_len must be a positive multiple of chunk_size={chunk_size}, got {seq_len!r}")

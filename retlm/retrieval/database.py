@@ -1,0 +1,790 @@
+"""``RetrievalDatabase``: build, open, extend and search the on-disk retrieval database.
+
+A build runs five stages, each resumable and each leaving its files complete or absent:
+
+    chunk      documents -> chunks.dat, doc_ids.dat, seqs.dat (+ tokenizer/)   one job
+    embed      chunk rows -> embeddings.dat                                     shardable (--shard i/n)
+    index      embeddings (merging the shards) -> index.faiss, nprobe tuned    one job
+    neighbors  every chunk's k neighbours -> knn.dat                            shardable (--shard i/n)
+    finalize   merge knn shards, checksums -> manifest.json                     one job
+
+``stage="all"`` runs them in order in one process. ``manifest.json`` is written last: a directory with
+a manifest is a complete database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retlm.retrieval._storage import (
+    CorruptDatabaseError,
+    is_complete,
+    open_memmap,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from retlm.retrieval.chunking import SkipReport, iter_documents, validate_sizes, write_chunks
+from retlm.retrieval.embedding import DEFAULT_EMBEDDER, POOLINGS, Embedder, embed_rows, load_tokenizer
+from retlm.retrieval.index import (
+    EXACT_THRESHOLD,
+    build_index,
+    choose_factory,
+    read_index,
+    tune_nprobe,
+    write_index,
+)
+from retlm.retrieval.neighbors import compute_neighbors, merge_new_neighbors, search_excluding
+
+FORMAT_VERSION = 1
+STAGES = ("chunk", "embed", "index", "neighbors", "finalize")
+SHARDED_STAGES = ("embed", "neighbors")
+EMBEDDING_DTYPES = ("float16", "float32")
+DATA_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "embeddings.dat", "knn.dat", "index.faiss")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every build option that changes the database's content."""
+
+    chunk_size: int = 64
+    num_neighbors: int = 2
+    seq_len: int = 512
+    embedder: str = DEFAULT_EMBEDDER
+    pooling: str = "mean"
+    embedding_dtype: str = "float16"
+    batch_size: int = 128
+    index_factory: str | None = None
+    exact_threshold: int = EXACT_THRESHOLD
+    target_recall: float = 0.95
+    extra_neighbors: int = 10
+
+    def validate(self) -> None:
+        validate_sizes(self.chunk_size, self.seq_len)
+        if not isinstance(self.num_neighbors, int) or self.num_neighbors <= 0:
+            raise ValueError(f"num_neighbors must be a positive integer, got {self.num_neighbors!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(
+                f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {self.embedding_dtype!r}"
+            )
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size!r}")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall!r}")
+        if self.extra_neighbors < 0:
+            raise ValueError(f"extra_neighbors must be >= 0, got {self.extra_neighbors!r}")
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` or ``(i, n)`` -> ``(i, n)`` with ``0 <= i < n``."""
+    if shard is None:
+        return None
+    try:
+        i, n = (
+            (int(x) for x in shard.split("/")) if isinstance(shard, str) else (int(shard[0]), int(shard[1]))
+        )
+    except (ValueError, TypeError, IndexError):
+        raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), got {shard!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard i/n needs 0 <= i < n, got {i}/{n}")
+    return i, n
+
+
+def shard_rows(num_rows: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, num_rows
+    i, n = shard
+    return i * num_rows // n, (i + 1) * num_rows // n
+
+
+@dataclass
+class SearchResult:
+    """Neighbours of ``n`` queries: numpy ``chunk_ids, doc_ids (n, k)`` (-1: none), ``scores (n, k)``
+    (cosine similarity, -inf: none), ``tokens (n, k, 2 * chunk_size)`` (neighbour + continuation, pad where
+    none); ``n`` is the query batch shape. ``retrieved`` is ``tokens`` as a LongTensor; ``texts`` the
+    decoded neighbours, a list per query (flattened batch)."""
+
+    chunk_ids: np.ndarray
+    doc_ids: np.ndarray
+    scores: np.ndarray
+    tokens: np.ndarray
+    database: RetrievalDatabase
+
+    @property
+    def retrieved(self) -> torch.Tensor:
+        return torch.from_numpy(self.tokens).long()
+
+    @property
+    def texts(self) -> list[list[str]]:
+        rows = self.chunk_ids.reshape(-1, self.chunk_ids.shape[-1])
+        return [[self.database.chunk_text(int(i)) for i in row if i >= 0] for row in rows]
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+
+class RetrievalDatabase:
+    """A directory of memmaps, a faiss index and ``manifest.json`` (layout in docs/retrieval.md)."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        c, k = manifest["chunk_size"], manifest["num_neighbors"]
+        n = manifest["num_chunks"]
+        self.chunks = open_memmap(self.path / "chunks.dat", "int32", (n, c + 1))
+        self.doc_ids = open_memmap(self.path / "doc_ids.dat", "int32", (n,))
+        self.seqs = open_memmap(self.path / "seqs.dat", "int32", (manifest["num_seqs"],))
+        self.knn = open_memmap(self.path / "knn.dat", "int32", (n, k))
+        self.embeddings = open_memmap(
+            self.path / "embeddings.dat", manifest["embedding_dtype"], (n, manifest["embedding_dim"])
+        )
+        self._index = None
+        self._embedder = None
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ properties
+    chunk_size = property(lambda self: int(self.manifest["chunk_size"]))
+    num_chunks = property(lambda self: int(self.manifest["num_chunks"]))
+    num_docs = property(lambda self: int(self.manifest["num_docs"]))
+    num_neighbors = property(lambda self: int(self.manifest["num_neighbors"]))
+    seq_len = property(lambda self: int(self.manifest["seq_len"]))
+    pad_id = property(lambda self: int(self.manifest["pad_id"]))
+    eos_id = property(lambda self: int(self.manifest["eos_id"]))
+    tokenizer_name = property(lambda self: str(self.manifest["tokenizer"]["name"]))
+    neighbors = property(lambda self: self.knn, doc="The precomputed ``(num_chunks, num_neighbors)`` array.")
+
+    def __len__(self) -> int:
+        return self.num_chunks
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"RetrievalDatabase({str(self.path)!r}, chunks={m['num_chunks']}, docs={m['num_docs']}, "
+            f"chunk_size={m['chunk_size']}, k={m['num_neighbors']}, index={m['index_type']!r})"
+        )
+
+    @property
+    def tokenizer(self):
+        """The ``PreTrainedTokenizerFast`` saved with the database (the embedder's tokenizer)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(str(self.path / "tokenizer"))
+        return self._tokenizer
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(self.manifest["embedder"], self.manifest["pooling"])
+        return self._embedder
+
+    @property
+    def index(self):
+        if self._index is None:
+            self._index = read_index(self.path / "index.faiss", self.manifest.get("nprobe"))
+        return self._index
+
+    # ------------------------------------------------------------------ open / build
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        tokenizer: str | None = None,
+        embedder: str | None = None,
+        verify: bool = True,
+    ) -> RetrievalDatabase:
+        """Open a built database, checking its manifest, file sizes and (``verify``) sha256 checksums.
+
+        ``tokenizer`` / ``embedder``: names the caller expects; a database built with others is refused.
+        """
+        path = Path(path)
+        if not (path / "manifest.json").is_file():
+            hint = " (its build has not finished: re-run build-db)" if (path / "build.json").exists() else ""
+            raise CorruptDatabaseError(f"not a retrieval database: {path / 'manifest.json'} is missing{hint}")
+        manifest = read_json(path / "manifest.json")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CorruptDatabaseError(
+                f"{path / 'manifest.json'}: format_version {manifest.get('format_version')!r}"
+                f" is not supported (expected {FORMAT_VERSION})"
+            )
+        for what, wanted, stored in (
+            ("tokenizer", tokenizer, manifest["tokenizer"]["name"]),
+            ("embedder", embedder, manifest["embedder"]),
+        ):
+            if wanted is not None and str(wanted) != str(stored):
+                raise ValueError(f"{path} was built with {what} {stored!r}, not {wanted!r}")
+        db = cls(path, manifest)  # checks every file's size
+        if verify:
+            for name, digest in manifest["checksums"].items():
+                if sha256_file(path / name) != digest:
+                    raise CorruptDatabaseError(
+                        f"{path / name} does not match the checksum in manifest.json (corrupted or modified)"
+                    )
+        return db
+
+    @classmethod
+    def build(
+        cls,
+        source: str | os.PathLike | Iterable[str] | None,
+        path: str | os.PathLike,
+        *,
+        chunk_size: int = 64,
+        num_neighbors: int = 2,
+        seq_len: int = 512,
+        embedder: str | None = None,
+        pooling: str = "mean",
+        batch_size: int = 128,
+        embedding_dtype: str = "float16",
+        index_factory: str | None = None,
+        exact_threshold: int = EXACT_THRESHOLD,
+        target_recall: float = 0.95,
+        extra_neighbors: int = 10,
+        glob: str = "**/*.txt",
+        stage: str = "all",
+        shard: str | tuple[int, int] | None = None,
+        progress: bool = True,
+    ) -> RetrievalDatabase | None:
+        """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
+
+        Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one
+        stage (of ``STAGES``) over one shard ``"i/n"`` of the chunk range, for builds spread over jobs;
+        the database is returned once ``finalize`` has run, else ``None``.
+        """
+        config = BuildConfig(
+            chunk_size,
+            num_neighbors,
+            seq_len,
+            embedder or DEFAULT_EMBEDDER,
+            pooling,
+            embedding_dtype,
+            batch_size,
+            index_factory,
+            exact_threshold,
+            target_recall,
+            extra_neighbors,
+        )
+        config.validate()
+        shard = parse_shard(shard)
+        if stage not in ("all", *STAGES):
+            raise ValueError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
+        if shard is not None and stage not in SHARDED_STAGES:
+            raise ValueError(f"--shard applies to the stages {SHARDED_STAGES}, not {stage!r}")
+        builder = _Builder(Path(path), config, progress)
+        if builder.finished():
+            return cls.open(path, verify=False)
+        stages = STAGES if stage == "all" else (stage,)
+        for name in stages:
+            if name == "chunk":
+                builder.chunk(source, glob)
+            elif name in SHARDED_STAGES:
+                getattr(builder, name)(shard)
+            else:
+                getattr(builder, name)()
+        return cls.open(path, verify=False) if "finalize" in stages else None
+
+    # ------------------------------------------------------------------ reading
+    def chunk_tokens(self, chunk_id: int) -> np.ndarray:
+        """The real (unpadded) tokens of one chunk."""
+        row = np.asarray(self.chunks[chunk_id, : self.chunk_size])
+        return row[row != self.pad_id]
+
+    def chunk_text(self, chunk_id: int) -> str:
+        """The decoded text of chunk ``chunk_id`` (special tokens removed)."""
+        return self.tokenizer.decode(self.chunk_tokens(chunk_id).tolist(), skip_special_tokens=True)
+
+    decode = chunk_text
+
+    def retrieved_tokens(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """``(...)`` chunk ids -> ``(..., 2 * chunk_size)`` int64: each chunk and its continuation.
+
+        The continuation is the next chunk of the same document, or padding after a document's last
+        chunk; an id of -1 gives all padding.
+        """
+        chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
+        c, n = self.chunk_size, self.num_chunks
+        out = np.full((*chunk_ids.shape, 2 * c), self.pad_id, dtype=np.int64)
+        if n == 0:
+            return out
+        flat = chunk_ids.reshape(-1)
+        valid = flat >= 0
+        safe = np.where(valid, flat, 0)
+        following = np.minimum(safe + 1, n - 1)
+        has_next = valid & (safe + 1 < n) & (self.doc_ids[following] == self.doc_ids[safe])
+        rows = out.reshape(-1, 2 * c)
+        rows[:, :c] = np.where(valid[:, None], self.chunks[safe, :c], self.pad_id)
+        rows[:, c:] = np.where(has_next[:, None], self.chunks[following, :c], self.pad_id)
+        return out
+
+    def retrieved_for_chunks(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """``(...)`` training chunk ids -> ``(..., num_neighbors, 2 * chunk_size)``, from knn.dat."""
+        chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
+        return self.retrieved_tokens(
+            np.asarray(self.knn[chunk_ids.reshape(-1)]).reshape(*chunk_ids.shape, self.num_neighbors)
+        )
+
+    neighbours_for = retrieved_for_chunks
+
+    # ------------------------------------------------------------------ search
+    def query_chunks(self, queries: Sequence[str] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Texts (first ``chunk_size`` tokens of each) or token chunks ``(..., width <= chunk_size)`` ->
+        int64 ``(..., chunk_size)`` (a list of texts gives ``(batch, chunk_size)``)."""
+        c = self.chunk_size
+        if isinstance(queries, str):
+            queries = [queries]
+        if isinstance(queries, torch.Tensor | np.ndarray):
+            tokens = np.asarray(
+                queries.cpu() if isinstance(queries, torch.Tensor) else queries, dtype=np.int64
+            )
+            if tokens.ndim < 2 or tokens.shape[-1] > c:
+                raise ValueError(
+                    f"token queries must be (..., chunk_size={c}), got shape {tuple(tokens.shape)}"
+                )
+            pad = [(0, 0)] * (tokens.ndim - 1) + [(0, c - tokens.shape[-1])]
+            return np.pad(tokens, pad, constant_values=self.pad_id)
+        ids = self.tokenizer(list(queries), add_special_tokens=False, verbose=False)["input_ids"]
+        tokens = np.full((len(ids), c), self.pad_id, dtype=np.int64)
+        for row, query in zip(tokens, ids, strict=True):
+            row[: min(c, len(query))] = query[:c]
+        return tokens
+
+    def search(
+        self,
+        queries: Sequence[str] | np.ndarray | torch.Tensor,
+        k: int,
+        exclude_doc_ids: int | Sequence[int] | np.ndarray | None = None,
+    ) -> SearchResult:
+        """The ``k`` nearest chunks of each query: texts, or token chunks ``(..., chunk_size)`` (pad = 0).
+
+        A text query is cut to its first ``chunk_size`` tokens: queries are chunks, as in RETRO. Token
+        chunks ``(batch, n_chunks, chunk_size)`` give ``tokens (batch, n_chunks, k, 2 * chunk_size)``, the
+        ``retrieved`` input of RETRO. ``exclude_doc_ids``: one document id for all queries, or one per
+        query (shape of the query batch; -1: none), whose chunks are skipped.
+        """
+        if not isinstance(k, int | np.integer) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        tokens = self.query_chunks(queries)
+        lead = tokens.shape[:-1]
+        tokens = tokens.reshape(-1, self.chunk_size)
+        nq = len(tokens)
+        exclude = None
+        if exclude_doc_ids is not None:
+            exclude = np.broadcast_to(np.asarray(exclude_doc_ids, dtype=np.int64), lead).reshape(-1)
+        if self.num_chunks == 0 or nq == 0:
+            ids = np.full((nq, k), -1, dtype=np.int64)
+            scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        else:
+            vectors = self.embedder.embed_chunks(tokens, self.pad_id)
+            ids, scores = search_excluding(
+                self.index, vectors, k, self.doc_ids, exclude, self.manifest.get("extra_neighbors", 10)
+            )
+        doc_ids = np.full(ids.shape, -1, dtype=np.int64)
+        if self.num_chunks:
+            doc_ids = np.where(ids >= 0, np.asarray(self.doc_ids)[np.maximum(ids, 0)], -1).astype(np.int64)
+        ids, doc_ids, scores = (a.reshape(*lead, k) for a in (ids, doc_ids, scores))
+        return SearchResult(ids, doc_ids, scores, self.retrieved_tokens(ids), self)
+
+    # ------------------------------------------------------------------ add
+    def add(
+        self, docs: str | os.PathLike | Iterable[str], *, glob: str = "**/*.txt", progress: bool = False
+    ) -> RetrievalDatabase:
+        """Append documents: embed only their chunks, add them to the index, update the neighbours.
+
+        With an exact index the result equals a full rebuild; with an IVF index the existing lists are
+        kept (no retraining), ``nprobe`` is re-tuned and every chunk's neighbours are recomputed.
+        """
+        _Adder(self, progress).run(docs, glob)
+        fresh = RetrievalDatabase.open(self.path, verify=False)
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+
+class _Builder:
+    """The build stages over one database directory (see the module docstring)."""
+
+    def __init__(self, path: Path, config: BuildConfig, progress: bool):
+        self.path, self.config, self.progress = path, config, progress
+        self.settings = asdict(config)
+        path.mkdir(parents=True, exist_ok=True)
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        for name in ("manifest.json", "build.json"):
+            file = self.path / name
+            if file.is_file():
+                stored = read_json(file).get("build", {})
+                changed = {
+                    key: (stored.get(key), value)
+                    for key, value in self.settings.items()
+                    if stored.get(key) != value
+                }
+                if changed:
+                    shown = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+                    raise ValueError(
+                        f"{self.path} holds a database built with other settings ({shown}); "
+                        "delete it or choose another path"
+                    )
+                return
+        write_json(self.path / "build.json", {"build": self.settings})
+
+    def finished(self) -> bool:
+        return (self.path / "manifest.json").is_file()
+
+    def chunking(self) -> dict[str, Any]:
+        file = self.path / "chunking.json"
+        if not file.is_file():
+            raise RuntimeError(f"{self.path}: run the 'chunk' stage first (no chunking.json)")
+        return read_json(file)
+
+    def chunk_arrays(self):
+        info = self.chunking()
+        n, c = info["num_chunks"], self.config.chunk_size
+        return (
+            open_memmap(self.path / "chunks.dat", "int32", (n, c + 1)),
+            open_memmap(self.path / "doc_ids.dat", "int32", (n,)),
+        )
+
+    # ---- stage 1
+    def chunk(self, source, glob: str) -> None:
+        if (self.path / "chunking.json").is_file():
+            return
+        if source is None:
+            raise ValueError("the chunk stage needs a source (a folder or an iterable of strings)")
+        report = SkipReport()
+        docs = iter_documents(source, glob, report)  # raises on an empty folder before any work
+        tokenizer = load_tokenizer(self.config.embedder)
+        pad_id = tokenizer.pad_token_id or 0
+        eos_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError(f"tokenizer of {self.config.embedder!r} has neither [SEP] nor an eos token")
+        tmp = {name: self.path / f".{name}.tmp" for name in ("chunks.dat", "doc_ids.dat", "seqs.dat")}
+        with (
+            open(tmp["chunks.dat"], "wb") as chunks,
+            open(tmp["doc_ids.dat"], "wb") as doc_ids,
+            open(tmp["seqs.dat"], "wb") as seqs,
+            tqdm(desc="chunk", unit="chunk", disable=not self.progress) as bar,
+        ):
+            counts = write_chunks(
+                docs,
+                tokenizer,
+                chunk_size=self.config.chunk_size,
+                seq_len=self.config.seq_len,
+                pad_id=pad_id,
+                eos_id=eos_id,
+                chunks_file=chunks,
+                doc_ids_file=doc_ids,
+                seqs_file=seqs,
+                report=report,
+                progress=bar,
+            )
+        report.warn()
+        _save_tokenizer(tokenizer, self.path / "tokenizer")
+        for name, file in tmp.items():
+            os.replace(file, self.path / name)
+        write_json(
+            self.path / "chunking.json",
+            {
+                **asdict(counts),
+                "pad_id": int(pad_id),
+                "eos_id": int(eos_id),
+                "vocab_size": len(tokenizer),
+                "skipped_files": report.unreadable,
+                "skipped_empty_docs": report.empty,
+            },
+        )
+
+    # ---- stage 2
+    def embed(self, shard: tuple[int, int] | None) -> None:
+        chunks, _ = self.chunk_arrays()
+        if is_complete(self.path / "embeddings.dat"):
+            return
+        embedder = Embedder(self.config.embedder, self.config.pooling)
+        out = self.path / "embeddings.dat" if shard is None else _shard_file(self.path, "embeddings", shard)
+        embed_rows(
+            embedder,
+            chunks,
+            out,
+            dtype=self.config.embedding_dtype,
+            batch_size=self.config.batch_size,
+            pad_id=self.chunking()["pad_id"],
+            rows=shard_rows(len(chunks), shard),
+            progress=self.progress,
+            desc="embed" if shard is None else f"embed {shard[0]}/{shard[1]}",
+        )
+
+    def embedding_dim(self) -> int:
+        from transformers import AutoConfig
+
+        from retlm.retrieval.embedding import resolve_model_path
+
+        return int(AutoConfig.from_pretrained(resolve_model_path(self.config.embedder)).hidden_size)
+
+    def embeddings(self) -> np.ndarray:
+        n = self.chunking()["num_chunks"]
+        return open_memmap(
+            self.path / "embeddings.dat", self.config.embedding_dtype, (n, self.embedding_dim())
+        )
+
+    # ---- stage 3
+    def index(self) -> None:
+        if (self.path / "index.json").is_file():
+            return
+        _merge_shards(self.path, "embeddings")
+        embeddings = self.embeddings()
+        factory = self.config.index_factory or choose_factory(len(embeddings), self.config.exact_threshold)
+        index = build_index(embeddings, factory, progress=self.progress)
+        tuning = tune_nprobe(index, embeddings, self.config.num_neighbors, self.config.target_recall)
+        write_index(index, self.path / "index.faiss")
+        write_json(
+            self.path / "index.json",
+            {
+                "index_type": factory,
+                "nprobe": tuning.nprobe,
+                "recall_at_k": tuning.recall,
+                "recall_queries": tuning.num_queries,
+            },
+        )
+
+    # ---- stage 4
+    def neighbors(self, shard: tuple[int, int] | None) -> None:
+        if not (self.path / "index.json").is_file():
+            raise RuntimeError(f"{self.path}: run the 'index' stage first (no index.json)")
+        if is_complete(self.path / "knn.dat"):
+            return
+        _, doc_ids = self.chunk_arrays()
+        index = read_index(self.path / "index.faiss", read_json(self.path / "index.json")["nprobe"])
+        out = self.path / "knn.dat" if shard is None else _shard_file(self.path, "knn", shard)
+        compute_neighbors(
+            index,
+            self.embeddings(),
+            doc_ids,
+            self.config.num_neighbors,
+            out,
+            rows=shard_rows(len(doc_ids), shard),
+            extra=self.config.extra_neighbors,
+            progress=self.progress,
+            desc="neighbours" if shard is None else f"neighbours {shard[0]}/{shard[1]}",
+        )
+
+    # ---- stage 5
+    def finalize(self) -> None:
+        _merge_shards(self.path, "knn")
+        chunking, index_info = self.chunking(), read_json(self.path / "index.json")
+        write_manifest(self.path, self.settings, chunking, index_info, self.embedding_dim())
+        for name in ("build.json", "chunking.json", "index.json"):
+            (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "shards", ignore_errors=True)
+
+
+def write_manifest(
+    path: Path,
+    settings: dict[str, Any],
+    chunking: dict[str, Any],
+    index_info: dict[str, Any],
+    embedding_dim: int,
+) -> dict[str, Any]:
+    c, k, n = settings["chunk_size"], settings["num_neighbors"], chunking["num_chunks"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {
+            "name": settings["embedder"],
+            "path": "tokenizer",
+            "vocab_size": chunking["vocab_size"],
+        },
+        "embedder": settings["embedder"],
+        "pooling": settings["pooling"],
+        "chunk_size": c,
+        "num_chunks": n,
+        "num_docs": chunking["num_docs"],
+        "num_seqs": chunking["num_seqs"],
+        "num_neighbors": k,
+        "seq_len": settings["seq_len"],
+        "pad_id": chunking["pad_id"],
+        "eos_id": chunking["eos_id"],
+        "embedding_dim": embedding_dim,
+        "embedding_dtype": settings["embedding_dtype"],
+        "index_type": index_info["index_type"],
+        "nprobe": index_info["nprobe"],
+        "extra_neighbors": settings["extra_neighbors"],
+        "recall_at_k": index_info["recall_at_k"],
+        "recall_queries": index_info["recall_queries"],
+        "target_recall": settings["target_recall"],
+        "shapes": {
+            "chunks.dat": [n, c + 1],
+            "doc_ids.dat": [n],
+            "seqs.dat": [chunking["num_seqs"]],
+            "knn.dat": [n, k],
+            "embeddings.dat": [n, embedding_dim],
+        },
+        "skipped_files": chunking.get("skipped_files", []),
+        "build": settings,
+        "checksums": {name: sha256_file(path / name) for name in DATA_FILES},
+    }
+    write_json(path / "manifest.json", manifest)
+    return manifest
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _shard_file(path: Path, kind: str, shard: tuple[int, int]) -> Path:
+    return path / "shards" / f"{kind}-{shard[0]:05d}-of-{shard[1]:05d}.dat"
+
+
+def _merge_shards(path: Path, kind: str) -> None:
+    """Concatenate complete shard files ``shards/{kind}-i-of-n.dat`` into ``{kind}.dat`` (atomically)."""
+    target = path / f"{kind}.dat"
+    if is_complete(target):
+        return
+    files = sorted((path / "shards").glob(f"{kind}-*-of-*.dat"))
+    if not files:
+        raise RuntimeError(
+            f"{path}: no {kind} found: run the '{'embed' if kind == 'embeddings' else 'neighbors'}' "
+            "stage (for every shard) first"
+        )
+    counts = {f.stem.split("-of-")[1] for f in files}
+    if len(counts) != 1:
+        raise RuntimeError(f"{path / 'shards'}: {kind} shards of different shard counts: {sorted(counts)}")
+    n = int(counts.pop())
+    missing = [i for i in range(n) if not is_complete(_shard_file(path, kind, (i, n)))]
+    if missing:
+        raise RuntimeError(f"{path}: {kind} shards {missing} of {n} are not finished")
+    tmp = path / f".{kind}.dat.tmp"
+    with open(tmp, "wb") as out:
+        for i in range(n):
+            with open(_shard_file(path, kind, (i, n)), "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 24)
+    os.replace(tmp, target)
+
+
+class _Adder:
+    """``RetrievalDatabase.add``: files are staged in ``.add/``, moved in, the manifest written last."""
+
+    def __init__(self, db: RetrievalDatabase, progress: bool):
+        self.db, self.progress = db, progress
+        self.stage = db.path / ".add"
+
+    def run(self, docs, glob: str) -> None:
+        db, m = self.db, self.db.manifest
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self.stage.mkdir()
+        old_n = db.num_chunks
+        report = SkipReport()
+        counts = self._append_chunks(iter_documents(docs, glob, report), report)
+        report.warn()
+        if counts.num_chunks == 0:
+            shutil.rmtree(self.stage)
+            return
+        n = old_n + counts.num_chunks
+        c, k, dim, dtype = db.chunk_size, db.num_neighbors, m["embedding_dim"], m["embedding_dtype"]
+        chunks = open_memmap(self.stage / "chunks.dat", "int32", (n, c + 1))
+        doc_ids = open_memmap(self.stage / "doc_ids.dat", "int32", (n,))
+        new_embeddings = self.stage / "new_embeddings.dat"
+        embed_rows(
+            db.embedder,
+            chunks,
+            new_embeddings,
+            dtype=dtype,
+            batch_size=m["build"]["batch_size"],
+            pad_id=db.pad_id,
+            rows=(old_n, n),
+            progress=self.progress,
+        )
+        _concat_files(db.path / "embeddings.dat", new_embeddings, self.stage / "embeddings.dat")
+        embeddings = open_memmap(self.stage / "embeddings.dat", dtype, (n, dim))
+
+        index = db.index
+        index.add(np.ascontiguousarray(embeddings[old_n:], dtype=np.float32))
+        exact = m["nprobe"] is None
+        tuning = tune_nprobe(index, embeddings, k, m["target_recall"])
+        write_index(index, self.stage / "index.faiss")
+
+        knn = np.memmap(self.stage / "knn.dat", dtype="<i4", mode="w+", shape=(n, k))
+        extra = m["extra_neighbors"]
+        if exact:  # exact lists: only entries beaten by a new chunk change
+            knn[:old_n] = merge_new_neighbors(db.knn, embeddings, old_n, k)
+            compute_neighbors(
+                index,
+                embeddings,
+                doc_ids,
+                k,
+                self.stage / "knn_new.dat",
+                rows=(old_n, n),
+                extra=extra,
+                progress=self.progress,
+            )
+            knn[old_n:] = open_memmap(self.stage / "knn_new.dat", "int32", (n - old_n, k))
+        else:
+            compute_neighbors(
+                index, embeddings, doc_ids, k, self.stage / "knn_all.dat", extra=extra, progress=self.progress
+            )
+            knn[:] = open_memmap(self.stage / "knn_all.dat", "int32", (n, k))
+        knn.flush()
+        del knn
+
+        for name in DATA_FILES:
+            os.replace(self.stage / name, db.path / name)
+        settings = dict(m["build"])
+        chunking = {
+            "num_chunks": n,
+            "num_docs": db.num_docs + counts.num_docs,
+            "num_seqs": m["num_seqs"] + counts.num_seqs,
+            "pad_id": db.pad_id,
+            "eos_id": db.eos_id,
+            "vocab_size": m["tokenizer"]["vocab_size"],
+            "skipped_files": m.get("skipped_files", []) + report.unreadable,
+        }
+        index_info = {
+            "index_type": m["index_type"],
+            "nprobe": tuning.nprobe,
+            "recall_at_k": tuning.recall,
+            "recall_queries": tuning.num_queries,
+        }
+        write_manifest(db.path, settings, chunking, index_info, dim)
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+    def _append_chunks(self, docs, report: SkipReport):
+        db = self.db
+        files = {name: self.stage / name for name in ("chunks.dat", "doc_ids.dat", "seqs.dat")}
+        for name, file in files.items():
+            shutil.copyfile(db.path / name, file)
+        with (
+            open(files["chunks.dat"], "ab") as chunks,
+            open(files["doc_ids.dat"], "ab") as doc_ids,
+            open(files["seqs.dat"], "ab") as seqs,
+        ):
+            return write_chunks(
+                docs,
+                db.tokenizer,
+                chunk_size=db.chunk_size,
+                seq_len=db.seq_len,
+                pad_id=db.pad_id,
+                eos_id=db.eos_id,
+                chunks_file=chunks,
+                doc_ids_file=doc_ids,
+                seqs_file=seqs,
+                first_doc_id=db.num_docs,
+                first_chunk=db.num_chunks,
+                report=report,
+            )
+
+
+def _concat_files(first: Path, second: Path, out: Path) -> None:
+    with open(out, "wb") as dst:
+        for src in (first, second):
+            with open(src, "rb") as f:
+                shutil.copyfileobj(f, dst, 1 << 24)

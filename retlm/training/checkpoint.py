@@ -1,0 +1,167 @@
+"""Run directories, atomic checkpoints, and the checks that a checkpoint fits a database.
+
+A run directory holds:
+- ``checkpoint-<step>/``: HF Trainer checkpoints (``model.safetensors``, ``config.json``, optimizer,
+  scheduler and RNG state, ``trainer_state.json``), each committed by one directory rename;
+- ``model/``: the final weights (safetensors), config and ``retlm_step.json`` (their step), committed the
+  same way;
+- ``retlm_run.json``: what the run was trained on (database, tokenizer, split, hyperparameters);
+- ``metrics.jsonl``: one line per logged training or evaluation step.
+
+A directory rename is atomic on POSIX file systems, so a killed run leaves only whole checkpoints
+(plus, at most, a staging directory that the next run deletes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from retlm.utils import atomic_write
+
+RUN_FILE = "retlm_run.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "model"
+STAGING_DIR = ".staging"
+FINAL_STEP_FILE = "retlm_step.json"  # in model/: the step its weights come from
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def commit_dir(staging: Path, final: Path) -> None:
+    """Move a fully written ``staging`` directory onto ``final`` by rename; replace any old ``final``."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoints of a run, oldest first."""
+    found = []
+    for path in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name[len(CHECKPOINT_PREFIX):]
+        if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(read_json(Path(checkpoint) / "trainer_state.json")["global_step"])
+
+
+def final_model_step(run_dir: Path) -> int | None:
+    """The training step of ``run_dir/model``'s weights, or None if it has none."""
+    marker = Path(run_dir) / FINAL_DIR / FINAL_STEP_FILE
+    if not (marker.is_file() and (marker.parent / "model.safetensors").is_file()):
+        return None
+    return int(read_json(marker)["global_step"])
+
+
+def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory with the weights: a model dir or checkpoint as given, or a run dir's final model
+    (its latest checkpoint if training did not finish)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if (path / "config.json").is_file():
+        candidate = path
+    elif (path / FINAL_DIR / "config.json").is_file():
+        candidate = path / FINAL_DIR
+    else:
+        candidate = latest_checkpoint(path)
+        if candidate is None:
+            raise FileNotFoundError(f"{path} holds no model: expected config.json + model.safetensors, "
+                                    f"a {FINAL_DIR}/ folder, or {CHECKPOINT_PREFIX}N/ folders")
+    if not (candidate / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{candidate} has no model.safetensors (only safetensors weights are loaded)")
+    return candidate
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """A trained model from a run dir, model dir or checkpoint, loaded from safetensors only."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import retlm.models.retro  # noqa: F401  (registers RetroConfig with the Auto classes)
+
+    model_dir = resolve_model_dir(path)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call is noise in `retlm eval`
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+# ---- which tokenizer and layout a database has, and whether a model fits it ----
+
+def _tokenizer_name(db: Any) -> str | None:
+    manifest = getattr(db, "manifest", None) or {}
+    entry = manifest.get("tokenizer")
+    if isinstance(entry, dict):
+        entry = entry.get("name") or entry.get("name_or_path")
+    if entry is None:
+        entry = getattr(getattr(db, "tokenizer", None), "name_or_path", None)
+    return None if entry is None else str(entry)
+
+
+def _tokenizer_vocab_size(db: Any) -> int:
+    manifest = getattr(db, "manifest", None) or {}
+    entry = manifest.get("tokenizer")
+    if isinstance(entry, dict) and entry.get("vocab_size"):
+        return int(entry["vocab_size"])
+    return len(db.tokenizer)
+
+
+def database_signature(db: Any) -> dict[str, Any]:
+    """What a model trained on ``db`` depends on: tokenizer identity and the chunk layout."""
+    return {
+        "tokenizer": _tokenizer_name(db),
+        "vocab_size": _tokenizer_vocab_size(db),
+        "chunk_size": int(db.chunk_size),
+        "num_neighbors": int(db.num_neighbors),
+        "pad_id": int(db.pad_id),
+        "eos_id": None if getattr(db, "eos_id", None) is None else int(db.eos_id),
+    }
+
+
+def model_vocab_size(config: Any) -> int:
+    size = getattr(config, "num_tokens", None)
+    return int(size if size is not None else config.vocab_size)
+
+
+def check_model_fits_database(config: Any, db: Any) -> None:
+    """Refuse a model whose tokenizer or chunking differs from the database's, naming both sides."""
+    data = database_signature(db)
+    trained = getattr(config, "retlm_data", None) or {}
+    if trained.get("tokenizer") and data["tokenizer"] and trained["tokenizer"] != data["tokenizer"]:
+        raise ValueError(f"tokenizer mismatch: the model was trained with tokenizer {trained['tokenizer']!r} "
+                         f"but the database uses {data['tokenizer']!r}; use a database built with the "
+                         "model's tokenizer")
+    if trained.get("vocab_size") and int(trained["vocab_size"]) != data["vocab_size"]:
+        raise ValueError(f"tokenizer mismatch: the model was trained on a {trained['vocab_size']}-token "
+                         f"vocabulary but the database's tokenizer has {data['vocab_size']} tokens")
+    if model_vocab_size(config) < data["vocab_size"]:
+        raise ValueError(f"tokenizer mismatch: the model has {model_vocab_size(config)} token embeddings but "
+                         f"the database's tokenizer ({data['tokenizer']}) has {data['vocab_size']} tokens")
+    if int(config.chunk_size) != data["chunk_size"]:
+        raise ValueError(f"chunk size mismatch: the model uses chunk_size={config.chunk_size} but the "
+                         f"database was chunked with chunk_size={data['chunk_size']}")

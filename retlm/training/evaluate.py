@@ -1,0 +1,247 @@
+"""Held-out perplexity with and without retrieval, and bits per byte.
+
+Both numbers come from the same weights and the same target tokens: the only difference is whether
+``retrieved`` is passed to the model. Scored tokens are every target that is not padding (the
+end-of-document token counts; the first token of each sequence is input only).
+
+Bits per byte = (summed negative log-likelihood in bits) / (number of UTF-8 bytes of the scored text).
+The bytes are counted on the tokenizer's decoding of the scored target tokens, sequence by sequence,
+with special tokens dropped. For the default uncased WordPiece tokenizer that decoded text is
+lower-cased and whitespace-normalised, so it is within a few percent of, not equal to, the raw files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from retlm.data import RETRODataset
+from retlm.training.checkpoint import check_model_fits_database, load_model, resolve_model_dir
+from retlm.training.data import (
+    IGNORE_INDEX,
+    DocumentSplit,
+    RetroCollator,
+    SplitSequences,
+    open_database,
+    sequence_doc_ids,
+    split_datasets,
+    spread_subset,
+)
+from retlm.training.precision import autocast_for, resolve_device, resolve_precision
+
+
+@dataclass
+class Score:
+    """Sums over scored tokens; the ratios are properties."""
+
+    nll: float  # natural-log negative log-likelihood, summed
+    tokens: int
+    bytes: int = 0
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.nll / math.log(2) / self.bytes if self.bytes else None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits (batch, seq, vocab)`` against already shifted ``labels (batch, seq)``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+
+
+def _shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
+
+
+def _batches(dataset: Dataset, batch_size: int, collate: RetroCollator, rank: int, world_size: int,
+             desc: str | None) -> Iterator[dict[str, torch.Tensor]]:
+    loader = DataLoader(_shard(dataset, rank, world_size), batch_size=batch_size, collate_fn=collate)
+    return iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True) if desc else loader)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, retrieval: bool, batch_size: int = 8,
+          device: torch.device | str = "cpu", autocast: Any = None, rank: int = 0, world_size: int = 1,
+          desc: str | None = None) -> Score:
+    """Summed NLL and token count of ``model`` over ``dataset`` (``(seq, retrieved)`` items).
+
+    Under DDP each rank scores every ``world_size``-th sequence and the sums are all-reduced.
+    """
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    collate = RetroCollator(pad_id, retrieval=retrieval)
+    try:
+        for batch in _batches(dataset, batch_size, collate, rank, world_size, desc):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            with autocast or nullcontext():
+                logits = model(input_ids=batch["input_ids"], retrieved=batch.get("retrieved")).logits
+            nll += causal_lm_loss(logits, labels, reduction="sum").item()
+            tokens += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    nll, tokens = _all_reduce_sum([nll, float(tokens)], torch.device(device))
+    return Score(nll=nll, tokens=int(tokens))
+
+
+def count_bytes(dataset: Dataset, tokenizer: Any, *, pad_id: int, batch_size: int = 64, rank: int = 0,
+                world_size: int = 1, device: torch.device | str = "cpu") -> int:
+    """UTF-8 bytes of the decoded scored targets (see the module docstring for how)."""
+    total = 0
+    collate = RetroCollator(pad_id, retrieval=False)
+    for batch in _batches(dataset, batch_size, collate, rank, world_size, None):
+        targets = [row[row != IGNORE_INDEX].tolist() for row in batch["labels"]]
+        texts = tokenizer.batch_decode(targets, skip_special_tokens=True)
+        total += sum(len(text.encode("utf-8")) for text in texts)
+    return int(_all_reduce_sum([float(total)], torch.device(device))[0])
+
+
+def compare_retrieval(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, tokenizer: Any = None,
+                      batch_size: int = 8, device: torch.device | str = "cpu", autocast: Any = None,
+                      rank: int = 0, world_size: int = 1, progress: bool = False) -> dict[str, Any]:
+    """Scores of the same model on the same tokens with retrieval and with retrieval switched off."""
+    n_bytes = 0 if tokenizer is None else count_bytes(dataset, tokenizer, pad_id=pad_id, rank=rank,
+                                                      world_size=world_size, device=device)
+    runs = {}
+    for name, retrieval in (("with_retrieval", True), ("without_retrieval", False)):
+        result = score(model, dataset, pad_id=pad_id, retrieval=retrieval, batch_size=batch_size,
+                       device=device, autocast=autocast, rank=rank, world_size=world_size,
+                       desc=f"eval {name.replace('_', ' ')}" if progress else None)
+        result.bytes = n_bytes
+        runs[name] = result
+    with_r, without_r = runs["with_retrieval"], runs["without_retrieval"]
+    return {
+        "with_retrieval": with_r.as_dict(),
+        "without_retrieval": without_r.as_dict(),
+        "perplexity_ratio": without_r.perplexity / with_r.perplexity,
+        "tokens": with_r.tokens,
+        "bytes": n_bytes,
+        "sequences": len(dataset),
+    }
+
+
+# ---- the `retlm eval` entry point ----
+
+SPLITS = ("heldout", "train", "all")
+
+
+def _tokenizer_of(db: Any) -> Any:
+    tokenizer = getattr(db, "tokenizer", None)
+    if tokenizer is None or hasattr(tokenizer, "batch_decode"):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer))
+
+
+def _select(split: str, dataset: Dataset, db: Any, trained: dict[str, Any]) -> SplitSequences:
+    """The sequences of ``split``."""
+    if split == "all":
+        return SplitSequences(dataset, db, np.arange(len(dataset)))
+    recorded = trained.get("split")
+    if not recorded:
+        raise ValueError("the checkpoint records no training split (it was not trained by `retlm train`); "
+                         "evaluate with split='all' (`--split all`)")
+    doc_split = DocumentSplit.make(db.doc_ids, recorded["train_fraction"], recorded["seed"])
+    expected = recorded.get("heldout_docs")
+    if expected is not None and doc_split.heldout_docs.tolist() != expected:
+        raise ValueError("this database's documents differ from the one the model was trained on, so its "
+                         "held-out split is not the model's; evaluate with split='all' (`--split all`)")
+    train_set, heldout_set = split_datasets(dataset, db, doc_split, hide_heldout=False)
+    chosen = heldout_set if split == "heldout" else train_set
+    if len(chosen) == 0:
+        raise ValueError(f"the {split} split is empty (train_fraction={recorded['train_fraction']})")
+    return chosen
+
+
+def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_size: int = 8,
+             max_sequences: int | None = None, device: str | None = None, precision: str = "fp32",
+             progress: bool = True) -> dict[str, Any]:
+    """Perplexity and bits per byte of a trained model with and without retrieval.
+
+    ``checkpoint`` is a run dir, a model dir or a ``checkpoint-N`` dir; ``db`` a database or its path.
+    ``split`` picks the held-out documents of training (default), the training ones, or all.
+    Returns ``{"with_retrieval": {loss, perplexity, bits_per_byte}, "without_retrieval": {...},
+    "perplexity_ratio", "tokens", "bytes", "sequences", "documents", "split", "checkpoint", "precision",
+    "trained_with_retrieval"}``. For a model trained without retrieval (``--no-retrieval``) only the
+    "without_retrieval" numbers are meaningful.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    db = open_database(db)
+    model_dir = resolve_model_dir(checkpoint)
+    model = load_model(model_dir)
+    check_model_fits_database(model.config, db)
+    trained = getattr(model.config, "retlm_data", None) or {}
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    model.to(device)
+
+    dataset = RETRODataset.from_database(db, seq_len=trained.get("seq_len"))
+    chosen = spread_subset(_select(split, dataset, db, trained), max_sequences)
+    n_docs = len(np.unique(sequence_doc_ids(db)[chosen.indices]))
+    result = compare_retrieval(model, chosen, pad_id=int(db.pad_id), tokenizer=_tokenizer_of(db),
+                               batch_size=batch_size, device=device, autocast=autocast_for(precision, device),
+                               progress=progress)
+    result.update(split=split, documents=n_docs, checkpoint=str(model_dir), precision=precision,
+                  trained_with_retrieval=trained.get("retrieval"))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result of ``evaluate`` as a small text table."""
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    rows = [("", "loss (nats)", "perplexity", "bits/byte")]
+    for key in ("with_retrieval", "without_retrieval"):
+        r = result[key]
+        rows.append((key.replace("_", " "), cell(r["loss"]), cell(r["perplexity"]), cell(r["bits_per_byte"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    def line(row: tuple[str, ...]) -> str:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join(cells)
+
+    lines = [line(row) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"perplexity without / with retrieval: {result['perplexity_ratio']:.3f}")
+    if result.get("trained_with_retrieval") is False:
+        lines.append("note: this model was trained without retrieval (the baseline): read its "
+                     "'without retrieval' row")
+    lines.append(f"{result.get('split', '?')} split: {result['sequences']} sequences"
+                 + (f" from {result['documents']} documents" if "documents" in result else "")
+                 + f", {result['tokens']} scored tokens, {result['bytes']} bytes")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Tiny helpers shared across the package."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def exists(value: Any) -> bool:
+    return value is not None
+
+
+def default(value: T | None, fallback: T) -> T:
+    return value if value is not None else fallback
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    A crash leaves either the old file or the new one, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_writable_dir(path: str | os.PathLike[str], what: str, hint: str = "") -> Path:
+    """Create folder ``path`` and prove it writable with a probe file (root ignores mode bits, so
+    ``os.access`` would lie); raise a one-line error naming ``what`` (e.g. "run directory") otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except FileExistsError as err:
+        raise NotADirectoryError(f"{what} {path} exists and is not a directory{hint}") from err
+    except OSError as err:
+        raise PermissionError(f"{what} {path} is not writable: {err.strerror or err}{hint}") from err
+    return path

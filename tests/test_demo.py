@@ -1,0 +1,131 @@
+"""`retlm demo` end to end on a tiny corpus: it finishes, writes its report and plot, resumes after a
+kill, reuses finished work, and refuses bad input with a clear message and the right exit code."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY_MODEL = """\
+decoder: retnet
+enc_dim: 32
+enc_depth: 1
+dec_dim: 32
+dec_depth: 2
+dec_cross_attn_layers: [2]
+heads: 2
+dim_head: 16
+max_seq_len: 512
+"""
+TOPICS = ["rivers and lakes", "mountains and snow", "stars and planets", "bread and ovens", "ships and sails"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        topic = TOPICS[i % len(TOPICS)]
+        text = " ".join(f"Note {i}.{j} tells of {topic}, and how the {topic} change with the seasons."
+                        for j in range(12))
+        (folder / f"doc{i:02d}.txt").write_text(text)
+    return folder
+
+
+def demo_args(corpus, work, model_yaml, minutes="0.05"):
+    return ["demo", "--corpus", str(corpus), "--work-dir", str(work), "--minutes", minutes,
+            "--model-config", str(model_yaml), "--seq-len", "64", "--chunk-size", "16", "--batch-size", "2",
+            "--eval-sequences", "8", "--max-new-tokens", "40", "--prompt", "Note 3.1 tells of",
+            "--no-progress"]
+
+
+def run_cli(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "retlm", *args], capture_output=True, text=True, env=env,
+                          timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.yaml"
+    path.write_text(TINY_MODEL)
+    return path
+
+
+def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_yaml, tmp_path):
+    work = tmp_path / "work"
+    first = run_cli(demo_args(corpus, work, model_yaml))
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((work / "report.json").read_text())
+    heldout = report["heldout"]
+    assert heldout["tokens"] > 0 and heldout["with_retrieval"]["perplexity"] > 1
+    assert heldout["without_retrieval"]["perplexity"] > 1
+    assert (work / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["training"]["steps"] > 0
+    lines = first.stdout.strip().splitlines()
+    assert lines[-3].startswith("held-out perplexity with retrieval:")
+    assert lines[-1].startswith("ratio (without / with):")
+    # generation crossed chunk boundaries, so it retrieved and printed what it read
+    assert "chunk 0:" in first.stdout and report["generation"]["neighbours"]
+
+    second = run_cli(demo_args(corpus, work, model_yaml))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "database: reusing" in second.stdout and "reused" in second.stdout
+    again = json.loads((work / "report.json").read_text())
+    assert again["heldout"] == report["heldout"]
+    assert again["training"]["steps"] == report["training"]["steps"]
+
+
+def test_demo_resumes_after_a_kill(corpus, model_yaml, tmp_path):
+    work = tmp_path / "work"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "retlm", *demo_args(corpus, work, model_yaml, "0.3")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((work / "run").glob("checkpoint-*")):
+        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (work / "db" / "manifest.json").is_file() and not (work / "report.json").exists()
+    resumed = run_cli(demo_args(corpus, work, model_yaml, "0.3"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "database: reusing" in resumed.stdout
+    assert json.loads((work / "report.json").read_text())["training"]["steps"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--minutes", "0"], "--minutes must be positive"),
+        (["--minutes", "-1"], "--minutes must be positive"),
+        (["--corpus", "/nonexistent/retlm-corpus"], "no such folder"),
+    ],
+)
+def test_demo_bad_usage_exits_2_without_traceback(args, message, tmp_path):
+    result = run_cli(["demo", "--work-dir", str(tmp_path / "w"), *args])
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_empty_corpus_and_read_only_work_dir_fail_with_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(["demo", "--corpus", str(empty), "--work-dir", str(tmp_path / "w")])
+    assert result.returncode == 1 and "holds no file" in result.stderr and "Traceback" not in result.stderr
+
+    if os.geteuid() == 0:  # root writes through mode bits; sysfs refuses everyone
+        read_only = Path("/sys/retlm-demo-test")
+    else:
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+    (tmp_path / "doc.txt").write_text("some text")
+    result = run_cli(["demo", "--work-dir", str(read_only), "--corpus", str(tmp_path)])
+    assert result.returncode == 1, result.stderr
+    assert "is not writable" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

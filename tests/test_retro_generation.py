@@ -1,0 +1,112 @@
+"""Generation that retrieves at chunk boundaries: the loop must feed each chunk's neighbours exactly
+when training would (from the chunk's last token on), so greedy decoding equals the argmax of one full
+forward pass over the final sequence with the neighbours the loop logged."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from retlm import RETRO
+from retlm.models.retro.generation import generate_with_retrieval
+
+C = 4
+VOCAB = 64
+CONFIG = dict(num_tokens=VOCAB, max_seq_len=40, enc_dim=24, enc_depth=1, dec_dim=32, dec_depth=3,
+              dec_cross_attn_layers=(1, 3), heads=2, dim_head=16, chunk_size=C)
+
+
+class FakeDatabase:
+    """Neighbours are a deterministic function of the query chunk, so a wrong query shows up."""
+
+    chunk_size, pad_id, num_neighbors = C, 0, 2
+
+    def __init__(self):
+        self.calls = []
+
+    def search(self, queries, k):
+        queries = np.asarray(queries)
+        self.calls.append(queries.shape)
+        lead = queries.shape[:-1]
+        base = (queries.sum(-1) % 7)[..., None, None]
+        tokens = (base + 3 * np.arange(k)[:, None] + np.arange(2 * C)) % (VOCAB - 1) + 1
+        tokens = np.broadcast_to(tokens, (*lead, k, 2 * C)).copy()
+        ids = np.broadcast_to(base[..., 0] * 10 + np.arange(k), (*lead, k)).copy()
+        return SimpleNamespace(tokens=tokens, chunk_ids=ids, doc_ids=ids // 10,
+                               scores=np.ones((*lead, k), np.float32))
+
+
+def model_for(decoder):
+    torch.manual_seed(0)
+    return RETRO(**CONFIG, decoder=decoder).double().eval()
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "retnet"])
+@pytest.mark.parametrize("prompt_len", [1, 3, 4, 9])
+def test_greedy_matches_full_forward_with_logged_neighbours(decoder, prompt_len):
+    model, db = model_for(decoder), FakeDatabase()
+    prompt = torch.randint(1, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    out = generate_with_retrieval(model, db, prompt, max_new_tokens=14)
+    seq = out.sequences
+    assert seq.shape == (2, prompt_len + 14)
+    assert torch.equal(seq[:, :prompt_len], prompt)
+    # every chunk whose last token was fed got exactly one retrieval, in order
+    fed = seq.shape[1] - 1
+    n_chunks = fed // C
+    for row in range(2):
+        assert [r.chunk_index for r in out.retrievals[row]] == list(range(n_chunks))
+        for r in out.retrievals[row]:
+            np.testing.assert_array_equal(r.query, seq[row, r.chunk_index * C:(r.chunk_index + 1) * C])
+    retrieved = torch.stack(
+        [torch.stack([torch.as_tensor(r.tokens) for r in rows]) for rows in out.retrievals]
+    )
+    # full forward over all fed tokens, padded to whole chunks' worth of neighbours
+    logits = model(input_ids=seq[:, :fed], retrieved=retrieved[:, : fed // C]).logits
+    assert torch.equal(logits[:, prompt_len - 1:].argmax(-1), seq[:, prompt_len:])
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model, db = model_for("retnet"), FakeDatabase()
+    prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    runs = [generate_with_retrieval(model, db, prompt, max_new_tokens=10, do_sample=True, temperature=0.8,
+                                    top_k=1, generator=torch.Generator().manual_seed(s)).sequences
+            for s in (1, 2)]
+    greedy = generate_with_retrieval(model, db, prompt, max_new_tokens=10).sequences
+    assert torch.equal(runs[0], greedy) and torch.equal(runs[1], greedy)  # top_k=1 is greedy
+    a, b = (generate_with_retrieval(model, db, prompt, max_new_tokens=10, do_sample=True, top_p=0.9,
+                                    generator=torch.Generator().manual_seed(3)).sequences for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_without_database_no_retrieval_and_eos_stops():
+    model = model_for("transformer")
+    prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = generate_with_retrieval(model, None, prompt, max_new_tokens=8)
+    plain = model(input_ids=out.sequences[:, :-1]).logits.argmax(-1)
+    assert torch.equal(plain[:, 5:], out.sequences[:, 6:])
+    eos = int(out.sequences[0, 6])
+    stopped = generate_with_retrieval(model, None, prompt, max_new_tokens=8, eos_token_id=eos)
+    assert (stopped.sequences[0, 6:] == eos).all()
+
+
+def test_bad_input():
+    model = model_for("transformer")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_with_retrieval(model, None, torch.ones(1, 30, dtype=torch.long), max_new_tokens=20)
+    db = FakeDatabase()
+    db.chunk_size = 8
+    with pytest.raises(ValueError, match="chunk_size"):
+        generate_with_retrieval(model, db, torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        generate_with_retrieval(model, None, torch.ones(1, 3, dtype=torch.long), max_new_tokens=4,
+                                do_sample=True, temperature=0)
+
+
+def test_model_generate_with_database_delegates_to_the_retrieving_loop():
+    model, db = model_for("retnet"), FakeDatabase()
+    prompt = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    via_model = model.generate(prompt, retrieval_database=db, max_new_tokens=7)
+    direct = generate_with_retrieval(model, FakeDatabase(), prompt, max_new_tokens=7)
+    assert torch.equal(via_model.sequences, direct.sequences)
+    assert len(via_model.retrievals[0]) == (6 + 7 - 1) // C

@@ -1,0 +1,240 @@
+"""Native RETRO: causality of self- and chunked cross-attention, incremental decoding == full forward,
+bad input, save/load, and the seed README's first example (small dims)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from retlm import RETRO, RetroConfig, RetroForCausalLM
+from retlm.models.retro import RetroCache
+
+C = 4  # chunk size
+SMALL = dict(
+    num_tokens=64,
+    max_seq_len=48,
+    enc_dim=24,
+    enc_depth=2,
+    dec_dim=32,
+    dec_depth=4,
+    dec_cross_attn_layers=(2, 4),
+    heads=2,
+    dim_head=16,
+    chunk_size=C,
+)
+HAS_RETENTION = importlib.util.find_spec("retlm.ops.retention") is not None
+DECODERS = [
+    "transformer",
+    pytest.param("retnet", marks=pytest.mark.skipif(not HAS_RETENTION, reason="retlm.ops.retention absent")),
+]
+
+
+def maxdiff(a, b):
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def make(decoder="transformer", dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RETRO(**{**SMALL, "decoder": decoder, **overrides}).to(dtype).eval()
+
+
+def data(seq_len, k=2, seed=1, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, SMALL["num_tokens"], (batch, seq_len), generator=g)
+    retrieved = torch.randint(1, SMALL["num_tokens"], (batch, seq_len // C, k, 2 * C), generator=g)
+    retrieved[:, :, 0, -2:] = 0  # padded continuation
+    if seq_len // C > 1 and k > 1:
+        retrieved[0, 1, 1] = -1  # a missing neighbour
+    return seq, retrieved
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_perturbing_token_t_changes_no_earlier_logit(decoder):
+    model = make(decoder)
+    seq, retrieved = data(18)
+    with torch.no_grad():
+        base = model(seq, retrieved)
+        for t in range(seq.shape[1]):
+            changed = seq.clone()
+            changed[:, t] = (changed[:, t] + 7) % SMALL["num_tokens"]
+            logits = model(changed, retrieved)
+            assert maxdiff(logits[:, :t], base[:, :t]) <= 1e-12, t
+            assert (logits[:, t:] - base[:, t:]).abs().max() > 1e-6, t  # the change is visible from t on
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_neighbours_of_chunk_u_reach_only_tokens_from_its_last_token_on(decoder):
+    model = make(decoder)
+    seq, retrieved = data(18)
+    with torch.no_grad():
+        base = model(seq, retrieved)
+        for u in range(retrieved.shape[1]):
+            changed = retrieved.clone()
+            changed[:, u] = (changed[:, u] + 5) % (SMALL["num_tokens"] - 1) + 1
+            logits = model(seq, changed)
+            first_reader = u * C + C - 1  # the c-1 shift
+            assert maxdiff(logits[:, :first_reader], base[:, :first_reader]) <= 1e-12
+            assert (logits[:, first_reader] - base[:, first_reader]).abs().max() > 1e-6
+
+
+def test_retrieval_changes_logits_and_missing_neighbours_are_masked():
+    model = make()
+    seq, retrieved = data(16)
+    with torch.no_grad():
+        with_retrieval, without = model(seq, retrieved), model(seq)
+        # -1 (missing) and pad_id are the same thing; a fully missing neighbour's tokens do not matter
+        as_pad = retrieved.clone()
+        as_pad[as_pad == -1] = 0
+        assert torch.equal(model(seq, as_pad), with_retrieval)
+        other = retrieved.clone()
+        other[0, 1, 1] = 0
+        assert torch.equal(model(seq, other), with_retrieval)
+    assert (with_retrieval - without).abs().max() > 1e-3
+
+
+def test_three_dim_retrieved_is_one_neighbour_and_loss_works_in_eval_mode():
+    model = make()
+    seq, retrieved = data(17, k=1)
+    with torch.no_grad():
+        four = model(seq[:, :-1], retrieved)
+        three = model(seq[:, :-1], retrieved[:, :, 0])
+    assert torch.equal(four, three)
+    loss = model(seq, retrieved, return_loss=True)  # eval mode: no assertion (the seed requires train)
+    loss_without = model(seq, return_loss=True)  # the seed returns logits here
+    assert loss.dim() == 0 and loss_without.dim() == 0
+    padded = seq.clone()
+    padded[:, 10:] = 0
+    logits = model(padded[:, :-1], retrieved)
+    expected = torch.nn.functional.cross_entropy(logits[:, :9].reshape(-1, 64), padded[:, 1:10].reshape(-1))
+    assert torch.allclose(model(padded, retrieved, return_loss=True), expected)
+
+
+def test_heads_is_honoured():
+    model = make(heads=3)
+    attn = model.model.layers[0].self_attn
+    assert attn.heads == 3 and attn.to_q.weight.shape == (3 * 16, 32)
+
+
+def feed_incrementally(model, seq, retrieved, pieces):
+    """Feed ``seq`` in pieces of the given lengths, passing the neighbours of each chunk completed."""
+    cache, logits, start = None, [], 0
+    for length in pieces:
+        end = start + length
+        first, last = start // C, end // C  # chunks completed: first .. last-1
+        r = None if retrieved is None else retrieved[:, first:last]
+        if r is not None and length == 1 and last > first and cache is not None:
+            r = r[:, 0]  # (batch, k, 2c) form for a single chunk
+        out = model(input_ids=seq[:, start:end], retrieved=r, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+        start = end
+    assert isinstance(cache, RetroCache) and cache.position == seq.shape[1]
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("pieces", [[1] * 18, [6] + [1] * 7 + [5], [3, 9, 2, 4]])
+def test_incremental_logits_equal_full_forward(decoder, pieces):
+    model = make(decoder, dtype=torch.float32)
+    seq, retrieved = data(18)
+    with torch.no_grad():
+        full = model(seq, retrieved)
+        step = feed_incrementally(model, seq, retrieved, pieces)
+        full_off = model(seq)
+        step_off = feed_incrementally(model, seq, None, pieces)
+    assert (step - full).abs().max() <= 1e-5
+    assert (step_off - full_off).abs().max() <= 1e-5
+
+
+def test_retnet_decoder_cache_does_not_grow():
+    if not HAS_RETENTION:
+        pytest.skip("retlm.ops.retention absent")
+    model = make("retnet", dtype=torch.float32)
+    seq, retrieved = data(16)
+    with torch.no_grad():
+        out = model(input_ids=seq[:, :8], retrieved=retrieved[:, :2], use_cache=True)
+        sizes = [sum(t.numel() for t in state) for state in out.past_key_values.layers]
+        out = model(input_ids=seq[:, 8:9], past_key_values=out.past_key_values)
+    assert [sum(t.numel() for t in state) for state in out.past_key_values.layers] == sizes
+
+
+@pytest.mark.skipif(not HAS_RETENTION, reason="retlm.ops.retention absent")
+def test_retnet_decoder_modes_give_the_same_logits():
+    model = make("retnet", dtype=torch.float32)
+    seq, retrieved = data(18)
+    with torch.no_grad():
+        logits = {
+            mode: model(input_ids=seq, retrieved=retrieved, retnet_mode=mode).logits
+            for mode in ("parallel", "chunkwise", "recurrent")
+        }
+    for mode in ("chunkwise", "recurrent"):
+        assert (logits[mode] - logits["parallel"]).abs().max() <= 1e-5
+
+
+def test_bad_input_is_refused_with_the_expected_shape():
+    model = make()
+    seq, retrieved = data(16)
+    with pytest.raises(ValueError, match=r"\(batch=2, num_chunks=4, num_neighbours, 8\)"):
+        model(seq, retrieved[:, :3])
+    with pytest.raises(ValueError, match=r"num_chunks=3"):
+        model(seq[:, :-1], retrieved)  # 15 tokens complete only 3 chunks
+    with pytest.raises(ValueError, match="chunk_size=4"):
+        model(seq, retrieved[..., :3])
+    with pytest.raises(ValueError, match="max_seq_len=48"):
+        model(torch.ones(1, 49, dtype=torch.long))
+    out = model(input_ids=seq[:, :2], use_cache=True)
+    with pytest.raises(ValueError, match="num_chunks=0"):  # no chunk completes at positions 2..2
+        model(input_ids=seq[:, 2:3], retrieved=retrieved[:, 0], past_key_values=out.past_key_values)
+    for layers in [(0, 2), (5,)]:
+        with pytest.raises(ValueError, match=r"1\.\.4"):
+            RetroConfig(**{**SMALL, "dec_cross_attn_layers": layers})
+    with pytest.raises(ValueError, match="decoder"):
+        RetroConfig(**SMALL, decoder="lstm")
+    with pytest.raises(ValueError, match="right padding"):
+        model(input_ids=seq[:, :4], attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+
+
+def test_save_and_load_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = make(dtype=torch.float32)
+    seq, retrieved = data(18)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "retro"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), RetroConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, RetroForCausalLM)
+    with torch.no_grad():
+        expected = model(seq, retrieved)
+        assert torch.equal(loaded(input_ids=seq, retrieved=retrieved).logits, expected)
+        assert torch.equal(RETRO.from_pretrained(tmp_path).eval()(seq, retrieved), expected)
+    for change in [{"dec_dim": 48}, {"dec_cross_attn_layers": (1, 2, 4)}]:
+        with pytest.raises(ValueError, match="config"):
+            RetroForCausalLM.from_pretrained(tmp_path, config=RetroConfig(**{**SMALL, **change}))
+
+
+def test_seed_readme_usage_example_small_dims():
+    retro = RETRO(
+        chunk_size=8,  # README: 64
+        max_seq_len=64,  # 2048
+        enc_dim=32,  # 896
+        enc_depth=2,
+        dec_dim=24,  # 796
+        dec_depth=4,  # 12
+        dec_cross_attn_layers=(1, 2, 4),
+        heads=2,
+        dim_head=16,
+        dec_attn_dropout=0.25,
+        dec_ff_dropout=0.25,
+    )
+    seq = torch.randint(0, 20000, (2, 64 + 1))
+    retrieved = torch.randint(0, 20000, (2, 8, 2, 16))
+    loss = retro(seq, retrieved, return_loss=True)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert retro.to_logits.weight.grad is not None
+    assert retro.model.encoder.layers[0].self_attn.to_q.weight.grad.abs().sum() > 0

@@ -1,0 +1,134 @@
+"""`retlm train` and `retlm eval` on a real RetrievalDatabase (MiniLM tokenizer, tiny random embedder)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+from training_helpers import build_real_database, tiny_bert_embedder, tiny_model_config
+
+from retlm.cli.main import main
+from retlm.training import read_metrics
+
+TRAIN_FLAGS = ["--batch-size", "4", "--lr", "3e-3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    db = build_real_database(root / "db", tiny_bert_embedder(root / "embedder"))
+    return root, db
+
+
+@pytest.fixture(scope="module")
+def model_yaml(dbs):
+    root, _ = dbs
+    config = {k: v for k, v in tiny_model_config().items() if k not in ("num_tokens", "max_seq_len")}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(dbs, model_yaml):
+    root, db = dbs
+    out = root / "run"
+    code = main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out", str(out),
+                 "--max-steps", "6", "--eval-every", "3", "--save-every", "3", *TRAIN_FLAGS])
+    assert code == 0
+    return out
+
+
+def test_train_command_writes_a_run(run_dir):
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    run = json.loads((run_dir / "retlm_run.json").read_text())
+    assert run["status"] == "finished" and run["fixed"]["database"]["vocab_size"] == 30522
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
+    _, db = dbs
+    assert main(["eval", str(run_dir), "--db", str(db.path), "--no-progress",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    table = capsys.readouterr().out
+    assert "with retrieval" in table and "without retrieval" in table and "perplexity" in table
+    assert main(["eval", str(run_dir / "checkpoint-6"), "--db", str(db.path), "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((tmp_path / "eval.json").read_text()) | {"checkpoint": result["checkpoint"]}
+    assert result["split"] == "heldout" and result["tokens"] > 0 and result["bytes"] > result["tokens"]
+    for key in ("with_retrieval", "without_retrieval"):
+        assert 1.0 < result[key]["perplexity"] < 30522 and result[key]["bits_per_byte"] > 0
+
+
+def test_train_options_from_a_yaml_config_file(dbs, model_yaml, tmp_path, capsys):
+    _, db = dbs
+    options = tmp_path / "train.yaml"
+    options.write_text(yaml.safe_dump({"max-steps": 2, "batch_size": 4, "save_every": 0,
+                                       "no_progress": True}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(options), "--db", str(db.path), "--model-config", str(model_yaml),
+                 "--out", str(out)]) == 0
+    assert "trained 2/2 steps" in capsys.readouterr().out
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # the end is always saved
+    assert main(["train", "--config", str(options), "--db", str(db.path), "--model-config", str(model_yaml),
+                 "--out", str(out)]) == 0
+    assert "already finished (2 steps); nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minutes", "0"], "minutes (the time budget) must be positive, got 0.0"),
+    (["--schedule", "step"], "argument --schedule: invalid choice: 'step'"),
+    (["--max-steps", "-3"], "max_steps must be positive, got -3"),
+    (["--train-fraction", "1.5"], "train_fraction must be in (0, 1], got 1.5"),
+])
+def test_bad_train_usage_exits_2_without_traceback(dbs, tmp_path, capsys, flags, message):
+    _, db = dbs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--db", str(db.path), "--out", str(tmp_path / "run"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_database_and_checkpoint_are_usage_errors(tmp_path, capsys):
+    for argv in (["train", "--db", str(tmp_path / "nope"), "--out", str(tmp_path / "run")],
+                 ["eval", str(tmp_path / "nope"), "--db", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no retrieval database at" in err and "CHECKPOINT: no such file or folder" in err
+
+
+def test_failures_exit_1_with_one_line(dbs, run_dir, model_yaml, tmp_path, capsys):
+    root, db = dbs
+    (tmp_path / "file").write_text("")
+    code = main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out",
+                 str(tmp_path / "file"), "--max-steps", "1", *TRAIN_FLAGS])
+    err = capsys.readouterr().err
+    assert code == 1 and "exists and is not a directory" in err and len(err.strip().splitlines()) == 1
+
+    # a database built with another tokenizer (another embedder folder) is refused
+    other_embedder = tiny_bert_embedder(root / "other-embedder")
+    other = build_real_database(root / "other-db", other_embedder)
+    assert main(["eval", str(run_dir), "--db", str(other.path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and str(other_embedder) in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_out_dir_exits_1(dbs, model_yaml, tmp_path, capsys):
+    _, db = dbs
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out", str(out),
+                     "--max-steps", "1", *TRAIN_FLAGS]) == 1
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        out.chmod(0o700)
