@@ -96,6 +96,26 @@ def test_retrieval_changes_logits_and_missing_neighbours_are_masked():
     assert (with_retrieval - without).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_zero_init_cca_starts_as_the_decoder_alone_and_then_learns_to_use_neighbours(decoder):
+    torch.manual_seed(0)
+    model = RetroForCausalLM(RetroConfig(**SMALL, decoder=decoder, zero_init_cca=True)).double()
+    seq, retrieved = data(17)
+    with torch.no_grad():
+        assert maxdiff(model(seq[:, :16], retrieved=retrieved).logits, model(seq[:, :16]).logits) == 0.0
+    outs = [layer.cca.attn.to_out for layer in model.model.layers if layer.cca is not None]
+    assert len(outs) == 2 and all(not o.weight.any() and not o.bias.any() for o in outs)
+    # the zero projection still receives a gradient, so one optimizer step makes retrieval matter
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(seq[:, :16], retrieved=retrieved, labels=seq[:, :16]).loss.backward()
+    assert all(o.weight.grad.abs().max() > 1e-6 for o in outs)
+    optimizer.step()
+    with torch.no_grad():
+        assert maxdiff(model(seq[:, :16], retrieved=retrieved).logits, model(seq[:, :16]).logits) > 1e-4
+    # the default keeps retro-pytorch's initialisation: neighbours change the logits from the start
+    assert not RetroConfig(**SMALL).zero_init_cca
+
+
 def test_three_dim_retrieved_is_one_neighbour_and_loss_works_in_eval_mode():
     model = make()
     seq, retrieved = data(17, k=1)

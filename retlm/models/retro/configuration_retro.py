@@ -47,6 +47,9 @@ class RetroConfig(PretrainedConfig):
             (defaults: ``heads``, ``dec_dim``, ``2 * dec_dim``, torchscale's gammas).
         retnet_mode: default retention mode "parallel" | "chunkwise" | "recurrent" (same function).
         retnet_chunk_size: block length of the chunkwise mode (default ``chunk_size``).
+        zero_init_cca: start every chunked cross-attention with a zero output projection, so that a
+            freshly initialised RETRO computes exactly its decoder alone and retrieval is added only as
+            far as training finds it useful (as Flamingo's zero-initialised gates; retro-pytorch does not).
     """
 
     model_type = "retro"
@@ -93,6 +96,7 @@ class RetroConfig(PretrainedConfig):
         retnet_use_default_gamma: bool = True,
         retnet_mode: str = "parallel",
         retnet_chunk_size: int | None = None,
+        zero_init_cca: bool = False,
         decoder_type: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -158,6 +162,7 @@ class RetroConfig(PretrainedConfig):
         self.retnet_heads = retnet_heads or heads
         self.retnet_qk_dim = retnet_qk_dim or dec_dim
         self.retnet_v_dim = retnet_v_dim or 2 * dec_dim
+        self.zero_init_cca = bool(zero_init_cca)
         self.retnet_use_default_gamma = retnet_use_default_gamma
         self.retnet_mode = retnet_mode
         self.retnet_chunk_size = retnet_chunk_size or chunk_size

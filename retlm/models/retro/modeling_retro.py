@@ -243,6 +243,8 @@ class RetroDecoderLayer(nn.Module):
             else None
         )
         self.cca_norm = Residual(dim, config, scale) if has_cca else None
+        if self.cca is not None and config.zero_init_cca:
+            self.cca.attn.to_out.zero_init = True  # read by RetroPreTrainedModel._init_weights
         self.ff = feed_forward(dim, config, config.dec_ff_dropout)
         self.ff_norm = Residual(dim, config, scale)
 
@@ -311,6 +313,10 @@ class RetroPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
+        if getattr(module, "zero_init", False):  # see RetroConfig.zero_init_cca
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         if isinstance(module, ScaledL2Norm):
             init.ones_(module.gamma)
