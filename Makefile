@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 lint: install-test
-	$(VENV)/bin/ruff check retlm tests bench
+	$(VENV)/bin/ruff check retlm tests bench experiments
 
 test: install-test lint
 	$(VENV)/bin/pytest -m "not slow and not gpu" -q

@@ -114,6 +114,14 @@ def test_zero_init_cca_starts_as_the_decoder_alone_and_then_learns_to_use_neighb
         assert maxdiff(model(seq[:, :16], retrieved=retrieved).logits, model(seq[:, :16]).logits) > 1e-4
     # the default keeps retro-pytorch's initialisation: neighbours change the logits from the start
     assert not RetroConfig(**SMALL).zero_init_cca
+    # and the option changes nothing but the zeroed projections: the same seed gives every other weight
+    torch.manual_seed(0)
+    default = dict(RetroForCausalLM(RetroConfig(**SMALL, decoder=decoder)).double().named_parameters())
+    torch.manual_seed(0)
+    zeroed = RetroForCausalLM(RetroConfig(**SMALL, decoder=decoder, zero_init_cca=True))
+    zeroed = dict(zeroed.named_parameters())
+    differ = sorted(name for name in default if not torch.equal(default[name].float(), zeroed[name]))
+    assert differ == ["model.layers.1.cca.attn.to_out.weight", "model.layers.3.cca.attn.to_out.weight"]
 
 
 def test_three_dim_retrieved_is_one_neighbour_and_loss_works_in_eval_mode():

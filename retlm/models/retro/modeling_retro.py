@@ -313,11 +313,10 @@ class RetroPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
-        if getattr(module, "zero_init", False):  # see RetroConfig.zero_init_cca
-            init.zeros_(module.weight)
-            init.zeros_(module.bias)
-            return
         super()._init_weights(module)
+        if getattr(module, "zero_init", False):  # RetroConfig.zero_init_cca; drawn first, so that every
+            init.zeros_(module.weight)  # other weight is initialised exactly as without the option
+            init.zeros_(module.bias)
         if isinstance(module, ScaledL2Norm):
             init.ones_(module.gamma)
         if isinstance(module, GatedScaledL2Norm):
