@@ -17,7 +17,7 @@ retrieval switched off, and the control. Besides the perplexities it prints
 
 Every run resumes: re-running the command reuses the database, finished training runs and scores.
 
-    python experiments/retrieval_helps.py --work-dir /tmp/retrieval-helps --steps 400
+    python experiments/retrieval_helps.py --work-dir /tmp/retrieval-helps --steps 400 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -95,26 +95,8 @@ def bootstrap(diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, se
         np.quantile(means, 0.975))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, default=Path("retrieval-helps-work"))
-    parser.add_argument("--corpus", type=Path, default=None, help="a folder of text (default: bundled docs)")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--model-config", default="retro-tiny")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
-
-    work = args.work_dir
-    db = build_database(DemoOptions(work_dir=work, corpus=args.corpus, seq_len=args.seq_len,
-                                    progress=not args.quiet))
-    config = read_model_config(args.model_config)
-    retro_dir = train_variant(db, work, "retro", config, True, args)
-    control_dir = train_variant(db, work, "control", config, False, args)
-
+def score_pair(db: Any, retro_dir: Path, control_dir: Path) -> dict[str, Any]:
+    """Held-out scores of one (RETRO, control) pair trained from the same seed."""
     retro, control = load_model(retro_dir), load_model(control_dir)
     heldout = _select("heldout", _dataset(db, retro), db, retro.config.retlm_data)
     pad_id = int(db.pad_id)
@@ -128,8 +110,7 @@ def main() -> None:
         return math.exp(losses[scored].mean())
 
     report: dict[str, Any] = {
-        "steps": args.steps, "model_config": args.model_config, "heldout_sequences": len(heldout),
-        "heldout_tokens": int(tokens.sum()),
+        "heldout_sequences": len(heldout), "heldout_tokens": int(tokens.sum()),
         "perplexity": {"retro_with_retrieval": ppl(with_r), "retro_without_retrieval": ppl(without_r),
                        "control_trained_without_retrieval": ppl(ctrl)},
     }
@@ -142,9 +123,42 @@ def main() -> None:
         "copyable_tokens": int(copyable.sum()), "on_copyable": float(gain[copyable].mean()),
         "on_other": float(gain[scored & ~copyable].mean()),
     }
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("retrieval-helps-work"))
+    parser.add_argument("--corpus", type=Path, default=None, help="a folder of text (default: bundled docs)")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", default="0", help="comma-separated; one (RETRO, control) pair per seed")
+    parser.add_argument("--model-config", default="retro-tiny")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+
+    work = args.work_dir
+    db = build_database(DemoOptions(work_dir=work, corpus=args.corpus, seq_len=args.seq_len,
+                                    progress=not args.quiet))
+    config = read_model_config(args.model_config)
+    report: dict[str, Any] = {"steps": args.steps, "model_config": args.model_config, "seeds": {}}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        args.seed = seed
+        retro_dir = train_variant(db, work, f"retro-seed{seed}", config, True, args)
+        # the control never runs its CCA layers, so their init is moot; zero_init_cca only zeroes
+        # projections after drawing them, so every weight the control uses starts as the RETRO model's
+        control_dir = train_variant(db, work, f"control-seed{seed}", {**config, "zero_init_cca": False},
+                                    False, args)
+        report["seeds"][seed] = score_pair(db, retro_dir, control_dir)
+        print(json.dumps({seed: report["seeds"][seed]}, indent=2), flush=True)
+    diffs = [r["control_minus_retro_nats_per_token"]["mean"] for r in report["seeds"].values()]
+    report["control_minus_retro_nats_per_token_by_seed"] = diffs
+    report["retro_beats_control_in_seeds"] = f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
     out = work / "report.json"
     out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "seeds"}, indent=2))
 
 
 def _dataset(db: Any, model: Any) -> Any:
