@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from retlm.demo import DemoOptions, build_database
 from retlm.training import load_model, train
 from retlm.training.data import IGNORE_INDEX, RetroCollator
-from retlm.training.evaluate import _select
+from retlm.training.evaluate import select_split
 from retlm.training.trainer import read_model_config
 
 
@@ -60,7 +60,7 @@ def per_token_losses(model: torch.nn.Module, dataset: Any, pad_id: int, retrieva
         target = batch.pop("labels")
         logits = model(**batch).logits.float()
         loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-        losses.append(loss.numpy())
+        losses.append(loss.double().numpy())  # float64 sums: the summaries agree to rounding
         labels.append(target.numpy())
     return np.concatenate(losses), np.concatenate(labels)
 
@@ -98,7 +98,7 @@ def bootstrap(diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, se
 def score_pair(db: Any, retro_dir: Path, control_dir: Path) -> dict[str, Any]:
     """Held-out scores of one (RETRO, control) pair trained from the same seed."""
     retro, control = load_model(retro_dir), load_model(control_dir)
-    heldout = _select("heldout", _dataset(db, retro), db, retro.config.retlm_data)
+    heldout = select_split("heldout", _dataset(db, retro), db, retro.config.retlm_data)
     pad_id = int(db.pad_id)
     with_r, labels = per_token_losses(retro, heldout, pad_id, retrieval=True)
     without_r, _ = per_token_losses(retro, heldout, pad_id, retrieval=False)
@@ -126,7 +126,7 @@ def score_pair(db: Any, retro_dir: Path, control_dir: Path) -> dict[str, Any]:
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path("retrieval-helps-work"))
     parser.add_argument("--corpus", type=Path, default=None, help="a folder of text (default: bundled docs)")
@@ -136,12 +136,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = args.work_dir
     db = build_database(DemoOptions(work_dir=work, corpus=args.corpus, seq_len=args.seq_len,
-                                    progress=not args.quiet))
+                                    chunk_size=args.chunk_size, progress=not args.quiet))
     config = read_model_config(args.model_config)
     report: dict[str, Any] = {"steps": args.steps, "model_config": args.model_config, "seeds": {}}
     for seed in (int(s) for s in args.seeds.split(",")):

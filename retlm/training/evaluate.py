@@ -165,8 +165,9 @@ def _tokenizer_of(db: Any) -> Any:
     return AutoTokenizer.from_pretrained(str(tokenizer))
 
 
-def _select(split: str, dataset: Dataset, db: Any, trained: dict[str, Any]) -> SplitSequences:
-    """The sequences of ``split``."""
+def select_split(split: str, dataset: Dataset, db: Any, trained: dict[str, Any]) -> SplitSequences:
+    """The sequences of ``split`` ("heldout", "train" or "all"), by the document split recorded in a trained
+    model's ``config.retlm_data`` (``trained``)."""
     if split == "all":
         return SplitSequences(dataset, db, np.arange(len(dataset)))
     recorded = trained.get("split")
@@ -211,7 +212,7 @@ def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_s
     model.to(device)
 
     dataset = RETRODataset.from_database(db, seq_len=trained.get("seq_len"))
-    chosen = spread_subset(_select(split, dataset, db, trained), max_sequences)
+    chosen = spread_subset(select_split(split, dataset, db, trained), max_sequences)
     n_docs = len(np.unique(sequence_doc_ids(db)[chosen.indices]))
     result = compare_retrieval(model, chosen, pad_id=int(db.pad_id), tokenizer=_tokenizer_of(db),
                                batch_size=batch_size, device=device, autocast=autocast_for(precision, device),
