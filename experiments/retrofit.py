@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="default: WORK_DIR/retrofit-seed{N}.json")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     copyable = copyable_mask(heldout, int(db.chunk_size)) & scored
     gain = control - real
     report: dict[str, Any] = {
-        "seed": args.seed, "steps": args.steps, "minutes": round(minutes, 1),
+        "seed": args.seed, "steps": args.steps, "lr": args.lr, "minutes": round(minutes, 1),
         "first_and_last_50_training_losses": [float(np.mean(losses[:50])), float(np.mean(losses[-50:]))],
         "heldout_sequences": len(heldout), "heldout_tokens": int(tokens.sum()),
         "perplexity": {"retrofitted_real_neighbours": ppl(real), "retrofitted_other_neighbours": ppl(other),
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, losses_ in (("control_minus_real", control), ("other_minus_real", other)):
         mean, low, high = bootstrap(((losses_ - real) * scored).sum(1), tokens)
         report[f"{name}_nats_per_token"] = {"mean": mean, "ci95": [low, high]}
-    out = args.work_dir / f"retrofit-seed{args.seed}.json"
+    out = args.out or args.work_dir / f"retrofit-seed{args.seed}.json"
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
