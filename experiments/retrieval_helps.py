@@ -98,7 +98,7 @@ def bootstrap(diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, se
 def score_pair(db: Any, retro_dir: Path, control_dir: Path) -> dict[str, Any]:
     """Held-out scores of one (RETRO, control) pair trained from the same seed."""
     retro, control = load_model(retro_dir), load_model(control_dir)
-    heldout = select_split("heldout", _dataset(db, retro), db, retro.config.retlm_data)
+    heldout = select_split("heldout", database_sequences(db, retro), db, retro.config.retlm_data)
     pad_id = int(db.pad_id)
     with_r, labels = per_token_losses(retro, heldout, pad_id, retrieval=True)
     without_r, _ = per_token_losses(retro, heldout, pad_id, retrieval=False)
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "seeds"}, indent=2))
 
 
-def _dataset(db: Any, model: Any) -> Any:
+def database_sequences(db: Any, model: Any) -> Any:
+    """Every sequence of ``db`` at the length ``model`` was trained with, as ``(seq, retrieved)`` items."""
     from retlm.data import RETRODataset
 
     return RETRODataset.from_database(db, seq_len=model.config.retlm_data["seq_len"])

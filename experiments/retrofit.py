@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from retrieval_helps import _dataset, bootstrap, copyable_mask, per_token_losses
+from retrieval_helps import bootstrap, copyable_mask, database_sequences, per_token_losses
 from torch.utils.data import DataLoader, Dataset
 from transformers import get_cosine_schedule_with_warmup
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     db = RetrievalDatabase.open(args.work_dir / "db")
     model = load_model(args.work_dir / f"control-seed{args.seed}" / "model")
     trained = model.config.retlm_data
-    dataset = _dataset(db, model)
+    dataset = database_sequences(db, model)
     split = DocumentSplit.make(db.doc_ids, trained["split"]["train_fraction"], trained["split"]["seed"])
     train_set, _ = split_datasets(dataset, db, split, hide_heldout=True)
     heldout = select_split("heldout", dataset, db, trained)
