@@ -3,8 +3,9 @@
 Trains, on the demo's database (the bundled Python documentation, or ``--corpus DIR``), for the same
 number of steps from the same seed and data order:
 
-- ``retro``: RETRO with a RetNet decoder, trained with retrieval (``--model-config``, default retro-tiny);
-- ``control``: the same model trained with no retrieval at all.
+- ``retro-seed{N}``: RETRO with a RetNet decoder, trained with retrieval (``--model-config``, default
+  retro-tiny);
+- ``control-seed{N}``: the same model trained with no retrieval at all.
 
 and scores every held-out sequence three ways: the RETRO weights with retrieval, the same weights with
 retrieval switched off, and the control. Besides the perplexities it prints
@@ -15,7 +16,7 @@ retrieval switched off, and the control. Besides the perplexities it prints
   target occurs in a neighbour, or its continuation, that the token may read) against the other
   tokens: if the model reads its neighbours, the gain concentrates on the copyable ones.
 
-Every run resumes: re-running the command reuses the database, finished training runs and scores.
+Re-running the command reuses the database and finished training runs (the scores are recomputed).
 
     python experiments/retrieval_helps.py --work-dir /tmp/retrieval-helps --steps 400 --seeds 0,1,2
 """
@@ -30,12 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from retlm.demo import DemoOptions, build_database
 from retlm.training import load_model, train
 from retlm.training.data import IGNORE_INDEX, RetroCollator
-from retlm.training.evaluate import select_split
+from retlm.training.evaluate import causal_lm_loss, select_split
 from retlm.training.trainer import read_model_config
 
 
@@ -58,8 +58,7 @@ def per_token_losses(model: torch.nn.Module, dataset: Any, pad_id: int, retrieva
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         target = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+        loss = causal_lm_loss(model(**batch).logits, target, reduction="none").view(target.shape)
         losses.append(loss.double().numpy())  # float64 sums: the summaries agree to rounding
         labels.append(target.numpy())
     return np.concatenate(losses), np.concatenate(labels)
