@@ -1,4 +1,5 @@
-"""`retlm train` and `retlm eval` on a real RetrievalDatabase (MiniLM tokenizer, tiny random embedder)."""
+"""`retlm train` and `retlm eval` on a real RetrievalDatabase (GPT-2 tokens, tiny random embedder), and on
+one built the seed's way (`--tokenizer bert`)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,21 @@ def test_train_command_writes_a_run(run_dir):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     run = json.loads((run_dir / "retlm_run.json").read_text())
-    assert run["status"] == "finished" and run["fixed"]["database"]["vocab_size"] == 30522
+    assert run["status"] == "finished" and run["fixed"]["database"]["vocab_size"] == 50257
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_every_model_folder_holds_its_tokenizer(run_dir):
+    from transformers import AutoTokenizer, pipeline
+
+    import retlm.models.retro  # noqa: F401  (registers RETRO with the Auto classes)
+
+    for folder in (run_dir / "model", run_dir / "checkpoint-6"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    generator = pipeline("text-generation", str(run_dir / "model"), device="cpu")
+    out = generator("The with statement", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert out.startswith("The with statement") and len(out) > len("The with statement")
 
 
 def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
@@ -61,7 +75,7 @@ def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
     assert result == json.loads((tmp_path / "eval.json").read_text()) | {"checkpoint": result["checkpoint"]}
     assert result["split"] == "heldout" and result["tokens"] > 0 and result["bytes"] > result["tokens"]
     for key in ("with_retrieval", "without_retrieval"):
-        assert 1.0 < result[key]["perplexity"] < 30522 and result[key]["bits_per_byte"] > 0
+        assert 1.0 < result[key]["perplexity"] < 50257 and result[key]["bits_per_byte"] > 0
 
 
 def test_train_options_from_a_yaml_config_file(dbs, model_yaml, tmp_path, capsys):
@@ -112,12 +126,34 @@ def test_failures_exit_1_with_one_line(dbs, run_dir, model_yaml, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 1 and "exists and is not a directory" in err and len(err.strip().splitlines()) == 1
 
-    # a database built with another tokenizer (another embedder folder) is refused
-    other_embedder = tiny_bert_embedder(root / "other-embedder")
-    other = build_real_database(root / "other-db", other_embedder)
-    assert main(["eval", str(run_dir), "--db", str(other.path), "--no-progress"]) == 1
+    # a database built with another LM tokenizer (the seed's WordPiece) is refused
+    assert main(["eval", str(run_dir), "--db", str(bert_db(root).path), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "tokenizer mismatch" in err and str(other_embedder) in err and "Traceback" not in err
+    assert "tokenizer mismatch: the model was trained with tokenizer 'gpt2' but the database uses 'bert'" \
+        in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def bert_db(root):
+    path = root / "bert-db"
+    if (path / "manifest.json").is_file():
+        from retlm import RetrievalDatabase
+
+        return RetrievalDatabase.open(path)
+    return build_real_database(path, tiny_bert_embedder(root / "embedder"), tokenizer="bert")
+
+
+def test_a_bert_database_still_trains_and_evaluates(dbs, model_yaml, capsys):
+    root, _ = dbs
+    db = bert_db(root)
+    assert (db.pad_id, db.eos_id, db.manifest["tokenizer"]["vocab_size"]) == (0, 102, 30522)
+    out = root / "bert-run"
+    assert main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out", str(out),
+                 "--max-steps", "2", *TRAIN_FLAGS]) == 0
+    assert "trained 2/2 steps" in capsys.readouterr().out
+    assert main(["eval", str(out), "--db", str(db.path), "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 1.0 < result["with_retrieval"]["perplexity"] < 30522 and result["bytes"] > result["tokens"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
