@@ -396,7 +396,8 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
     if args.should_save:
         _start_run_files(out_dir, resume_from, {
             "version": 1, "status": "running", "fixed": fixed, "max_steps": plan.steps,
-            "max_steps_cap": plan.cap, "max_steps_source": plan.source,
+            "max_steps_first_plan": (previous or {}).get("max_steps_first_plan", plan.steps) if resume_from
+            else plan.steps, "max_steps_cap": plan.cap, "max_steps_source": plan.source,
             "options": {**asdict(opts), "precision": precision},
             "database_path": str(getattr(db, "path", "")), "split": split.to_json(),
             "train_sequences": len(train_set), "heldout_sequences": len(heldout_set)})
@@ -510,7 +511,7 @@ class StepsPlan:
     save_s: float = 0.0
 
 
-PLAN_CAP_FACTOR = 4  # a time-budgeted run may end up with up to 4x the steps its first timing planned
+PLAN_CAP_FACTOR = 16  # a time-budgeted run may end up with up to 16x the steps its first timing planned
 
 
 def _choose_max_steps(opts: TrainOptions, args: TrainingArguments, previous: dict | None,
