@@ -113,14 +113,18 @@ class PlannedSchedule:
 class StepPlanner(TrainerCallback):
     """Re-plans the number of steps of a time-budgeted run from the steps it has actually made.
 
-    Before every optimizer step (after the first one, which pays one-off costs), the seconds per step so
-    far, evaluations and checkpoints included, give how many more steps fit in what is left of the
-    budget once the final evaluation and checkpoint are paid for (their last measured durations; before
-    any, the estimates it was given). That total becomes ``state.max_steps`` (where HF's Trainer stops)
-    and the length of the learning-rate schedule (``PlannedSchedule``), so the run ends on its budget
-    with its schedule complete. It never plans fewer steps than one more, nor more than ``cap`` (the
-    ``max_steps`` the Trainer was built with). ``RunClock`` still stops the run at the budget, whatever
-    the plan.
+    At the end of every optimizer step, the seconds per step measured so far (from the end of this
+    process's first step, which pays one-off costs; evaluations and checkpoints included) give how many
+    more steps fit in what is left of the budget once the final evaluation and checkpoint are paid for
+    (their last measured durations; before any, the estimates it was given). After the first step,
+    with nothing measured yet, that step's own duration stands in. The total becomes
+    ``state.max_steps``, where HF's Trainer stops, and the length of the learning-rate schedule
+    (``PlannedSchedule``), so the run ends on its budget with its schedule complete. It never plans
+    more than ``cap`` steps (the ``max_steps`` the Trainer was built with). ``RunClock`` still stops the
+    run at the budget, whatever the plan.
+
+    It must run before HF's ``DefaultFlowCallback``, which stops training when ``state.max_steps`` is
+    reached: ``train`` puts it first in the callback list.
     """
 
     def __init__(self, clock: RunClock, schedule: PlannedSchedule, cap: int, *, eval_s: float = 0.0,
@@ -129,33 +133,30 @@ class StepPlanner(TrainerCallback):
             raise ValueError("the step planner needs a time budget")
         self.clock, self.schedule, self.cap = clock, schedule, int(cap)
         self.eval_s, self.save_s, self.evaluates = float(eval_s), float(save_s), evaluates
-        self.start, self.base = 0, None
+        self.start, self.started_at, self.base = 0, 0.0, None
         self.mark = 0.0
         self.replans = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         state.max_steps = min(self.schedule.total, self.cap)  # restored with the scheduler on resume
         self.start, self.base = state.global_step, None
-        self.mark = self.clock.elapsed()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        now, step = self.clock.elapsed(), state.global_step
-        if step <= self.start:
-            return
-        if self.base is None:  # measure from the end of this process's first step (one-off costs)
-            self.base = (step, now)
-            return
-        per_step = (now - self.base[1]) / (step - self.base[0])
-        reserve = (self.eval_s if self.evaluates else 0.0) + 1.5 * self.save_s  # last eval, checkpoint, model
-        more = math.floor(max(0.0, self.clock.budget_s - now - reserve) / max(per_step, 1e-9))
-        total = all_ranks_min(min(self.cap, max(step + 1, step + more)), args.device)
-        if total != self.schedule.total:
-            self.replans += 1
-        self.schedule.total = total
-        state.max_steps = total
+        self.started_at = self.mark = self.clock.elapsed()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.mark = self.clock.elapsed()
+        now, step = self.clock.elapsed(), state.global_step
+        if self.base is None:  # this process's first step: measure from its end on
+            self.base = (step, now)
+            per_step = (now - self.started_at) / max(1, step - self.start)
+        else:
+            per_step = (now - self.base[1]) / max(1, step - self.base[0])
+        self.mark = now
+        reserve = (self.eval_s if self.evaluates else 0.0) + 1.5 * self.save_s  # last eval, checkpoint, model
+        more = math.floor(max(0.0, self.clock.budget_s - now - reserve) / max(per_step, 1e-9))
+        total = all_ranks_min(min(self.cap, step + more), args.device)
+        if total != self.schedule.total:
+            self.replans += 1
+        self.schedule.total = max(total, step)
+        state.max_steps = max(total, step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         runtime = (metrics or {}).get("eval_runtime")

@@ -404,13 +404,13 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
     _barrier()
 
     clock = RunClock(opts.budget_s, elapsed_before)
-    callbacks: list[Any] = [clock]
-    schedule = None
+    callbacks: list[Any] = [clock, JsonlMetrics(out_dir / ckpt.METRICS_FILE, clock)]
+    callbacks += [ProgressBar()] * opts.progress
+    schedule = planner = None
     if plan.source == "time_budget":
         schedule = PlannedSchedule(opts.schedule, opts.warmup, plan.steps)
-        callbacks.append(StepPlanner(clock, schedule, plan.cap, eval_s=plan.eval_s, save_s=plan.save_s,
-                                     evaluates=args.eval_strategy != "no"))
-    callbacks += [JsonlMetrics(out_dir / ckpt.METRICS_FILE, clock)] + ([ProgressBar()] * opts.progress)
+        planner = StepPlanner(clock, schedule, plan.cap, eval_s=plan.eval_s, save_s=plan.save_s,
+                              evaluates=args.eval_strategy != "no")
     variants = {"": True, "_no_retrieval": False} if opts.retrieval else {"": False}
     tokenizer = getattr(db, "tokenizer", None)
     trainer = RetroTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
@@ -419,6 +419,8 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
                            processing_class=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if planner is not None:  # before DefaultFlowCallback, which stops at state.max_steps
+        trainer.callback_handler.callbacks.insert(0, planner)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     stopped_by_budget = clock.stopped_by_budget or plan.source == "time_budget"
@@ -535,8 +537,10 @@ def _choose_max_steps(opts: TrainOptions, args: TrainingArguments, previous: dic
     eval_batches = 0 if eval_set is None else math.ceil(len(eval_set) / args.world_size / opts.batch_size)
     steps = _max_steps_for_budget(opts.budget_s, per_step, per_forward, eval_batches=eval_batches,
                                   eval_every=opts.eval_every, save_every=opts.save_every)
-    return StepsPlan(steps, "time_budget", max(PLAN_CAP_FACTOR * steps, steps + 16),
-                     eval_s=eval_batches * 2 * per_forward, save_s=2 * per_step)
+    # the planner reserves the final evaluation (estimated from the probe until one is measured) and the
+    # final checkpoint (once one is measured: a save's cost is not what a training step's is)
+    eval_s = eval_batches * 2 * per_forward if opts.eval_every else 0.0
+    return StepsPlan(steps, "time_budget", max(PLAN_CAP_FACTOR * steps, steps + 16), eval_s=eval_s)
 
 
 def _already_finished(opts: TrainOptions, plan: StepsPlan, previous: dict | None, checkpoint: Path,
