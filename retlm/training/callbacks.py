@@ -86,20 +86,20 @@ def all_ranks_min(value: int, device: torch.device) -> int:
 
 class PlannedSchedule:
     """The learning-rate multiplier of a run whose length may change while it trains: linear warmup, then
-    cosine, linear or constant over ``total`` steps (HF ``get_scheduler``'s formulas). ``warmup`` is a
-    step count, or a fraction of ``total`` below 1. Used by ``LambdaLR``, which saves and restores this
-    object's attributes with the scheduler's state, so a resumed run continues the same schedule."""
+    cosine, linear or constant decay until ``total`` steps (HF ``get_scheduler``'s formulas). ``warmup``
+    is a step count, or a fraction of the first ``total`` below 1; the warmup length is fixed then, so a
+    re-plan moves the end of the decay, never the warmup already done. Used by ``LambdaLR``, which saves
+    and restores this object's attributes with the scheduler's state, so a resumed run continues the
+    same schedule."""
 
     def __init__(self, kind: str, warmup: float, total: int):
         if kind not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown schedule {kind!r}")
-        self.kind, self.warmup, self.total = kind, float(warmup), int(total)
-
-    def warmup_steps(self) -> int:
-        return math.ceil(self.warmup * self.total) if self.warmup < 1 else int(self.warmup)
+        self.kind, self.total = kind, int(total)
+        self.warmup = math.ceil(warmup * total) if warmup < 1 else int(warmup)
 
     def __call__(self, step: int) -> float:
-        warmup = self.warmup_steps()
+        warmup = self.warmup
         if step < warmup:
             return step / max(1, warmup)
         if self.kind == "constant":
