@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import yaml
 from training_helpers import build_real_database, tiny_bert_embedder, tiny_model_config
@@ -168,3 +169,30 @@ def test_read_only_out_dir_exits_1(dbs, model_yaml, tmp_path, capsys):
         assert "is not writable" in capsys.readouterr().err
     finally:
         out.chmod(0o700)
+
+
+def test_generate_command_shows_each_neighbour_under_its_document(dbs, run_dir, capsys):
+    _, db = dbs
+    assert main(["generate", str(run_dir), "--db", str(db.path), "The with statement", "--max-new-tokens",
+                 "20", "--show-neighbours"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The with statement")
+    assert "chunk 0: (generated)" in out and "chunk 1: (generated)" in out
+    assert "  neighbour 1: doc-" in out and "(score " in out and "\n    | " in out
+
+
+def test_generate_text_can_exclude_the_prompts_document(dbs, run_dir):
+    from retlm.generation import generate_text
+    from retlm.training import load_model
+
+    _, db = dbs
+    model = load_model(run_dir)
+    doc = 5
+    first = int(np.flatnonzero(np.asarray(db.doc_ids) == doc)[0])
+    prompt = db.chunk_text(first) + db.chunk_text(first + 1)  # two chunks of document 5
+    free = generate_text(model, db, prompt, max_new_tokens=8, seed=0)
+    assert any(n.doc_id == doc for _, ns in free.chunks for n in ns)  # it finds its own text
+    excluded = generate_text(model, db, prompt, max_new_tokens=8, seed=0, exclude_doc_id=doc)
+    neighbours = [n for _, ns in excluded.chunks for n in ns]
+    assert neighbours and all(n.doc_id != doc and n.doc_name == db.doc_name(n.doc_id) for n in neighbours)
+    assert excluded.prompt_chunks == 2 and excluded.text.startswith(prompt)

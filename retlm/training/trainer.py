@@ -380,6 +380,10 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
 
     config.retlm_data = {**ckpt.database_signature(db), "seq_len": seq_len, "retrieval": opts.retrieval,
                          "split": split.to_json()}
+    tokenizer = getattr(db, "tokenizer", None)
+    for name in ("eos_token_id", "bos_token_id"):  # as HF Trainer would align them to the tokenizer
+        if getattr(tokenizer, name, None) is not None:
+            setattr(config, name, int(getattr(tokenizer, name)))
     set_seed(opts.seed)
     model = AutoModelForCausalLM.from_config(config)
     eos_id = None if getattr(db, "eos_id", None) is None else int(db.eos_id)
@@ -412,7 +416,6 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
         planner = StepPlanner(clock, schedule, plan.cap, eval_s=plan.eval_s, save_s=plan.save_s,
                               evaluates=args.eval_strategy != "no")
     variants = {"": True, "_no_retrieval": False} if opts.retrieval else {"": False}
-    tokenizer = getattr(db, "tokenizer", None)
     trainer = RetroTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                            data_collator=collate, callbacks=callbacks, pad_id=int(db.pad_id),
                            eval_variants=variants, eos_id=eos_id, schedule=schedule,
