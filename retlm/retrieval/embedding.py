@@ -32,7 +32,6 @@ from retlm.retrieval._storage import ResumableRows, is_complete
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
 POOLINGS = ("mean", "cls")
-EMBEDDER_INPUTS = ("text", "tokens")
 WIDTH_STEP = 16  # text rows are padded to a multiple of this
 
 
