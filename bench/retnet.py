@@ -30,6 +30,7 @@ from _memory import proc_status_bytes, release_free_memory, reset_peak_rss
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from retlm import RetNetConfig, RetNetForCausalLM
+from retlm.compat import cache_kwargs, output_cache
 from retlm.ops.retention import decay_gammas, retention
 
 MiB = 2**20
@@ -180,12 +181,10 @@ def bench_train(model: RetNetForCausalLM, lengths: list[int], chunk_size: int, r
 def prefill(model, prompt: torch.Tensor, is_retnet: bool, chunk: int = 1024):
     """Run the prompt and return the cache (RetNet: one chunkwise call; Llama: 1k-token pieces)."""
     if is_retnet:
-        return model(
-            input_ids=prompt, forward_impl="chunkwise", chunk_size=256, use_cache=True
-        ).past_key_values
+        return output_cache(model(input_ids=prompt, forward_impl="chunkwise", chunk_size=256, use_cache=True))
     cache = DynamicCache()
     for start in range(0, prompt.shape[1], chunk):
-        model(input_ids=prompt[:, start : start + chunk], past_key_values=cache, use_cache=True)
+        model(input_ids=prompt[:, start : start + chunk], use_cache=True, **cache_kwargs(cache))
     return cache
 
 
@@ -195,8 +194,8 @@ def decode(model, cache, token: torch.Tensor, steps: int, is_retnet: bool) -> fl
     extra = {"forward_impl": "recurrent"} if is_retnet else {}
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
-        cache = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **cache_kwargs(cache), **extra)
+        cache = output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 

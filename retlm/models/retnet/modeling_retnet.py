@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
 from retlm.layers.retention import MultiScaleRetention, RetentionState
@@ -200,20 +200,22 @@ class RetNetModel(RetNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> BaseModelOutputWithCache | tuple:
         """
         Args:
             input_ids: ``(batch, seq)`` token ids, or give ``inputs_embeds (batch, seq, hidden)`` instead.
             attention_mask: ``(batch, seq)`` or ``(batch, past + seq)`` (generate's growing mask), 1 = token,
                 0 = padding. Padding belongs on the left of a prompt; rows then start at position 0 at
                 their first real token, exactly as if run alone.
-            past_key_values: a :class:`RetNetCache` from an earlier call; it is updated in place.
+            past_key_values: a :class:`RetNetCache` from an earlier call; it is updated in place. It may be
+                passed as ``cache=`` instead (transformers >= 5.24's name).
             use_cache: return the cache (default ``config.use_cache``).
             forward_impl: "parallel" | "chunkwise" | "recurrent" (default ``config.forward_impl``).
             chunk_size: block length of the chunkwise mode (default ``config.chunk_size``).
             sequence_offset: absolute position of the first token when no cache is given (the seed's
                 argument); with a cache it must equal the number of tokens the cache has seen.
         """
+        past_key_values = resolve_cache(past_key_values, kwargs)
         mode, chunk_size = self.resolve_mode(forward_impl, chunk_size)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = (
@@ -263,10 +265,10 @@ class RetNetModel(RetNetPreTrainedModel):
         if use_cache:
             cache.advance(offsets + seq_len, seq_len)
 
-        out = BaseModelOutputWithPast(
+        out = BaseModelOutputWithCache(
             last_hidden_state=hidden,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **cache_kwargs(cache if use_cache else None),
         )
         return out if return_dict else out.to_tuple()
 
@@ -321,10 +323,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> CausalLMOutputWithCache | tuple:
         """Arguments of :meth:`RetNetModel.forward`, plus ``labels (batch, seq)`` (-100 = ignored; shifted
         inside, as in every HF causal LM) and ``logits_to_keep`` (only the last n positions' logits)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        past_key_values = resolve_cache(past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -344,11 +347,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        out = CausalLMOutputWithPast(
+        out = CausalLMOutputWithCache(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **cache_kwargs(outputs.past_key_values),
         )
         return out if return_dict else out.to_tuple()
 
@@ -359,6 +362,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool = True,
+        cache: RetNetCache | None = None,
         parallel_compute_prompt: bool = True,
         forward_impl: str | None = None,
         chunk_size: int | None = None,
@@ -368,7 +372,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     ) -> dict:
         """Feed only the tokens the cache has not seen. The prompt runs in ``forward_impl`` (default:
         chunkwise if the config says so, else parallel), or recurrently when
-        ``parallel_compute_prompt=False`` (the seed's switch); every later step runs recurrently."""
+        ``parallel_compute_prompt=False`` (the seed's switch); every later step runs recurrently.
+        ``generate`` hands the cache over as ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+        past_key_values = resolve_cache(past_key_values, {"cache": cache})
         seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if seen > 0:
             mode = "recurrent"
@@ -379,8 +385,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             mode = forward_impl or default
         inputs = {
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
             "use_cache": use_cache,
+            **cache_kwargs(past_key_values),
             "forward_impl": mode,
             "chunk_size": chunk_size,
         }
