@@ -146,31 +146,56 @@ class MultiScaleRetention(nn.Module):
             q, k = q * scale, k / scale
         return q, k
 
-    def rotate_step(
-        self, q: Tensor, k: Tensor, position_offset: int | Tensor, constants: StepConstants
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`rotate` for one token ``(batch, heads, 1, key_dim)``, bit for bit: the same float64 angles
-        and products, with cos/sin built directly in the interleaved layout. With pairs (x0, x1) and
-        angle a, x0' = x0 cos a + x1 (-sin a) and x1' = x1 cos a + x0 sin a."""
+    def step_tables(
+        self, position_offset: int | Tensor, device: torch.device, dtype: torch.dtype, memo: dict | None
+    ) -> StepTables:
+        """The position-dependent tables of one decoding step (rotation, normaliser, xpos magnitude) for
+        compute dtype ``dtype``. They depend only on the position and this layer's constants, so every
+        layer of a model computes the same ones: ``memo``, a dict that lives for one forward call, lets
+        the first layer build them and the others reuse them."""
+        key = (self.num_heads, self.key_dim, self.use_default_gamma, self.position_encoding,
+               self.rotary_base, self.xpos_scale_base, device, dtype)  # fmt: skip
+        if memo is not None and key in memo:
+            return memo[key]
+        constants = self.step_constants(device, dtype)
         positions = position_offset
         if isinstance(position_offset, Tensor):  # per row: (batch,) -> (batch, 1, 1, 1)
-            positions = position_offset.to(q.device, torch.float64)[:, None, None, None]
+            positions = position_offset.to(device, torch.float64)[:, None, None, None]
+        # rotate()'s float64 angles and products, with cos/sin built directly in the interleaved layout:
+        # with pairs (x0, x1) and angle a, x0' = x0 cos a + x1 (-sin a) and x1' = x1 cos a + x0 sin a.
         angles = positions * constants.inv_freq_pairs
-        cos = angles.cos().to(q.dtype)
-        signed_sin = (angles.sin() * constants.pair_sign).to(q.dtype)
-        q = q * cos + swap_pairs(q) * signed_sin
-        k = k * cos + swap_pairs(k) * signed_sin
+        xpos = None
         if self.position_encoding == "xpos":
-            scale = xpos_scale(
-                absolute_positions(position_offset, 1, q.device), self.key_dim, self.xpos_scale_base, q.dtype
-            )
-            q, k = q * scale, k / scale
+            xpos = xpos_scale(absolute_positions(position_offset, 1, device), self.key_dim,
+                              self.xpos_scale_base, dtype)  # fmt: skip
+        if isinstance(position_offset, Tensor):  # (batch,) -> (batch, 1, 1) against (heads, 1)
+            n = position_offset.to(device).clamp(min=0).to(torch.float64)[:, None, None]
+        else:
+            n = max(position_offset, 0)
+        decay = constants.decay
+        tables = StepTables(
+            cos=angles.cos().to(dtype),
+            signed_sin=(angles.sin() * constants.pair_sign).to(dtype),
+            inverse=retention_ops.inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(dtype),
+            xpos=xpos,
+        )
+        if memo is not None:
+            memo[key] = tables
+        return tables
+
+    def rotate_step(self, q: Tensor, k: Tensor, tables: StepTables) -> tuple[Tensor, Tensor]:
+        """:meth:`rotate` for one token ``(batch, heads, 1, key_dim)``, bit for bit."""
+        q = q * tables.cos + swap_pairs(q) * tables.signed_sin
+        k = k * tables.cos + swap_pairs(k) * tables.signed_sin
+        if tables.xpos is not None:
+            q, k = q * tables.xpos, k / tables.xpos
         return q, k
 
     def head_norm(self, x: Tensor) -> Tensor:
         """RMSNorm over each head's values, in float32 (float64 stays float64), no affine weight."""
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.norm_eps).to(x.dtype)
+        if x.dtype in (torch.float32, torch.float64):  # no casts: a no-op .to() still costs a dispatch
+            return F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.norm_eps).to(x.dtype)
 
     def forward(
         self,
@@ -181,6 +206,7 @@ class MultiScaleRetention(nn.Module):
         mode: str = "parallel",
         chunk_size: int | None = None,
         return_state: bool = False,
+        step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState | None]:
         """
         Args:
@@ -194,13 +220,17 @@ class MultiScaleRetention(nn.Module):
             mode: "parallel", "chunkwise" or "recurrent"; all compute the same function.
             chunk_size: block length for "chunkwise".
             return_state: also return the state after the last token.
+            step_memo: a dict shared by the layers of one model call; one-token recurrent steps keep
+                their position tables there (see :meth:`step_tables`).
 
         Returns:
             ``(output (batch, seq, hidden_size), new_state or None)``.
         """
         seq_len = hidden_states.shape[1]
         if mode == "recurrent" and seq_len == 1:
-            out, new_state = self.decode_step(hidden_states, position_offset, attention_mask, state)
+            out, new_state = self.decode_step(
+                hidden_states, position_offset, attention_mask, state, step_memo
+            )
             return out, (new_state if return_state else None)
         log_gamma, inv_freq = self.constants(hidden_states.device)
 
@@ -240,14 +270,15 @@ class MultiScaleRetention(nn.Module):
         position_offset: int | Tensor,
         attention_mask: Tensor | None,
         state: RetentionState | None,
+        step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState]:
         """:meth:`forward` for one token in recurrent mode, i.e. one step of decoding; same result bit for
         bit, always with the new state.
 
         Decoding a small model is dominated by per-call overhead, not arithmetic, so this path does the
-        same math with fewer, cheaper ops: plain views instead of einops, rotation tables and decay
-        constants cached per (device, dtype) instead of rebuilt every token, and
-        :func:`retlm.ops.retention.recurrent_step` instead of the general loop.
+        same math with fewer, cheaper ops: plain views instead of einops, decay constants cached per
+        (device, dtype) instead of rebuilt every token, position tables built once per step for all
+        layers (``step_memo``), and :func:`retlm.ops.retention.recurrent_step` instead of the general loop.
         """
         batch = hidden_states.shape[0]
         heads, key_dim = self.num_heads, self.key_dim
@@ -256,15 +287,14 @@ class MultiScaleRetention(nn.Module):
         v = self.v_proj(hidden_states).view(batch, heads, 1, self.head_value_dim)
         if q.dtype in (torch.float16, torch.bfloat16):  # as in forward: rotate in float32
             q, k = q.float(), k.float()
-        constants = self.step_constants(q.device, q.dtype)
-        q, k = self.rotate_step(q, k, position_offset, constants)
+        tables = self.step_tables(position_offset, q.device, q.dtype, step_memo)
+        q, k = self.rotate_step(q, k, tables)
         if attention_mask is not None:
             keep = attention_mask[:, None, :, None]
             k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)
 
-        out, new_state = retention_ops.recurrent_step(
-            q, k, v, constants.decay, position_offset=position_offset, state=state
-        )
+        decay = self.step_constants(q.device, q.dtype).decay
+        out, new_state = retention_ops.recurrent_step(q, k, v, decay, inverse=tables.inverse, state=state)
         out = self.head_norm(out).reshape(batch, 1, heads * self.head_value_dim)
         out = F.silu(self.g_proj(hidden_states)) * out
         return self.out_proj(out), new_state
@@ -276,6 +306,15 @@ class StepConstants(NamedTuple):
     decay: retention_ops.StepDecay
     inv_freq_pairs: Tensor  # (key_dim,) float64: each rotary frequency twice, for its pair (x0, x1)
     pair_sign: Tensor  # (key_dim,) float64: -1, +1, -1, +1, ... (the sign of sin in each pair)
+
+
+class StepTables(NamedTuple):
+    """Position tables of one decoding step in the compute dtype (see `MultiScaleRetention.step_tables`)."""
+
+    cos: Tensor  # (key_dim,) or (batch, 1, 1, key_dim): cos of each pair's angle, twice
+    signed_sin: Tensor  # the same shape: -sin, +sin per pair
+    inverse: Tensor  # (heads, 1) or (batch, heads, 1): 1 / sqrt(S_n) of the normaliser
+    xpos: Tensor | None  # xpos magnitude, or None for plain rotary
 
 
 def swap_pairs(x: Tensor) -> Tensor:

@@ -70,6 +70,7 @@ class RetNetDecoderLayer(nn.Module):
         mode: str = "parallel",
         chunk_size: int | None = None,
         return_state: bool = False,
+        step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState | None]:
         """``hidden_states (batch, seq, hidden)`` -> ``(hidden_states, new_state)``; the other arguments are
         those of :meth:`MultiScaleRetention.forward`."""
@@ -81,8 +82,11 @@ class RetNetDecoderLayer(nn.Module):
             mode,
             chunk_size,
             return_state,
+            step_memo,
         )
-        hidden_states = hidden_states + self.dropout(mixed)
+        if self.training:  # dropout is the identity in eval; decoding skips the call
+            mixed = self.dropout(mixed)
+        hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.ffn(self.final_layer_norm(hidden_states))
         return hidden_states, new_state
 
@@ -243,12 +247,13 @@ class RetNetModel(RetNetPreTrainedModel):
             else:
                 offsets = offsets - leading_padding(mask)
         position_offset: int | Tensor = offsets
-        if batch_size and bool((offsets == offsets[0]).all()):
+        if batch_size == 1 or (batch_size and bool((offsets == offsets[0]).all())):
             position_offset = int(offsets[0])  # one offset for all rows: shared rotation tables
 
         hidden = self.scale_embeddings(inputs_embeds)
         all_hidden = [hidden] if output_hidden_states else None
         cache = past_key_values if past_key_values is not None else RetNetCache(self.config.num_layers)
+        step_memo: dict = {}  # per-position tables shared by the layers (one-token recurrent steps)
         for idx, layer in enumerate(self.layers):
             state = cache.get_state(idx)
             if checkpointing:
@@ -256,7 +261,9 @@ class RetNetModel(RetNetPreTrainedModel):
                     layer.__call__, hidden, position_offset, mask, state, mode, chunk_size, False
                 )
             else:
-                hidden, new_state = layer(hidden, position_offset, mask, state, mode, chunk_size, use_cache)
+                hidden, new_state = layer(
+                    hidden, position_offset, mask, state, mode, chunk_size, use_cache, step_memo
+                )
                 if use_cache:
                     cache.set_state(idx, new_state)
             if output_hidden_states:
@@ -277,7 +284,7 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden = inputs_embeds * self.embed_scale
         if self.layernorm_embedding is not None:
             hidden = self.layernorm_embedding(hidden)
-        return self.dropout(hidden)
+        return self.dropout(hidden) if self.training else hidden
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
