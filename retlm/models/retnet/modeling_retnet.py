@@ -121,6 +121,9 @@ class RetNetModel(RetNetPreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(RetNetDecoderLayer(config) for _ in range(config.num_layers))
         self.layer_norm = build_norm(config.norm_type, d, config.norm_eps)
+        # Per-layer state shape (heads, key_dim, head_value_dim), checked at every call: kept here because
+        # reading a config attribute costs microseconds on transformers >= 5.24, at every decoding step.
+        self.state_shape = (config.num_heads, config.key_dim, config.head_value_dim)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -141,7 +144,7 @@ class RetNetModel(RetNetPreTrainedModel):
         return mode, chunk_size
 
     def check_input_ids(self, input_ids: Tensor) -> None:
-        vocab = self.config.vocab_size
+        vocab = self.embed_tokens.num_embeddings  # the truth, also after resize_token_embeddings
         if not input_ids.numel():
             return
         low, high = (int(x) for x in torch.aminmax(input_ids))  # one pass: this runs at every decoding step
@@ -157,12 +160,12 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"past_key_values must be a RetNetCache (or None), got {type(cache).__name__}; "
                 "pass the past_key_values returned by this model"
             )
-        if len(cache.layers) != self.config.num_layers:
+        if len(cache.layers) != len(self.layers):
             raise ValueError(
                 f"past_key_values comes from another config: it has {len(cache.layers)} layers, "
-                f"this model has num_layers={self.config.num_layers}"
+                f"this model has num_layers={len(self.layers)}"
             )
-        expected_kv = (batch_size, self.config.num_heads, self.config.key_dim, self.config.head_value_dim)
+        expected_kv = (batch_size, *self.state_shape)
         for idx in range(len(cache.layers)):
             state = cache.get_state(idx)
             if state is not None and tuple(state[0].shape) != expected_kv:
@@ -252,7 +255,7 @@ class RetNetModel(RetNetPreTrainedModel):
 
         hidden = self.scale_embeddings(inputs_embeds)
         all_hidden = [hidden] if output_hidden_states else None
-        cache = past_key_values if past_key_values is not None else RetNetCache(self.config.num_layers)
+        cache = past_key_values if past_key_values is not None else RetNetCache(len(self.layers))
         step_memo: dict = {}  # per-position tables shared by the layers (one-token recurrent steps)
         for idx, layer in enumerate(self.layers):
             state = cache.get_state(idx)
