@@ -54,7 +54,7 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.txt -e '.[test]'
 	.venv-latest/bin/python -m pip install -q --no-deps $(PEERS)
 	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation fairscale==0.4.0
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
