@@ -153,3 +153,34 @@ def test_outputs_answer_to_both_cache_names(family: str) -> None:
     with pytest.raises(ValueError, match="either `cache` or `past_key_values`"):
         model(input_ids=prompt()[:, :1], cache=cache, past_key_values=type(cache)(*(
             [model.config.num_layers] if family == "retnet" else [])))
+
+
+def test_retlm_calls_log_no_cache_deprecation(recwarn: pytest.WarningsRecorder) -> None:
+    """Generation, continuation, retrieval generation and reading the cache off an output, on the
+    installed transformers: no "deprecated" line in transformers' log, no FutureWarning."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")
+    hf_logging.warning_once.cache_clear()  # a warning logged by an earlier test would be swallowed
+    logger.addHandler(handler)
+    try:
+        retnet = retnet_model()
+        first = retnet.generate(prompt(), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        resume = cache_kwargs(output_cache(first))
+        retnet.generate(first.sequences, max_new_tokens=2, do_sample=False, **resume)
+        retnet.generate(prompt(), max_new_tokens=3, num_beams=2)
+        for decoder in ("transformer", "retnet"):
+            retro = retro_model(decoder)
+            retro.generate(prompt(), max_new_tokens=3, do_sample=False)
+            retro.generate(prompt(), retrieval_database=FakeDatabase(), max_new_tokens=6)
+            out = retro(input_ids=prompt(), use_cache=True)
+            assert out.past_key_values is out.cache
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "deprecat" in r.getMessage()]
+    assert not [str(w.message) for w in recwarn if "deprecat" in str(w.message)]
