@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from retlm.ops import retention as retention_ops
+from retlm.ops.retention import USE_DEFAULT_GAMMA, RetentionState
 from retlm.ops.rotary import (
     apply_rotary,
     rotary_angles,
@@ -27,10 +28,7 @@ from retlm.ops.rotary import (
     xpos_scale,
 )
 
-RetentionState = tuple[Tensor, Tensor]
-
 POSITION_ENCODINGS = ("rotary", "xpos")
-RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 
 
 def absolute_positions(position_offset: int | Tensor, seq_len: int, device: torch.device) -> Tensor:
@@ -63,7 +61,7 @@ class MultiScaleRetention(nn.Module):
         qk_dim: int | None = None,
         v_dim: int | None = None,
         *,
-        use_default_gamma: bool = True,
+        use_default_gamma: bool = USE_DEFAULT_GAMMA,
         bias: bool = False,
         out_bias: bool = False,
         norm_eps: float = 1e-6,

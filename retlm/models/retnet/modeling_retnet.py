@@ -23,7 +23,8 @@ from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
 from retlm.layers.retention import MultiScaleRetention, RetentionState
 from retlm.models.retnet.cache import RetNetCache
-from retlm.models.retnet.configuration_retnet import FORWARD_IMPLS, RetNetConfig
+from retlm.models.retnet.configuration_retnet import RetNetConfig
+from retlm.ops.retention import RETENTION_MODES
 
 
 class RetNetDecoderLayer(nn.Module):
@@ -136,8 +137,8 @@ class RetNetModel(RetNetPreTrainedModel):
     # -- input checks ----------------------------------------------------------------------------
     def resolve_mode(self, forward_impl: str | None, chunk_size: int | None) -> tuple[str, int]:
         mode = forward_impl or self.config.forward_impl
-        if mode not in FORWARD_IMPLS:
-            raise ValueError(f"unknown forward_impl {mode!r}; expected one of {FORWARD_IMPLS}")
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"unknown forward_impl {mode!r}; expected one of {RETENTION_MODES}")
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer (>= 1), got {chunk_size!r}")

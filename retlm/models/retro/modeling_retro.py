@@ -44,8 +44,9 @@ from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cach
 from retlm.layers.attention import Attention, ChunkedCrossAttention, KVCache
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import ScaledL2Norm
-from retlm.models.retro.configuration_retro import RETNET_MODES, RetroConfig
+from retlm.models.retro.configuration_retro import RetroConfig
 from retlm.ops.attention import cca_groups, chunks_completed
+from retlm.ops.retention import RETENTION_MODES
 
 # -- cache --------------------------------------------------------------------------------------------
 
@@ -526,8 +527,8 @@ class RetroModel(RetroPreTrainedModel):
             )
         retrieved = self.check_retrieved(retrieved, batch, start, seq_len, incremental=cache is not None)
         mode = retnet_mode or config.retnet_mode
-        if mode not in RETNET_MODES:
-            raise ValueError(f"unknown retnet_mode {mode!r}; expected one of {RETNET_MODES}")
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"unknown retnet_mode {mode!r}; expected one of {RETENTION_MODES}")
         use_cache = cache is not None or bool(use_cache)  # a passed cache is always continued
         if use_cache and cache is None:
             cache = RetroCache()
