@@ -371,25 +371,17 @@ def recurrent_retention(
 ) -> tuple[Tensor, RetentionState | None]:
     """Retention one token at a time (seq may be > 1): kv <- gamma kv + k v^T, z <- gamma z + k.
     Same arguments and result as :func:`parallel_retention`; the per-token cost is independent of the
-    context length. (Decoding one token at a time: :func:`recurrent_step` does the same with less
-    overhead.)
+    context length. Each token is one :func:`recurrent_step` (the decoding path), so the two cannot
+    drift apart.
     """
     check_inputs(q, k, v, log_gamma, position_offset, state)
-    out_dtype, seq_len = v.dtype, q.shape[2]
-    positions = token_positions(position_offset, seq_len, q.device)
-    q, k, v, (kv, z) = prepare(q, k, v, state)
-    decay = step_decay(log_gamma.to(q.device), q.dtype)
-
-    numerators, denominators = [], []
-    for t in range(seq_len):
+    decay = step_decay(log_gamma.to(q.device), compute_dtype(q, k, v))
+    outputs = []
+    for t in range(q.shape[2]):
         q_t, k_t, v_t = q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]
-        numerator, denominator, kv, z = recurrent_update(q_t, k_t, v_t, kv, z, decay)
-        numerators.append(numerator)
-        denominators.append(denominator)
-
-    numerator, denominator = torch.cat(numerators, dim=2), torch.cat(denominators, dim=2)
-    out = normalise(numerator, denominator, log_gamma, positions)
-    return out.to(out_dtype), ((kv, z) if return_state else None)
+        out, state = recurrent_step(q_t, k_t, v_t, decay, position_offset=position_offset + t, state=state)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2), (state if return_state else None)
 
 
 def recurrent_step(
