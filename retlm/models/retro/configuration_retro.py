@@ -8,9 +8,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA
+
 DECODERS = ("transformer", "retnet")
 CCA_QUERY_POSITIONS = ("paper", "retro_pytorch")
-RETNET_MODES = ("parallel", "chunkwise", "recurrent")
 BERT_CASED_VOCAB_SIZE = 28996  # retro-pytorch's default num_tokens (bert-base-cased)
 
 
@@ -95,7 +96,7 @@ class RetroConfig(PretrainedConfig):
         retnet_heads: int | None = None,
         retnet_qk_dim: int | None = None,
         retnet_v_dim: int | None = None,
-        retnet_use_default_gamma: bool = True,
+        retnet_use_default_gamma: bool = USE_DEFAULT_GAMMA,
         retnet_mode: str = "parallel",
         retnet_chunk_size: int | None = None,
         zero_init_cca: bool = False,
@@ -115,8 +116,8 @@ class RetroConfig(PretrainedConfig):
             raise ValueError(
                 f"unknown cca_query_positions {cca_query_positions!r}; expected one of {CCA_QUERY_POSITIONS}"
             )
-        if retnet_mode not in RETNET_MODES:
-            raise ValueError(f"unknown retnet_mode {retnet_mode!r}; expected one of {RETNET_MODES}")
+        if retnet_mode not in RETENTION_MODES:
+            raise ValueError(f"unknown retnet_mode {retnet_mode!r}; expected one of {RETENTION_MODES}")
         for name, value in (
             ("chunk_size", chunk_size),
             ("max_seq_len", max_seq_len),
