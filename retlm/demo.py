@@ -178,8 +178,8 @@ def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
     records = []
     for i, p in enumerate(prompts, 1):
         generated = generate_text(model, db, p["prompt"], max_new_tokens=opts.max_new_tokens,
-                                  seed=opts.seed + i, do_sample=True, temperature=opts.temperature, top_k=opts.top_k,
-                                  exclude_doc_id=p["doc_id"], eos_token_id=int(db.eos_id))
+                                  seed=opts.seed + i, do_sample=True, temperature=opts.temperature,
+                                  top_k=opts.top_k, exclude_doc_id=p["doc_id"], eos_token_id=int(db.eos_id))
         where = f" (held out: {p['document']})" if p["document"] else ""
         _say(f"\n=== prompt {i} of {len(prompts)}{where} ===")
         _say(quoted(generated.prompt))
