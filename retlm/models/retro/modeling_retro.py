@@ -570,12 +570,15 @@ class RetroModel(RetroPreTrainedModel):
 
 
 class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
-    """RetroModel + a linear LM head (``to_logits``, with bias, not tied, as retro-pytorch).
+    """RetroModel + a linear LM head (``to_logits``, with bias; its weight is the token embedding's when
+    ``config.tie_word_embeddings``, else its own, as retro-pytorch).
 
     ``forward(input_ids, retrieved=None, attention_mask=None, labels=None, past_key_values=None,
     use_cache=None, ...)`` returns :class:`CausalLMOutputWithCache`; ``labels (batch, seq)`` are shifted
     inside (-100 = ignored). See the module docstring for incremental decoding.
     """
+
+    _tied_weights_keys = {"to_logits.weight": "model.token_emb.weight"}  # only if tie_word_embeddings
 
     def __init__(self, config: RetroConfig) -> None:
         super().__init__(config)
