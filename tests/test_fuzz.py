@@ -11,9 +11,10 @@ success means a result equal to the clean run's. Never a silently different resu
   (sealed again, as a hand edit would be: the field checks, not the seal, must catch them; and unsealed,
   as corruption: the seal must).
 
-Runs in the default suite within about a minute (``max_examples`` per test below); the ``ci`` profile
-(conftest.py) replays the same examples every run, ``HYPOTHESIS_PROFILE=explore`` draws new ones and
-``RETLM_FUZZ_SCALE=10`` draws ten times as many.
+Runs in the default suite within about a minute (``max_examples`` per test below, 135 in all); the
+``ci`` profile (conftest.py) replays the same examples every run, ``HYPOTHESIS_PROFILE=explore`` draws new
+ones and ``RETLM_FUZZ_SCALE=10`` draws ten times as many. Each test has a ``_long`` twin marked ``slow``
+(ten times the examples, the same body) for ``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def fuzz(max_examples: int) -> settings:
         max_examples=max(1, int(max_examples * scale)), deadline=None, suppress_health_check=list(HealthCheck)
     )
 
+
+# examples per test in the default run (about 60 s in all on the 2-core box); the slow twins run 10x
+OPTIONS, DATABASE, MODEL, MANIFEST = 45, 40, 15, 35
+LONG = 10
 
 QUERY = "the assert statement"
 
@@ -243,7 +248,7 @@ def no_demo_work(monkeypatch):
     monkeypatch.setattr(demo_module, "build_database", stop)
 
 
-@fuzz(70)
+@fuzz(OPTIONS)
 @given(data=st.data())
 def test_random_option_values_give_one_line_errors_or_success(robust, no_demo_work, data):
     command = data.draw(
@@ -316,19 +321,37 @@ def corrupt(path: Path, how: str, offset: float, count: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def eval_args(model: Path, db: Path) -> tuple:
+    return ("eval", model, "--db", db, "--max-sequences", "2", "--json", "--no-progress")
+
+
 @pytest.fixture(scope="module")
 def clean_outputs(robust):
+    """The clean runs' outputs. ``search_all`` asks for every chunk (-k num_chunks), with full-precision
+    json scores, so a change to any vector of the index or any token of chunks.dat shows; ``eval`` prints
+    losses over the whole vocabulary, so a change to a weight the greedy generation does not reach shows."""
+    k_all = json.loads((robust.db / "manifest.json").read_text())["num_chunks"]
     search = cli("search", robust.db, QUERY, "-k", "3", "--json")
+    search_all = cli("search", robust.db, QUERY, "-k", k_all, "--json")
     generate = cli("generate", robust.model, QUERY, "--db", robust.db, "--max-new-tokens", "6")
+    evaluation = cli(*eval_args(robust.model, robust.db))
     info = cli("db-info", robust.db, "--json")
-    assert search.code == generate.code == info.code == 0
-    return {"search": search.out, "generate": generate.out, "info": info.out}
+    assert search.code == search_all.code == generate.code == evaluation.code == info.code == 0
+    assert len(json.loads(search_all.out)[0]["neighbors"]) == k_all
+    return {
+        "search": search.out,
+        "k_all": k_all,
+        "search_all": search_all.out,
+        "generate": generate.out,
+        "eval": evaluation.out,
+        "info": info.out,
+    }
 
 
 corruption = st.tuples(st.sampled_from(["flip", "truncate", "append"]), st.floats(0, 1), st.integers(1, 64))
 
 
-@fuzz(60)
+@fuzz(DATABASE)
 @given(data=st.data())
 def test_corrupted_database_files_are_named_or_harmless(robust, clean_outputs, data):
     files = sorted(
@@ -341,7 +364,7 @@ def test_corrupted_database_files_are_named_or_harmless(robust, clean_outputs, d
         corrupt(db / name, how, offset, count)
         assume((db / name).read_bytes() != (robust.db / name).read_bytes())
         for args, clean in (
-            (("search", db, QUERY, "-k", "3", "--json"), clean_outputs["search"]),
+            (("search", db, QUERY, "-k", clean_outputs["k_all"], "--json"), clean_outputs["search_all"]),
             (("db-info", db, "--json"), None),
         ):
             result = cli(*args)
@@ -352,7 +375,7 @@ def test_corrupted_database_files_are_named_or_harmless(robust, clean_outputs, d
                 assert result.out == clean, f"{name} corrupted ({how}) gave a different result"
 
 
-@fuzz(30)
+@fuzz(MODEL)
 @given(data=st.data())
 def test_corrupted_model_files_are_named_or_harmless(robust, clean_outputs, data):
     files = sorted(p.name for p in robust.model.iterdir() if p.is_file())
@@ -362,12 +385,18 @@ def test_corrupted_model_files_are_named_or_harmless(robust, clean_outputs, data
         model = Path(shutil.copytree(robust.model, Path(tmp) / "model"))
         corrupt(model / name, how, offset, count)
         assume((model / name).read_bytes() != (robust.model / name).read_bytes())
-        result = cli("generate", model, QUERY, "--db", robust.db, "--max-new-tokens", "6")
-        check_outcome(result, "generate")
-        if result.code:
-            assert name in result.err, (name, result.err)
-        else:
-            assert result.out == clean_outputs["generate"], f"{name} corrupted ({how}) changed the output"
+        generate = ("generate", model, QUERY, "--db", robust.db, "--max-new-tokens", "6")
+        for args, clean in (
+            (generate, clean_outputs["generate"]),
+            (eval_args(model, robust.db), clean_outputs["eval"]),
+        ):
+            result = cli(*args)
+            check_outcome(result, args[0])
+            if result.code:
+                assert name in result.err, (name, result.err)
+                break  # refused: the next command would refuse it the same way
+            same = result.out.replace(str(model), str(robust.model))  # eval names the checkpoint it read
+            assert same == clean, f"{name} corrupted ({how}) changed the output of {args[0]}"
 
 
 # ---- manifest fields ----
@@ -411,7 +440,7 @@ bad_values = st.one_of(
 )
 
 
-@fuzz(50)
+@fuzz(MANIFEST)
 @given(data=st.data())
 def test_random_manifest_fields_are_refused_naming_the_file(robust, clean_outputs, data):
     manifest = json.loads((robust.db / "manifest.json").read_text())
@@ -447,3 +476,36 @@ def test_random_manifest_fields_are_refused_naming_the_file(robust, clean_output
         else:  # accepted: it must not have changed what a search returns
             assert result.out == clean_outputs["search"], f"manifest {path}={value!r} changed the result"
         assert "/etc/passwd" not in result.out
+
+
+# ---- the same bodies, ten times the examples: `pytest -m slow tests/test_fuzz.py` ----
+
+
+@pytest.mark.slow
+@fuzz(LONG * OPTIONS)
+@given(data=st.data())
+def test_random_option_values_long(robust, no_demo_work, data):
+    body = test_random_option_values_give_one_line_errors_or_success.hypothesis.inner_test
+    body(robust, no_demo_work, data)
+
+
+@pytest.mark.slow
+@fuzz(LONG * DATABASE)
+@given(data=st.data())
+def test_corrupted_database_files_long(robust, clean_outputs, data):
+    test_corrupted_database_files_are_named_or_harmless.hypothesis.inner_test(robust, clean_outputs, data)
+
+
+@pytest.mark.slow
+@fuzz(LONG * MODEL)
+@given(data=st.data())
+def test_corrupted_model_files_long(robust, clean_outputs, data):
+    test_corrupted_model_files_are_named_or_harmless.hypothesis.inner_test(robust, clean_outputs, data)
+
+
+@pytest.mark.slow
+@fuzz(LONG * MANIFEST)
+@given(data=st.data())
+def test_random_manifest_fields_long(robust, clean_outputs, data):
+    body = test_random_manifest_fields_are_refused_naming_the_file.hypothesis.inner_test
+    body(robust, clean_outputs, data)
