@@ -25,6 +25,7 @@ import yaml
 SUBCOMMAND_MODULES = (
     "retlm.cli.db",  # build-db, search, db-info
     "retlm.cli.train",  # train, eval
+    "retlm.cli.retrofit",  # retrofit
     "retlm.cli.generate",  # generate
     "retlm.cli.demo",  # demo
 )

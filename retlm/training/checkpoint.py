@@ -107,7 +107,9 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    import retlm.models.retro  # noqa: F401  (registers RetroConfig with the Auto classes)
+    import retlm.models.retnet  # noqa: F401  (register their configs with the Auto classes)
+    import retlm.models.retro  # noqa: F401
+    import retlm.models.retrofit  # noqa: F401
 
     model_dir = resolve_model_dir(path)
     shown = hf_logging.is_progress_bar_enabled()
