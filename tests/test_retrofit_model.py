@@ -243,16 +243,24 @@ def test_incremental_logits_equal_the_full_forward(family):
 
 
 class CallLog:
-    """``(new_tokens, cache_seen)`` of every forward call of a module (a forward pre-hook)."""
+    """``(new_tokens, cache_seen)`` and the retention mode of every forward call of a module (a forward
+    pre-hook)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.modes: list[str | None] = []
         self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.calls.append((ids.shape[1], cache.get_seq_length() if cache is not None else 0))
+        self.modes.append(kwargs.get("forward_impl"))  # a RetNet base's retention mode
+
+
+def assert_incremental(calls: list[tuple[int, int]], prompt_len: int, steps: int) -> None:
+    """The prompt in the first call, then one new token per call on a cache that has seen the rest."""
+    assert calls == [(prompt_len, 0)] + [(1, prompt_len + i) for i in range(steps - 1)], calls
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -269,7 +277,9 @@ def test_retrieval_generation_decodes_one_token_per_step_from_the_bases_cache(fa
     )
     assert out.sequences.shape == (2, 11 + new)
     for log in (outer, inner):  # the prompt once, then one token per call on a growing cache
-        assert log.calls == [(11, 0)] + [(1, 11 + i) for i in range(new - 1)], log.calls
+        assert_incremental(log.calls, 11, new)
+    if family == "retnet":  # and a RetNet base takes each token in its recurrent form (constant state)
+        assert inner.modes == [None] + ["recurrent"] * (new - 1), inner.modes
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -277,7 +287,9 @@ def test_generate_without_a_database_is_the_bases_generate(family):
     base, model = make(family, dtype=torch.float32)
     prompt = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
     expected = base.generate(prompt, max_new_tokens=8, do_sample=False)
+    log = CallLog(base)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected)
+    assert_incremental(log.calls, 6, expected.shape[1] - 6)  # the base's own cached decoding
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -320,3 +320,29 @@ def test_the_demos_control_retrofits_from_the_command_line(real, capsys, tmp_pat
     seq = torch.randint(1, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(fitted(input_ids=seq).logits, base(input_ids=seq).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "retnet"])
+def test_retrofit_command_on_llama_and_retnet_bases(family, real, capsys, tmp_path):
+    """`retlm retrofit` on the other supported families (GPT-2: above): the CCA trains, the run holds the
+    adapter alone and reloads with its base unchanged, and `retlm eval` takes the run. (That training
+    leaves the base's tensors in memory bit-identical is tested above, through the same trainer.)"""
+    root, db = real
+    base = tmp_path / "base"
+    tiny_base(family, vocab=len(db.tokenizer)).save_pretrained(base)
+    db.tokenizer.save_pretrained(base)
+    saved = load_file(base / "model.safetensors")
+    out = tmp_path / "run"
+    command = f"retrofit --base {base} --db {db.path} --out {out} --cca-layers 2 --enc-depth 1"
+    assert main((command + " --max-steps 2 --batch-size 4 --lr 1e-2 --no-progress").split()) == 0
+    assert "trained 2/2 steps" in capsys.readouterr().out
+    fitted = load_model(out)
+    assert type(fitted) is RetroFitForCausalLM and fitted.config.cca_layers == [2]
+    # safetensors de-duplicates tied weights on save; every tensor that was saved is unchanged
+    state = fitted.base.state_dict()
+    assert saved and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+    trained = load_file(out / "model" / "model.safetensors")
+    assert all(key.startswith("retrofit.") for key in trained)
+    assert any("to_out" in key and trained[key].abs().max() > 0 for key in trained)  # the CCA moved
+    assert main(["eval", str(out), "--db", str(db.path), "--no-progress", "--no-plot"]) == 0
+    assert "50-100%" in capsys.readouterr().out
