@@ -88,8 +88,9 @@ def print_generation(result, show_neighbours: bool) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     validate(args)
     from retlm.generation import generate_text
+    from retlm.models.auto import load_model
     from retlm.retrieval import RetrievalDatabase
-    from retlm.training.checkpoint import check_model_fits_database, load_model
+    from retlm.training.checkpoint import check_model_fits_database
 
     db = RetrievalDatabase.open(args.db)
     if args.neighbours is not None:

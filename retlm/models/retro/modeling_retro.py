@@ -724,10 +724,17 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.to_logits(hidden)
         loss = None
-        if labels is not None:
+        shift_labels = kwargs.pop("shift_labels", None)
+        if labels is not None or shift_labels is not None:
+            # HF's convention: ``labels`` are shifted here; ``shift_labels`` (as HF's loss functions take
+            # them) are already aligned with the logits and hold the last position's target too.
+            if shift_labels is None:
+                logits_for_loss, shift_labels = logits[:, :-1], labels[:, 1:]
+            else:
+                logits_for_loss = logits
             loss = F.cross_entropy(
-                rearrange(at_least_float32(logits[:, :-1]), "b n v -> (b n) v"),
-                rearrange(labels[:, 1:].to(logits.device), "b n -> (b n)"),
+                rearrange(at_least_float32(logits_for_loss), "b n v -> (b n) v"),
+                rearrange(shift_labels.to(logits.device), "b n -> (b n)"),
                 ignore_index=-100,
             )
         out = CausalLMOutputWithCache(
@@ -767,13 +774,8 @@ class RETRO(RetroForCausalLM):
     ) -> Tensor | CausalLMOutputWithCache | tuple:
         if seq is None or kwargs:
             return super().forward(input_ids=kwargs.pop("input_ids", seq), retrieved=retrieved, **kwargs)
-        if return_loss:
-            seq, labels = seq[:, :-1], seq[:, 1:]
-        logits = super().forward(input_ids=seq, retrieved=retrieved).logits
         if not return_loss:
-            return logits
-        return F.cross_entropy(
-            rearrange(at_least_float32(logits), "b n v -> b v n"),
-            labels.long(),
-            ignore_index=self.config.pad_id,
-        )
+            return super().forward(input_ids=seq, retrieved=retrieved).logits
+        # the seed's loss is the model's, with its targets mapped onto HF's: pad_id targets are ignored
+        targets = seq[:, 1:].long().masked_fill(seq[:, 1:] == self.config.pad_id, -100)
+        return super().forward(input_ids=seq[:, :-1], retrieved=retrieved, shift_labels=targets).loss
