@@ -14,9 +14,11 @@ the database's rule ("keep it when the next chunk is of the same document"):
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from retlm.data import RETRODataset
 from retlm.retrieval import RetrievalDatabase
@@ -83,6 +85,10 @@ def test_documents_ending_on_a_chunk_boundary(boundary_db):
         assert any(eos_row[i] for i in layout if i < len(eos_row))
         ids = np.fromiter(layout, dtype=np.int64)
         np.testing.assert_array_equal(np.stack([layout[i] for i in ids]), db.retrieved_tokens(ids))
+    # DataLoader workers get a pickled copy, which reopens the same files
+    dataset = RETRODataset.from_database(db)
+    copied = pickle.loads(pickle.dumps(dataset))
+    assert all(torch.equal(a, b) for a, b in zip(copied[1], dataset[1], strict=True))
     # generation's path: search with completed chunks, as retrieval generation does
     result = db.search(np.asarray(chunks[:, :C]), k=2)
     layout = dataset_layout(RETRODataset.from_database(db))
