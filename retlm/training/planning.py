@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,10 +18,8 @@ from transformers import TrainingArguments
 
 from retlm.data import RetroCollator
 from retlm.training import checkpoint as ckpt
+from retlm.training.config import TrainOptions
 from retlm.training.precision import autocast_for
-
-if TYPE_CHECKING:
-    from retlm.training.trainer import TrainOptions
 
 
 def _time_steps(model: torch.nn.Module, dataset: Dataset, collate: RetroCollator, *, batch_size: int,

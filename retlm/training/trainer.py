@@ -68,7 +68,7 @@ from retlm.utils import ensure_writable_dir
 # ---- the Trainer ----
 
 class RetroTrainer(Trainer):
-    """HF ``Trainer`` with a token-level LM loss, retrieval-aware evaluation and atomic checkpoints."""
+    """HF ``Trainer`` on the model's own loss, with retrieval-aware evaluation and atomic checkpoints."""
 
     # compute_loss returns the mean over one micro-batch; Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
