@@ -11,7 +11,7 @@ from retlm.cli.main import UsageError
 
 STAGE_HELP = (
     "run one build stage only: chunk (tokenize TEXT_DIR), embed (shardable), index (merges embedding "
-    "shards, trains, tunes nprobe), neighbors (shardable), finalize (merges knn shards, writes "
+    "shards, trains, tunes nprobe and k_factor), neighbors (shardable), finalize (merges knn shards, writes "
     "manifest.json). Default: all, in order"
 )
 
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index-factory",
         default=None,
         help="faiss index_factory string; default: Flat (exact) below --exact-threshold "
-        "chunks, IVF{4 sqrt(n)},SQ8 above",
+        "chunks, IVF{sqrt(n)},PQ{dim/4}x4fs,Refine(SQfp16) above (fast-scan PQ, float16 re-rank)",
     )
     build.add_argument(
         "--exact-threshold", type=int, default=100_000, help="below this many chunks the index is exact"
@@ -71,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--target-recall",
         type=float,
         default=0.95,
-        help="nprobe is raised until recall@k against exact search reaches this",
+        help="nprobe (and k_factor, for a re-ranking index) are tuned until recall@k against exact "
+        "search reaches this",
     )
     build.add_argument(
         "--extra-neighbors",
@@ -214,7 +215,12 @@ def run_info(args: argparse.Namespace) -> int:
             "embedder",
             f"{m['embedder']} ({m['pooling']} pooling, {m['embedding_dim']}-d {m['embedding_dtype']})",
         ),
-        ("index", f"{m['index_type']}" + (f", nprobe {m['nprobe']}" if m["nprobe"] else "")),
+        (
+            "index",
+            f"{m['index_type']}"
+            + (f", nprobe {m['nprobe']}" if m["nprobe"] else "")
+            + (f", k_factor {m['k_factor']:g}" if m.get("k_factor") else ""),
+        ),
         (
             "recall@k",
             f"{m['recall_at_k']:.4f} vs exact search ({m['recall_queries']} held-out queries)"

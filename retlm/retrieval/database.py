@@ -37,10 +37,11 @@ from retlm.retrieval.chunking import SkipReport, iter_documents, validate_sizes,
 from retlm.retrieval.embedding import DEFAULT_EMBEDDER, POOLINGS, Embedder, embed_rows, load_tokenizer
 from retlm.retrieval.index import (
     EXACT_THRESHOLD,
+    Tuning,
     build_index,
     choose_factory,
     read_index,
-    tune_nprobe,
+    tune_search,
     write_index,
 )
 from retlm.retrieval.neighbors import compute_neighbors, merge_new_neighbors, search_excluding
@@ -190,7 +191,8 @@ class RetrievalDatabase:
     @property
     def index(self):
         if self._index is None:
-            self._index = read_index(self.path / "index.faiss", self.manifest.get("nprobe"))
+            m = self.manifest
+            self._index = read_index(self.path / "index.faiss", m.get("nprobe"), m.get("k_factor"))
         return self._index
 
     # ------------------------------------------------------------------ open / build
@@ -540,19 +542,20 @@ class _Builder:
             return
         _merge_shards(self.path, "embeddings")
         embeddings = self.embeddings()
-        factory = self.config.index_factory or choose_factory(len(embeddings), self.config.exact_threshold)
-        index = build_index(embeddings, factory, progress=self.progress)
-        tuning = tune_nprobe(index, embeddings, self.config.num_neighbors, self.config.target_recall)
-        write_index(index, self.path / "index.faiss")
-        write_json(
-            self.path / "index.json",
-            {
-                "index_type": factory,
-                "nprobe": tuning.nprobe,
-                "recall_at_k": tuning.recall,
-                "recall_queries": tuning.num_queries,
-            },
+        factory = self.config.index_factory or choose_factory(
+            len(embeddings), self.config.exact_threshold, embeddings.shape[1]
         )
+        index = build_index(embeddings, factory, progress=self.progress)
+        self.tune_and_write_index(index, factory)
+
+    def tune_and_write_index(self, index, factory: str) -> None:
+        """Tune the search of a filled index for the neighbour stage, then write it and index.json."""
+        k = self.config.num_neighbors
+        tuning = tune_search(
+            index, self.embeddings(), k, self.config.target_recall, fetch=k + self.config.extra_neighbors
+        )
+        write_index(index, self.path / "index.faiss")
+        write_json(self.path / "index.json", {"index_type": factory, **index_info(tuning)})
 
     # ---- stage 4
     def neighbors(self, shard: tuple[int, int] | None) -> None:
@@ -561,7 +564,8 @@ class _Builder:
         if is_complete(self.path / "knn.dat"):
             return
         _, doc_ids = self.chunk_arrays()
-        index = read_index(self.path / "index.faiss", read_json(self.path / "index.json")["nprobe"])
+        info = read_json(self.path / "index.json")
+        index = read_index(self.path / "index.faiss", info["nprobe"], info.get("k_factor"))
         out = self.path / "knn.dat" if shard is None else _shard_file(self.path, "knn", shard)
         compute_neighbors(
             index,
@@ -583,6 +587,16 @@ class _Builder:
         for name in ("build.json", "chunking.json", "index.json"):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / "shards", ignore_errors=True)
+
+
+def index_info(tuning: Tuning) -> dict[str, Any]:
+    """The tuned search settings as stored in index.json and the manifest."""
+    return {
+        "nprobe": tuning.nprobe,
+        "k_factor": tuning.k_factor,
+        "recall_at_k": tuning.recall,
+        "recall_queries": tuning.num_queries,
+    }
 
 
 def write_manifest(
@@ -614,6 +628,7 @@ def write_manifest(
         "embedding_dtype": settings["embedding_dtype"],
         "index_type": index_info["index_type"],
         "nprobe": index_info["nprobe"],
+        "k_factor": index_info.get("k_factor"),
         "extra_neighbors": settings["extra_neighbors"],
         "recall_at_k": index_info["recall_at_k"],
         "recall_queries": index_info["recall_queries"],
@@ -710,7 +725,7 @@ class _Adder:
         index = db.index
         index.add(np.ascontiguousarray(embeddings[old_n:], dtype=np.float32))
         exact = m["nprobe"] is None
-        tuning = tune_nprobe(index, embeddings, k, m["target_recall"])
+        tuning = tune_search(index, embeddings, k, m["target_recall"], fetch=k + m["extra_neighbors"])
         write_index(index, self.stage / "index.faiss")
 
         knn = np.memmap(self.stage / "knn.dat", dtype="<i4", mode="w+", shape=(n, k))
@@ -748,13 +763,9 @@ class _Adder:
             "vocab_size": m["tokenizer"]["vocab_size"],
             "skipped_files": m.get("skipped_files", []) + report.unreadable,
         }
-        index_info = {
-            "index_type": m["index_type"],
-            "nprobe": tuning.nprobe,
-            "recall_at_k": tuning.recall,
-            "recall_queries": tuning.num_queries,
-        }
-        write_manifest(db.path, settings, chunking, index_info, dim)
+        write_manifest(
+            db.path, settings, chunking, {"index_type": m["index_type"], **index_info(tuning)}, dim
+        )
         shutil.rmtree(self.stage, ignore_errors=True)
 
     def _append_chunks(self, docs, report: SkipReport):
