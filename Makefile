@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test test test-all lint demo bench clean
+.PHONY: install install-test test test-ray test-all lint demo bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 # The reference peers are test-only and installed with --no-deps: their own pins would pull
 # numpy<2 (autofaiss), torchvision and a CUDA torch (timm). See docs/testing.md.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,ray]'
 	$(PIP) install -q --no-deps retro-pytorch==0.3.9 torchscale==0.3.0
 	$(PIP) install -q --no-deps --no-build-isolation fairscale==0.4.0
 	touch $@
@@ -35,6 +35,10 @@ lint: install-test
 
 test: install-test lint
 	$(VENV)/bin/pytest -m "not slow and not gpu" -q
+
+# The Ray engine's tests alone (a local 2-CPU Ray cluster; about 75 s). `make test` runs them too.
+test-ray: install-test
+	$(VENV)/bin/pytest -m ray -q
 
 test-all: install-test
 	$(VENV)/bin/pytest -q

@@ -92,6 +92,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="I/N",
         help="with --stage embed or neighbors: process only shard I of N of the chunk range",
     )
+    build.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: every stage in this process (or one --stage / --shard); ray: every stage as Ray "
+        "tasks over shards, the same result (needs pip install 'retlm[ray]')",
+    )
+    build.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="with --engine ray: the Ray cluster to join (e.g. ray://head:10001 or auto); "
+        "default: a local Ray started for this build",
+    )
+    build.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="with --engine ray: shards per stage (default: the cluster's CPUs)",
+    )
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.set_defaults(func=run_build)
 
@@ -129,6 +149,13 @@ def run_build(args: argparse.Namespace) -> int:
 
     if args.stage in ("all", "chunk") and not args.text_dir.is_dir():
         raise UsageError(f"TEXT_DIR is not a folder: {args.text_dir}")
+    if args.engine == "ray" and (args.stage != "all" or args.shard):
+        raise UsageError("--engine ray runs every stage itself: drop --stage / --shard")
+    if args.engine != "ray" and (args.address or args.shards):
+        raise UsageError("--address and --shards need --engine ray")
+    if args.shards is not None and args.shards <= 0:
+        raise UsageError(f"--shards must be a positive integer, got {args.shards}")
+    ray_options = {"engine": "ray", "address": args.address, "num_shards": args.shards}
     try:
         db = RetrievalDatabase.build(
             args.text_dir,
@@ -148,6 +175,7 @@ def run_build(args: argparse.Namespace) -> int:
             stage=args.stage,
             shard=args.shard,
             progress=not args.no_progress,
+            **(ray_options if args.engine == "ray" else {}),
         )
     except EmptySourceError as err:
         raise UsageError(str(err)) from None

@@ -33,7 +33,7 @@ from retlm.retrieval._storage import (
     sha256_file,
     write_json,
 )
-from retlm.retrieval.chunking import SkipReport, iter_documents, validate_sizes, write_chunks
+from retlm.retrieval.chunking import Document, SkipReport, iter_documents, validate_sizes, write_chunks
 from retlm.retrieval.embedding import DEFAULT_EMBEDDER, POOLINGS, Embedder, embed_rows, load_tokenizer
 from retlm.retrieval.index import (
     EXACT_THRESHOLD,
@@ -49,6 +49,7 @@ from retlm.retrieval.neighbors import compute_neighbors, merge_new_neighbors, se
 FORMAT_VERSION = 1
 STAGES = ("chunk", "embed", "index", "neighbors", "finalize")
 SHARDED_STAGES = ("embed", "neighbors")
+ENGINES = ("local", "ray")
 EMBEDDING_DTYPES = ("float16", "float32")
 DATA_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "embeddings.dat", "knn.dat", "index.faiss")
 
@@ -102,11 +103,17 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_rows(num_rows: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+def shard_rows(num_rows: int, shard: tuple[int, int] | None, align: int = 1) -> tuple[int, int]:
+    """Rows ``lo:hi`` of shard ``(i, n)``; inner boundaries are multiples of ``align`` (a batch size), so a
+    sharded stage runs the same batches as an unsharded one and writes the same bytes."""
     if shard is None:
         return 0, num_rows
     i, n = shard
-    return i * num_rows // n, (i + 1) * num_rows // n
+
+    def boundary(j: int) -> int:
+        return num_rows if j == n else j * num_rows // n // align * align
+
+    return boundary(i), boundary(i + 1)
 
 
 @dataclass
@@ -255,12 +262,18 @@ class RetrievalDatabase:
         stage: str = "all",
         shard: str | tuple[int, int] | None = None,
         progress: bool = True,
+        engine: str = "local",
+        address: str | None = None,
+        num_shards: int | None = None,
     ) -> RetrievalDatabase | None:
         """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
 
         Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one
         stage (of ``STAGES``) over one shard ``"i/n"`` of the chunk range, for builds spread over jobs;
-        the database is returned once ``finalize`` has run, else ``None``.
+        the database is returned once ``finalize`` has run, else ``None``. ``engine="ray"`` runs every
+        stage as Ray tasks over ``num_shards`` shards (default: the cluster's CPUs) on the cluster at
+        ``address`` (default: the initialised or a new local one), with the same result
+        (``retlm.retrieval.ray_build``; needs ``pip install 'retlm[ray]'``).
         """
         config = BuildConfig(
             chunk_size,
@@ -277,6 +290,18 @@ class RetrievalDatabase:
         )
         config.validate()
         shard = parse_shard(shard)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if engine == "ray":
+            if stage != "all" or shard is not None:
+                raise ValueError("engine 'ray' runs every stage itself: it takes no stage or shard")
+            from retlm.retrieval.ray_build import build_with_ray
+
+            return build_with_ray(
+                source, path, config, glob=glob, address=address, num_shards=num_shards, progress=progress
+            )
+        if address is not None or num_shards is not None:
+            raise ValueError("address and num_shards apply to engine 'ray' only")
         if stage not in ("all", *STAGES):
             raise ValueError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
         if shard is not None and stage not in SHARDED_STAGES:
@@ -463,6 +488,10 @@ class _Builder:
             raise ValueError("the chunk stage needs a source (a folder or an iterable of strings)")
         report = SkipReport()
         docs = iter_documents(source, glob, report)  # raises on an empty folder before any work
+        self.write_chunk_files(docs, report)
+
+    def write_chunk_files(self, docs: Iterable[Document], report: SkipReport) -> None:
+        """Tokenize and chunk ``docs`` into chunks.dat, doc_ids.dat, seqs.dat, tokenizer/, chunking.json."""
         tokenizer = load_tokenizer(self.config.embedder)
         pad_id = tokenizer.pad_token_id or 0
         eos_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
@@ -518,7 +547,7 @@ class _Builder:
             dtype=self.config.embedding_dtype,
             batch_size=self.config.batch_size,
             pad_id=self.chunking()["pad_id"],
-            rows=shard_rows(len(chunks), shard),
+            rows=shard_rows(len(chunks), shard, self.config.batch_size),
             progress=self.progress,
             desc="embed" if shard is None else f"embed {shard[0]}/{shard[1]}",
         )
@@ -542,11 +571,14 @@ class _Builder:
             return
         _merge_shards(self.path, "embeddings")
         embeddings = self.embeddings()
-        factory = self.config.index_factory or choose_factory(
-            len(embeddings), self.config.exact_threshold, embeddings.shape[1]
-        )
+        factory = self.factory(embeddings)
         index = build_index(embeddings, factory, progress=self.progress)
         self.tune_and_write_index(index, factory)
+
+    def factory(self, embeddings: np.ndarray) -> str:
+        """The index type: the one asked for, or the default for this many embeddings."""
+        n, dim = embeddings.shape
+        return self.config.index_factory or choose_factory(n, self.config.exact_threshold, dim)
 
     def tune_and_write_index(self, index, factory: str) -> None:
         """Tune the search of a filled index for the neighbour stage, then write it and index.json."""
