@@ -7,6 +7,7 @@ on fresh queries and on the neighbour stage's own output, neighbour-stage throug
 
     python bench/retrieval.py embed --chunks 1024
     python bench/retrieval.py index --n 200000 1000000 [--autofaiss-python /tmp/autofaiss-venv/bin/python]
+    python bench/retrieval.py scale --n 100000 1000000 3000000     # the cost curve (docs/scaling.md)
 
 Each index run happens in a child process so its peak RSS (``ru_maxrss``) is its own.
 """
@@ -325,6 +326,149 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- scale
+def child_scale(args) -> dict:
+    """The index-side stages of a build of ``n`` chunks on synthetic float16 embeddings, timed one by
+    one with the default settings: train, add, tune, the neighbour stage (on ``rows`` rows, its rate
+    extrapolated to all), and finalize's checksums; peak memory and the files' bytes per chunk."""
+    from retlm.retrieval._storage import sha256_file
+    from retlm.retrieval.index import add_rows, choose_factory, train_index, tune_search, write_index
+    from retlm.retrieval.neighbors import compute_neighbors
+
+    x = np.load(args.data, mmap_mode="r")
+    n = len(x)
+    factory = choose_factory(n)
+    loads, times = [load_average()], {}
+    start = time.perf_counter()
+    index = train_index(x, factory)
+    times["train"] = time.perf_counter() - start
+    start = time.perf_counter()
+    add_rows(index, x, progress=False)
+    times["add"] = time.perf_counter() - start
+    loads.append(load_average())
+    start = time.perf_counter()
+    tuning = tune_search(index, x, K, target=0.95, fetch=K + EXTRA)
+    times["tune"] = time.perf_counter() - start
+    loads.append(load_average())
+    rows = min(n, args.rows)
+    doc_ids = np.arange(n, dtype=np.int32)
+    work = Path(args.data).parent
+    wall, cpu = time.perf_counter(), time.process_time()
+    compute_neighbors(index, x, doc_ids, K, work / "knn.dat", rows=(0, rows), extra=EXTRA, progress=False)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    loads.append(load_average())
+    index_path = work / "index.faiss"
+    write_index(index, index_path)
+    index_bytes = index_path.stat().st_size
+    del index
+    start = time.perf_counter()
+    sha256_file(Path(args.data))
+    sha256_file(index_path)
+    hashed = Path(args.data).stat().st_size + index_bytes
+    checksum_s_per_byte = (time.perf_counter() - start) / hashed
+    return {
+        "n": n,
+        "factory": factory,
+        "nprobe": tuning.nprobe,
+        "k_factor": tuning.k_factor,
+        "recall_tuning": tuning.recall,
+        "train_s": times["train"],
+        "add_s": times["add"],
+        "tune_s": times["tune"],
+        "neighbour_rows": rows,
+        "neighbours_per_s": rows / wall,
+        "neighbours_per_2cpu_s": 2 * rows / cpu,
+        "neighbours_stage_s": n * wall / rows,
+        "index_bytes_per_chunk": index_bytes / n,
+        "checksum_s_per_gb": checksum_s_per_byte * 1e9,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "load_average": [round(v, 1) for v in loads],
+    }
+
+
+def chunk_rate() -> dict:
+    """Chunk-stage throughput on the bundled corpus (MiniLM's tokenizer, chunk 64): chunks per second."""
+    from retlm.corpus import pydoc_topics
+    from retlm.retrieval.chunking import iter_documents, write_chunks
+    from retlm.retrieval.embedding import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    texts = [t for _, t in pydoc_topics()]
+    files = [io.BytesIO() for _ in range(3)]
+    start = time.perf_counter()
+    counts = write_chunks(
+        iter_documents(texts),
+        tokenizer,
+        chunk_size=64,
+        seq_len=512,
+        pad_id=0,
+        eos_id=102,
+        chunks_file=files[0],
+        doc_ids_file=files[1],
+        seqs_file=files[2],
+    )
+    seconds = time.perf_counter() - start
+    return {"chunks": counts.num_chunks, "chunks_per_s": counts.num_chunks / seconds, "seqs": counts.num_seqs}
+
+
+def bench_scale(args) -> list[dict]:
+    rows = []
+    for n in args.n:
+        work = Path(tempfile.mkdtemp(prefix=f"bench-scale-{n}-", dir=args.workdir))
+        start = time.perf_counter()
+        data = synthetic(work / "emb.npy", n, seed=0, dtype="float16")
+        generate_s = time.perf_counter() - start
+        cmd = [sys.executable, __file__, "_scale", "--data", str(data), "--rows", str(args.rows)]
+        row = {"generate_s": generate_s, **run_child(cmd, args.timeout)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    chunking = chunk_rate()
+    print(json.dumps({"chunk_stage": chunking}), flush=True)
+    print(scale_summary(rows, chunking, args.embed_rate), flush=True)
+    return rows
+
+
+def scale_summary(rows: list[dict], chunking: dict, embed_rate: float) -> str:
+    """Per-stage seconds (chunk and embed from their per-chunk rates), bytes per chunk, memory."""
+    c = 64
+    per_chunk_files = (c + 1) * 4 + 4 + 4 * chunking["seqs"] / chunking["chunks"] + DIM * 2 + K * 4
+    lines = [
+        "| n | index | nprobe / k_factor | chunk s* | embed s* | train s | add s | tune s | neighbours s "
+        "(rate/s wall, per 2 CPU-s) | checksums s | disk bytes/chunk (index) | peak RSS GiB | load avg |",
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('n', '?')} | {r['error']} |" + " |" * 11)
+            continue
+        n = r["n"]
+        disk = per_chunk_files + r["index_bytes_per_chunk"]
+        checksum_s = r["checksum_s_per_gb"] * n * disk / 1e9
+        cells = [
+            f"{n:,}",
+            r["factory"],
+            f"{r['nprobe']} / {r['k_factor']:g}",
+            f"{n / chunking['chunks_per_s']:.0f}",
+            f"{n / embed_rate:,.0f}",
+            f"{r['train_s']:.1f}",
+            f"{r['add_s']:.1f}",
+            f"{r['tune_s']:.1f}",
+            f"{r['neighbours_stage_s']:.0f} ({r['neighbours_per_s']:.0f}, {r['neighbours_per_2cpu_s']:.0f})",
+            f"{checksum_s:.1f}",
+            f"{disk:.0f} ({r['index_bytes_per_chunk']:.0f})",
+            f"{r['peak_rss_gib']:.2f}",
+            f"{min(r['load_average'])}-{max(r['load_average'])}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        f"\n*chunk: {chunking['chunks_per_s']:.0f} chunks/s measured on the bundled corpus; embed: "
+        f"{embed_rate:.0f} chunks/s (--embed-rate, from `bench/retrieval.py embed`), both linear in n."
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -351,6 +495,16 @@ def main() -> None:
     i.add_argument("--timeout", type=float, default=3600)
     i.add_argument("--workdir", default=None)
     i.add_argument("--keep", action="store_true")
+    c = sub.add_parser("scale")
+    c.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000, 3_000_000])
+    c.add_argument("--rows", type=int, default=50_000, help="rows of the timed neighbour stage")
+    c.add_argument("--embed-rate", type=float, default=90.0, help="embedding chunks/s (from `embed`)")
+    c.add_argument("--timeout", type=float, default=3600)
+    c.add_argument("--workdir", default=None)
+    c.add_argument("--keep", action="store_true")
+    sc = sub.add_parser("_scale")  # child process
+    sc.add_argument("--data")
+    sc.add_argument("--rows", type=int, default=50_000)
     o = sub.add_parser("_ours")  # child process
     for name in ("--data", "--queries", "--out", "--factory"):
         o.add_argument(name)
@@ -371,6 +525,10 @@ def main() -> None:
     elif args.what == "index":
         for n in args.n:
             bench_index(n, args)
+    elif args.what == "scale":
+        bench_scale(args)
+    elif args.what == "_scale":
+        print(json.dumps(child_scale(args)))
     else:
         print(json.dumps(child_ours(args)))
 

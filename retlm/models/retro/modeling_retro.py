@@ -279,7 +279,7 @@ class RetroPreTrainedModel(PreTrainedModel):
     config_class = RetroConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["RetroDecoderLayer", "RetroEncoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _is_stateful = True
@@ -361,6 +361,26 @@ def check_right_padding(attention_mask: Tensor | None) -> None:
         )
 
 
+def _mix_only(layer: RetroDecoderLayer, x: Tensor, start: int, mode: str, chunk_size: int) -> Tensor:
+    """A decoder layer's self-attention / retention sub-layer without a cache ``(batch, seq, dim)``."""
+    return layer.mix(x, start, None, keep_state=False, mode=mode, retnet_chunk_size=chunk_size)[0]
+
+
+def _cross_and_feed_forward(
+    layer: RetroDecoderLayer,
+    x: Tensor,
+    start: int,
+    encoded: Tensor | None,
+    mask: Tensor | None,
+    group_valid: Tensor | None,
+) -> Tensor:
+    """A decoder layer's chunked cross-attention (when it has one and there are neighbours: ``encoded
+    (batch, groups, k, r, dim)``, ``mask (batch, groups, k, r)``) and its feed-forward."""
+    if layer.cca is not None and encoded is not None:
+        x = layer.cross(x, start, (encoded, mask, group_valid))
+    return layer.feed_forward(x)
+
+
 class RetroModel(RetroPreTrainedModel):
     """Embeddings, encoder, decoder and final norm. Returns decoder hidden states and the cache."""
 
@@ -380,6 +400,7 @@ class RetroModel(RetroPreTrainedModel):
         self.norm_out = final_norm(config.dec_dim, config)
         cca_layers = [i for i, layer in enumerate(self.layers) if layer.cca is not None]
         self.context_layer = cca_layers[0] if cca_layers else None
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -535,23 +556,39 @@ class RetroModel(RetroPreTrainedModel):
         x = self.embed(input_ids, start)
         hidden_states = [x] if output_hidden_states else None
         neighbours = None
+        # Gradient checkpointing (training without a cache): each layer's sublayers, and the encoder run,
+        # keep only their inputs and are recomputed in backward (dropout replays the same masks).
+        checkpointing = self.gradient_checkpointing and self.training and keep is None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            x, state = layer.mix(
-                x,
-                start,
-                state,
-                keep_state=keep is not None,
-                mode=mode,
-                retnet_chunk_size=config.retnet_chunk_size,
-            )
+            if checkpointing:
+                x = self._gradient_checkpointing_func(
+                    _mix_only, layer, x, start, mode, config.retnet_chunk_size
+                )
+            else:
+                x, state = layer.mix(
+                    x,
+                    start,
+                    state,
+                    keep_state=keep is not None,
+                    mode=mode,
+                    retnet_chunk_size=config.retnet_chunk_size,
+                )
             if keep is not None:
                 keep.layers[i] = state
             if i == self.context_layer:
-                neighbours = self.neighbours_for_call(x, retrieved, start, keep)
-            if layer.cca is not None and neighbours is not None:
-                x = layer.cross(x, start, neighbours)
-            x = layer.feed_forward(x)
+                if checkpointing and retrieved is not None:
+                    neighbours = self._gradient_checkpointing_func(
+                        self.neighbours_for_call, x, retrieved, start, None
+                    )
+                else:
+                    neighbours = self.neighbours_for_call(x, retrieved, start, keep)
+            # the neighbours go in as separate tensors: a reentrant checkpoint tracks only top-level ones
+            parts = neighbours if neighbours is not None else (None, None, None)
+            if checkpointing:
+                x = self._gradient_checkpointing_func(_cross_and_feed_forward, layer, x, start, *parts)
+            else:
+                x = _cross_and_feed_forward(layer, x, start, *parts)
             if hidden_states is not None:
                 hidden_states.append(x)
         x = self.norm_out(x)
