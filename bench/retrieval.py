@@ -238,6 +238,10 @@ def candidates(n: int, methods: list[str]) -> list[tuple[str, str]]:
         "rflat": ("fast-scan PQ + float32 re-rank (RFlat)", new.replace("Refine(SQfp16)", "RFlat")),
         "hnsw": ("fast-scan PQ + re-rank, HNSW coarse quantizer", new.replace(coarse, f"{coarse}_HNSW32")),
         "sq8-refine": ("fast-scan PQ + 8-bit re-rank", new.replace("Refine(SQfp16)", "Refine(SQ8)")),
+        "megatron": (
+            "Megatron's RETRO index, scaled (OPQ, 32-byte PQ, no re-rank)",
+            f"OPQ32_64,{coarse}_HNSW8,PQ32",
+        ),
     }
     return [table[m] for m in methods if m in table]
 
@@ -490,7 +494,7 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=["before", "new", "rflat", "hnsw", "autofaiss"],
-        choices=["before", "new", "rflat", "hnsw", "sq8-refine", "autofaiss"],
+        choices=["before", "new", "rflat", "hnsw", "sq8-refine", "megatron", "autofaiss"],
     )
     i.add_argument("--timeout", type=float, default=3600)
     i.add_argument("--workdir", default=None)

@@ -11,7 +11,8 @@ build, so both write the same database):
     index      1 task trains the index once, on the same random sample; S tasks each add their rows to
                a copy of the trained (empty) index; 1 task merges the copies (``merge_indexes``: the
                same bytes as one ``add``), tunes the search and writes index.faiss
-    neighbors  S tasks over row shards, each searching the whole index     -> shards/knn-i
+    neighbors  S tasks over row shards, each searching the whole index with all of a node's CPUs (so a
+               node holds one copy of the index)                            -> shards/knn-i
     finalize   1 task: concatenates the neighbour shards, checksums, manifest.json
 
 Result: chunks, document ids and embeddings identical to the single-process build with the same
@@ -31,7 +32,7 @@ Memory per worker, for ``n`` chunks of ``dim`` dimensions (``B`` = batch_size):
   (``n / S * bytes per vector``, about 830 for the default index at 384-d);
 - index, merge + tune: the whole index (``n * bytes per vector``), one shard file, 1000 query vectors
   and a 131,072-row block of the exact search;
-- neighbors: the whole index and one block of 4,096 queries;
+- neighbors: the whole index and one block of 4,096 queries, one such task per node at a time;
 - finalize: buffers of 16 MB.
 No task holds all the vectors: the embedding file is read through a memmap, block by block. Every
 worker needs the database folder on a filesystem shared by all nodes (and the source folder for the
@@ -119,8 +120,10 @@ def build_with_ray(
     if builder.finished():
         return RetrievalDatabase.open(path, verify=False)
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    if started and address is None:  # a local Ray for this build
+        ray.init(include_dashboard=False, log_to_driver=False)
+    elif started:
+        ray.init(address=address, log_to_driver=False)
     try:
         shards = num_shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
         _Driver(ray, path, config, shards, progress).run(source, glob)
@@ -136,8 +139,8 @@ class _Driver:
     def __init__(self, ray, path: Path, config: BuildConfig, shards: int, progress: bool):
         self.ray, self.path, self.config, self.shards, self.progress = ray, path, config, shards, progress
         self.options = asdict(config)
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        self.node_cpus = max(1, int(min((r.get("CPU", 1) for r in nodes), default=1)))
+        cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        self.node_cpus = max(1, int(min((c for c in cpus if c > 0), default=1)))  # the smallest worker node
         self.gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.tasks: dict = {}
 
@@ -198,7 +201,9 @@ class _Driver:
             ]
             self.wait(refs, "index merge + tune")
         refs = [
-            self.submit(_stage_task, path, opts, "neighbors", (i, s), name=f"neighbours {i}/{s}")
+            self.submit(
+                _stage_task, path, opts, "neighbors", (i, s), name=f"neighbours {i}/{s}", whole_node=True
+            )
             for i in range(s)
         ]
         self.wait(refs, "neighbours")
