@@ -587,7 +587,7 @@ class _Builder:
             index, self.embeddings(), k, self.config.target_recall, fetch=k + self.config.extra_neighbors
         )
         write_index(index, self.path / "index.faiss")
-        write_json(self.path / "index.json", {"index_type": factory, **index_info(tuning)})
+        write_json(self.path / "index.json", {"index_type": factory, **tuning_info(tuning)})
 
     # ---- stage 4
     def neighbors(self, shard: tuple[int, int] | None) -> None:
@@ -621,7 +621,7 @@ class _Builder:
         shutil.rmtree(self.path / "shards", ignore_errors=True)
 
 
-def index_info(tuning: Tuning) -> dict[str, Any]:
+def tuning_info(tuning: Tuning) -> dict[str, Any]:
     """The tuned search settings as stored in index.json and the manifest."""
     return {
         "nprobe": tuning.nprobe,
@@ -796,7 +796,7 @@ class _Adder:
             "skipped_files": m.get("skipped_files", []) + report.unreadable,
         }
         write_manifest(
-            db.path, settings, chunking, {"index_type": m["index_type"], **index_info(tuning)}, dim
+            db.path, settings, chunking, {"index_type": m["index_type"], **tuning_info(tuning)}, dim
         )
         shutil.rmtree(self.stage, ignore_errors=True)
 
