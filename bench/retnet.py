@@ -10,6 +10,10 @@ Three parts, each run in this one process and printed as markdown tables with ra
 3. decode: RetNetForCausalLM in recurrent mode vs transformers' LlamaForCausalLM with its KV cache
            (same width, depth and heads; Llama's FFN widened so both have the same parameter count),
            after a prompt of 1k / 4k / 8k tokens: tokens/s (fastest of 3 runs of 32 tokens) and memory.
+4. curve:  ms per decoding step against the context length, 1k .. 32k, both models (Llama's KV cache is
+           filled with random keys and values of the right size: a step's cost depends on the cache's
+           size, not its contents, and a real 32k prefill would take minutes of quadratic attention).
+5. profile: cProfile of RetNet decoding steps at 8k context, the top entries by own time.
 
 Memory on CPU: tracemalloc does not see torch's allocations, so we report (i) the exact bytes of the
 cache tensors and (ii) the process's peak resident memory during the decoding steps above its level
@@ -30,6 +34,7 @@ from _memory import proc_status_bytes, release_free_memory, reset_peak_rss
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from retlm import RetNetConfig, RetNetForCausalLM
+from retlm.compat import cache_kwargs, output_cache
 from retlm.ops.retention import decay_gammas, retention
 
 MiB = 2**20
@@ -98,7 +103,7 @@ def make_models(
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=heads,
-            max_position_embeddings=16384,
+            max_position_embeddings=65536,
             attn_implementation="sdpa",
         )
     ).eval()
@@ -180,12 +185,10 @@ def bench_train(model: RetNetForCausalLM, lengths: list[int], chunk_size: int, r
 def prefill(model, prompt: torch.Tensor, is_retnet: bool, chunk: int = 1024):
     """Run the prompt and return the cache (RetNet: one chunkwise call; Llama: 1k-token pieces)."""
     if is_retnet:
-        return model(
-            input_ids=prompt, forward_impl="chunkwise", chunk_size=256, use_cache=True
-        ).past_key_values
+        return output_cache(model(input_ids=prompt, forward_impl="chunkwise", chunk_size=256, use_cache=True))
     cache = DynamicCache()
     for start in range(0, prompt.shape[1], chunk):
-        model(input_ids=prompt[:, start : start + chunk], past_key_values=cache, use_cache=True)
+        model(input_ids=prompt[:, start : start + chunk], use_cache=True, **cache_kwargs(cache))
     return cache
 
 
@@ -195,8 +198,8 @@ def decode(model, cache, token: torch.Tensor, steps: int, is_retnet: bool) -> fl
     extra = {"forward_impl": "recurrent"} if is_retnet else {}
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
-        cache = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **cache_kwargs(cache), **extra)
+        cache = output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 
@@ -251,6 +254,58 @@ def bench_decode(retnet, llama, contexts: list[int], batch: int, steps: int, rep
         )
 
 
+def random_kv_cache(llama: LlamaForCausalLM, context: int) -> DynamicCache:
+    """A DynamicCache holding ``context`` random keys and values per layer, batch 1."""
+    config = llama.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = DynamicCache()
+    for layer in range(config.num_hidden_layers):
+        shape = (1, config.num_key_value_heads, context, head_dim)
+        cache.update(torch.randn(shape), torch.randn(shape), layer)
+    return cache
+
+
+def bench_curve(retnet, llama, contexts: list[int], steps: int, repeats: int) -> None:
+    print(f"\n### decode cost against context length: {steps} greedy tokens, batch 1, fastest of {repeats}")
+    print("(RetNet: a real chunkwise prefill; Llama: a KV cache of random keys and values)\n")
+    print("| context | RetNet ms/step | Llama ms/step | speed ratio |")
+    print("|---|---|---|---|")
+    for context in contexts:
+        token = torch.randint(0, retnet.config.vocab_size, (1, 1))
+        times = []
+        for model, is_retnet in ((retnet, True), (llama, False)):
+            release_free_memory()
+            if is_retnet:
+                cache = prefill(model, torch.randint(0, model.config.vocab_size, (1, context)), True)
+            else:
+                cache = random_kv_cache(model, context)
+            decode(model, cache, token, 2, is_retnet)  # warm-up
+            times.append(min(decode(model, cache, token, steps, is_retnet) for _ in range(repeats)) / steps)
+            del cache
+        print(f"| {context} | {1e3 * times[0]:.2f} | {1e3 * times[1]:.2f} | {times[1] / times[0]:.1f}x |",
+              flush=True)  # fmt: skip
+
+
+def profile_decode(retnet, context: int, steps: int, top: int = 15) -> None:
+    """cProfile of ``steps`` decoding steps after a ``context``-token prompt; top entries by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    cache = prefill(retnet, torch.randint(0, retnet.config.vocab_size, (1, context)), True)
+    token = torch.randint(0, retnet.config.vocab_size, (1, 1))
+    decode(retnet, cache, token, 4, True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    seconds = decode(retnet, cache, token, steps, True)
+    profiler.disable()
+    print(f"\n### profile: {steps} RetNet decoding steps at context {context} "
+          f"({1e3 * seconds / steps:.2f} ms/step under the profiler)\n")  # fmt: skip
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    print("```\n" + "\n".join(line for line in out.getvalue().splitlines() if line.strip()) + "\n```")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short lengths and contexts (smoke run)")
@@ -266,12 +321,16 @@ def main() -> None:
         "--decode-repeats", type=int, default=3, help="timed decoding runs per context; the fastest is kept"
     )
     parser.add_argument(
-        "--parts", default="ops,train,decode", help="comma-separated subset of ops,train,decode"
+        "--parts", default="ops,train,decode", help="comma-separated subset of ops,train,decode,curve,profile"
     )
+    parser.add_argument("--contexts", default=None, help="decode contexts, comma-separated (1k,4k,8k)")
+    parser.add_argument("--curve-contexts", default="1024,2048,4096,8192,16384,32768")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [256, 512] if args.quick else [512, 1024, 2048, 4096]
     contexts = [256, 1024] if args.quick else [1024, 4096, 8192]
+    if args.contexts:
+        contexts = [int(c) for c in args.contexts.split(",")]
     repeats = 1 if args.quick else 2
 
     retnet, llama = make_models(args.hidden, args.layers, args.heads, args.vocab)
@@ -293,6 +352,11 @@ def main() -> None:
     if "decode" in parts:
         for batch in map(int, args.batches.split(",")):
             bench_decode(retnet, llama, contexts, batch, args.steps, 1 if args.quick else args.decode_repeats)
+    if "curve" in parts:
+        curve = [int(c) for c in args.curve_contexts.split(",")]
+        bench_curve(retnet, llama, curve, args.steps, 1 if args.quick else args.decode_repeats)
+    if "profile" in parts:
+        profile_decode(retnet, 8192, 4 * args.steps)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import torch
 from _memory import proc_status_bytes, release_free_memory, reset_peak_rss
 
 from retlm import RETRO
+from retlm.compat import output_cache
 from retlm.layers.attention import KVCache
 from retlm.models.retro.convert import from_retro_pytorch
 from retlm.models.retro.generation import generate_with_retrieval
@@ -312,7 +313,7 @@ class TimedModel:
         sync(self.device)
         self.seconds.append(time.perf_counter() - start)
         self.cpu_seconds.append(time.process_time() - cpu_start)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return out
 
 

@@ -8,7 +8,8 @@ number of steps from the same seed and data order:
 - ``control-seed{N}``: the same model trained with no retrieval at all.
 
 and scores every held-out sequence three ways: the RETRO weights with retrieval, the same weights with
-retrieval switched off, and the control. Besides the perplexities it prints
+retrieval switched off, and the control. Besides the perplexities and bits per byte (the RETRO paper's
+metric, comparable across tokenizers: ``--tokenizer gpt2``, the default, or ``bert``) it prints
 
 - a paired bootstrap (over held-out sequences) of the per-token loss difference, control minus RETRO
   with retrieval, so that a difference can be told apart from noise;
@@ -35,7 +36,7 @@ import torch
 from retlm.demo import DemoOptions, build_database
 from retlm.training import load_model, train
 from retlm.training.data import IGNORE_INDEX, RetroCollator
-from retlm.training.evaluate import causal_lm_loss, select_split
+from retlm.training.evaluate import causal_lm_loss, count_bytes, select_split
 from retlm.training.trainer import read_model_config
 
 
@@ -50,10 +51,10 @@ def train_variant(db: Any, work: Path, name: str, config: dict[str, Any], retrie
 
 @torch.no_grad()
 def per_token_losses(model: torch.nn.Module, dataset: Any, pad_id: int, retrieval: bool,
-                     batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 8, eos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(losses, labels)``, each ``(n_sequences, seq_len)``; ``losses`` is 0 where labels are ignored."""
     model.eval()
-    collate = RetroCollator(pad_id, retrieval=retrieval)
+    collate = RetroCollator(pad_id, retrieval=retrieval, eos_id=eos_id)
     losses, labels = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -94,24 +95,32 @@ def bootstrap(diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, se
         np.quantile(means, 0.975))
 
 
+def bits_per_byte(losses: np.ndarray, scored: np.ndarray, n_bytes: int) -> float:
+    """Summed NLL of the scored targets in bits over their UTF-8 bytes (see ``evaluate.count_bytes``)."""
+    return float(losses[scored].sum() / math.log(2) / n_bytes)
+
+
 def score_pair(db: Any, retro_dir: Path, control_dir: Path) -> dict[str, Any]:
     """Held-out scores of one (RETRO, control) pair trained from the same seed."""
     retro, control = load_model(retro_dir), load_model(control_dir)
     heldout = select_split("heldout", database_sequences(db, retro), db, retro.config.retlm_data)
-    pad_id = int(db.pad_id)
-    with_r, labels = per_token_losses(retro, heldout, pad_id, retrieval=True)
-    without_r, _ = per_token_losses(retro, heldout, pad_id, retrieval=False)
-    ctrl, _ = per_token_losses(control, heldout, pad_id, retrieval=False)
+    pad_id, eos_id = int(db.pad_id), int(db.eos_id)
+    with_r, labels = per_token_losses(retro, heldout, pad_id, retrieval=True, eos_id=eos_id)
+    without_r, _ = per_token_losses(retro, heldout, pad_id, retrieval=False, eos_id=eos_id)
+    ctrl, _ = per_token_losses(control, heldout, pad_id, retrieval=False, eos_id=eos_id)
     scored = labels != IGNORE_INDEX
     tokens = scored.sum(1)
+    n_bytes = count_bytes(heldout, db.tokenizer, pad_id=pad_id, eos_id=eos_id)
 
     def ppl(losses: np.ndarray) -> float:
         return math.exp(losses[scored].mean())
 
+    runs = {"retro_with_retrieval": with_r, "retro_without_retrieval": without_r,
+            "control_trained_without_retrieval": ctrl}
     report: dict[str, Any] = {
-        "heldout_sequences": len(heldout), "heldout_tokens": int(tokens.sum()),
-        "perplexity": {"retro_with_retrieval": ppl(with_r), "retro_without_retrieval": ppl(without_r),
-                       "control_trained_without_retrieval": ppl(ctrl)},
+        "heldout_sequences": len(heldout), "heldout_tokens": int(tokens.sum()), "heldout_bytes": n_bytes,
+        "perplexity": {name: ppl(losses) for name, losses in runs.items()},
+        "bits_per_byte": {name: bits_per_byte(losses, scored, n_bytes) for name, losses in runs.items()},
     }
     for name, other in (("control_minus_retro", ctrl), ("retro_off_minus_retro", without_r)):
         mean, low, high = bootstrap(((other - with_r) * scored).sum(1), tokens)
@@ -129,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path("retrieval-helps-work"))
     parser.add_argument("--corpus", type=Path, default=None, help="a folder of text (default: bundled docs)")
+    parser.add_argument("--tokenizer", default="gpt2", help="LM tokenizer of the database: gpt2 or bert")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", default="0", help="comma-separated; one (RETRO, control) pair per seed")
     parser.add_argument("--model-config", default="retro-tiny")
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
 
     work = args.work_dir
     db = build_database(DemoOptions(work_dir=work, corpus=args.corpus, seq_len=args.seq_len,
-                                    chunk_size=args.chunk_size, progress=not args.quiet))
+                                    chunk_size=args.chunk_size, tokenizer=args.tokenizer,
+                                    progress=not args.quiet))
     config = read_model_config(args.model_config)
     report: dict[str, Any] = {"steps": args.steps, "model_config": args.model_config, "seeds": {}}
     for seed in (int(s) for s in args.seeds.split(",")):

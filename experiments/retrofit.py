@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from retrieval_helps import bootstrap, copyable_mask, database_sequences, per_token_losses
+from retrieval_helps import bits_per_byte, bootstrap, copyable_mask, database_sequences, per_token_losses
 from torch.utils.data import DataLoader, Dataset
 from transformers import get_cosine_schedule_with_warmup
 
 from retlm.retrieval import RetrievalDatabase
 from retlm.training import load_model
 from retlm.training.data import IGNORE_INDEX, DocumentSplit, RetroCollator, split_datasets
-from retlm.training.evaluate import causal_lm_loss, select_split
+from retlm.training.evaluate import causal_lm_loss, count_bytes, select_split
 
 
 class OtherNeighbours(Dataset):
@@ -67,14 +67,14 @@ def retrofittable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def retrofit(model: torch.nn.Module, train_set: Dataset, pad_id: int, *, steps: int, lr: float,
-             batch_size: int, seed: int) -> list[float]:
+             batch_size: int, seed: int, eos_id: int | None = None) -> list[float]:
     """Train the encoder and CCA layers for ``steps`` steps; returns the training losses."""
     params = retrofittable(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True,
-                        collate_fn=RetroCollator(pad_id, retrieval=True))
+                        collate_fn=RetroCollator(pad_id, retrieval=True, eos_id=eos_id))
     model.train()
     losses: list[float] = []
     while len(losses) < steps:
@@ -112,18 +112,19 @@ def main(argv: list[str] | None = None) -> None:
     split = DocumentSplit.make(db.doc_ids, trained["split"]["train_fraction"], trained["split"]["seed"])
     train_set, _ = split_datasets(dataset, db, split, hide_heldout=True)
     heldout = select_split("heldout", dataset, db, trained)
-    pad_id = int(db.pad_id)
+    pad_id, eos_id = int(db.pad_id), int(db.eos_id)
 
-    control, labels = per_token_losses(model, heldout, pad_id, retrieval=False)
+    control, labels = per_token_losses(model, heldout, pad_id, retrieval=False, eos_id=eos_id)
     start = time.perf_counter()
     losses = retrofit(model, train_set, pad_id, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                      seed=args.seed)
+                      seed=args.seed, eos_id=eos_id)
     minutes = (time.perf_counter() - start) / 60
-    real, _ = per_token_losses(model, heldout, pad_id, retrieval=True)
-    other, _ = per_token_losses(model, OtherNeighbours(heldout), pad_id, retrieval=True)
-    off, _ = per_token_losses(model, heldout, pad_id, retrieval=False)
+    real, _ = per_token_losses(model, heldout, pad_id, retrieval=True, eos_id=eos_id)
+    other, _ = per_token_losses(model, OtherNeighbours(heldout), pad_id, retrieval=True, eos_id=eos_id)
+    off, _ = per_token_losses(model, heldout, pad_id, retrieval=False, eos_id=eos_id)
     scored = labels != IGNORE_INDEX
     tokens = scored.sum(1)
+    n_bytes = count_bytes(heldout, db.tokenizer, pad_id=pad_id, eos_id=eos_id)
     assert np.array_equal(off, control), "retrieval off must give the control exactly (frozen decoder)"
 
     def ppl(losses: np.ndarray) -> float:
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_sequences": len(heldout), "heldout_tokens": int(tokens.sum()),
         "perplexity": {"retrofitted_real_neighbours": ppl(real), "retrofitted_other_neighbours": ppl(other),
                        "control_equals_retrieval_off": ppl(control)},
+        "heldout_bytes": n_bytes,
+        "bits_per_byte": {"retrofitted_real_neighbours": bits_per_byte(real, scored, n_bytes),
+                          "retrofitted_other_neighbours": bits_per_byte(other, scored, n_bytes),
+                          "control_equals_retrieval_off": bits_per_byte(control, scored, n_bytes)},
         "retrieval_gain_on_copyable_vs_other_tokens": [float(gain[copyable].mean()),
                                                        float(gain[scored & ~copyable].mean())],
     }

@@ -23,6 +23,7 @@ _LAZY: dict[str, str] = {
     "RetroForCausalLM": "retlm.models.retro",
     "RETRODataset": "retlm.data",
     "RetrievalDatabase": "retlm.retrieval",
+    "load_tokenizer": "retlm.tokenization",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -1,11 +1,15 @@
 """`retlm demo`: the whole workflow on the bundled corpus (or a folder of your own text), on a CPU.
 
-1. build the retrieval database;
+1. build the retrieval database (GPT-2 byte-level BPE chunks by default; ``tokenizer="bert"``: the seed's
+   single WordPiece vocabulary);
 2. train a small RETRO with the RetNet decoder on ~90% of the documents, within a time budget;
    (with ``baseline=True``: also the same model trained with no retrieval at all, the paper's control);
-3. evaluate held-out perplexity with retrieval and with retrieval switched off (same weights, tokens);
-4. generate from a prompt, retrieving at chunk boundaries, and show the neighbours used;
-5. write ``loss.png`` (training and validation curves) and ``report.json``.
+3. evaluate held-out perplexity and bits per byte with retrieval and with retrieval switched off (same
+   weights, same tokens);
+4. generate from prompts taken from held-out documents (the first chunk of each; or ``prompt``),
+   retrieving at chunk boundaries with the prompt's own document excluded, and show every neighbour
+   read, with the name of its source document;
+5. write ``loss.png`` (training and validation curves) and ``report.json`` (scores and generations).
 
 Every step resumes: a second run (or a run after a kill) reuses the finished database, checkpoints and
 evaluations in the work directory instead of redoing them.
@@ -20,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.utils import atomic_write, ensure_writable_dir
+import numpy as np
 
-DEFAULT_PROMPT = "The json module can serialize Python objects"
+from retlm.utils import atomic_write, ensure_writable_dir
 
 
 @dataclass
@@ -31,6 +35,7 @@ class DemoOptions:
 
     work_dir: Path = Path("demo-work")
     corpus: Path | None = None  # None: the bundled Python documentation corpus
+    tokenizer: str = "gpt2"  # the LM tokenizer: gpt2 | bert (the embedder's WordPiece) | a folder
     minutes: float = 5.0  # training budget per model
     baseline: bool = False  # also train the no-retrieval control of the same size
     model_config: str = "retro-tiny"
@@ -41,7 +46,8 @@ class DemoOptions:
     lr: float = 2e-3
     eval_sequences: int | None = 256  # held-out sequences scored at the end (None: all)
     eval_every: int = 20  # steps between the validation points of the loss curve
-    prompt: str = DEFAULT_PROMPT
+    prompt: str | None = None  # None: the first chunk of num_prompts held-out documents
+    num_prompts: int = 2
     max_new_tokens: int = 128  # enough to cross chunk boundaries, so retrieval happens while generating
     temperature: float = 0.8
     top_k: int = 40
@@ -59,6 +65,8 @@ class DemoOptions:
                 raise FileNotFoundError(f"--corpus {corpus}: the folder holds no file")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts}")
 
 
 def _say(message: str) -> None:
@@ -82,17 +90,25 @@ def build_database(opts: DemoOptions) -> Any:
 
     db_dir = opts.work_dir / "db"
     if (db_dir / "manifest.json").is_file():
-        db = RetrievalDatabase.open(db_dir)
-        _say(f"[1/5] database: reusing {db_dir} ({db.num_chunks} chunks)")
+        hint = f"; delete {opts.work_dir} or pass another --work-dir"
+        try:
+            db = RetrievalDatabase.open(db_dir)
+        except ValueError as err:  # e.g. a database of an older format
+            raise ValueError(f"{err}{hint}") from None
+        if db.tokenizer_name != opts.tokenizer:
+            raise ValueError(f"{db_dir} was built with tokenizer {db.tokenizer_name!r}, not "
+                             f"{opts.tokenizer!r}{hint}")
+        _say(f"[1/5] database: reusing {db_dir} ({db.num_chunks} chunks, tokenizer {db.tokenizer_name})")
         return db
     corpus, glob = opts.corpus, "**/*"  # a user's folder: every text file (binary ones are skipped)
     if corpus is None:
         corpus, glob = write_python_docs_corpus(opts.work_dir / "corpus", progress=opts.progress), "*.txt"
     start = time.perf_counter()
     db = RetrievalDatabase.build(corpus, db_dir, chunk_size=opts.chunk_size, num_neighbors=opts.num_neighbors,
-                                 seq_len=opts.seq_len, glob=glob, progress=opts.progress)
-    _say(f"[1/5] database: {db.num_chunks} chunks of {db.chunk_size} tokens from {corpus} "
-         f"in {time.perf_counter() - start:.0f} s -> {db_dir}")
+                                 seq_len=opts.seq_len, tokenizer=opts.tokenizer, glob=glob,
+                                 progress=opts.progress)
+    _say(f"[1/5] database: {db.num_chunks} chunks of {db.chunk_size} {db.tokenizer_name} tokens from "
+         f"{db.num_docs} documents of {corpus} in {time.perf_counter() - start:.0f} s -> {db_dir}")
     return db
 
 
@@ -122,6 +138,67 @@ def evaluate_model(opts: DemoOptions, db: Any, trained: Any) -> dict[str, Any]:
         trained.model_dir, db, max_sequences=opts.eval_sequences, progress=opts.progress))
 
 
+def held_out_prompts(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, Any]]:
+    """``num_prompts`` prompts, each the first chunk of a held-out document (cut back to its last line end
+    when that keeps at least half of it), from documents of at least two chunks; or ``opts.prompt``."""
+    if opts.prompt is not None:
+        return [{"doc_id": None, "document": None, "prompt": opts.prompt}]
+    split = (getattr(model.config, "retlm_data", None) or {}).get("split") or {}
+    doc_ids = np.asarray(db.doc_ids)
+    starts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])
+    lengths = np.diff(np.r_[starts, len(doc_ids)])
+    first_chunk = dict(zip(doc_ids[starts].tolist(), starts.tolist(), strict=True))
+    chunks_of = dict(zip(doc_ids[starts].tolist(), lengths.tolist(), strict=True))
+    heldout = [d for d in split.get("heldout_docs", []) if chunks_of.get(d, 0) >= 2]
+    if not heldout:
+        heldout = [d for d in first_chunk if chunks_of[d] >= 2] or list(first_chunk)
+    rng = np.random.default_rng(opts.seed)
+    picked = sorted(rng.choice(heldout, size=min(opts.num_prompts, len(heldout)), replace=False).tolist())
+    prompts = []
+    for doc in picked:
+        text = db.chunk_text(first_chunk[doc])
+        cut = text.rfind("\n")
+        if cut >= len(text) // 2:
+            text = text[: cut + 1]
+        prompts.append({"doc_id": int(doc), "document": db.doc_name(int(doc)), "prompt": text})
+    return prompts
+
+
+def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, Any]]:
+    """Generate from each prompt and print it readably; the records of ``report.json``'s generations."""
+    from retlm.cli.generate import print_neighbours, quoted
+    from retlm.generation import generate_text
+
+    prompts = held_out_prompts(opts, db, model)
+    source = "the first chunk of a held-out document" if opts.prompt is None else "--prompt"
+    _say(f"[4/5] generation: {len(prompts)} prompt(s), each {source}; {opts.max_new_tokens} new tokens "
+         f"sampled (temperature {opts.temperature}, top-k {opts.top_k}), retrieving at every "
+         f"{db.chunk_size}-token chunk boundary" + (", the prompt's own document excluded"
+                                                    if opts.prompt is None else ""))
+    records = []
+    for i, p in enumerate(prompts, 1):
+        generated = generate_text(model, db, p["prompt"], max_new_tokens=opts.max_new_tokens,
+                                  seed=opts.seed + i, do_sample=True, temperature=opts.temperature,
+                                  top_k=opts.top_k, exclude_doc_id=p["doc_id"], eos_token_id=int(db.eos_id))
+        where = f" (held out: {p['document']})" if p["document"] else ""
+        _say(f"\n=== prompt {i} of {len(prompts)}{where} ===")
+        _say(quoted(generated.prompt))
+        _say("=== continuation ===")
+        _say(quoted(generated.continuation))
+        _say("=== what the model read, chunk by chunk ===")
+        print_neighbours(generated)
+        records.append({**p, "continuation": generated.continuation, "text": generated.text,
+                        "chunks": [{"query": query, "neighbours": [n.__dict__ for n in ns]}
+                                   for query, ns in generated.chunks]})
+    _say("")
+    return records
+
+
+def _scores_line(scores: dict[str, Any]) -> str:
+    bpb = scores.get("bits_per_byte")
+    return f"{scores['perplexity']:.2f}" + ("" if bpb is None else f" ({bpb:.4f} bits per byte)")
+
+
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run the five steps (see the module docstring); returns the report also written to report.json."""
     opts.validate()
@@ -136,22 +213,17 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     scores = evaluate_model(opts, db, trained)
     with_r, without_r = scores["with_retrieval"], scores["without_retrieval"]
-    _say(f"[3/5] held-out ({scores['documents']} documents, {scores['tokens']} tokens): perplexity "
-         f"{with_r['perplexity']:.2f} with retrieval, {without_r['perplexity']:.2f} without")
+    _say(f"[3/5] held-out ({scores['documents']} documents, {scores['tokens']} tokens, {scores['bytes']} "
+         f"bytes): perplexity {_scores_line(with_r)} with retrieval, {_scores_line(without_r)} without")
     control_scores = evaluate_model(opts, db, control) if control is not None else None
     if control_scores is not None:
         _say(f"      control trained without retrieval: perplexity "
-             f"{control_scores['without_retrieval']['perplexity']:.2f}")
+             f"{_scores_line(control_scores['without_retrieval'])}")
 
-    from retlm.cli.generate import print_generation
-    from retlm.generation import generate_text
     from retlm.training import load_model, plot_loss_curves
 
     model = load_model(trained.model_dir)
-    generated = generate_text(model, db, opts.prompt, max_new_tokens=opts.max_new_tokens, seed=opts.seed,
-                              do_sample=True, temperature=opts.temperature, top_k=opts.top_k)
-    _say(f"[4/5] generation with retrieval at chunk boundaries (prompt: {opts.prompt!r}):")
-    print_generation(generated, show_neighbours=True)
+    generations = generate_samples(opts, db, model)
 
     runs = {"RETRO": trained.metrics_file}
     if control is not None:
@@ -159,20 +231,20 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     png = plot_loss_curves(runs, opts.work_dir / "loss.png", title="retlm demo: RETRO with a RetNet decoder")
     report = {
         "database": {"path": str(db.path), "chunks": int(db.num_chunks), "chunk_size": int(db.chunk_size),
-                     "neighbours": int(db.num_neighbors)},
+                     "neighbours": int(db.num_neighbors), "tokenizer": db.tokenizer_name},
         "training": {"steps": trained.global_step, "minutes": round(trained.elapsed_s / 60, 2),
-                     "model_dir": str(trained.model_dir), "model_config": opts.model_config},
+                     "budget_minutes": opts.minutes, "model_dir": str(trained.model_dir),
+                     "model_config": opts.model_config},
         "heldout": scores,
         "control_no_retrieval_training": control_scores,
-        "generation": {"prompt": opts.prompt, "text": generated.text,
-                       "neighbours": [[n.__dict__ for n in ns] for _, ns in generated.chunks]},
+        "generations": generations,
         "loss_png": str(png),
     }
     report_file = opts.work_dir / "report.json"
     atomic_write(report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     _say(f"[5/5] loss curves -> {png}; report -> {report_file}")
     ratio = without_r["perplexity"] / with_r["perplexity"]
-    _say(f"held-out perplexity with retrieval:    {with_r['perplexity']:.2f}")
-    _say(f"held-out perplexity without retrieval: {without_r['perplexity']:.2f}")
+    _say(f"held-out perplexity with retrieval:    {_scores_line(with_r)}")
+    _say(f"held-out perplexity without retrieval: {_scores_line(without_r)}")
     _say(f"ratio (without / with): {ratio:.3f}")
     return report

@@ -36,11 +36,10 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def demo_args(corpus, work, model_yaml, minutes="0.05"):
+def demo_args(corpus, work, model_yaml, minutes="0.05", prompt=()):
     return ["demo", "--corpus", str(corpus), "--work-dir", str(work), "--minutes", minutes,
             "--model-config", str(model_yaml), "--seq-len", "64", "--chunk-size", "16", "--batch-size", "2",
-            "--eval-sequences", "8", "--max-new-tokens", "40", "--prompt", "Note 3.1 tells of",
-            "--no-progress"]
+            "--eval-sequences", "8", "--max-new-tokens", "40", *prompt, "--no-progress"]
 
 
 def run_cli(args, **kwargs):
@@ -66,18 +65,36 @@ def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_y
     assert heldout["without_retrieval"]["perplexity"] > 1
     assert (work / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["training"]["steps"] > 0
+    assert heldout["with_retrieval"]["bits_per_byte"] > 0 and heldout["bytes"] > heldout["tokens"]
     lines = first.stdout.strip().splitlines()
-    assert lines[-3].startswith("held-out perplexity with retrieval:")
+    assert lines[-3].startswith("held-out perplexity with retrieval:") and "bits per byte" in lines[-3]
     assert lines[-1].startswith("ratio (without / with):")
-    # generation crossed chunk boundaries, so it retrieved and printed what it read
-    assert "chunk 0:" in first.stdout and report["generation"]["neighbours"]
+    # two prompts from held-out documents, cased text, every neighbour under its document's name
+    model_config = json.loads((work / "run" / "model" / "config.json").read_text())
+    heldout_docs = set(model_config["retlm_data"]["split"]["heldout_docs"])
+    generations = report["generations"]
+    assert len(generations) == 2 and {g["doc_id"] for g in generations} <= heldout_docs
+    for i, g in enumerate(generations, 1):
+        assert g["prompt"].startswith("Note ") and g["text"].startswith(g["prompt"])
+        assert f"=== prompt {i} of 2 (held out: {g['document']}) ===" in first.stdout
+        neighbours = [n for chunk in g["chunks"] for n in chunk["neighbours"]]
+        assert neighbours and all(n["doc_name"].startswith("doc") for n in neighbours)
+        assert all(n["doc_id"] != g["doc_id"] for n in neighbours)  # the prompt's own document is excluded
+    assert "chunk 0: (of the prompt)" in first.stdout and "  neighbour 1: doc" in first.stdout
+    assert "    | Note " in first.stdout
 
-    second = run_cli(demo_args(corpus, work, model_yaml))
+    second = run_cli(demo_args(corpus, work, model_yaml, prompt=["--prompt", "Note 3.1 tells of"]))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "database: reusing" in second.stdout and "reused" in second.stdout
     again = json.loads((work / "report.json").read_text())
     assert again["heldout"] == report["heldout"]
     assert again["training"]["steps"] == report["training"]["steps"]
+    assert [g["prompt"] for g in again["generations"]] == ["Note 3.1 tells of"]
+
+    # a work directory whose database was built with another tokenizer is a one-line error
+    third = run_cli([*demo_args(corpus, work, model_yaml), "--tokenizer", "bert"])
+    assert third.returncode == 1 and "was built with tokenizer 'gpt2', not 'bert'" in third.stderr
+    assert len(third.stderr.strip().splitlines()) == 1
 
 
 def test_demo_resumes_after_a_kill(corpus, model_yaml, tmp_path):

@@ -414,12 +414,13 @@ def test_half_precision_4096_tokens(mode, dtype):
 
 
 def test_decay_gammas():
-    default = decay_gammas(4)
+    default = decay_gammas(4, use_default_gamma=True)
     assert default.dtype == torch.float64
     assert torch.equal(
         default, torch.tensor([1 - 1 / 32, 1 - 1 / 64, 1 - 1 / 128, 1 - 1 / 256], dtype=torch.float64)
     )
     paper = decay_gammas(5, use_default_gamma=False)
+    assert torch.equal(paper, decay_gammas(5))  # the paper's schedule is the default everywhere
     assert abs(paper[0].item() - (1 - 1 / 32)) < 1e-7 and abs(paper[-1].item() - (1 - 1 / 512)) < 1e-7
     assert torch.all(paper[1:] > paper[:-1])
     with pytest.raises(ValueError, match="num_heads"):

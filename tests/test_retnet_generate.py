@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from retlm import RetNetConfig, RetNetForCausalLM
+from retlm.compat import cache_kwargs, output_cache
 
 VOCAB = 53
 PAD = 0
@@ -159,18 +160,18 @@ def test_inputs_embeds_prompt() -> None:
 def test_return_dict_in_generate_returns_the_cache() -> None:
     model = tiny_model()
     out = model.generate(prompt(5), do_sample=False, max_new_tokens=4, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     # the last generated token was never fed back, so the cache has seen prompt + 3 tokens
     assert cache.get_seq_length() == 5 + 3
     assert int(cache.position_offset[0]) == 8
 
 
 def test_generation_continues_from_a_returned_cache() -> None:
-    """generate(..., past_key_values=cache) picks up where an earlier generate stopped."""
+    """generate(..., cache=cache) (past_key_values= before transformers 5.24) continues a generate."""
     model = tiny_model()
     ids = prompt(5, batch=2)
     first = model.generate(ids, do_sample=False, max_new_tokens=4, return_dict_in_generate=True)
     resumed = model.generate(
-        first.sequences, past_key_values=first.past_key_values, do_sample=False, max_new_tokens=5
+        first.sequences, **cache_kwargs(output_cache(first)), do_sample=False, max_new_tokens=5
     )
     assert torch.equal(resumed, model.generate(ids, do_sample=False, max_new_tokens=9))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,10 +65,13 @@ def test_search_and_info_in_process(db_path, capsys):
     assert rows[0]["query"] == "the assert statement" and len(rows[0]["neighbors"]) == 2
     assert main(["search", str(db_path), "the assert statement", "-k", "3"]) == 0
     out = capsys.readouterr().out
-    assert "1. score" in out and "3. score" in out
+    # each hit under its source document's name, then its text line by line, layout kept
+    assert re.search(r"^  1\. topic-\S+\.txt  score ", out, re.M)
+    assert re.search(r"^  3\. \S+  score ", out, re.M)
+    assert "     | " in out
     assert main(["db-info", str(db_path), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "verified" in out and "Flat" in out
+    assert "verified" in out and "Flat" in out and "gpt2 (50257 tokens" in out and "re-tokenized" in out
     assert main(["db-info", str(db_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["chunk_size"] == 16
 
@@ -86,7 +90,8 @@ def test_exit_codes_and_messages(db_path, tmp_path):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = retlm("build-db", "--help")
     assert result.returncode == 0
-    for option in ("--chunk-size", "--neighbors", "--embedder", "--pooling", "--shard", "--stage", "--glob"):
+    options = ("--chunk-size", "--neighbors", "--tokenizer", "--embedder", "--pooling", "--shard", "--stage")
+    for option in (*options, "--glob"):
         assert option in result.stdout
 
 

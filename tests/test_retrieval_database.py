@@ -1,5 +1,7 @@
 """RetrievalDatabase: neighbours against a float64 brute force, exclusion, search, add, shards, recall,
-manifest validation and bad input. A tiny random-weight BERT (MiniLM's tokenizer) keeps it fast."""
+manifest validation and bad input; both tokenizers (GPT-2 chunks embedded from their re-tokenized text,
+and the seed's WordPiece ids fed to the embedder) against an independent HF encoding. A tiny random-weight
+BERT (MiniLM's tokenizer) keeps it fast."""
 
 import json
 import os
@@ -10,9 +12,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+import retlm
 from retlm import RetrievalDatabase
 from retlm.corpus import pydoc_topics
 from retlm.retrieval._storage import CorruptDatabaseError
+from retlm.tokenization import vocabulary_sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 C, K = 16, 2
@@ -55,17 +59,25 @@ def test_layout_and_manifest(db, docs):
     assert len(db) == db.num_chunks == m["num_chunks"] > 100
     assert db.chunks.shape == (len(db), C + 1) and db.chunks.dtype == np.int32
     assert db.knn.shape == (len(db), K) and db.neighbors is db.knn
-    assert (m["pad_id"], m["eos_id"], m["tokenizer"]["vocab_size"]) == (0, 102, 30522)
+    assert (m["pad_id"], m["eos_id"], m["tokenizer"]["vocab_size"]) == (50256, 50256, 50257)
+    assert m["tokenizer"]["name"] == "gpt2" and m["tokenizer"]["byte_level"]
+    assert m["tokenizer"]["sha256"] == vocabulary_sha256(retlm.load_tokenizer("gpt2"))
+    assert m["embedder_tokenizer"]["vocab_size"] == 30522 and m["embedder_tokenizer"]["max_length"] == 128
+    assert m["embedder_input"] == "text" and m["embedder_truncated_chunks"] == 0
     assert m["index_type"] == "Flat" and m["recall_at_k"] == 1.0 and m["num_docs"] == len(docs)
     assert set(m["checksums"]) == {
         "chunks.dat",
         "doc_ids.dat",
         "seqs.dat",
+        "doc_names.jsonl",
         "embeddings.dat",
         "knn.dat",
         "index.faiss",
     }
     assert isinstance(db.tokenizer, PreTrainedTokenizerFast) and db.tokenizer.is_fast
+    assert db.tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert [db.doc_name(d) for d in (0, 13)] == ["doc-0", "doc-13"]
+    assert db.chunk_text(0) == docs[0][: len(db.chunk_text(0))]  # cased, spaces and newlines kept
     assert not list(db.path.glob("*.partial")) and not list(db.path.glob("*.progress"))
 
 
@@ -105,11 +117,11 @@ def test_retrieved_tokens_are_neighbour_plus_continuation(db):
     doc_ids = np.asarray(db.doc_ids)
     for (r, j), cid in np.ndenumerate(ids):
         if cid < 0:
-            assert (out[r, j] == 0).all()
+            assert (out[r, j] == db.pad_id).all()
             continue
         np.testing.assert_array_equal(out[r, j, :C], db.chunks[cid, :C])
         same_doc_next = cid + 1 < len(db) and doc_ids[cid + 1] == doc_ids[cid]
-        expected = db.chunks[cid + 1, :C] if same_doc_next else np.zeros(C)
+        expected = db.chunks[cid + 1, :C] if same_doc_next else np.full(C, db.pad_id)
         np.testing.assert_array_equal(out[r, j, C:], expected)
     training = db.retrieved_for_chunks(np.array([[3, 4]]))
     assert training.shape == (1, 2, K, 2 * C)
@@ -172,8 +184,8 @@ def test_open_refuses_corruption_and_mismatches(db, tmp_path):
     RetrievalDatabase.open(copy)
     with pytest.raises(ValueError, match="embedder"):
         RetrievalDatabase.open(copy, embedder="bert-base-cased")
-    with pytest.raises(ValueError, match="tokenizer"):
-        RetrievalDatabase.open(copy, tokenizer="gpt2")
+    with pytest.raises(ValueError, match="built with tokenizer 'gpt2', not 'bert'"):
+        RetrievalDatabase.open(copy, tokenizer="bert")
     data = bytearray((copy / "knn.dat").read_bytes())
     data[0] ^= 1
     (copy / "knn.dat").write_bytes(bytes(data))
@@ -194,6 +206,14 @@ def test_open_refuses_corruption_and_mismatches(db, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(CorruptDatabaseError, match="format_version"):
         RetrievalDatabase.open(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(CorruptDatabaseError, match="older retlm .* rebuild it"):
+        RetrievalDatabase.open(copy)
+    # a tokenizer folder that no longer holds the recorded vocabulary is refused when first used
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    retlm.load_tokenizer("bert").save_pretrained(copy / "tokenizer")
+    with pytest.raises(CorruptDatabaseError, match="does not hold the vocabulary recorded"):
+        RetrievalDatabase.open(copy, verify=False).chunk_text(0)
     with pytest.raises(CorruptDatabaseError, match="not a retrieval database"):
         RetrievalDatabase.open(tmp_path)
 
@@ -235,3 +255,61 @@ def test_shard_rows_align_to_batches():
     assert bounds == [(0, 320), (320, 640), (640, 1000)]
     assert [shard_rows(10, (i, 4), align=8) for i in range(4)] == [(0, 0), (0, 0), (0, 0), (0, 10)]
     assert shard_rows(10, None, align=8) == (0, 10)
+
+
+def reference_vectors(encoder, texts):
+    """The tiny encoder run the plain HF way on the texts: its tokenizer with [CLS]/[SEP], masked mean."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(encoder), AutoModel.from_pretrained(encoder).eval()
+    out = []
+    for text in texts:  # one at a time: no padding at all
+        batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=128)
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state[0].double()
+        out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).numpy())
+    return np.stack(out)
+
+
+def test_gpt2_chunks_are_embedded_from_their_text(db, tiny_encoder):
+    ids = np.arange(0, len(db), 17)
+    texts = [db.chunk_text(int(i)) for i in ids]
+    np.testing.assert_allclose(db.embeddings[ids], reference_vectors(tiny_encoder, texts), atol=1e-5)
+    # a query is embedded the same way, from the text of its LM tokens
+    found = db.search(torch.from_numpy(np.asarray(db.chunks[ids, :C])), k=1)
+    np.testing.assert_allclose(found.scores[:, 0], 1.0, atol=1e-5)
+    assert found.doc_names[0] == [db.doc_name(int(found.doc_ids[0, 0]))]
+
+
+def test_bert_database_feeds_the_wordpiece_ids_to_the_embedder(docs, tiny_encoder, tmp_path):
+    bert = build(docs, tmp_path / "bert", tiny_encoder, tokenizer="bert")
+    m = bert.manifest
+    assert (m["pad_id"], m["eos_id"], m["tokenizer"]["vocab_size"]) == (0, 102, 30522)
+    assert m["embedder_input"] == "tokens" and m["tokenizer"]["sha256"] == m["embedder_tokenizer"]["sha256"]
+    assert bert.tokenizer("Hello world")["input_ids"] == [7592, 2088]  # no [CLS] / [SEP] for the LM
+    ids = np.arange(0, len(bert), 13)
+    # [CLS] ids [SEP], the seed's way: the same vectors as the plain HF encoding of those ids
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_encoder).eval()
+    for i in ids:
+        tokens = bert.chunk_tokens(int(i))
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([[101, *tokens.tolist(), 102]])).last_hidden_state[0]
+        expected = torch.nn.functional.normalize(hidden.double().mean(0), dim=0).numpy()
+        np.testing.assert_allclose(bert.embeddings[i], expected, atol=1e-5)
+
+
+def test_over_long_chunk_texts_are_truncated_and_counted(tiny_encoder, tmp_path):
+    # a line of 64 "=" is one GPT-2 token (23926) but 64 WordPiece tokens: a chunk of 16 is ~1000 WordPieces
+    rule = "=" * 64
+    docs = ["Title\n" + (rule + "\n") * 40, "short text about rivers and lakes " * 5]
+    long = build(docs, tmp_path / "long", tiny_encoder)
+    texts = [long.chunk_text(i) for i in range(len(long))]
+    wordpieces = [len(long.embedder.wordpiece_ids([t])[0]) + 2 for t in texts]
+    assert long.embedder.max_length == 128 and max(wordpieces) > 128
+    assert long.manifest["embedder_truncated_chunks"] == sum(n > 128 for n in wordpieces) > 0
+    # a truncated chunk is embedded from its first 126 WordPiece tokens, as the HF tokenizer truncates
+    np.testing.assert_allclose(long.embeddings, reference_vectors(tiny_encoder, texts), atol=1e-5)
+    long.add(["another\n" + (rule + "\n") * 20])
+    assert long.manifest["embedder_truncated_chunks"] > sum(n > 128 for n in wordpieces)

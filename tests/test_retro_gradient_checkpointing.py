@@ -6,6 +6,7 @@ import pytest
 import torch
 from training_helpers import tiny_model_config
 
+from retlm.compat import cache_kwargs, output_cache
 from retlm.models.retro import RetroConfig, RetroForCausalLM
 
 
@@ -71,5 +72,5 @@ def test_checkpointing_keeps_fewer_activations_and_leaves_inference_alone():
     with torch.no_grad():
         full = model(seq[:, :16], retrieved=retrieved[:, :2]).logits
         first = model(seq[:, :8], retrieved=retrieved[:, :1], use_cache=True)
-        second = model(seq[:, 8:16], retrieved=retrieved[:, 1], past_key_values=first.past_key_values)
+        second = model(seq[:, 8:16], retrieved=retrieved[:, 1], **cache_kwargs(output_cache(first)))
     torch.testing.assert_close(second.logits, full[:, 8:16], rtol=1e-5, atol=1e-5)

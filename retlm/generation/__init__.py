@@ -2,7 +2,7 @@
 with retrieval at every chunk boundary, and report the neighbours used, as text.
 
 The token-level loop is :func:`retlm.models.retro.generation.generate_with_retrieval`; this layer adds
-the text on both ends (the database and the model share one tokenizer).
+the text on both ends (the database and the model share one tokenizer, the database's LM tokenizer).
 """
 
 from __future__ import annotations
@@ -26,23 +26,38 @@ __all__ = [
 
 @dataclass
 class NeighbourText:
-    """One neighbour of one completed chunk: database chunk and document ids, cosine score, text."""
+    """One neighbour of one completed chunk: database chunk and document ids, cosine score, text, and the
+    name of its source document."""
 
     chunk_id: int
     doc_id: int
     score: float
     text: str
+    doc_name: str = ""
+
+
+class _Excluding:
+    """A database whose searches skip one document (a prompt's own, when it is in the database)."""
+
+    def __init__(self, database: Any, doc_id: int):
+        self.database, self.doc_id = database, int(doc_id)
+        self.chunk_size, self.pad_id = database.chunk_size, database.pad_id
+        self.num_neighbors = database.num_neighbors
+
+    def search(self, queries: Any, k: int) -> Any:
+        return self.database.search(queries, k, exclude_doc_ids=self.doc_id)
 
 
 @dataclass
 class GeneratedText:
     """``prompt`` + ``continuation`` = ``text``; ``chunks[i]`` = (text of completed chunk i, its
-    neighbours), in the order the model read them."""
+    neighbours), in the order the model read them; the first ``prompt_chunks`` of them are the prompt's."""
 
     prompt: str
     continuation: str
     text: str
     chunks: list[tuple[str, list[NeighbourText]]] = field(default_factory=list)
+    prompt_chunks: int = 0
 
 
 def generate_text(
@@ -53,12 +68,14 @@ def generate_text(
     retrieval: bool = True,
     max_new_tokens: int = 64,
     seed: int | None = None,
+    exclude_doc_id: int | None = None,
     **sampling: Any,
 ) -> GeneratedText:
     """Continue ``prompt`` with ``model``, retrieving from ``database`` (unless ``retrieval=False``).
 
     ``sampling``: ``do_sample, temperature, top_k, top_p, num_neighbours, eos_token_id`` as in
-    :func:`generate_with_retrieval`. ``seed`` makes sampling reproducible.
+    :func:`generate_with_retrieval`. ``seed`` makes sampling reproducible. ``exclude_doc_id``: a document
+    never retrieved from (the prompt's own, so the model cannot read the true continuation).
     """
     tokenizer = database.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -72,7 +89,8 @@ def generate_text(
     was_training = model.training
     model.eval()
     try:
-        out = generate_with_retrieval(model, database if retrieval else None, input_ids,
+        searched = database if exclude_doc_id is None else _Excluding(database, exclude_doc_id)
+        out = generate_with_retrieval(model, searched if retrieval else None, input_ids,
                                       max_new_tokens=max_new_tokens, generator=generator, **sampling)
     finally:
         model.train(was_training)
@@ -81,9 +99,11 @@ def generate_text(
     for r in out.retrievals[0]:
         real = [t for t in r.query.tolist() if t != database.pad_id]
         query = tokenizer.decode(real, skip_special_tokens=True)
-        neighbours = [NeighbourText(int(i), int(d), float(s), database.chunk_text(int(i)))
+        name = getattr(database, "doc_name", None)
+        neighbours = [NeighbourText(int(i), int(d), float(s), database.chunk_text(int(i)),
+                                    name(int(d)) if name else "")
                       for i, d, s in zip(r.chunk_ids, r.doc_ids, r.scores, strict=True) if i >= 0]
         chunks.append((query, neighbours))
     continuation = tokenizer.decode(new, skip_special_tokens=True)
     text = tokenizer.decode(out.sequences[0].tolist(), skip_special_tokens=True)
-    return GeneratedText(prompt, continuation, text, chunks)
+    return GeneratedText(prompt, continuation, text, chunks, len(ids) // int(database.chunk_size))

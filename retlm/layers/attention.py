@@ -107,7 +107,7 @@ class Attention(nn.Module):
         if positions is None or self.rotary_dim == 0:
             return x
         cos, sin = rotary_angles(positions, self.inv_freq(x.device), x.dtype)
-        return apply_rotary(x, cos, sin, interleaved=False)
+        return apply_rotary(x, cos, sin)
 
     def split_heads(self, x: Tensor) -> Tensor:
         return rearrange(x, "b n (h d) -> b h n d", h=self.heads)

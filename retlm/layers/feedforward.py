@@ -42,4 +42,6 @@ class FeedForward(nn.Module):
         hidden = self.act(self.fc1(x))
         if self.gate is not None:
             hidden = hidden * self.gate(x)
+        if not self.training:  # both dropouts are the identity; decoding skips the calls
+            return self.fc2(hidden)
         return self.dropout(self.fc2(self.activation_dropout(hidden)))

@@ -19,18 +19,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from retlm.ops import retention as retention_ops
+from retlm.ops.retention import USE_DEFAULT_GAMMA, RetentionState
 from retlm.ops.rotary import (
-    apply_rotary,
-    rotary_angles,
+    apply_interleaved_rotation,
+    interleaved_rotation,
     standard_inv_freq,
     torchscale_inv_freq,
     xpos_scale,
 )
 
-RetentionState = tuple[Tensor, Tensor]
-
 POSITION_ENCODINGS = ("rotary", "xpos")
-RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 
 
 def absolute_positions(position_offset: int | Tensor, seq_len: int, device: torch.device) -> Tensor:
@@ -63,7 +61,7 @@ class MultiScaleRetention(nn.Module):
         qk_dim: int | None = None,
         v_dim: int | None = None,
         *,
-        use_default_gamma: bool = True,
+        use_default_gamma: bool = USE_DEFAULT_GAMMA,
         bias: bool = False,
         out_bias: bool = False,
         norm_eps: float = 1e-6,
@@ -132,45 +130,67 @@ class MultiScaleRetention(nn.Module):
     @torch.inference_mode(False)  # see _build_constants
     def _build_step_constants(self, device: torch.device, dtype: torch.dtype) -> StepConstants:
         log_gamma, inv_freq = self.constants(device)
-        pair_sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=device).repeat(self.key_dim // 2)
         decay = retention_ops.step_decay(log_gamma, dtype)
-        return StepConstants(decay, inv_freq.repeat_interleave(2), pair_sign)
+        return StepConstants(decay, inv_freq.repeat_interleave(2))
 
-    def rotate(self, q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    def rotation_tables(self, positions: int | Tensor, device: torch.device, dtype: torch.dtype) -> Rotation:
+        """The rotation (and xpos magnitude) at ``positions`` for q, k of dtype ``dtype``: an int (one
+        token, every row at that position), or an integer tensor ``(seq,)`` or ``(batch, seq)``.
+
+        Angles are formed in float64 (large offsets lose nothing before the cast); cos/sin are laid out
+        for the interleaved pairs (x0, x1), (x2, x3), ... (see :func:`retlm.ops.rotary.interleaved_rotation`).
+        """
+        constants = self.step_constants(device, dtype)
+        angle_positions: int | Tensor = positions
+        if isinstance(positions, Tensor):  # (seq,) -> (seq, 1); (batch, seq) -> (batch, 1, seq, 1)
+            angle_positions = positions.to(device, torch.float64)[..., None]
+            if angle_positions.dim() == 3:
+                angle_positions = angle_positions[:, None]
+        angles = angle_positions * constants.inv_freq_pairs
+        xpos = None
+        if self.position_encoding == "xpos":
+            if not isinstance(positions, Tensor):
+                positions = absolute_positions(positions, 1, device)
+            xpos = xpos_scale(positions, self.key_dim, self.xpos_scale_base, dtype)
+        return Rotation(*interleaved_rotation(angles, dtype), xpos)
+
+    def rotate(self, q: Tensor, k: Tensor, rotation: Rotation) -> tuple[Tensor, Tensor]:
         """Apply the position rotation (and xpos magnitude) to q, k ``(batch, heads, seq, key_dim)``."""
-        cos, sin = rotary_angles(positions, inv_freq, q.dtype)
-        q = apply_rotary(q, cos, sin, interleaved=True)
-        k = apply_rotary(k, cos, sin, interleaved=True)
-        if self.position_encoding == "xpos":
-            scale = xpos_scale(positions, self.key_dim, self.xpos_scale_base, q.dtype)
-            q, k = q * scale, k / scale
+        q = apply_interleaved_rotation(q, rotation.cos, rotation.signed_sin)
+        k = apply_interleaved_rotation(k, rotation.cos, rotation.signed_sin)
+        if rotation.xpos is not None:
+            q, k = q * rotation.xpos, k / rotation.xpos
         return q, k
 
-    def rotate_step(
-        self, q: Tensor, k: Tensor, position_offset: int | Tensor, constants: StepConstants
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`rotate` for one token ``(batch, heads, 1, key_dim)``, bit for bit: the same float64 angles
-        and products, with cos/sin built directly in the interleaved layout. With pairs (x0, x1) and
-        angle a, x0' = x0 cos a + x1 (-sin a) and x1' = x1 cos a + x0 sin a."""
-        positions = position_offset
-        if isinstance(position_offset, Tensor):  # per row: (batch,) -> (batch, 1, 1, 1)
-            positions = position_offset.to(q.device, torch.float64)[:, None, None, None]
-        angles = positions * constants.inv_freq_pairs
-        cos = angles.cos().to(q.dtype)
-        signed_sin = (angles.sin() * constants.pair_sign).to(q.dtype)
-        q = q * cos + swap_pairs(q) * signed_sin
-        k = k * cos + swap_pairs(k) * signed_sin
-        if self.position_encoding == "xpos":
-            scale = xpos_scale(
-                absolute_positions(position_offset, 1, q.device), self.key_dim, self.xpos_scale_base, q.dtype
-            )
-            q, k = q * scale, k / scale
-        return q, k
+    def step_tables(
+        self, position_offset: int | Tensor, device: torch.device, dtype: torch.dtype, memo: dict | None
+    ) -> StepTables:
+        """The position-dependent tables of one decoding step (rotation, normaliser) for compute dtype
+        ``dtype``. They depend only on the position and this layer's constants, so every layer of a
+        model computes the same ones: ``memo``, a dict that lives for one forward call, lets the first
+        layer build them and the others reuse them."""
+        key = (self.num_heads, self.key_dim, self.use_default_gamma, self.position_encoding,
+               self.rotary_base, self.xpos_scale_base, device, dtype)  # fmt: skip
+        if memo is not None and key in memo:
+            return memo[key]
+        if isinstance(position_offset, Tensor):  # per row (batch,): rotation (batch, 1, 1, key_dim),
+            rotation = self.rotation_tables(position_offset[:, None], device, dtype)
+            n = position_offset.to(device).clamp(min=0).to(torch.float64)[:, None, None]  # S_n (b, 1, 1)
+        else:
+            rotation = self.rotation_tables(position_offset, device, dtype)
+            n = max(position_offset, 0)
+        decay = self.step_constants(device, dtype).decay
+        inverse = retention_ops.inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(dtype)
+        tables = StepTables(rotation, inverse)
+        if memo is not None:
+            memo[key] = tables
+        return tables
 
     def head_norm(self, x: Tensor) -> Tensor:
         """RMSNorm over each head's values, in float32 (float64 stays float64), no affine weight."""
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.norm_eps).to(x.dtype)
+        if x.dtype in (torch.float32, torch.float64):  # no casts: a no-op .to() still costs a dispatch
+            return F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.norm_eps).to(x.dtype)
 
     def forward(
         self,
@@ -181,6 +201,7 @@ class MultiScaleRetention(nn.Module):
         mode: str = "parallel",
         chunk_size: int | None = None,
         return_state: bool = False,
+        step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState | None]:
         """
         Args:
@@ -194,15 +215,19 @@ class MultiScaleRetention(nn.Module):
             mode: "parallel", "chunkwise" or "recurrent"; all compute the same function.
             chunk_size: block length for "chunkwise".
             return_state: also return the state after the last token.
+            step_memo: a dict shared by the layers of one model call; one-token recurrent steps keep
+                their position tables there (see :meth:`step_tables`).
 
         Returns:
             ``(output (batch, seq, hidden_size), new_state or None)``.
         """
         seq_len = hidden_states.shape[1]
         if mode == "recurrent" and seq_len == 1:
-            out, new_state = self.decode_step(hidden_states, position_offset, attention_mask, state)
+            out, new_state = self.decode_step(
+                hidden_states, position_offset, attention_mask, state, step_memo
+            )
             return out, (new_state if return_state else None)
-        log_gamma, inv_freq = self.constants(hidden_states.device)
+        log_gamma, _ = self.constants(hidden_states.device)
 
         q = rearrange(self.q_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
         k = rearrange(self.k_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
@@ -214,7 +239,7 @@ class MultiScaleRetention(nn.Module):
         if q.dtype in (torch.float16, torch.bfloat16):
             q, k = q.float(), k.float()
         positions = absolute_positions(position_offset, seq_len, hidden_states.device)
-        q, k = self.rotate(q, k, positions, inv_freq)
+        q, k = self.rotate(q, k, self.rotation_tables(positions, q.device, q.dtype))
         if attention_mask is not None:
             keep = attention_mask[:, None, :, None]
             k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)  # k may be float32 while v is half
@@ -240,14 +265,15 @@ class MultiScaleRetention(nn.Module):
         position_offset: int | Tensor,
         attention_mask: Tensor | None,
         state: RetentionState | None,
+        step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState]:
         """:meth:`forward` for one token in recurrent mode, i.e. one step of decoding; same result bit for
         bit, always with the new state.
 
         Decoding a small model is dominated by per-call overhead, not arithmetic, so this path does the
-        same math with fewer, cheaper ops: plain views instead of einops, rotation tables and decay
-        constants cached per (device, dtype) instead of rebuilt every token, and
-        :func:`retlm.ops.retention.recurrent_step` instead of the general loop.
+        same math with fewer, cheaper ops: plain views instead of einops, decay constants cached per
+        (device, dtype) instead of rebuilt every token, position tables built once per step for all
+        layers (``step_memo``), and :func:`retlm.ops.retention.recurrent_step` instead of the general loop.
         """
         batch = hidden_states.shape[0]
         heads, key_dim = self.num_heads, self.key_dim
@@ -256,15 +282,14 @@ class MultiScaleRetention(nn.Module):
         v = self.v_proj(hidden_states).view(batch, heads, 1, self.head_value_dim)
         if q.dtype in (torch.float16, torch.bfloat16):  # as in forward: rotate in float32
             q, k = q.float(), k.float()
-        constants = self.step_constants(q.device, q.dtype)
-        q, k = self.rotate_step(q, k, position_offset, constants)
+        tables = self.step_tables(position_offset, q.device, q.dtype, step_memo)
+        q, k = self.rotate(q, k, tables.rotation)
         if attention_mask is not None:
             keep = attention_mask[:, None, :, None]
             k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)
 
-        out, new_state = retention_ops.recurrent_step(
-            q, k, v, constants.decay, position_offset=position_offset, state=state
-        )
+        decay = self.step_constants(q.device, q.dtype).decay
+        out, new_state = retention_ops.recurrent_step(q, k, v, decay, inverse=tables.inverse, state=state)
         out = self.head_norm(out).reshape(batch, 1, heads * self.head_value_dim)
         out = F.silu(self.g_proj(hidden_states)) * out
         return self.out_proj(out), new_state
@@ -275,9 +300,19 @@ class StepConstants(NamedTuple):
 
     decay: retention_ops.StepDecay
     inv_freq_pairs: Tensor  # (key_dim,) float64: each rotary frequency twice, for its pair (x0, x1)
-    pair_sign: Tensor  # (key_dim,) float64: -1, +1, -1, +1, ... (the sign of sin in each pair)
 
 
-def swap_pairs(x: Tensor) -> Tensor:
-    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) over the last dim."""
-    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+class Rotation(NamedTuple):
+    """Rotation tables in q's dtype (see :meth:`MultiScaleRetention.rotation_tables`), shaped to broadcast
+    against ``(batch, heads, seq, key_dim)``."""
+
+    cos: Tensor  # cos of each pair's angle, twice
+    signed_sin: Tensor  # -sin, +sin per pair
+    xpos: Tensor | None  # xpos magnitude, or None for plain rotary
+
+
+class StepTables(NamedTuple):
+    """Position tables of one decoding step (see :meth:`MultiScaleRetention.step_tables`)."""
+
+    rotation: Rotation
+    inverse: Tensor  # (heads, 1) or (batch, heads, 1): 1 / sqrt(S_n) of the normaliser, compute dtype

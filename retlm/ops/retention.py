@@ -46,10 +46,19 @@ from torch import Tensor
 
 RetentionState = tuple[Tensor, Tensor]  # (kv (batch, heads, key_dim, value_dim), z (batch, heads, key_dim))
 
+# The three ways to compute retention; models call the choice `forward_impl` (RetNet, the seed's name)
+# or `retnet_mode` (RETRO's RetNet decoder). This tuple is their one definition.
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 
+# The decay schedule every entry point (ops, MultiScaleRetention, RetNetConfig, RetroConfig) uses unless
+# told otherwise: the paper's language-model schedule 1 - exp(linspace(log 1/32, log 1/512, H)). It is
+# the seed's RetNetConfig default, and it spreads the heads' memory spans from 32 to 512 tokens whatever
+# the head count. torchscale's schedule (1 - 2^(-5-h)) is use_default_gamma=True, which the torchscale
+# importer sets explicitly.
+USE_DEFAULT_GAMMA = False
 
-def decay_gammas(num_heads: int, *, use_default_gamma: bool = True) -> Tensor:
+
+def decay_gammas(num_heads: int, *, use_default_gamma: bool = USE_DEFAULT_GAMMA) -> Tensor:
     """Per-head decays ``(heads,)`` in float64.
 
     ``use_default_gamma``: 1 - 2^(-5-h) (torchscale and the seed); otherwise the paper's language-model
@@ -222,9 +231,11 @@ def check_chunk_size(chunk_size) -> None:
 def prepare(q: Tensor, k: Tensor, v: Tensor, state: RetentionState | None):
     """Cast q, k, v and the state to the compute dtype, and fill in an empty state."""
     dtype = compute_dtype(q, k, v)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    state = empty_state(q, v, dtype) if state is None else (state[0].to(dtype), state[1].to(dtype))
-    return q, k, v, state
+    q, k, v = (x if x.dtype == dtype else x.to(dtype) for x in (q, k, v))  # a no-op .to still dispatches
+    if state is None:
+        return q, k, v, empty_state(q, v, dtype)
+    kv, z = (x if x.dtype == dtype else x.to(dtype) for x in state)
+    return q, k, v, (kv, z)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,6 +324,8 @@ class StepDecay(NamedTuple):
     gamma_lo: Tensor  # gamma - gamma_hi, in the compute dtype (see recurrent_update)
     log_gamma: Tensor  # float64
     log_one_minus_gamma: Tensor  # float64: log(1 - gamma), the constant part of log S_n
+    gamma_hi_kv: Tensor  # gamma_hi as (heads, 1, 1), against kv (batch, heads, key_dim, value_dim)
+    gamma_lo_kv: Tensor  # gamma_lo as (heads, 1, 1)
 
 
 def step_decay(log_gamma: Tensor, dtype: torch.dtype) -> StepDecay:
@@ -322,7 +335,10 @@ def step_decay(log_gamma: Tensor, dtype: torch.dtype) -> StepDecay:
     gamma = log_gamma.exp()
     gamma_hi = gamma.to(dtype)
     gamma_lo = (gamma - gamma_hi.to(torch.float64)).to(dtype)
-    return StepDecay(gamma_hi, gamma_lo, log_gamma, torch.log(-torch.expm1(log_gamma)))
+    log_one_minus_gamma = torch.log(-torch.expm1(log_gamma))
+    return StepDecay(
+        gamma_hi, gamma_lo, log_gamma, log_one_minus_gamma, gamma_hi[..., None], gamma_lo[..., None]
+    )
 
 
 def recurrent_update(
@@ -330,17 +346,17 @@ def recurrent_update(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One token: kv <- gamma kv + k v^T, z <- gamma z + k, and the unnormalised outputs.
 
-    ``q_t, k_t (b, h, dk)``, ``v_t (b, h, dv)``, state ``kv (b, h, dk, dv)``, ``z (b, h, dk)``, all in the
-    compute dtype. Returns ``(numerator q kv (b, h, dv), denominator q . z (b, h), kv, z)``.
+    ``q_t, k_t (b, h, 1, dk)``, ``v_t (b, h, 1, dv)``, state ``kv (b, h, dk, dv)``, ``z (b, h, dk)``, all in
+    the compute dtype. Returns ``(numerator q kv (b, h, 1, dv), denominator q . z (b, h, 1), kv, z)``.
     """
     # gamma = gamma_hi + gamma_lo. Multiplying by a rounded gamma at every step biases a contribution of
     # age a by a * ulp(gamma) (up to 1e-5 relative in float32 for slow heads). The low part restores
     # it, but only if added together with the new k v^T (bracketed): added on its own to the rounded
     # gamma_hi * kv, it is below half an ulp and always rounds away.
-    gamma_hi, gamma_lo = decay.gamma_hi, decay.gamma_lo
-    kv = gamma_hi[..., None] * kv + (gamma_lo[..., None] * kv + k_t[..., :, None] * v_t[..., None, :])
-    z = gamma_hi * z + (gamma_lo * z + k_t)
-    return (q_t[..., None, :] @ kv).squeeze(-2), (q_t * z).sum(-1), kv, z
+    k_row = k_t.squeeze(2)  # (b, h, dk)
+    kv = decay.gamma_hi_kv * kv + (decay.gamma_lo_kv * kv + k_t.transpose(-1, -2) * v_t)
+    z = decay.gamma_hi * z + (decay.gamma_lo * z + k_row)
+    return q_t @ kv, (q_t.squeeze(2) * z).sum(-1, keepdim=True), kv, z
 
 
 def recurrent_retention(
@@ -355,24 +371,17 @@ def recurrent_retention(
 ) -> tuple[Tensor, RetentionState | None]:
     """Retention one token at a time (seq may be > 1): kv <- gamma kv + k v^T, z <- gamma z + k.
     Same arguments and result as :func:`parallel_retention`; the per-token cost is independent of the
-    context length. (Decoding one token at a time: :func:`recurrent_step` does the same with less
-    overhead.)
+    context length. Each token is one :func:`recurrent_step` (the decoding path), so the two cannot
+    drift apart.
     """
     check_inputs(q, k, v, log_gamma, position_offset, state)
-    out_dtype, seq_len = v.dtype, q.shape[2]
-    positions = token_positions(position_offset, seq_len, q.device)
-    q, k, v, (kv, z) = prepare(q, k, v, state)
-    decay = step_decay(log_gamma.to(q.device), q.dtype)
-
-    numerators, denominators = [], []
-    for t in range(seq_len):
-        numerator, denominator, kv, z = recurrent_update(q[:, :, t], k[:, :, t], v[:, :, t], kv, z, decay)
-        numerators.append(numerator)
-        denominators.append(denominator)
-
-    numerator, denominator = torch.stack(numerators, dim=2), torch.stack(denominators, dim=2)
-    out = normalise(numerator, denominator, log_gamma, positions)
-    return out.to(out_dtype), ((kv, z) if return_state else None)
+    decay = step_decay(log_gamma.to(q.device), compute_dtype(q, k, v))
+    outputs = []
+    for t in range(q.shape[2]):
+        q_t, k_t, v_t = q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]
+        out, state = recurrent_step(q_t, k_t, v_t, decay, position_offset=position_offset + t, state=state)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2), (state if return_state else None)
 
 
 def recurrent_step(
@@ -383,10 +392,13 @@ def recurrent_step(
     *,
     position_offset: int | Tensor = 0,
     state: RetentionState | None = None,
+    inverse: Tensor | None = None,
 ) -> tuple[Tensor, RetentionState]:
     """:func:`recurrent_retention` for a single token, always returning the new state: the decoding
     hot path. Same result, bit for bit, with fewer small ops: ``decay = step_decay(log_gamma, dtype)``
-    is precomputed by the caller, and there is no loop, stacking or position table.
+    is precomputed by the caller, and there is no loop, stacking or position table. ``inverse``, the
+    normaliser's ``1 / sqrt(S_n)`` at this position in the compute dtype, may be precomputed too (it is
+    the same for every layer); otherwise it is derived from ``position_offset``.
 
     q, k ``(batch, heads, 1, key_dim)``, v ``(batch, heads, 1, value_dim)``; ``dtype`` of the decay must be
     the compute dtype (float64 if any of q, k, v is float64, else float32).
@@ -398,14 +410,15 @@ def recurrent_step(
     check_state(state, q, v)
     out_dtype = v.dtype
     q, k, v, (kv, z) = prepare(q, k, v, state)
-    numerator, denominator, kv, z = recurrent_update(q[:, :, 0], k[:, :, 0], v[:, :, 0], kv, z, decay)
+    numerator, denominator, kv, z = recurrent_update(q, k, v, kv, z, decay)
 
-    if isinstance(position_offset, Tensor):  # per row: (batch,) -> (batch, 1, 1) against (heads, 1)
-        n = position_offset.to(q.device).clamp(min=0).to(torch.float64)[:, None, None]
-    else:
-        n = max(position_offset, 0)
-    inverse = inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(q.dtype)
-    out = apply_normaliser(numerator[:, :, None], denominator[:, :, None], inverse)
+    if inverse is None:
+        if isinstance(position_offset, Tensor):  # per row: (batch,) -> (batch, 1, 1) against (heads, 1)
+            n = position_offset.to(q.device).clamp(min=0).to(torch.float64)[:, None, None]
+        else:
+            n = max(position_offset, 0)
+        inverse = inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(q.dtype)
+    out = apply_normaliser(numerator, denominator, inverse)
     return out.to(out_dtype), (kv, z)
 
 

@@ -1,8 +1,10 @@
 """Rotary position rotation (RoPE) and its xpos variant, usable at any absolute offset.
 
 Two layouts exist in the wild and both are needed to import peer weights exactly:
-- ``interleaved=True``: pairs are (x0, x1), (x2, x3), ... (torchscale / RetNet).
-- ``interleaved=False``: pairs are (x_i, x_{i + d/2}), "rotate half" (GPT-NeoX, retro-pytorch).
+- interleaved: pairs are (x0, x1), (x2, x3), ... (torchscale / RetNet): :func:`interleaved_rotation`
+  and :func:`apply_interleaved_rotation`.
+- rotate half: pairs are (x_i, x_{i + d/2}) (GPT-NeoX, retro-pytorch): :func:`rotary_angles` and
+  :func:`apply_rotary`.
 
 Only the first ``2 * len(inv_freq)`` features of each head are rotated; the rest pass through
 (retro-pytorch rotates only the first 32 dims of a head).
@@ -39,23 +41,35 @@ def rotary_angles(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tu
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> Tensor:
-    """Rotate the leading ``2 * cos.shape[-1]`` features of x.
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the leading ``2 * cos.shape[-1]`` features of x, "rotate half" layout.
 
     x: ``(batch, heads, seq, head_dim)``; cos/sin from :func:`rotary_angles`.
     """
     rot = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    if interleaved:
-        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
-        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
-        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    else:
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-        x1, x2 = x_rot.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-    out = x_rot * cos + rotated * sin
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    out = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+def interleaved_rotation(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(cos, signed_sin)`` in ``dtype`` for float64 ``angles (..., head_dim)`` that hold each pair's angle
+    twice (``positions * inv_freq.repeat_interleave(2)``): with pairs (x0, x1) and angle a,
+    x0' = x0 cos a - x1 sin a and x1' = x1 cos a + x0 sin a."""
+    sign = torch.tensor([-1.0, 1.0], dtype=angles.dtype, device=angles.device).repeat(angles.shape[-1] // 2)
+    return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
+
+
+def apply_interleaved_rotation(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """``x * cos + swap_pairs(x) * signed_sin``: the interleaved rotation of ``x (..., head_dim)``."""
+    return x * cos + swap_pairs(x) * signed_sin
+
+
+def swap_pairs(x: Tensor) -> Tensor:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) over the last dim."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
 def xpos_scale(positions: Tensor, rotary_dim: int, scale_base: float, dtype: torch.dtype) -> Tensor:

@@ -9,14 +9,20 @@ Layout (the seed's, see docs/retrieval.md):
 - ``seqs``    int32 ``(num_seqs,)``: the first chunk of each training sequence, one every
   ``seq_len // chunk_size`` chunks within each document.
 
-Nothing holds a whole document, let alone the corpus, in memory: files are read in bounded pieces cut at
-whitespace, and each piece is tokenized on its own. A BERT-style pre-tokenizer splits at whitespace, so
-cutting there gives the same tokens as tokenizing the whole document at once.
+- ``doc_names.jsonl``: one JSON string per line, the name of each document (its path relative to the source
+  folder, or ``doc-<i>`` for the i-th string of a list), so that neighbours can be shown with their source.
+
+Nothing holds a whole document, let alone the corpus, in memory: files are read in bounded pieces, and each
+piece is tokenized on its own. A piece ends just before a whitespace character that follows a non-whitespace
+one. Every pre-tokenizer used here splits there: BERT's splits at whitespace, and in GPT-2's byte-level
+regex no pre-token holds a non-space character followed by a space (a space only ever starts a token). So
+the tokens are the same as for the whole document at once.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -80,18 +86,18 @@ def is_utf8_text(path: Path) -> bool:
 
 
 def _whitespace_pieces(blocks: Iterator[str], piece_chars: int) -> Iterator[str]:
-    """Re-cut a stream of text into pieces of about ``piece_chars`` that end at whitespace.
+    """Re-cut a stream of text into pieces of at most ``piece_chars`` that end before whitespace.
 
-    A run without whitespace longer than ``piece_chars`` is cut anyway (a single "word" of a megabyte is
-    not text; it only must not exhaust memory).
+    Each cut falls just before a space or newline that follows a non-whitespace character (a token boundary
+    for every pre-tokenizer, see the module docstring). A stretch of ``piece_chars`` with no such place is
+    cut anyway (a single "word" of a megabyte is not text; it only must not exhaust memory).
     """
     carry = ""
     for block in blocks:
         text, start = carry + block, 0
         while len(text) - start >= piece_chars:
             end = start + piece_chars
-            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
-            cut = end if cut <= start else cut + 1
+            cut = _cut_point(text, start, end)
             yield text[start:cut]
             start = cut
         carry = text[start:]
@@ -99,10 +105,29 @@ def _whitespace_pieces(blocks: Iterator[str], piece_chars: int) -> Iterator[str]
         yield carry
 
 
+_NOT_WHITE_SPACE = "\x1c\x1d\x1e\x1f"  # str.isspace() says yes, Unicode's White_Space (regex \s) says no
+
+
+def _is_white_space(char: str) -> bool:
+    return char.isspace() and char not in _NOT_WHITE_SPACE
+
+
+def _cut_point(text: str, start: int, end: int) -> int:
+    """The last index in ``(start, end)`` where whitespace follows a non-whitespace character, or ``end``."""
+    cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+    while cut > start and _is_white_space(text[cut - 1]):
+        cut -= 1
+    return cut if cut > start else end
+
+
 def iter_documents(
-    source: str | os.PathLike | Iterable[str], glob: str = "**/*.txt", report: SkipReport | None = None
+    source: str | os.PathLike | Iterable[str],
+    glob: str = "**/*.txt",
+    report: SkipReport | None = None,
+    first_index: int = 0,
 ) -> Iterator[Document]:
-    """Documents from a folder (files matching ``glob``, sorted by path), or from an iterable of strings.
+    """Documents from a folder (files matching ``glob``, sorted by path, named by their path relative to
+    it), or from an iterable of strings (named ``doc-<first_index + i>``).
 
     Raises ``EmptySourceError`` before any work if a folder has no matching file. Non-UTF-8 or binary
     files are skipped and recorded in ``report``.
@@ -114,8 +139,8 @@ def iter_documents(
             raise EmptySourceError(
                 f"source folder does not exist: {root} (pass a list of strings to index text)"
             )
-        return folder_documents(matching_files(root, glob), report)
-    return (Document(name=f"doc-{i}", text=text) for i, text in enumerate(source))
+        return folder_documents(root, matching_files(root, glob), report)
+    return (Document(name=f"doc-{first_index + i}", text=text) for i, text in enumerate(source))
 
 
 def matching_files(root: Path, glob: str) -> list[Path]:
@@ -127,11 +152,12 @@ def matching_files(root: Path, glob: str) -> list[Path]:
     return paths
 
 
-def folder_documents(paths: list[Path], report: SkipReport) -> Iterator[Document]:
-    """Documents of the given files, in order; non-UTF-8 or binary files are skipped into ``report``."""
+def folder_documents(root: Path, paths: list[Path], report: SkipReport) -> Iterator[Document]:
+    """Documents of the given files of folder ``root``, in order, named by their path relative to it;
+    non-UTF-8 or binary files are skipped into ``report``."""
     for path in paths:
         if is_utf8_text(path):
-            yield Document(name=str(path), path=path)
+            yield Document(name=path.relative_to(root).as_posix(), path=path)
         else:
             report.unreadable.append(str(path))
 
@@ -139,7 +165,11 @@ def folder_documents(paths: list[Path], report: SkipReport) -> Iterator[Document
 def document_token_ids(
     doc: Document, tokenizer, eos_id: int, piece_chars: int = PIECE_CHARS
 ) -> Iterator[np.ndarray]:
-    """Token ids of one document, piece by piece, ending with ``eos_id``; nothing if it has no token."""
+    """Token ids of one document, piece by piece, ending with ``eos_id``; nothing if it has no token.
+
+    Text that spells a special token (``<|endoftext|>``, ``[SEP]``) is tokenized as text: only the
+    ``eos_id`` appended here ends a document.
+    """
     any_tokens = False
     for piece in doc.pieces(piece_chars):
         ids = tokenizer(
@@ -147,6 +177,7 @@ def document_token_ids(
             add_special_tokens=False,
             return_attention_mask=False,
             return_token_type_ids=False,
+            split_special_tokens=True,
             verbose=False,
         )["input_ids"]
         if ids:
@@ -197,12 +228,14 @@ def write_chunks(
     chunks_file,
     doc_ids_file,
     seqs_file,
+    names_file=None,
     first_doc_id: int = 0,
     first_chunk: int = 0,
     report: SkipReport | None = None,
     progress=None,
 ) -> ChunkCounts:
-    """Tokenize and chunk ``docs``, appending raw int32 rows to three open binary files.
+    """Tokenize and chunk ``docs``, appending raw int32 rows to three open binary files (and, with
+    ``names_file``, an open text file, each document's name as one JSON line).
 
     ``first_doc_id`` / ``first_chunk`` number the new documents and chunks after existing ones
     (``add()``). Empty documents are skipped and counted in ``report``.
@@ -223,6 +256,8 @@ def write_chunks(
         doc_ids_file.write(np.full(doc_chunks, doc_id, dtype="<i4").tobytes())
         seqs = sequence_starts(start, doc_chunks, chunks_per_seq)
         seqs_file.write(seqs.astype("<i4").tobytes())
+        if names_file is not None:
+            names_file.write(json.dumps(doc.name, ensure_ascii=False) + "\n")
         counts.num_chunks += doc_chunks
         counts.num_docs += 1
         counts.num_seqs += len(seqs)

@@ -2,7 +2,8 @@
 
 A build runs five stages, each resumable and each leaving its files complete or absent:
 
-    chunk      documents -> chunks.dat, doc_ids.dat, seqs.dat (+ tokenizer/)   one job
+    chunk      documents -> chunks.dat, doc_ids.dat, seqs.dat, doc_names.jsonl
+               (+ tokenizer/, the LM tokenizer)                                 one job
     embed      chunk rows -> embeddings.dat                                     shardable (--shard i/n)
     index      embeddings (merging the shards) -> index.faiss, nprobe tuned    one job
     neighbors  every chunk's k neighbours -> knn.dat                            shardable (--shard i/n)
@@ -10,10 +11,17 @@ A build runs five stages, each resumable and each leaving its files complete or 
 
 ``stage="all"`` runs them in order in one process. ``manifest.json`` is written last: a directory with
 a manifest is a complete database.
+
+Two tokenizers are involved, and the manifest records both (name, vocabulary size, vocabulary sha256):
+the LM tokenizer, whose ids the chunks hold (GPT-2's byte-level BPE by default; ``tokenizer="bert"``: the
+embedder's WordPiece, the seed's way), and the embedder's own tokenizer, which re-tokenizes each chunk's
+text before embedding (``embedder_input="text"``). When both are the same vocabulary the embedder reads
+the ids directly (``embedder_input="tokens"``), as the seed does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -34,7 +42,17 @@ from retlm.retrieval._storage import (
     write_json,
 )
 from retlm.retrieval.chunking import Document, SkipReport, iter_documents, validate_sizes, write_chunks
-from retlm.retrieval.embedding import DEFAULT_EMBEDDER, POOLINGS, Embedder, embed_rows, load_tokenizer
+from retlm.retrieval.embedding import (
+    DEFAULT_EMBEDDER,
+    POOLINGS,
+    Embedder,
+    chunk_texts,
+    embed_rows,
+    embed_token_chunks,
+    embedder_max_length,
+    load_tokenizer,
+    resolve_model_path,
+)
 from retlm.retrieval.index import (
     EXACT_THRESHOLD,
     Tuning,
@@ -45,13 +63,24 @@ from retlm.retrieval.index import (
     write_index,
 )
 from retlm.retrieval.neighbors import compute_neighbors, merge_new_neighbors, search_excluding
+from retlm.tokenization import GPT2, describe, special_ids, vocabulary_sha256
+from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LM tokenizer and embedder tokenizer recorded apart, document names
 STAGES = ("chunk", "embed", "index", "neighbors", "finalize")
 SHARDED_STAGES = ("embed", "neighbors")
 ENGINES = ("local", "ray")
 EMBEDDING_DTYPES = ("float16", "float32")
-DATA_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "embeddings.dat", "knn.dat", "index.faiss")
+DATA_FILES = (
+    "chunks.dat",
+    "doc_ids.dat",
+    "seqs.dat",
+    "doc_names.jsonl",
+    "embeddings.dat",
+    "knn.dat",
+    "index.faiss",
+)
+CHUNK_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "doc_names.jsonl")
 
 
 @dataclass(frozen=True)
@@ -61,6 +90,7 @@ class BuildConfig:
     chunk_size: int = 64
     num_neighbors: int = 2
     seq_len: int = 512
+    tokenizer: str = GPT2  # the LM tokenizer: "gpt2", "bert" (the embedder's WordPiece) or a folder
     embedder: str = DEFAULT_EMBEDDER
     pooling: str = "mean"
     embedding_dtype: str = "float16"
@@ -72,6 +102,10 @@ class BuildConfig:
 
     def validate(self) -> None:
         validate_sizes(self.chunk_size, self.seq_len)
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(
+                f"tokenizer must be 'gpt2', 'bert' or a tokenizer folder, got {self.tokenizer!r}"
+            )
         if not isinstance(self.num_neighbors, int) or self.num_neighbors <= 0:
             raise ValueError(f"num_neighbors must be a positive integer, got {self.num_neighbors!r}")
         if self.pooling not in POOLINGS:
@@ -138,6 +172,12 @@ class SearchResult:
         rows = self.chunk_ids.reshape(-1, self.chunk_ids.shape[-1])
         return [[self.database.chunk_text(int(i)) for i in row if i >= 0] for row in rows]
 
+    @property
+    def doc_names(self) -> list[list[str]]:
+        """The source document name of each neighbour, a list per query (flattened batch), as ``texts``."""
+        rows = self.doc_ids.reshape(-1, self.doc_ids.shape[-1])
+        return [[self.database.doc_name(int(d)) for d in row if d >= 0] for row in rows]
+
     def __len__(self) -> int:
         return len(self.chunk_ids)
 
@@ -160,6 +200,7 @@ class RetrievalDatabase:
         self._index = None
         self._embedder = None
         self._tokenizer = None
+        self._doc_names: list[str] | None = None
 
     # ------------------------------------------------------------------ properties
     chunk_size = property(lambda self: int(self.manifest["chunk_size"]))
@@ -170,6 +211,10 @@ class RetrievalDatabase:
     pad_id = property(lambda self: int(self.manifest["pad_id"]))
     eos_id = property(lambda self: int(self.manifest["eos_id"]))
     tokenizer_name = property(lambda self: str(self.manifest["tokenizer"]["name"]))
+    embedder_input = property(
+        lambda self: str(self.manifest["embedder_input"]),
+        doc="``'text'``: chunks are embedded from their text; ``'tokens'``: from ids.",
+    )
     neighbors = property(lambda self: self.knn, doc="The precomputed ``(num_chunks, num_neighbors)`` array.")
 
     def __len__(self) -> int:
@@ -184,10 +229,31 @@ class RetrievalDatabase:
 
     @property
     def tokenizer(self):
-        """The ``PreTrainedTokenizerFast`` saved with the database (the embedder's tokenizer)."""
+        """The LM tokenizer saved with the database (whose ids the chunks hold), checked against the
+        vocabulary hash in the manifest."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(str(self.path / "tokenizer"))
+            tokenizer = load_lm_tokenizer(str(self.path / "tokenizer"))
+            expected = self.manifest["tokenizer"]["sha256"]
+            if vocabulary_sha256(tokenizer) != expected:
+                raise CorruptDatabaseError(
+                    f"{self.path / 'tokenizer'} does not hold the vocabulary recorded in manifest.json "
+                    f"(sha256 {expected[:12]}...); the database's tokenizer folder was modified"
+                )
+            self._tokenizer = tokenizer
         return self._tokenizer
+
+    def doc_name(self, doc_id: int) -> str:
+        """The name of document ``doc_id``: its file's path relative to the source folder, or ``doc-<i>``."""
+        if self._doc_names is None:
+            lines = (self.path / "doc_names.jsonl").read_text(encoding="utf-8").splitlines()
+            self._doc_names = [json.loads(line) for line in lines if line]
+        return self._doc_names[doc_id]
+
+    def embed_chunks(self, tokens: np.ndarray) -> np.ndarray:
+        """``(n, chunk_size)`` LM token chunks -> unit-norm ``(n, dim)`` vectors, as the index's keys were
+        made (re-tokenized text, or the ids themselves; see ``embedder_input``)."""
+        lm_tokenizer = self.tokenizer if self.embedder_input == "text" else None
+        return embed_token_chunks(self.embedder, tokens, self.pad_id, lm_tokenizer)
 
     @property
     def embedder(self) -> Embedder:
@@ -221,6 +287,11 @@ class RetrievalDatabase:
             hint = " (its build has not finished: re-run build-db)" if (path / "build.json").exists() else ""
             raise CorruptDatabaseError(f"not a retrieval database: {path / 'manifest.json'} is missing{hint}")
         manifest = read_json(path / "manifest.json")
+        if manifest.get("format_version") == 1:
+            raise CorruptDatabaseError(
+                f"{path} was built by an older retlm (format_version 1: one WordPiece vocabulary, no "
+                "document names); rebuild it with `retlm build-db` (`--tokenizer bert` for the same tokens)"
+            )
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CorruptDatabaseError(
                 f"{path / 'manifest.json'}: format_version {manifest.get('format_version')!r}"
@@ -250,6 +321,7 @@ class RetrievalDatabase:
         chunk_size: int = 64,
         num_neighbors: int = 2,
         seq_len: int = 512,
+        tokenizer: str = GPT2,
         embedder: str | None = None,
         pooling: str = "mean",
         batch_size: int = 128,
@@ -268,6 +340,10 @@ class RetrievalDatabase:
     ) -> RetrievalDatabase | None:
         """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
 
+        ``tokenizer``: the LM tokenizer, ``"gpt2"`` (GPT-2's byte-level BPE, the default), ``"bert"`` (the
+        embedder's WordPiece for both, the seed's way) or a tokenizer folder. ``embedder``: the encoder
+        that embeds each chunk (the bundled all-MiniLM-L6-v2 by default).
+
         Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one
         stage (of ``STAGES``) over one shard ``"i/n"`` of the chunk range, for builds spread over jobs;
         the database is returned once ``finalize`` has run, else ``None``. ``engine="ray"`` runs every
@@ -276,17 +352,18 @@ class RetrievalDatabase:
         (``retlm.retrieval.ray_build``; needs ``pip install 'retlm[ray]'``).
         """
         config = BuildConfig(
-            chunk_size,
-            num_neighbors,
-            seq_len,
-            embedder or DEFAULT_EMBEDDER,
-            pooling,
-            embedding_dtype,
-            batch_size,
-            index_factory,
-            exact_threshold,
-            target_recall,
-            extra_neighbors,
+            chunk_size=chunk_size,
+            num_neighbors=num_neighbors,
+            seq_len=seq_len,
+            tokenizer=tokenizer,
+            embedder=embedder or DEFAULT_EMBEDDER,
+            pooling=pooling,
+            embedding_dtype=embedding_dtype,
+            batch_size=batch_size,
+            index_factory=index_factory,
+            exact_threshold=exact_threshold,
+            target_recall=target_recall,
+            extra_neighbors=extra_neighbors,
         )
         config.validate()
         shard = parse_shard(shard)
@@ -378,7 +455,9 @@ class RetrievalDatabase:
                 )
             pad = [(0, 0)] * (tokens.ndim - 1) + [(0, c - tokens.shape[-1])]
             return np.pad(tokens, pad, constant_values=self.pad_id)
-        ids = self.tokenizer(list(queries), add_special_tokens=False, verbose=False)["input_ids"]
+        ids = self.tokenizer(
+            list(queries), add_special_tokens=False, return_attention_mask=False, verbose=False
+        )["input_ids"]
         tokens = np.full((len(ids), c), self.pad_id, dtype=np.int64)
         for row, query in zip(tokens, ids, strict=True):
             row[: min(c, len(query))] = query[:c]
@@ -390,9 +469,11 @@ class RetrievalDatabase:
         k: int,
         exclude_doc_ids: int | Sequence[int] | np.ndarray | None = None,
     ) -> SearchResult:
-        """The ``k`` nearest chunks of each query: texts, or token chunks ``(..., chunk_size)`` (pad = 0).
+        """The ``k`` nearest chunks of each query: texts, or LM token chunks ``(..., chunk_size)`` (padded
+        with ``pad_id``).
 
-        A text query is cut to its first ``chunk_size`` tokens: queries are chunks, as in RETRO. Token
+        A text query is cut to its first ``chunk_size`` LM tokens: queries are chunks, as in RETRO. Queries
+        are embedded as the database's chunks were (``embed_chunks``). Token
         chunks ``(batch, n_chunks, chunk_size)`` give ``tokens (batch, n_chunks, k, 2 * chunk_size)``, the
         ``retrieved`` input of RETRO. ``exclude_doc_ids``: one document id for all queries, or one per
         query (shape of the query batch; -1: none), whose chunks are skipped.
@@ -410,7 +491,7 @@ class RetrievalDatabase:
             ids = np.full((nq, k), -1, dtype=np.int64)
             scores = np.full((nq, k), -np.inf, dtype=np.float32)
         else:
-            vectors = self.embedder.embed_chunks(tokens, self.pad_id)
+            vectors = self.embed_chunks(tokens)
             ids, scores = search_excluding(
                 self.index, vectors, k, self.doc_ids, exclude, self.manifest.get("extra_neighbors", 10)
             )
@@ -441,6 +522,7 @@ class _Builder:
     def __init__(self, path: Path, config: BuildConfig, progress: bool):
         self.path, self.config, self.progress = path, config, progress
         self.settings = asdict(config)
+        self._lm_tokenizer = None
         path.mkdir(parents=True, exist_ok=True)
         self._check_settings()
 
@@ -491,17 +573,18 @@ class _Builder:
         self.write_chunk_files(docs, report)
 
     def write_chunk_files(self, docs: Iterable[Document], report: SkipReport) -> None:
-        """Tokenize and chunk ``docs`` into chunks.dat, doc_ids.dat, seqs.dat, tokenizer/, chunking.json."""
-        tokenizer = load_tokenizer(self.config.embedder)
-        pad_id = tokenizer.pad_token_id or 0
-        eos_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        if eos_id is None:
-            raise ValueError(f"tokenizer of {self.config.embedder!r} has neither [SEP] nor an eos token")
-        tmp = {name: self.path / f".{name}.tmp" for name in ("chunks.dat", "doc_ids.dat", "seqs.dat")}
+        """Tokenize and chunk ``docs`` into chunks.dat, doc_ids.dat, seqs.dat, doc_names.jsonl, tokenizer/
+        and chunking.json."""
+        tokenizer = load_lm_tokenizer(self.config.tokenizer, embedder=self.config.embedder)
+        tokenizers = _tokenizers_entry(self.config, tokenizer)
+        self._lm_tokenizer = tokenizer
+        pad_id, eos_id = special_ids(tokenizer)
+        tmp = {name: self.path / f".{name}.tmp" for name in CHUNK_FILES}
         with (
             open(tmp["chunks.dat"], "wb") as chunks,
             open(tmp["doc_ids.dat"], "wb") as doc_ids,
             open(tmp["seqs.dat"], "wb") as seqs,
+            open(tmp["doc_names.jsonl"], "w", encoding="utf-8") as names,
             tqdm(desc="chunk", unit="chunk", disable=not self.progress) as bar,
         ):
             counts = write_chunks(
@@ -514,6 +597,7 @@ class _Builder:
                 chunks_file=chunks,
                 doc_ids_file=doc_ids,
                 seqs_file=seqs,
+                names_file=names,
                 report=report,
                 progress=bar,
             )
@@ -525,9 +609,9 @@ class _Builder:
             self.path / "chunking.json",
             {
                 **asdict(counts),
+                **tokenizers,
                 "pad_id": int(pad_id),
                 "eos_id": int(eos_id),
-                "vocab_size": len(tokenizer),
                 "skipped_files": report.unreadable,
                 "skipped_empty_docs": report.empty,
             },
@@ -548,14 +632,21 @@ class _Builder:
             batch_size=self.config.batch_size,
             pad_id=self.chunking()["pad_id"],
             rows=shard_rows(len(chunks), shard, self.config.batch_size),
+            lm_tokenizer=self.lm_tokenizer(),
             progress=self.progress,
             desc="embed" if shard is None else f"embed {shard[0]}/{shard[1]}",
         )
 
+    def lm_tokenizer(self):
+        """The saved LM tokenizer when the embedder reads text, else None (it reads the ids)."""
+        if self.chunking()["embedder_input"] != "text":
+            return None
+        if self._lm_tokenizer is None:
+            self._lm_tokenizer = load_lm_tokenizer(str(self.path / "tokenizer"))
+        return self._lm_tokenizer
+
     def embedding_dim(self) -> int:
         from transformers import AutoConfig
-
-        from retlm.retrieval.embedding import resolve_model_path
 
         return int(AutoConfig.from_pretrained(resolve_model_path(self.config.embedder)).hidden_size)
 
@@ -615,6 +706,15 @@ class _Builder:
     def finalize(self) -> None:
         _merge_shards(self.path, "knn")
         chunking, index_info = self.chunking(), read_json(self.path / "index.json")
+        chunks, _ = self.chunk_arrays()
+        lm_tokenizer = self.lm_tokenizer()
+        chunking["embedder_truncated_chunks"] = (
+            0
+            if lm_tokenizer is None
+            else count_truncated_chunks(
+                Embedder(self.config.embedder, self.config.pooling), lm_tokenizer, chunks, chunking["pad_id"]
+            )
+        )
         write_manifest(self.path, self.settings, chunking, index_info, self.embedding_dim())
         for name in ("build.json", "chunking.json", "index.json"):
             (self.path / name).unlink(missing_ok=True)
@@ -641,12 +741,11 @@ def write_manifest(
     c, k, n = settings["chunk_size"], settings["num_neighbors"], chunking["num_chunks"]
     manifest = {
         "format_version": FORMAT_VERSION,
-        "tokenizer": {
-            "name": settings["embedder"],
-            "path": "tokenizer",
-            "vocab_size": chunking["vocab_size"],
-        },
+        "tokenizer": {**chunking["tokenizer"], "path": "tokenizer"},
         "embedder": settings["embedder"],
+        "embedder_tokenizer": chunking["embedder_tokenizer"],
+        "embedder_input": chunking["embedder_input"],
+        "embedder_truncated_chunks": chunking["embedder_truncated_chunks"],
         "pooling": settings["pooling"],
         "chunk_size": c,
         "num_chunks": n,
@@ -678,6 +777,46 @@ def write_manifest(
     }
     write_json(path / "manifest.json", manifest)
     return manifest
+
+
+def _tokenizers_entry(config: BuildConfig, lm_tokenizer) -> dict[str, Any]:
+    """Both tokenizers' manifest entries, and how the embedder reads a chunk: ``"tokens"`` when the LM
+    tokenizer is the embedder's own vocabulary (the ids are fed to it), else ``"text"``."""
+    from transformers import AutoConfig
+
+    lm = describe(lm_tokenizer, config.tokenizer)
+    embedder_tokenizer = load_tokenizer(config.embedder)
+    limit = embedder_max_length(
+        config.embedder, AutoConfig.from_pretrained(resolve_model_path(config.embedder)), embedder_tokenizer
+    )
+    entry = {**describe(embedder_tokenizer, config.embedder), "max_length": limit}
+    mode = "tokens" if lm["sha256"] == entry["sha256"] else "text"
+    if mode == "tokens" and config.chunk_size + 2 > limit:
+        raise ValueError(
+            f"chunk_size must be at most {limit - 2} when the embedder reads the LM ids "
+            f"(--tokenizer bert): {config.embedder} reads {limit} tokens with [CLS] and [SEP]"
+        )
+    return {"tokenizer": lm, "embedder_tokenizer": entry, "embedder_input": mode}
+
+
+def count_truncated_chunks(
+    embedder: Embedder,
+    lm_tokenizer,
+    chunks: np.ndarray,
+    pad_id: int,
+    rows: tuple[int, int] | None = None,
+    block: int = 4096,
+) -> int:
+    """How many chunks of ``chunks[lo:hi]`` have a text longer than the embedder reads (it keeps their
+    first ``max_length - 2`` WordPiece tokens)."""
+    lo, hi = rows if rows is not None else (0, len(chunks))
+    c = chunks.shape[1] - 1
+    return sum(
+        embedder.count_truncated(
+            chunk_texts(lm_tokenizer, np.asarray(chunks[start : min(start + block, hi), :c]), pad_id)
+        )
+        for start in range(lo, hi, block)
+    )
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:
@@ -731,7 +870,7 @@ class _Adder:
         self.stage.mkdir()
         old_n = db.num_chunks
         report = SkipReport()
-        counts = self._append_chunks(iter_documents(docs, glob, report), report)
+        counts = self._append_chunks(iter_documents(docs, glob, report, first_index=db.num_docs), report)
         report.warn()
         if counts.num_chunks == 0:
             shutil.rmtree(self.stage)
@@ -741,6 +880,7 @@ class _Adder:
         chunks = open_memmap(self.stage / "chunks.dat", "int32", (n, c + 1))
         doc_ids = open_memmap(self.stage / "doc_ids.dat", "int32", (n,))
         new_embeddings = self.stage / "new_embeddings.dat"
+        lm_tokenizer = db.tokenizer if db.embedder_input == "text" else None
         embed_rows(
             db.embedder,
             chunks,
@@ -749,8 +889,12 @@ class _Adder:
             batch_size=m["build"]["batch_size"],
             pad_id=db.pad_id,
             rows=(old_n, n),
+            lm_tokenizer=lm_tokenizer,
             progress=self.progress,
         )
+        truncated = m["embedder_truncated_chunks"]
+        if lm_tokenizer is not None:
+            truncated += count_truncated_chunks(db.embedder, lm_tokenizer, chunks, db.pad_id, rows=(old_n, n))
         _concat_files(db.path / "embeddings.dat", new_embeddings, self.stage / "embeddings.dat")
         embeddings = open_memmap(self.stage / "embeddings.dat", dtype, (n, dim))
 
@@ -792,7 +936,10 @@ class _Adder:
             "num_seqs": m["num_seqs"] + counts.num_seqs,
             "pad_id": db.pad_id,
             "eos_id": db.eos_id,
-            "vocab_size": m["tokenizer"]["vocab_size"],
+            "tokenizer": {key: value for key, value in m["tokenizer"].items() if key != "path"},
+            "embedder_tokenizer": m["embedder_tokenizer"],
+            "embedder_input": m["embedder_input"],
+            "embedder_truncated_chunks": truncated,
             "skipped_files": m.get("skipped_files", []) + report.unreadable,
         }
         write_manifest(
@@ -802,13 +949,14 @@ class _Adder:
 
     def _append_chunks(self, docs, report: SkipReport):
         db = self.db
-        files = {name: self.stage / name for name in ("chunks.dat", "doc_ids.dat", "seqs.dat")}
+        files = {name: self.stage / name for name in CHUNK_FILES}
         for name, file in files.items():
             shutil.copyfile(db.path / name, file)
         with (
             open(files["chunks.dat"], "ab") as chunks,
             open(files["doc_ids.dat"], "ab") as doc_ids,
             open(files["seqs.dat"], "ab") as seqs,
+            open(files["doc_names.jsonl"], "a", encoding="utf-8") as names,
         ):
             return write_chunks(
                 docs,
@@ -820,6 +968,7 @@ class _Adder:
                 chunks_file=chunks,
                 doc_ids_file=doc_ids,
                 seqs_file=seqs,
+                names_file=names,
                 first_doc_id=db.num_docs,
                 first_chunk=db.num_chunks,
                 report=report,

@@ -1,13 +1,25 @@
-"""A frozen HF encoder turning token chunks into unit-norm vectors (mean-pooled or CLS).
+"""A frozen HF encoder turning chunks into unit-norm vectors (mean-pooled or CLS).
 
-Index keys and queries are embedded the same way: the chunk's tokens without padding, wrapped as
-``[CLS] chunk [SEP]``, padded to the fixed width ``chunk_size + 2``. A fixed width keeps every chunk's
-vector independent of which batch it falls in, which makes builds reproducible and ``add()`` agree with
-a full rebuild.
+Index keys and queries are embedded the same way, from one of two inputs:
+
+- **text** (the default, whenever the LM tokenizer is not the embedder's own): the chunk's text, decoded
+  from its LM tokens, is re-tokenized by the embedder's tokenizer (MiniLM's WordPiece) and wrapped as
+  ``[CLS] text [SEP]``. A chunk whose WordPiece form is longer than the embedder's limit
+  (``Embedder.max_length``: sentence-transformers' ``max_seq_length``, 256 for all-MiniLM-L6-v2, else the
+  model's position limit) keeps its first ``max_length - 2`` WordPiece tokens, as sentence-transformers
+  truncates; the database manifest counts such chunks. Rows are padded to their own length rounded up to a
+  multiple of 16 and batched with rows of the same width, so a chunk's vector depends on its text only,
+  not on its neighbours in the batch.
+- **tokens** (the seed's way, ``--tokenizer bert``: the LM reads the embedder's vocabulary): the chunk's
+  ids without padding, wrapped as ``[CLS] chunk [SEP]``, padded to the fixed width ``chunk_size + 2``.
+
+Either way builds are reproducible and ``add()`` agrees with a full rebuild.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +32,7 @@ from retlm.retrieval._storage import ResumableRows, is_complete
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
 POOLINGS = ("mean", "cls")
+WIDTH_STEP = 16  # text rows are padded to a multiple of this
 
 
 def resolve_model_path(name: str) -> str:
@@ -47,6 +60,23 @@ def _load_encoder(name: str, device: str):
     return model.eval().requires_grad_(False).to(device)
 
 
+def embedder_max_length(name: str, model_config, tokenizer) -> int:
+    """The most WordPiece tokens (with [CLS] and [SEP]) the embedder reads: sentence-transformers'
+    ``max_seq_length`` when its folder has ``sentence_bert_config.json``, capped by the model's positions."""
+    limits = [getattr(model_config, "max_position_embeddings", None)]
+    st_config = Path(resolve_model_path(name)) / "sentence_bert_config.json"
+    if st_config.is_file():
+        try:
+            limits.append(json.loads(st_config.read_text()).get("max_seq_length"))
+        except (json.JSONDecodeError, OSError):
+            pass
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [int(x) for x in limits if isinstance(x, int | float) and 2 < x < 1e9]
+    if not limits:
+        raise ValueError(f"embedder {name!r}: cannot tell its maximum input length")
+    return min(limits)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,7 +92,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 class Embedder:
-    """A frozen encoder for chunks of token ids. ``embed_chunks`` returns L2-normalised float32 vectors."""
+    """A frozen encoder for chunks: ``embed_texts`` (text input) and ``embed_chunks`` (token input) return
+    L2-normalised float32 vectors."""
 
     def __init__(self, name: str = DEFAULT_EMBEDDER, pooling: str = "mean", device: str | None = None):
         if pooling not in POOLINGS:
@@ -79,10 +110,59 @@ class Embedder:
             raise ValueError(
                 f"embedder {self.name!r}: its tokenizer has no [CLS]/[SEP] token; use a BERT-style encoder"
             )
+        self.max_length = embedder_max_length(self.name, self.model.config, self.tokenizer)
 
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+    # ---- text input (the default) ----
+
+    def wordpiece_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The embedder's own token ids of each text, without [CLS]/[SEP] and untruncated."""
+        return self.tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many of ``texts`` are longer than the embedder reads (``max_length``, [CLS]/[SEP] included)."""
+        return sum(len(ids) + 2 > self.max_length for ids in self.wordpiece_ids(texts))
+
+    def text_inputs(
+        self, texts: Sequence[str], batch_rows: int = 64
+    ) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """Encoder batches for ``texts``: ``(rows, input_ids, attention_mask)`` with ``rows`` the positions in
+        ``texts`` and the tensors ``(len(rows), width)``; every row of a batch has the same ``width``: its
+        length (at most ``max_length``, see the module docstring) rounded up to a multiple of 16."""
+        room = self.max_length - 2
+        ids = [[self.cls_id, *row[:room], self.sep_id] for row in self.wordpiece_ids(texts)]
+        lengths = np.array([len(row) for row in ids], dtype=np.int64)
+        widths = np.minimum(-(-lengths // WIDTH_STEP) * WIDTH_STEP, self.max_length)
+        batches = []
+        for width in np.unique(widths):
+            same = np.flatnonzero(widths == width)
+            for start in range(0, len(same), batch_rows):
+                rows = same[start : start + batch_rows]
+                input_ids = np.full((len(rows), int(width)), self.pad_id, dtype=np.int64)
+                for out, row in zip(input_ids, rows, strict=True):
+                    out[: lengths[row]] = ids[row]
+                mask = np.arange(int(width))[None, :] < lengths[rows, None]
+                batches.append((rows, torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))))
+        return batches
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> unit-norm float32 ``(len(texts), dim)``, each re-tokenized by the embedder's tokenizer."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for rows, input_ids, attention_mask in self.text_inputs(texts):
+            vectors = self.forward(input_ids, attention_mask).float()
+            out[rows] = torch.nn.functional.normalize(vectors, dim=-1).cpu().numpy()
+        return out
+
+    # ---- token input (the seed's way: the LM reads the embedder's vocabulary) ----
 
     def encoder_inputs(self, chunks: np.ndarray, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(batch, chunk_size)`` chunks -> ``input_ids, attention_mask`` of ``(batch, chunk_size + 2)``.
@@ -120,6 +200,20 @@ class Embedder:
         return torch.nn.functional.normalize(vectors, dim=-1).cpu().numpy()
 
 
+def chunk_texts(lm_tokenizer, chunks: np.ndarray, pad_id: int) -> list[str]:
+    """``(batch, width)`` LM token chunks -> their texts (padding and special tokens dropped)."""
+    rows = [row[row != pad_id].tolist() for row in np.asarray(chunks)]
+    return lm_tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def embed_token_chunks(embedder: Embedder, chunks: np.ndarray, pad_id: int, lm_tokenizer=None) -> np.ndarray:
+    """``(batch, chunk_size)`` LM token chunks -> unit-norm ``(batch, dim)``: through their text when
+    ``lm_tokenizer`` is given (text input), else from the ids themselves (token input)."""
+    if lm_tokenizer is None:
+        return embedder.embed_chunks(chunks, pad_id)
+    return embedder.embed_texts(chunk_texts(lm_tokenizer, chunks, pad_id))
+
+
 def embed_rows(
     embedder: Embedder,
     chunks: np.ndarray,
@@ -129,12 +223,14 @@ def embed_rows(
     batch_size: int = 128,
     pad_id: int = 0,
     rows: tuple[int, int] | None = None,
+    lm_tokenizer=None,
     progress: bool = True,
     desc: str = "embed",
 ) -> Path:
     """Embed ``chunks[lo:hi, :chunk_size]`` into the array file ``out_path`` ``(hi - lo, dim)``; resumable.
 
-    Batches are the fixed row ranges ``lo + j * batch_size``, so a resumed run recomputes exactly the
+    ``lm_tokenizer``: decode the chunks and embed their text (see the module docstring); None: embed the
+    ids. Batches are the fixed row ranges ``lo + j * batch_size``, so a resumed run recomputes exactly the
     batches an uninterrupted run would, and writes the same bytes.
     """
     lo, hi = rows if rows is not None else (0, len(chunks))
@@ -145,6 +241,7 @@ def embed_rows(
         "dtype": dtype,
         "rows": [lo, hi],
         "batch_size": batch_size,
+        "input": "tokens" if lm_tokenizer is None else "text",
     }
     if is_complete(out_path):
         return Path(out_path)
@@ -152,7 +249,7 @@ def embed_rows(
     bar = tqdm(total=hi - lo, initial=out.rows_done, desc=desc, unit="chunk", disable=not progress)
     for start in range(out.rows_done, hi - lo, batch_size):
         batch = np.asarray(chunks[lo + start : lo + min(start + batch_size, hi - lo), :chunk_size])
-        out.write(start, embedder.embed_chunks(batch, pad_id).astype(dtype))
+        out.write(start, embed_token_chunks(embedder, batch, pad_id, lm_tokenizer).astype(dtype))
         bar.update(len(batch))
     bar.close()
     out.finish()

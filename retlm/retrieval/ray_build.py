@@ -5,7 +5,7 @@ build, so both write the same database):
 
     chunk      S tasks, each tokenizing a contiguous group of documents (in reading order) into
                shards/chunk-i-of-S/; one task concatenates them, renumbering documents, chunks and
-               training sequences                                           -> chunks, doc_ids, seqs
+               training sequences                      -> chunks, doc_ids, seqs, doc_names.jsonl
     embed      S tasks over row shards whose boundaries are multiples of batch_size, so each runs the
                batches the single-process build runs                        -> shards/embeddings-i
     index      1 task trains the index once, on the same random sample; S tasks each add their rows to
@@ -61,6 +61,7 @@ from retlm.retrieval.chunking import (
     matching_files,
 )
 from retlm.retrieval.database import (
+    CHUNK_FILES,
     BuildConfig,
     RetrievalDatabase,
     _Builder,
@@ -78,7 +79,6 @@ from retlm.retrieval.index import (
 
 RAY_EXTRA = "pip install 'retlm[ray]'"
 MAX_RETRIES = 3
-CHUNK_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat")
 SUMMED = ("num_chunks", "num_docs", "num_seqs", "skipped_empty_docs")
 
 
@@ -212,14 +212,17 @@ class _Driver:
 
 
 # ---------------------------------------------------------------------------------------------- chunk
-def _document_groups(source, glob: str, shards: int) -> list[tuple[str, list]]:
+def _document_groups(source, glob: str, shards: int) -> list[tuple[str, str | None, list]]:
     """At most ``shards`` contiguous groups of the documents, of about equal size (bytes or characters):
-    ``("paths", [path, ...])`` or ``("texts", [(index, text), ...])``."""
+    ``("paths", root, [path, ...])`` (absolute paths, so workers need not share the driver's working
+    directory) or ``("texts", None, [(index, text), ...])``."""
     if source is None:
         raise ValueError("the chunk stage needs a source (a folder or a sequence of strings)")
+    root: str | None = None
     if isinstance(source, str | os.PathLike):
         iter_documents(source, glob)  # the same errors as the single-process build, before any work
-        items: list = [str(p) for p in matching_files(Path(source), glob)]
+        root = os.path.abspath(source)
+        items: list = [str(p) for p in matching_files(Path(root), glob)]
         sizes = [Path(p).stat().st_size for p in items]
         kind = "paths"
     else:
@@ -230,24 +233,26 @@ def _document_groups(source, glob: str, shards: int) -> list[tuple[str, list]]:
     total = ends[-1] if len(ends) else 0.0
     cuts = [0] + [int(np.searchsorted(ends, total * j / shards, side="left")) + 1 for j in range(1, shards)]
     cuts = sorted({min(c, len(items)) for c in cuts} | {len(items)})
-    groups = [(kind, items[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
-    return groups or [(kind, [])]
+    groups = [(kind, root, items[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+    return groups or [(kind, root, [])]
 
 
 def _chunk_dir(path: Path, shard: int, shards: int) -> Path:
     return path / "shards" / f"chunk-{shard:05d}-of-{shards:05d}"
 
 
-def _chunk_task(path: str, options: dict[str, Any], shard: int, shards: int, group: tuple[str, list]) -> None:
+def _chunk_task(
+    path: str, options: dict[str, Any], shard: int, shards: int, group: tuple[str, str | None, list]
+) -> None:
     """Chunk one group of documents into its own folder, exactly as the single-process chunk stage."""
     folder = _chunk_dir(Path(path), shard, shards)
     if (folder / "chunking.json").is_file():
         return
     builder = _Builder(folder, BuildConfig(**options), progress=False)
     report = SkipReport()
-    kind, items = group
-    if kind == "paths":
-        docs: Iterable[Document] = folder_documents([Path(p) for p in items], report)
+    kind, root, items = group
+    if kind == "paths":  # named by their path relative to the source folder, as iter_documents names them
+        docs: Iterable[Document] = folder_documents(Path(root), [Path(p) for p in items], report)
     else:
         docs = (Document(name=f"doc-{i}", text=text) for i, text in items)
     with warnings.catch_warnings():  # the driver warns once for all shards
@@ -270,10 +275,12 @@ def _merge_chunks_task(path: str, options: dict[str, Any], shards: int) -> tuple
         open(tmp["chunks.dat"], "wb") as chunks_out,
         open(tmp["doc_ids.dat"], "wb") as doc_ids_out,
         open(tmp["seqs.dat"], "wb") as seqs_out,
+        open(tmp["doc_names.jsonl"], "wb") as names_out,
     ):
         for folder, info in zip(folders, infos, strict=True):
-            with open(folder / "chunks.dat", "rb") as part:
-                shutil.copyfileobj(part, chunks_out, 1 << 24)
+            for name, out in (("chunks.dat", chunks_out), ("doc_names.jsonl", names_out)):
+                with open(folder / name, "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
             _copy_offset(folder / "doc_ids.dat", doc_ids_out, docs)
             _copy_offset(folder / "seqs.dat", seqs_out, chunks)
             docs, chunks = docs + info["num_docs"], chunks + info["num_chunks"]

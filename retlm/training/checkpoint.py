@@ -27,6 +27,9 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "model"
 STAGING_DIR = ".staging"
 FINAL_STEP_FILE = "retlm_step.json"  # in model/: the step its weights come from
+# what a checkpoint holds besides the training state: weights, config, the LM tokenizer
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -64,6 +67,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(read_json(Path(checkpoint) / "trainer_state.json")["global_step"])
+
+
+def checkpoint_max_steps(checkpoint: Path) -> int:
+    """The run's planned length when ``checkpoint`` was written (``trainer_state.json``'s ``max_steps``)."""
+    return int(read_json(Path(checkpoint) / "trainer_state.json")["max_steps"])
 
 
 def final_model_step(run_dir: Path) -> int | None:
@@ -131,10 +139,17 @@ def _tokenizer_vocab_size(db: Any) -> int:
     return len(db.tokenizer)
 
 
+def _tokenizer_sha256(db: Any) -> str | None:
+    entry = (getattr(db, "manifest", None) or {}).get("tokenizer")
+    return entry.get("sha256") if isinstance(entry, dict) else None
+
+
 def database_signature(db: Any) -> dict[str, Any]:
-    """What a model trained on ``db`` depends on: tokenizer identity and the chunk layout."""
+    """What a model trained on ``db`` depends on: tokenizer identity (name, size, vocabulary sha256) and
+    the chunk layout."""
     return {
         "tokenizer": _tokenizer_name(db),
+        "tokenizer_sha256": _tokenizer_sha256(db),
         "vocab_size": _tokenizer_vocab_size(db),
         "chunk_size": int(db.chunk_size),
         "num_neighbors": int(db.num_neighbors),
@@ -156,6 +171,11 @@ def check_model_fits_database(config: Any, db: Any) -> None:
         raise ValueError(f"tokenizer mismatch: the model was trained with tokenizer {trained['tokenizer']!r} "
                          f"but the database uses {data['tokenizer']!r}; use a database built with the "
                          "model's tokenizer")
+    trained_sha, data_sha = trained.get("tokenizer_sha256"), data["tokenizer_sha256"]
+    if trained_sha and data_sha and trained_sha != data_sha:
+        raise ValueError(f"tokenizer mismatch: the model was trained with a {trained['tokenizer']!r} "
+                         f"vocabulary (sha256 {trained_sha[:12]}...) but the database's "
+                         f"{data['tokenizer']!r} vocabulary differs (sha256 {data_sha[:12]}...)")
     if trained.get("vocab_size") and int(trained["vocab_size"]) != data["vocab_size"]:
         raise ValueError(f"tokenizer mismatch: the model was trained on a {trained['vocab_size']}-token "
                          f"vocabulary but the database's tokenizer has {data['vocab_size']} tokens")

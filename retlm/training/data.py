@@ -144,16 +144,23 @@ class RetroCollator:
     Returns ``input_ids (batch, seq_len)``, ``labels (batch, seq_len)`` already shifted by one, with
     padding set to ``IGNORE_INDEX``, and ``retrieved (batch, n_chunks, k, 2 * chunk_size)`` unless
     retrieval is switched off.
+
+    When padding is the end-of-document token (``eos_id == pad_id``, GPT-2's), the first one of a row is
+    the end of its document, a target like any other token; only the ones after it are padding.
     """
 
-    def __init__(self, pad_id: int, retrieval: bool = True):
+    def __init__(self, pad_id: int, retrieval: bool = True, eos_id: int | None = None):
         self.pad_id = pad_id
         self.retrieval = retrieval
+        self.eos_id = eos_id
 
     def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         seq = torch.stack([torch.as_tensor(s) for s, _ in items]).long()
         labels = seq[:, 1:].clone()
-        labels[labels == self.pad_id] = IGNORE_INDEX
+        padding = labels == self.pad_id
+        if self.eos_id is not None and self.eos_id == self.pad_id:
+            padding &= torch.cumsum(seq == self.eos_id, dim=1)[:, :-1] > 0  # an eos before this target
+        labels[padding] = IGNORE_INDEX
         batch = {"input_ids": seq[:, :-1].contiguous(), "labels": labels}
         if self.retrieval:
             batch["retrieved"] = torch.stack([torch.as_tensor(r) for _, r in items]).long()

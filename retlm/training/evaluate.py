@@ -4,9 +4,12 @@ Both numbers come from the same weights and the same target tokens: the only dif
 ``retrieved`` is passed to the model. Scored tokens are every target that is not padding (the
 end-of-document token counts; the first token of each sequence is input only).
 
-Bits per byte = (summed negative log-likelihood in bits) / (number of UTF-8 bytes of the scored text).
-The bytes are counted on the tokenizer's decoding of the scored target tokens, sequence by sequence,
-with special tokens dropped. For the default uncased WordPiece tokenizer that decoded text is
+Bits per byte = (summed negative log-likelihood in bits) / (number of UTF-8 bytes of the scored text),
+the RETRO paper's metric: unlike perplexity it does not depend on the tokenizer. For a byte-level BPE
+(GPT-2's, the default) the bytes are exact: the sum of the UTF-8 lengths of the scored target tokens
+(special tokens count 0), which is the byte length of the source text they cover. For other tokenizers
+they are counted on the tokenizer's decoding of the scored target tokens, sequence by sequence, with
+special tokens dropped; for the uncased WordPiece tokenizer (``--tokenizer bert``) that decoded text is
 lower-cased and whitespace-normalised, so it is within a few percent of, not equal to, the raw files.
 """
 
@@ -92,7 +95,7 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 @torch.no_grad()
 def score(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, retrieval: bool, batch_size: int = 8,
           device: torch.device | str = "cpu", autocast: Any = None, rank: int = 0, world_size: int = 1,
-          desc: str | None = None) -> Score:
+          desc: str | None = None, eos_id: int | None = None) -> Score:
     """Summed NLL and token count of ``model`` over ``dataset`` (``(seq, retrieved)`` items).
 
     Under DDP each rank scores every ``world_size``-th sequence and the sums are all-reduced.
@@ -100,7 +103,7 @@ def score(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, retrieval: b
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0
-    collate = RetroCollator(pad_id, retrieval=retrieval)
+    collate = RetroCollator(pad_id, retrieval=retrieval, eos_id=eos_id)
     try:
         for batch in _batches(dataset, batch_size, collate, rank, world_size, desc):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -116,11 +119,19 @@ def score(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, retrieval: b
 
 
 def count_bytes(dataset: Dataset, tokenizer: Any, *, pad_id: int, batch_size: int = 64, rank: int = 0,
-                world_size: int = 1, device: torch.device | str = "cpu") -> int:
-    """UTF-8 bytes of the decoded scored targets (see the module docstring for how)."""
+                world_size: int = 1, device: torch.device | str = "cpu", eos_id: int | None = None) -> int:
+    """UTF-8 bytes of the scored targets: exact for a byte-level BPE, else of their decoding (see the
+    module docstring)."""
+    from retlm.tokenization import token_byte_lengths
+
+    lengths = token_byte_lengths(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else None
     total = 0
-    collate = RetroCollator(pad_id, retrieval=False)
+    collate = RetroCollator(pad_id, retrieval=False, eos_id=eos_id)
     for batch in _batches(dataset, batch_size, collate, rank, world_size, None):
+        if lengths is not None:
+            labels = batch["labels"]
+            total += int(lengths[labels[labels != IGNORE_INDEX].numpy()].sum())
+            continue
         targets = [row[row != IGNORE_INDEX].tolist() for row in batch["labels"]]
         texts = tokenizer.batch_decode(targets, skip_special_tokens=True)
         total += sum(len(text.encode("utf-8")) for text in texts)
@@ -129,15 +140,16 @@ def count_bytes(dataset: Dataset, tokenizer: Any, *, pad_id: int, batch_size: in
 
 def compare_retrieval(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, tokenizer: Any = None,
                       batch_size: int = 8, device: torch.device | str = "cpu", autocast: Any = None,
-                      rank: int = 0, world_size: int = 1, progress: bool = False) -> dict[str, Any]:
+                      rank: int = 0, world_size: int = 1, progress: bool = False,
+                      eos_id: int | None = None) -> dict[str, Any]:
     """Scores of the same model on the same tokens with retrieval and with retrieval switched off."""
     n_bytes = 0 if tokenizer is None else count_bytes(dataset, tokenizer, pad_id=pad_id, rank=rank,
-                                                      world_size=world_size, device=device)
+                                                      world_size=world_size, device=device, eos_id=eos_id)
     runs = {}
     for name, retrieval in (("with_retrieval", True), ("without_retrieval", False)):
         result = score(model, dataset, pad_id=pad_id, retrieval=retrieval, batch_size=batch_size,
                        device=device, autocast=autocast, rank=rank, world_size=world_size,
-                       desc=f"eval {name.replace('_', ' ')}" if progress else None)
+                       desc=f"eval {name.replace('_', ' ')}" if progress else None, eos_id=eos_id)
         result.bytes = n_bytes
         runs[name] = result
     with_r, without_r = runs["with_retrieval"], runs["without_retrieval"]
@@ -152,6 +164,11 @@ def compare_retrieval(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, 
 
 
 # ---- the `retlm eval` entry point ----
+
+def _eos_id(db: Any) -> int | None:
+    eos = getattr(db, "eos_id", None)
+    return None if eos is None else int(eos)
+
 
 SPLITS = ("heldout", "train", "all")
 
@@ -216,7 +233,7 @@ def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_s
     n_docs = len(np.unique(sequence_doc_ids(db)[chosen.indices]))
     result = compare_retrieval(model, chosen, pad_id=int(db.pad_id), tokenizer=_tokenizer_of(db),
                                batch_size=batch_size, device=device, autocast=autocast_for(precision, device),
-                               progress=progress)
+                               progress=progress, eos_id=_eos_id(db))
     result.update(split=split, documents=n_docs, checkpoint=str(model_dir), precision=precision,
                   trained_with_retrieval=trained.get("retrieval"))
     return result

@@ -9,7 +9,11 @@ scheduler, RNG states and the data order). What this module adds:
 - the loss: token-level cross-entropy on ``(seq, retrieved)`` batches from ``RETRODataset``;
 - evaluation with and without retrieval on held-out documents (``evaluate.score``);
 - checkpoints committed by one directory rename (HF writes them in place);
-- a wall-clock budget (``minutes``) that picks the number of steps and stops cleanly;
+- a wall-clock budget (``minutes``) that plans the number of steps from a timing of the first steps,
+  re-plans it (and the learning-rate schedule's length) from the steps actually measured, and stops
+  cleanly (``callbacks.StepPlanner``);
+- the LM tokenizer saved beside the weights in every checkpoint and in ``model/``, so that
+  ``AutoTokenizer.from_pretrained(model_dir)`` and ``pipeline("text-generation", model_dir)`` work offline;
 - ``retlm_run.json`` (what the run is) and ``metrics.jsonl`` (its loss curves) in the run directory.
 """
 
@@ -41,7 +45,14 @@ from transformers.utils import logging as hf_logging
 from retlm.data import RETRODataset
 from retlm.models.retro import RetroConfig
 from retlm.training import checkpoint as ckpt
-from retlm.training.callbacks import JsonlMetrics, ProgressBar, RunClock, read_metrics
+from retlm.training.callbacks import (
+    JsonlMetrics,
+    PlannedSchedule,
+    ProgressBar,
+    RunClock,
+    StepPlanner,
+    read_metrics,
+)
 from retlm.training.data import DocumentSplit, RetroCollator, open_database, split_datasets, spread_subset
 from retlm.training.evaluate import causal_lm_loss, score
 from retlm.training.precision import autocast_for, resolve_device, resolve_precision
@@ -61,12 +72,23 @@ class RetroTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, pad_id: int, eval_variants: Mapping[str, bool] | None = None,
-                 **kwargs: Any):
+                 eos_id: int | None = None, schedule: PlannedSchedule | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.pad_id = pad_id
+        self.pad_id, self.eos_id = pad_id, eos_id
         # metric-name suffix -> whether that evaluation pass retrieves
         self.eval_variants = dict(eval_variants or {"": True, "_no_retrieval": False})
+        self.planned_schedule = schedule
         self._staging = False
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """HF's scheduler, or, for a run the ``StepPlanner`` re-plans, one whose length follows the plan."""
+        if self.planned_schedule is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
+                                                                  self.planned_schedule)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -84,7 +106,7 @@ class RetroTrainer(Trainer):
         for suffix, retrieval in self.eval_variants.items():
             result = score(self.model, dataset, pad_id=self.pad_id, retrieval=retrieval,
                            batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                           rank=self.args.process_index, world_size=self.args.world_size)
+                           rank=self.args.process_index, world_size=self.args.world_size, eos_id=self.eos_id)
             metrics[f"{metric_key_prefix}_loss{suffix}"] = result.loss
             metrics[f"{metric_key_prefix}_perplexity{suffix}"] = result.perplexity
         metrics[f"{metric_key_prefix}_runtime"] = round(time.monotonic() - start, 4)
@@ -358,45 +380,62 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
 
     config.retlm_data = {**ckpt.database_signature(db), "seq_len": seq_len, "retrieval": opts.retrieval,
                          "split": split.to_json()}
+    tokenizer = getattr(db, "tokenizer", None)
+    for name in ("eos_token_id", "bos_token_id"):  # as HF Trainer would align them to the tokenizer
+        if getattr(tokenizer, name, None) is not None:
+            setattr(config, name, int(getattr(tokenizer, name)))
     set_seed(opts.seed)
     model = AutoModelForCausalLM.from_config(config)
-    collate = RetroCollator(int(db.pad_id), retrieval=opts.retrieval)
-    args.max_steps, steps_source = _choose_max_steps(opts, args, previous, elapsed_before, model, train_set,
-                                                     eval_set, collate, device, precision)
+    eos_id = None if getattr(db, "eos_id", None) is None else int(db.eos_id)
+    collate = RetroCollator(int(db.pad_id), retrieval=opts.retrieval, eos_id=eos_id)
+    plan = _choose_max_steps(opts, args, previous, elapsed_before, model, train_set, eval_set, collate,
+                             device, precision)
+    args.max_steps = plan.cap
     set_seed(opts.seed)
 
-    if resume_from and (ckpt.checkpoint_step(resume_from) >= args.max_steps
-                        or opts.budget_s is not None and elapsed_before >= opts.budget_s):
-        return _finish_without_training(out_dir, resume_from, args.max_steps, elapsed_before,
+    if resume_from and _already_finished(opts, plan, previous, resume_from, elapsed_before):
+        return _finish_without_training(out_dir, resume_from, plan.steps, elapsed_before,
                                         is_main=args.should_save)
 
     if args.should_save:
         _start_run_files(out_dir, resume_from, {
-            "version": 1, "status": "running", "fixed": fixed, "max_steps": args.max_steps,
-            "max_steps_source": steps_source, "options": {**asdict(opts), "precision": precision},
+            "version": 1, "status": "running", "fixed": fixed, "max_steps": plan.steps,
+            "max_steps_first_plan": (previous or {}).get("max_steps_first_plan", plan.steps) if resume_from
+            else plan.steps, "max_steps_cap": plan.cap, "max_steps_source": plan.source,
+            "options": {**asdict(opts), "precision": precision},
             "database_path": str(getattr(db, "path", "")), "split": split.to_json(),
             "train_sequences": len(train_set), "heldout_sequences": len(heldout_set)})
     _barrier()
 
     clock = RunClock(opts.budget_s, elapsed_before)
-    callbacks = [clock, JsonlMetrics(out_dir / ckpt.METRICS_FILE, clock)] + ([ProgressBar()] * opts.progress)
+    callbacks: list[Any] = [clock, JsonlMetrics(out_dir / ckpt.METRICS_FILE, clock)]
+    callbacks += [ProgressBar()] * opts.progress
+    schedule = planner = None
+    if plan.source == "time_budget":
+        schedule = PlannedSchedule(opts.schedule, opts.warmup, plan.steps)
+        planner = StepPlanner(clock, schedule, plan.cap, eval_s=plan.eval_s, save_s=plan.save_s,
+                              evaluates=args.eval_strategy != "no")
     variants = {"": True, "_no_retrieval": False} if opts.retrieval else {"": False}
     trainer = RetroTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                            data_collator=collate, callbacks=callbacks, pad_id=int(db.pad_id),
-                           eval_variants=variants)
+                           eval_variants=variants, eos_id=eos_id, schedule=schedule,
+                           processing_class=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if planner is not None:  # before DefaultFlowCallback, which stops at state.max_steps
+        trainer.callback_handler.callbacks.insert(0, planner)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
+    stopped_by_budget = clock.stopped_by_budget or plan.source == "time_budget"
     result = TrainResult(run_dir=out_dir, model_dir=_save_final(trainer, out_dir),
-                         global_step=trainer.state.global_step, max_steps=args.max_steps,
-                         stop_reason="time_budget" if clock.stopped_by_budget else "max_steps",
+                         global_step=trainer.state.global_step, max_steps=int(trainer.state.max_steps),
+                         stop_reason="time_budget" if stopped_by_budget else "max_steps",
                          elapsed_s=clock.elapsed(), metrics_file=out_dir / ckpt.METRICS_FILE)
     _fill_last_metrics(result)
     if args.should_save:
         run = ckpt.read_json(run_file)
         run.update(status="finished", stop_reason=result.stop_reason, global_step=result.global_step,
-                   elapsed_s=result.elapsed_s)
+                   elapsed_s=result.elapsed_s, max_steps=result.max_steps)
         ckpt.write_json(run_file, run)
     _barrier()
     return result
@@ -464,18 +503,36 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+@dataclass
+class StepsPlan:
+    """How long a run is: ``steps`` (planned), ``source`` ("max_steps" | "time_budget" | "one_epoch"), and
+    for a time budget the ``cap`` the Trainer is built with (the planner may move ``steps`` up to it) and
+    the estimated seconds of one evaluation and one checkpoint."""
+
+    steps: int
+    source: str
+    cap: int
+    eval_s: float = 0.0
+    save_s: float = 0.0
+
+
+PLAN_CAP_FACTOR = 16  # a time-budgeted run may end up with up to 16x the steps its first timing planned
+
+
 def _choose_max_steps(opts: TrainOptions, args: TrainingArguments, previous: dict | None,
                       elapsed_before: float, model: torch.nn.Module, train_set: Dataset,
                       eval_set: Dataset | None, collate: RetroCollator, device: torch.device,
-                      precision: str) -> tuple[int, str]:
+                      precision: str) -> StepsPlan:
     """The run's length in optimizer steps, and where it came from."""
     if opts.max_steps is not None:
-        return opts.max_steps, "max_steps"
+        return StepsPlan(opts.max_steps, "max_steps", opts.max_steps)
     if previous and previous.get("max_steps_source") == "time_budget" and elapsed_before > 0:
-        return int(previous["max_steps"]), "time_budget"  # keep the interrupted run's schedule
+        steps = int(previous["max_steps"])  # keep the interrupted run's plan; the scheduler holds its length
+        return StepsPlan(steps, "time_budget", int(previous.get("max_steps_cap", steps)))
     if opts.budget_s is None:
         per_epoch = math.ceil(len(train_set) / (opts.batch_size * args.world_size))
-        return max(1, math.ceil(per_epoch / opts.grad_accum)), "one_epoch"
+        steps = max(1, math.ceil(per_epoch / opts.grad_accum))
+        return StepsPlan(steps, "one_epoch", steps)
     per_step, per_forward = _time_steps(model, train_set, collate, batch_size=opts.batch_size,
                                         grad_accum=opts.grad_accum, lr=opts.lr, device=device,
                                         autocast=autocast_for(precision, device))
@@ -483,7 +540,23 @@ def _choose_max_steps(opts: TrainOptions, args: TrainingArguments, previous: dic
     eval_batches = 0 if eval_set is None else math.ceil(len(eval_set) / args.world_size / opts.batch_size)
     steps = _max_steps_for_budget(opts.budget_s, per_step, per_forward, eval_batches=eval_batches,
                                   eval_every=opts.eval_every, save_every=opts.save_every)
-    return steps, "time_budget"
+    # the planner reserves the final evaluation (estimated from the probe until one is measured) and the
+    # final checkpoint (once one is measured: a save's cost is not what a training step's is)
+    eval_s = eval_batches * 2 * per_forward if opts.eval_every else 0.0
+    return StepsPlan(steps, "time_budget", max(PLAN_CAP_FACTOR * steps, steps + 16), eval_s=eval_s)
+
+
+def _already_finished(opts: TrainOptions, plan: StepsPlan, previous: dict | None, checkpoint: Path,
+                      elapsed_before: float) -> bool:
+    """Whether the run being resumed has nothing left to do: its budget is spent, its fixed steps are
+    done, or its planned steps are done under the same budget (a longer budget continues it)."""
+    if opts.budget_s is not None and elapsed_before >= opts.budget_s:
+        return True
+    step = ckpt.checkpoint_step(checkpoint)
+    if plan.source != "time_budget":
+        return step >= plan.steps
+    same_budget = previous is not None and previous.get("options", {}).get("minutes") == opts.minutes
+    return same_budget and step >= ckpt.checkpoint_max_steps(checkpoint)
 
 
 def _save_final(trainer: RetroTrainer, out_dir: Path) -> Path:
@@ -511,7 +584,7 @@ def _finish_without_training(out_dir: Path, checkpoint: Path, steps: int, elapse
         staging = out_dir / ckpt.STAGING_DIR / ckpt.FINAL_DIR
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        for name in ("config.json", "model.safetensors", "generation_config.json"):
+        for name in ckpt.MODEL_FILES:
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, staging / name)
         ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": step})

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-RetentionState = tuple[Tensor, Tensor]
+from retlm.ops.retention import RetentionState
 
 
 class RetentionCacheLayer:

@@ -9,7 +9,8 @@ import yaml
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-FORWARD_IMPLS = ("parallel", "chunkwise", "recurrent")
+from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA
+
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_ENCODINGS = ("rotary", "xpos")
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -54,7 +55,7 @@ class RetNetConfig(PreTrainedConfig):
     qk_dim: int | None = None
     v_dim: int | None = None
     ffn_proj_size: int | None = None
-    use_default_gamma: bool = False
+    use_default_gamma: bool = USE_DEFAULT_GAMMA
     forward_impl: str = "parallel"
     chunk_size: int = 512
     norm_type: str = "rmsnorm"
@@ -88,7 +89,7 @@ class RetNetConfig(PreTrainedConfig):
     def validate_retnet(self) -> None:
         """Raise ValueError naming the first inconsistent field and its allowed values."""
         choices = {
-            "forward_impl": FORWARD_IMPLS,
+            "forward_impl": RETENTION_MODES,
             "norm_type": NORM_TYPES,
             "position_encoding": POSITION_ENCODINGS,
         }

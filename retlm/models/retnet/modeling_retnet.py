@@ -17,13 +17,14 @@ import math
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
 from retlm.layers.retention import MultiScaleRetention, RetentionState
 from retlm.models.retnet.cache import RetNetCache
-from retlm.models.retnet.configuration_retnet import FORWARD_IMPLS, RetNetConfig
+from retlm.models.retnet.configuration_retnet import RetNetConfig
+from retlm.ops.retention import RETENTION_MODES
 
 
 class RetNetDecoderLayer(nn.Module):
@@ -70,6 +71,7 @@ class RetNetDecoderLayer(nn.Module):
         mode: str = "parallel",
         chunk_size: int | None = None,
         return_state: bool = False,
+        step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState | None]:
         """``hidden_states (batch, seq, hidden)`` -> ``(hidden_states, new_state)``; the other arguments are
         those of :meth:`MultiScaleRetention.forward`."""
@@ -81,8 +83,11 @@ class RetNetDecoderLayer(nn.Module):
             mode,
             chunk_size,
             return_state,
+            step_memo,
         )
-        hidden_states = hidden_states + self.dropout(mixed)
+        if self.training:  # dropout is the identity in eval; decoding skips the call
+            mixed = self.dropout(mixed)
+        hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.ffn(self.final_layer_norm(hidden_states))
         return hidden_states, new_state
 
@@ -117,6 +122,9 @@ class RetNetModel(RetNetPreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(RetNetDecoderLayer(config) for _ in range(config.num_layers))
         self.layer_norm = build_norm(config.norm_type, d, config.norm_eps)
+        # Per-layer state shape (heads, key_dim, head_value_dim), checked at every call: kept here because
+        # reading a config attribute costs microseconds on transformers >= 5.24, at every decoding step.
+        self.state_shape = (config.num_heads, config.key_dim, config.head_value_dim)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -129,15 +137,15 @@ class RetNetModel(RetNetPreTrainedModel):
     # -- input checks ----------------------------------------------------------------------------
     def resolve_mode(self, forward_impl: str | None, chunk_size: int | None) -> tuple[str, int]:
         mode = forward_impl or self.config.forward_impl
-        if mode not in FORWARD_IMPLS:
-            raise ValueError(f"unknown forward_impl {mode!r}; expected one of {FORWARD_IMPLS}")
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"unknown forward_impl {mode!r}; expected one of {RETENTION_MODES}")
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer (>= 1), got {chunk_size!r}")
         return mode, chunk_size
 
     def check_input_ids(self, input_ids: Tensor) -> None:
-        vocab = self.config.vocab_size
+        vocab = self.embed_tokens.num_embeddings  # the truth, also after resize_token_embeddings
         if not input_ids.numel():
             return
         low, high = (int(x) for x in torch.aminmax(input_ids))  # one pass: this runs at every decoding step
@@ -153,12 +161,12 @@ class RetNetModel(RetNetPreTrainedModel):
                 f"past_key_values must be a RetNetCache (or None), got {type(cache).__name__}; "
                 "pass the past_key_values returned by this model"
             )
-        if len(cache.layers) != self.config.num_layers:
+        if len(cache.layers) != len(self.layers):
             raise ValueError(
                 f"past_key_values comes from another config: it has {len(cache.layers)} layers, "
-                f"this model has num_layers={self.config.num_layers}"
+                f"this model has num_layers={len(self.layers)}"
             )
-        expected_kv = (batch_size, self.config.num_heads, self.config.key_dim, self.config.head_value_dim)
+        expected_kv = (batch_size, *self.state_shape)
         for idx in range(len(cache.layers)):
             state = cache.get_state(idx)
             if state is not None and tuple(state[0].shape) != expected_kv:
@@ -200,20 +208,22 @@ class RetNetModel(RetNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> BaseModelOutputWithCache | tuple:
         """
         Args:
             input_ids: ``(batch, seq)`` token ids, or give ``inputs_embeds (batch, seq, hidden)`` instead.
             attention_mask: ``(batch, seq)`` or ``(batch, past + seq)`` (generate's growing mask), 1 = token,
                 0 = padding. Padding belongs on the left of a prompt; rows then start at position 0 at
                 their first real token, exactly as if run alone.
-            past_key_values: a :class:`RetNetCache` from an earlier call; it is updated in place.
+            past_key_values: a :class:`RetNetCache` from an earlier call; it is updated in place. It may be
+                passed as ``cache=`` instead (transformers >= 5.24's name).
             use_cache: return the cache (default ``config.use_cache``).
             forward_impl: "parallel" | "chunkwise" | "recurrent" (default ``config.forward_impl``).
             chunk_size: block length of the chunkwise mode (default ``config.chunk_size``).
             sequence_offset: absolute position of the first token when no cache is given (the seed's
                 argument); with a cache it must equal the number of tokens the cache has seen.
         """
+        past_key_values = resolve_cache(past_key_values, kwargs)
         mode, chunk_size = self.resolve_mode(forward_impl, chunk_size)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = (
@@ -241,12 +251,13 @@ class RetNetModel(RetNetPreTrainedModel):
             else:
                 offsets = offsets - leading_padding(mask)
         position_offset: int | Tensor = offsets
-        if batch_size and bool((offsets == offsets[0]).all()):
+        if batch_size == 1 or (batch_size and bool((offsets == offsets[0]).all())):
             position_offset = int(offsets[0])  # one offset for all rows: shared rotation tables
 
         hidden = self.scale_embeddings(inputs_embeds)
         all_hidden = [hidden] if output_hidden_states else None
-        cache = past_key_values if past_key_values is not None else RetNetCache(self.config.num_layers)
+        cache = past_key_values if past_key_values is not None else RetNetCache(len(self.layers))
+        step_memo: dict = {}  # per-position tables shared by the layers (one-token recurrent steps)
         for idx, layer in enumerate(self.layers):
             state = cache.get_state(idx)
             if checkpointing:
@@ -254,7 +265,9 @@ class RetNetModel(RetNetPreTrainedModel):
                     layer.__call__, hidden, position_offset, mask, state, mode, chunk_size, False
                 )
             else:
-                hidden, new_state = layer(hidden, position_offset, mask, state, mode, chunk_size, use_cache)
+                hidden, new_state = layer(
+                    hidden, position_offset, mask, state, mode, chunk_size, use_cache, step_memo
+                )
                 if use_cache:
                     cache.set_state(idx, new_state)
             if output_hidden_states:
@@ -263,10 +276,10 @@ class RetNetModel(RetNetPreTrainedModel):
         if use_cache:
             cache.advance(offsets + seq_len, seq_len)
 
-        out = BaseModelOutputWithPast(
+        out = BaseModelOutputWithCache(
             last_hidden_state=hidden,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **cache_kwargs(cache if use_cache else None),
         )
         return out if return_dict else out.to_tuple()
 
@@ -275,7 +288,7 @@ class RetNetModel(RetNetPreTrainedModel):
         hidden = inputs_embeds * self.embed_scale
         if self.layernorm_embedding is not None:
             hidden = self.layernorm_embedding(hidden)
-        return self.dropout(hidden)
+        return self.dropout(hidden) if self.training else hidden
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
@@ -321,10 +334,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> CausalLMOutputWithCache | tuple:
         """Arguments of :meth:`RetNetModel.forward`, plus ``labels (batch, seq)`` (-100 = ignored; shifted
         inside, as in every HF causal LM) and ``logits_to_keep`` (only the last n positions' logits)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        past_key_values = resolve_cache(past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -344,11 +358,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        out = CausalLMOutputWithPast(
+        out = CausalLMOutputWithCache(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **cache_kwargs(outputs.past_key_values),
         )
         return out if return_dict else out.to_tuple()
 
@@ -359,6 +373,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool = True,
+        cache: RetNetCache | None = None,
         parallel_compute_prompt: bool = True,
         forward_impl: str | None = None,
         chunk_size: int | None = None,
@@ -368,7 +383,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     ) -> dict:
         """Feed only the tokens the cache has not seen. The prompt runs in ``forward_impl`` (default:
         chunkwise if the config says so, else parallel), or recurrently when
-        ``parallel_compute_prompt=False`` (the seed's switch); every later step runs recurrently."""
+        ``parallel_compute_prompt=False`` (the seed's switch); every later step runs recurrently.
+        ``generate`` hands the cache over as ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+        past_key_values = resolve_cache(past_key_values, {"cache": cache})
         seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if seen > 0:
             mode = "recurrent"
@@ -379,8 +396,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             mode = forward_impl or default
         inputs = {
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
             "use_cache": use_cache,
+            **cache_kwargs(past_key_values),
             "forward_impl": mode,
             "chunk_size": chunk_size,
         }

@@ -8,9 +8,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA
+
 DECODERS = ("transformer", "retnet")
 CCA_QUERY_POSITIONS = ("paper", "retro_pytorch")
-RETNET_MODES = ("parallel", "chunkwise", "recurrent")
 BERT_CASED_VOCAB_SIZE = 28996  # retro-pytorch's default num_tokens (bert-base-cased)
 
 
@@ -50,6 +51,8 @@ class RetroConfig(PretrainedConfig):
         zero_init_cca: start every chunked cross-attention with a zero output projection, so that a
             freshly initialised RETRO computes exactly its decoder alone and retrieval is added only as
             far as training finds it useful (as Flamingo's zero-initialised gates; retro-pytorch does not).
+        tie_word_embeddings: the LM head's weight is the token embedding (GPT-2's choice; needs
+            ``enc_dim == dec_dim``, the embedding's width). Default False, as retro-pytorch.
     """
 
     model_type = "retro"
@@ -93,7 +96,7 @@ class RetroConfig(PretrainedConfig):
         retnet_heads: int | None = None,
         retnet_qk_dim: int | None = None,
         retnet_v_dim: int | None = None,
-        retnet_use_default_gamma: bool = True,
+        retnet_use_default_gamma: bool = USE_DEFAULT_GAMMA,
         retnet_mode: str = "parallel",
         retnet_chunk_size: int | None = None,
         zero_init_cca: bool = False,
@@ -113,8 +116,8 @@ class RetroConfig(PretrainedConfig):
             raise ValueError(
                 f"unknown cca_query_positions {cca_query_positions!r}; expected one of {CCA_QUERY_POSITIONS}"
             )
-        if retnet_mode not in RETNET_MODES:
-            raise ValueError(f"unknown retnet_mode {retnet_mode!r}; expected one of {RETNET_MODES}")
+        if retnet_mode not in RETENTION_MODES:
+            raise ValueError(f"unknown retnet_mode {retnet_mode!r}; expected one of {RETENTION_MODES}")
         for name, value in (
             ("chunk_size", chunk_size),
             ("max_seq_len", max_seq_len),
@@ -168,6 +171,11 @@ class RetroConfig(PretrainedConfig):
         self.retnet_chunk_size = retnet_chunk_size or chunk_size
         kwargs.setdefault("pad_token_id", pad_id)
         kwargs.setdefault("tie_word_embeddings", False)
+        if kwargs["tie_word_embeddings"] and enc_dim != dec_dim:
+            raise ValueError(
+                f"tie_word_embeddings needs enc_dim == dec_dim (the token embedding is enc_dim wide and "
+                f"the LM head reads dec_dim), got enc_dim={enc_dim}, dec_dim={dec_dim}"
+            )
         super().__init__(**kwargs)
 
     def dec_has_cca(self, layer: int) -> bool:

@@ -30,6 +30,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from retlm.compat import cache_kwargs, output_cache
+
 
 class SearchableDatabase(Protocol):
     chunk_size: int
@@ -147,7 +149,7 @@ def generate_with_retrieval(
     retrieved = retrieve(sequence, range(prompt_len // c)) if retrieve else None
     out = model(input_ids=sequence, retrieved=retrieved, use_cache=True, retnet_mode=retnet_mode,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     finished = torch.zeros(sequence.shape[0], dtype=torch.bool, device=sequence.device)
     for step in range(max_new_tokens):
         scores = processors(sequence, out.logits[:, -1].float())
@@ -167,6 +169,6 @@ def generate_with_retrieval(
         if retrieve and (position + 1) % c == 0:  # this token completes chunk position // c
             retrieved = retrieve(sequence, range(position // c, position // c + 1))
             retrieved = retrieved[:, 0]  # (batch, k, 2c): one chunk, as the incremental API expects
-        out = model(input_ids=sequence[:, -1:], retrieved=retrieved, past_key_values=cache, use_cache=True,
-                    retnet_mode=retnet_mode)
+        out = model(input_ids=sequence[:, -1:], retrieved=retrieved, use_cache=True, retnet_mode=retnet_mode,
+                    **cache_kwargs(cache))
     return RetrievalGenerateOutput(sequence, retrieve.log if retrieve else [[] for _ in range(len(sequence))])

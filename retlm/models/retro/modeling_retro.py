@@ -39,13 +39,14 @@ from einops import rearrange
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
 from retlm.layers.attention import Attention, ChunkedCrossAttention, KVCache
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import ScaledL2Norm
-from retlm.models.retro.configuration_retro import RETNET_MODES, RetroConfig
+from retlm.models.retro.configuration_retro import RetroConfig
 from retlm.ops.attention import cca_groups, chunks_completed
+from retlm.ops.retention import RETENTION_MODES
 
 # -- cache --------------------------------------------------------------------------------------------
 
@@ -79,7 +80,9 @@ class RetroCache:
         """Keep (or reorder, e.g. for beam search) the batch rows ``indices``."""
 
         def select(value: Any) -> Any:
-            if isinstance(value, Tensor | KVCache):
+            if isinstance(value, KVCache):  # moves the indices to its own device
+                return value.index_select(0, indices)
+            if isinstance(value, Tensor):
                 return value.index_select(0, indices.to(value.device))
             if isinstance(value, (tuple, list)):
                 return type(value)(select(v) for v in value)
@@ -516,7 +519,7 @@ class RetroModel(RetroPreTrainedModel):
         return_dict: bool | None = None,
         retnet_mode: str | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> BaseModelOutputWithCache | tuple:
         """
         Args:
             input_ids: ``(batch, seq)`` new tokens (after those already in ``past_key_values``).
@@ -525,7 +528,8 @@ class RetroModel(RetroPreTrainedModel):
                 chunk_size``; a 3-D tensor is ``(batch, num_chunks, r)``, one neighbour), or with a cache
                 ``(batch, k, r)`` for one chunk. ``pad_id`` and -1 tokens are masked. None = no retrieval.
             attention_mask: ``(batch, seq)``; only right padding is accepted (and needs no masking).
-            past_key_values: a :class:`RetroCache` from an earlier call, continued in place.
+            past_key_values: a :class:`RetroCache` from an earlier call, continued in place (or
+                ``cache=``, transformers >= 5.24's name).
             use_cache: return a cache (always True when ``past_key_values`` is given: it is continued).
             retnet_mode: "parallel" | "chunkwise" | "recurrent" for the RetNet decoder (default from the
                 config); all give the same result.
@@ -535,7 +539,7 @@ class RetroModel(RetroPreTrainedModel):
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
         check_right_padding(attention_mask)
         batch, seq_len = input_ids.shape
-        cache = past_key_values
+        cache = resolve_cache(past_key_values, kwargs)
         start = cache.position if cache is not None else 0
         if start + seq_len > config.max_seq_len:
             raise ValueError(
@@ -544,8 +548,8 @@ class RetroModel(RetroPreTrainedModel):
             )
         retrieved = self.check_retrieved(retrieved, batch, start, seq_len, incremental=cache is not None)
         mode = retnet_mode or config.retnet_mode
-        if mode not in RETNET_MODES:
-            raise ValueError(f"unknown retnet_mode {mode!r}; expected one of {RETNET_MODES}")
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"unknown retnet_mode {mode!r}; expected one of {RETENTION_MODES}")
         use_cache = cache is not None or bool(use_cache)  # a passed cache is always continued
         if use_cache and cache is None:
             cache = RetroCache()
@@ -594,21 +598,24 @@ class RetroModel(RetroPreTrainedModel):
         x = self.norm_out(x)
         if keep is not None:
             keep.position = start + seq_len
-        out = BaseModelOutputWithPast(
+        out = BaseModelOutputWithCache(
             last_hidden_state=x,
-            past_key_values=keep,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            **cache_kwargs(keep),
         )
         return out if return_dict is not False else out.to_tuple()
 
 
 class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
-    """RetroModel + a linear LM head (``to_logits``, with bias, not tied, as retro-pytorch).
+    """RetroModel + a linear LM head (``to_logits``, with bias; its weight is the token embedding's when
+    ``config.tie_word_embeddings``, else its own, as retro-pytorch).
 
     ``forward(input_ids, retrieved=None, attention_mask=None, labels=None, past_key_values=None,
-    use_cache=None, ...)`` returns :class:`CausalLMOutputWithPast`; ``labels (batch, seq)`` are shifted
+    use_cache=None, ...)`` returns :class:`CausalLMOutputWithCache`; ``labels (batch, seq)`` are shifted
     inside (-100 = ignored). See the module docstring for incremental decoding.
     """
+
+    _tied_weights_keys = {"to_logits.weight": "model.token_emb.weight"}  # only if tie_word_embeddings
 
     def __init__(self, config: RetroConfig) -> None:
         super().__init__(config)
@@ -658,12 +665,12 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         retnet_mode: str | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> CausalLMOutputWithCache | tuple:
         outputs = self.model(
             input_ids=input_ids,
             retrieved=retrieved,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=resolve_cache(past_key_values, kwargs),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             retnet_mode=retnet_mode,
@@ -679,11 +686,11 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
                 rearrange(labels[:, 1:].to(logits.device), "b n -> (b n)"),
                 ignore_index=-100,
             )
-        out = CausalLMOutputWithPast(
+        out = CausalLMOutputWithCache(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **cache_kwargs(outputs.past_key_values),
         )
         return out.to_tuple() if return_dict is False else out
 
@@ -713,7 +720,7 @@ class RETRO(RetroForCausalLM):
         retrieved: Tensor | None = None,
         return_loss: bool = False,
         **kwargs: Any,
-    ) -> Tensor | CausalLMOutputWithPast | tuple:
+    ) -> Tensor | CausalLMOutputWithCache | tuple:
         if seq is None or kwargs:
             return super().forward(input_ids=kwargs.pop("input_ids", seq), retrieved=retrieved, **kwargs)
         if return_loss:
