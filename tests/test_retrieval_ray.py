@@ -2,8 +2,8 @@
 the single-process build (every file, byte for byte), and a worker killed in the middle of a shard must
 be retried and resume that shard, with the same result.
 
-The two cluster tests are marked ``ray`` (``pytest -m ray``); they need ``pip install 'retlm[ray]'`` and
-are skipped without it.
+The two cluster tests are marked ``ray`` (``pytest -m ray``, ``make test-ray``: a step of its own in CI,
+as they take about 2 minutes); they need ``pip install 'retlm[ray]'`` and are skipped without it.
 """
 
 import json
