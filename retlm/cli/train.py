@@ -123,6 +123,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not args.db.exists():
         raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
+    from retlm.training.trainer import read_model_config
+
+    try:
+        read_model_config(args.model_config)  # exists, is yaml, holds only RetroConfig keys
+    except FileNotFoundError as err:
+        raise UsageError(f"--model-config: {err}") from None
     result = train(args.db, args.model_config, args.out, **options)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary is enough
         return 0
@@ -158,6 +164,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"CHECKPOINT: no such file or folder: {args.checkpoint}")
     if not args.db.exists():
         raise UsageError(f"--db: no retrieval database at {args.db}")
+    if args.output is not None:
+        if args.output.is_dir():
+            raise UsageError(f"--output {args.output} is a folder; give a file name")
+        if not args.output.parent.is_dir():
+            raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
     result = evaluate(args.checkpoint, args.db, split=args.split, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, device=args.device, precision=args.precision,
                       progress=not args.no_progress)

@@ -183,6 +183,8 @@ class _Driver:
             self.wait(refs, "chunk")
             refs = [self.submit(_merge_chunks_task, path, opts, g, name="chunk merge", whole_node=True)]
             SkipReport(*self.wait(refs, "chunk merge")[0]).warn()
+        # as the single-process build: no chunk from a folder, or too few for an IVF factory, stops here
+        _Builder(self.path, self.config, progress=False).check_chunked(source, glob)
         refs = [
             self.submit(_stage_task, path, opts, "embed", (i, s), name=f"embed {i}/{s}", gpu=True)
             for i in range(s)

@@ -42,6 +42,7 @@ from retlm.training.data import (
     spread_subset,
 )
 from retlm.training.precision import autocast_for, resolve_device, resolve_precision
+from retlm.training.resources import check_training_memory
 
 
 @dataclass
@@ -219,17 +220,18 @@ def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_s
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = resolve_device(device)  # a bad device or precision is refused before anything is loaded
+    precision = resolve_precision(precision, device)
     db = open_database(db)
     model_dir = resolve_model_dir(checkpoint)
     model = load_model(model_dir)
     check_model_fits_database(model.config, db)
     trained = getattr(model.config, "retlm_data", None) or {}
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
     model.to(device)
 
     dataset = RETRODataset.from_database(db, seq_len=trained.get("seq_len"))
     chosen = spread_subset(select_split(split, dataset, db, trained), max_sequences)
+    check_training_memory(model.config, min(batch_size, max(len(chosen), 1)), dataset.seq_len, training=False)
     n_docs = len(np.unique(sequence_doc_ids(db)[chosen.indices]))
     result = compare_retrieval(model, chosen, pad_id=int(db.pad_id), tokenizer=_tokenizer_of(db),
                                batch_size=batch_size, device=device, autocast=autocast_for(precision, device),
