@@ -244,7 +244,7 @@ class MultiScaleRetention(nn.Module):
             keep = attention_mask[:, None, :, None]
             k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)  # k may be float32 while v is half
 
-        out, new_state = retention_ops.retention(
+        out, new_state = retention_ops.run_retention(
             q,
             k,
             v,
