@@ -45,22 +45,23 @@ from torch import Tensor
 
 RetentionState = tuple[Tensor, Tensor]  # (kv (batch, heads, key_dim, value_dim), z (batch, heads, key_dim))
 
-# The three ways to compute retention; models call the choice `forward_impl` (RetNet, the seed's name)
-# or `retnet_mode` (RETRO's RetNet decoder). This tuple is their one definition.
+# The three ways to compute retention; models call the choice `forward_impl` (RetNet: syncdoth/RetNet's
+# argument name, kept so its code runs unchanged) or `retnet_mode` (RETRO's RetNet decoder). This tuple
+# is their one definition.
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 
 # The decay schedule every entry point (ops, MultiScaleRetention, RetNetConfig, RetroConfig) uses unless
 # told otherwise: the paper's language-model schedule 1 - exp(linspace(log 1/32, log 1/512, H)). It is
-# the seed's RetNetConfig default, and it spreads the heads' memory spans from 32 to 512 tokens whatever
-# the head count. torchscale's schedule (1 - 2^(-5-h)) is use_default_gamma=True, which the torchscale
-# importer sets explicitly.
+# syncdoth/RetNet's RetNetConfig default (its configs load unchanged), and it spreads the heads' memory
+# spans from 32 to 512 tokens whatever the head count. torchscale's schedule (1 - 2^(-5-h)) is
+# use_default_gamma=True, which the torchscale importer sets explicitly.
 USE_DEFAULT_GAMMA = False
 
 
 def decay_gammas(num_heads: int, *, use_default_gamma: bool = USE_DEFAULT_GAMMA) -> Tensor:
     """Per-head decays ``(heads,)`` in float64.
 
-    ``use_default_gamma``: 1 - 2^(-5-h) (torchscale and the seed); otherwise the paper's language-model
+    ``use_default_gamma``: 1 - 2^(-5-h) (torchscale's schedule); otherwise the paper's language-model
     schedule 1 - exp(linspace(log 1/32, log 1/512, heads)).
     """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
