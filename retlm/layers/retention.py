@@ -172,15 +172,10 @@ class MultiScaleRetention(nn.Module):
                self.rotary_base, self.xpos_scale_base, device, dtype)  # fmt: skip
         if memo is not None and key in memo:
             return memo[key]
-        if isinstance(position_offset, Tensor):  # per row (batch,): rotation (batch, 1, 1, key_dim),
-            rotation = self.rotation_tables(position_offset[:, None], device, dtype)
-            n = position_offset.to(device).clamp(min=0).to(torch.float64)[:, None, None]  # S_n (b, 1, 1)
-        else:
-            rotation = self.rotation_tables(position_offset, device, dtype)
-            n = max(position_offset, 0)
+        positions = position_offset[:, None] if isinstance(position_offset, Tensor) else position_offset
+        rotation = self.rotation_tables(positions, device, dtype)  # per row: (batch, 1, 1, key_dim)
         decay = self.step_constants(device, dtype).decay
-        inverse = retention_ops.inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(dtype)
-        tables = StepTables(rotation, inverse)
+        tables = StepTables(rotation, retention_ops.step_inv_sqrt_rowsum(decay, position_offset, dtype))
         if memo is not None:
             memo[key] = tables
         return tables

@@ -204,17 +204,11 @@ def check_inputs(
             )
     elif isinstance(position_offset, bool) or not isinstance(position_offset, int):
         raise ValueError(f"position_offset must be an int or a LongTensor (batch,), got {position_offset!r}")
-    check_state(state, q, v)
-
-
-def check_state(state, q: Tensor, v: Tensor) -> None:
-    """Raise ValueError unless ``state`` is None or a pair (kv, z) that fits q ``(b, h, T, dk)``, v."""
     if state is None:
         return
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise ValueError("state must be a pair (kv, z)")
     kv, z = state
-    batch, heads, _, key_dim = q.shape
     expected_kv, expected_z = (batch, heads, key_dim, v.shape[-1]), (batch, heads, key_dim)
     if tuple(kv.shape) != expected_kv or tuple(z.shape) != expected_z:
         raise ValueError(
@@ -339,10 +333,8 @@ def retention(
     """
     check_mode(mode, chunk_size)
     check_inputs(q, k, v, log_gamma, position_offset, state)
-    return run_retention(
-        q, k, v, log_gamma, mode=mode, chunk_size=chunk_size, position_offset=position_offset,
-        state=state, return_state=return_state,
-    )  # fmt: skip
+    kwargs = dict(position_offset=position_offset, state=state, return_state=return_state)
+    return run_retention(q, k, v, log_gamma, mode=mode, chunk_size=chunk_size, **kwargs)
 
 
 def run_retention(
@@ -444,6 +436,16 @@ def step_decay(log_gamma: Tensor, dtype: torch.dtype) -> StepDecay:
     )
 
 
+def step_inv_sqrt_rowsum(decay: StepDecay, position_offset: int | Tensor, dtype: torch.dtype) -> Tensor:
+    """The normaliser's ``1 / sqrt(S_n)`` of one token at ``position_offset`` (an int, or a LongTensor
+    ``(batch,)``), in ``dtype``: ``(heads, 1)``, or ``(batch, heads, 1)`` per row; negative n as n = 0."""
+    if isinstance(position_offset, Tensor):  # per row: (batch,) -> (batch, 1, 1) against (heads, 1)
+        n = position_offset.to(decay.log_gamma.device).clamp(min=0).to(torch.float64)[:, None, None]
+    else:
+        n = max(position_offset, 0)
+    return inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(dtype)
+
+
 def recurrent_update(
     q_t: Tensor, k_t: Tensor, v_t: Tensor, kv: Tensor, z: Tensor, decay: StepDecay
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -487,10 +489,6 @@ def recurrent_step(
     numerator, denominator, kv, z = recurrent_update(q, k, v, kv, z, decay)
 
     if inverse is None:
-        if isinstance(position_offset, Tensor):  # per row: (batch,) -> (batch, 1, 1) against (heads, 1)
-            n = position_offset.to(q.device).clamp(min=0).to(torch.float64)[:, None, None]
-        else:
-            n = max(position_offset, 0)
-        inverse = inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(q.dtype)
+        inverse = step_inv_sqrt_rowsum(decay, position_offset, q.dtype)
     out = apply_normaliser(numerator, denominator, inverse)
     return (out if out.dtype == out_dtype else out.to(out_dtype)), (kv, z)  # a no-op .to still dispatches
