@@ -200,6 +200,9 @@ def _scores_line(scores: dict[str, Any]) -> str:
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run the five steps (see the module docstring); returns the report also written to report.json."""
+    from retlm.demo_checks import check_options
+
+    check_options(opts)  # every option, before the first step
     opts.validate()
     opts.work_dir = Path(opts.work_dir)
     ensure_writable_dir(opts.work_dir, "work directory", "; pass --work-dir DIR with a writable folder")

@@ -23,6 +23,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())  # mkstemp's 0600 would make every artefact private to its writer
     os.close(fd)
     try:
         write(Path(tmp))
@@ -30,6 +31,24 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
 
 
 def ensure_writable_dir(path: str | os.PathLike[str], what: str, hint: str = "") -> Path:

@@ -30,3 +30,19 @@ def _seed_everything():
 def tiny_encoder(tmp_path_factory):
     """A random 2-layer, 32-wide BERT with the MiniLM tokenizer, saved as an HF folder: a fast embedder."""
     return str(tiny_bert_embedder(tmp_path_factory.mktemp("tiny-bert"), layers=2, max_positions=128))
+
+
+@pytest.fixture(scope="session")
+def robust(tmp_path_factory):
+    """A real database built from a folder of 10 pydoc topics (tiny random BERT embedder, chunk 16) and a
+    RETRO trained 2 steps on it: the clean state the robustness tests and the fuzz suite corrupt."""
+    from types import SimpleNamespace
+
+    from robust_helpers import build_db, train_tiny, write_corpus
+
+    root = tmp_path_factory.mktemp("robust")
+    embedder = str(tiny_bert_embedder(root / "embedder", layers=1, max_positions=64))
+    corpus = write_corpus(root / "corpus")
+    db = build_db(corpus, root / "db", embedder)
+    model = train_tiny(db, root / "run")
+    return SimpleNamespace(root=root, embedder=embedder, corpus=corpus, db=db.path, model=model)

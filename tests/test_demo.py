@@ -129,11 +129,11 @@ def test_demo_bad_usage_exits_2_without_traceback(args, message, tmp_path):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_demo_empty_corpus_and_read_only_work_dir_fail_with_one_line(tmp_path):
+def test_demo_empty_corpus_is_usage_and_read_only_work_dir_fails_with_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = run_cli(["demo", "--corpus", str(empty), "--work-dir", str(tmp_path / "w")])
-    assert result.returncode == 1 and "holds no file" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "holds no file" in result.stderr and "Traceback" not in result.stderr
 
     if os.geteuid() == 0:  # root writes through mode bits; sysfs refuses everyone
         read_only = Path("/sys/retlm-demo-test")

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 import retlm
 from retlm import RetrievalDatabase
 from retlm.corpus import pydoc_topics
+from retlm.integrity import seal
 from retlm.retrieval._storage import CorruptDatabaseError
 from retlm.tokenization import vocabulary_sha256
 
@@ -188,19 +189,18 @@ def test_open_refuses_corruption_and_mismatches(db, tmp_path):
     data = bytearray((copy / "knn.dat").read_bytes())
     data[0] ^= 1
     (copy / "knn.dat").write_bytes(bytes(data))
-    with pytest.raises(CorruptDatabaseError, match="knn.dat does not match the checksum"):
-        RetrievalDatabase.open(copy)
+    for verify in (True, False):  # a small file's sampled digest covers all of it
+        with pytest.raises(CorruptDatabaseError, match="knn.dat does not match the sampled checksum"):
+            RetrievalDatabase.open(copy, verify=verify)
     (copy / "chunks.dat").write_bytes((copy / "chunks.dat").read_bytes()[:-7])
     with pytest.raises(CorruptDatabaseError, match="chunks.dat is truncated"):
         RetrievalDatabase.open(copy)
     shutil.copy(db.path / "chunks.dat", copy / "chunks.dat")
     shutil.copy(db.path / "knn.dat", copy / "knn.dat")
     (copy / "index.faiss").write_bytes(b"garbage")
-    reopened = RetrievalDatabase.open(copy, verify=False)
-    with pytest.raises(CorruptDatabaseError, match="index.faiss is truncated or corrupted"):
-        reopened.search(["anything"], k=1)
-    with pytest.raises(CorruptDatabaseError, match="index.faiss does not match"):
-        RetrievalDatabase.open(copy)
+    for verify in (True, False):  # the index is checked on every open
+        with pytest.raises(CorruptDatabaseError, match="index.faiss does not match"):
+            RetrievalDatabase.open(copy, verify=verify)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(CorruptDatabaseError, match="format_version"):
@@ -208,9 +208,15 @@ def test_open_refuses_corruption_and_mismatches(db, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     with pytest.raises(CorruptDatabaseError, match="older retlm .* rebuild it"):
         RetrievalDatabase.open(copy)
-    # a tokenizer folder that no longer holds the recorded vocabulary is refused when first used
+    # a tokenizer folder that no longer holds the recorded vocabulary is refused when first used: by the
+    # checksums of its files, and (where a manifest records none) by the vocabulary hash
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(db.path / "index.faiss", copy / "index.faiss")
     retlm.load_tokenizer("bert").save_pretrained(copy / "tokenizer")
+    with pytest.raises(CorruptDatabaseError, match="tokenizer.json does not match the checksum"):
+        RetrievalDatabase.open(copy, verify=False).chunk_text(0)
+    unrecorded = {**manifest, "integrity": {**manifest["integrity"], "tokenizer": {}}}
+    (copy / "manifest.json").write_text(json.dumps(seal(unrecorded)))
     with pytest.raises(CorruptDatabaseError, match="does not hold the vocabulary recorded"):
         RetrievalDatabase.open(copy, verify=False).chunk_text(0)
     with pytest.raises(CorruptDatabaseError, match="not a retrieval database"):
@@ -220,8 +226,10 @@ def test_open_refuses_corruption_and_mismatches(db, tmp_path):
 def test_empty_database_gives_empty_results(tiny_encoder, tmp_path):
     empty = build([], tmp_path / "empty", tiny_encoder)
     assert len(empty) == 0
-    result = empty.search(["hello world"], k=3)
-    assert (result.chunk_ids == -1).all() and result.tokens.shape == (1, 3, 2 * C) and result.texts == [[]]
+    result = empty.search(["hello world"], k=K)  # k up to the database's own k is always served
+    assert (result.chunk_ids == -1).all() and result.tokens.shape == (1, K, 2 * C) and result.texts == [[]]
+    with pytest.raises(ValueError, match="k must be at most 2"):
+        empty.search(["hello world"], k=K + 1)
     empty.add(["now a first document with some words in it"])
     assert len(empty) == 1 and (empty.knn == -1).all()  # no other document to be a neighbour
 

@@ -100,6 +100,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --stage embed or neighbors: process only shard I of N of the chunk range",
     )
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    build.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if another build or add holds the database's lock (default: wait for it)",
+    )
     build.set_defaults(func=run_build)
 
     search = subparsers.add_parser(
@@ -156,6 +161,7 @@ def run_build(args: argparse.Namespace) -> int:
             stage=args.stage,
             shard=args.shard,
             progress=not args.no_progress,
+            wait=not args.no_wait,
         )
     except (EmptySourceError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
@@ -175,7 +181,15 @@ def run_search(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         raise UsageError(f"-k must be a positive integer, got {args.k}")
+    for query in args.query:
+        if not query.strip():
+            raise UsageError("QUERY is empty: give some text to search for")
     db = RetrievalDatabase.open(args.db, verify=False)
+    db.check_k(args.k, "-k")  # before any embedding: a huge -k is refused, not allocated
+    if args.exclude_doc is not None and not 0 <= args.exclude_doc < db.num_docs:
+        raise UsageError(
+            f"--exclude-doc must be a document id in 0..{db.num_docs - 1}, got {args.exclude_doc}"
+        )
     result = db.search(args.query, args.k, exclude_doc_ids=args.exclude_doc)
     rows = []
     for query, ids, docs, scores, texts in zip(
@@ -248,7 +262,12 @@ def run_info(args: argparse.Namespace) -> int:
             else "1.0 (exact index)",
         ),
         ("size on disk", f"{size / 2**20:.1f} MiB"),
-        ("checksums", "verified" if args.verify else "not checked (use --verify)"),
+        (
+            "checksums",
+            "every file verified"
+            if args.verify
+            else "manifest, index and sampled array blocks checked (every byte: --verify)",
+        ),
     ]
     width = max(len(name) for name, _ in lines)
     for name, value in lines:

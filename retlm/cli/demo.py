@@ -11,7 +11,7 @@ DESCRIPTION = (
     "The whole retlm workflow in one command, on the bundled corpus (the English documentation shipped "
     "with Python: pydoc topics and standard-library docstrings) or on --corpus DIR: (1) build the "
     "retrieval database (GPT-2 byte-level BPE tokens by default), (2) train a small RETRO with a RetNet "
-    "decoder on ~90%% of the documents within --minutes, (3) evaluate held-out perplexity and bits per byte "
+    "decoder on ~90% of the documents within --minutes, (3) evaluate held-out perplexity and bits per byte "
     "with and without retrieval, (4) generate from the first chunk of --num-prompts held-out documents (or "
     "--prompt), retrieving at chunk boundaries, and show each neighbour read with its source document, "
     "(5) write loss.png and report.json into --work-dir. A second run reuses what the first finished; a "
@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--minutes must be positive (a training time budget), got {args.minutes}")
     if args.corpus is not None and not args.corpus.is_dir():
         raise UsageError(f"--corpus {args.corpus}: no such folder")
+    if args.eval_sequences < 0:
+        raise UsageError(f"--eval-sequences must be >= 0 (0: all), got {args.eval_sequences}")
     if args.num_prompts < 1:
         raise UsageError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     opts = DemoOptions(

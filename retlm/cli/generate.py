@@ -39,8 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def validate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.temperature < float("inf"):
+        raise UsageError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in 0..2**63-1, got {args.seed}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
@@ -58,6 +60,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from retlm.training.checkpoint import check_model_fits_database, load_model
 
     db = RetrievalDatabase.open(args.db)
+    if args.neighbours is not None:
+        db.check_k(args.neighbours, "--neighbours")  # before the model is loaded
     model = load_model(args.checkpoint)
     check_model_fits_database(model.config, db)
     result = generate_text(

@@ -8,23 +8,25 @@ Conventions every subcommand gets from here:
 - ``--config FILE.yaml``: a yaml mapping whose keys are the subcommand's option names
   (dashes or underscores); values there become defaults that the command line overrides.
 - ``--debug``: show the full traceback of a failure.
-- Exit codes: 0 success, 2 bad usage (argparse), 1 failure with a one-line reason on stderr.
+- Exit codes: 0 success, 2 bad usage (argparse, ``UsageError``, or ``retlm.errors.OptionError`` from the
+  library: every option is checked before a command's first step), 1 failure with a one-line reason on
+  stderr (a corrupted file, too little disk or memory, a database locked by another writer, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import yaml
 
 # Modules that contribute subcommands, in the order `retlm --help` lists them.
 SUBCOMMAND_MODULES = (
     "retlm.cli.db",  # build-db, search, db-info
     "retlm.cli.train",  # train, eval
+    "retlm.cli.retrofit",  # retrofit
     "retlm.cli.generate",  # generate
     "retlm.cli.demo",  # demo
 )
@@ -32,6 +34,17 @@ SUBCOMMAND_MODULES = (
 
 class UsageError(Exception):
     """A user mistake in how a command was called: reported as usage, exit code 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` once: not for options whose help already says what the default is, nor
+    for switches and unset (None) defaults."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(subparsers)
         for added in set(subparsers.choices) - before:
             _add_common(subparsers.choices[added])
+            subparsers.choices[added].formatter_class = HelpFormatter
     return parser
 
 
@@ -69,50 +83,75 @@ def _version() -> str:
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse once to find --config, load its defaults into the subparser, parse again."""
+    """Parse once to find --config, load its defaults into the subparser, parse again.
+
+    Config values are converted and checked like command-line values of the same options (type,
+    arity, choices; see ``retlm.cli.options``)."""
+    from retlm.cli.options import UsageProblem, check_utf8, config_defaults, read_config
+
+    try:
+        check_utf8(argv)
+    except UsageProblem as err:
+        parser.error(str(err))
     args = parser.parse_args(argv)
     if args.config is None:
         return args
-    if not args.config.is_file():
-        parser.error(f"--config: no such file: {args.config}")
-    try:
-        values = yaml.safe_load(args.config.read_text()) or {}
-    except yaml.YAMLError as err:
-        parser.error(f"--config: {args.config} is not valid yaml: {err}")
-    if not isinstance(values, dict):
-        parser.error(f"--config: {args.config} must hold a mapping of option names to values")
     sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-    known = {a.dest for a in sub._actions}
-    defaults = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            parser.error(f"--config: unknown option {key!r} for `retlm {args.command}`; "
-                         f"known: {', '.join(sorted(k for k in known if k != 'help'))}")
-        defaults[dest] = value
+    try:
+        defaults = config_defaults(sub, args.command, read_config(args.config))
+    except UsageProblem as err:
+        sub.error(str(err))
     sub.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _quiet_progress(args: argparse.Namespace) -> Iterator[None]:
+    """``--no-progress`` also silences transformers' own bars ("Loading weights", ...) for the command."""
+    if not getattr(args, "no_progress", False):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _apply_config(parser, argv)
+    from retlm.errors import OptionError
+
     try:
-        code = args.func(args)
-    except UsageError as err:
+        with _quiet_progress(args):
+            code = args.func(args)
+    except (UsageError, OptionError) as err:
         if args.debug:
             raise
-        parser.exit(2, f"retlm {args.command}: error: {err}\n")
+        parser.exit(2, f"retlm {args.command}: error: {one_line(err)}\n")
     except KeyboardInterrupt:
         print(f"retlm {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a failure: one line, unless --debug
         if args.debug:
             raise
-        print(f"retlm {args.command}: error: {err}", file=sys.stderr)
+        print(f"retlm {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     return int(code or 0)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message with newlines folded, or its type if it has none."""
+    text = " ".join(str(err).split())
+    if isinstance(err, MemoryError | KeyError) or not text:
+        return f"{type(err).__name__}{': ' + text if text else ''}"
+    return text
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ BERT_SEP_ID = 102  # [SEP] of the BERT tokenizers, retro-pytorch's EOS_ID
 CHUNKS_FILE, KNN_FILE, SEQS_FILE, MANIFEST_FILE = "chunks.dat", "knn.dat", "seqs.dat", "manifest.json"
 
 
+def _data_file(manifest: dict, name: str) -> str:
+    """The file holding ``name`` now: ``add()`` writes new generations under new names (``files``)."""
+    relative = (manifest.get("files") or {}).get(name, name)
+    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise ValueError(f"manifest.json: file of {name!r} must be a relative path inside the database")
+    return relative
+
+
 def open_readonly(path: str | os.PathLike, shape: tuple[int, ...], what: str) -> np.ndarray:
     """Read-only int32 memmap of ``shape``; refuses a file too small for it."""
     path = Path(path)
@@ -137,9 +145,9 @@ class RETRODataset(Dataset):
             seq_len=int(seq_len or manifest["seq_len"]),
             num_sequences=int(num_sequences),
             num_neighbors=stored_k,
-            chunk_memmap_path=path / CHUNKS_FILE,
-            chunk_nn_memmap_path=path / KNN_FILE,
-            seq_memmap_path=path / SEQS_FILE,
+            chunk_memmap_path=path / _data_file(manifest, CHUNKS_FILE),
+            chunk_nn_memmap_path=path / _data_file(manifest, KNN_FILE),
+            seq_memmap_path=path / _data_file(manifest, SEQS_FILE),
             eos_id=int(manifest.get("eos_id", BERT_SEP_ID)),
             pad_id=int(manifest.get("pad_id", 0)),
             add_continuations=add_continuations,

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from retlm.integrity import CorruptFileError, sha256_file
 from retlm.utils import atomic_write
 
+__all__ = ["CorruptDatabaseError", "sha256_file", "open_memmap", "write_json", "read_json", "ResumableRows"]
 
-class CorruptDatabaseError(ValueError):
+
+class CorruptDatabaseError(CorruptFileError):
     """A database file is missing, truncated, or does not match its manifest."""
 
 
@@ -22,7 +25,7 @@ def open_memmap(path: Path, dtype: str, shape: tuple[int, ...], mode: str = "r")
     path = Path(path)
     if not path.is_file():
         raise CorruptDatabaseError(f"missing database file: {path}")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    expected = math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
     actual = path.stat().st_size
     if actual != expected:
         raise CorruptDatabaseError(
@@ -32,14 +35,6 @@ def open_memmap(path: Path, dtype: str, shape: tuple[int, ...], mode: str = "r")
     if expected == 0:  # numpy cannot map an empty file
         return np.empty(shape, dtype=np.dtype(dtype).newbyteorder("<"))
     return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode=mode, shape=shape)
-
-
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, value: Any) -> None:

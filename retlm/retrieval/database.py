@@ -21,8 +21,8 @@ the ids directly (``embedder_input="tokens"``), as the seed does.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +33,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from retlm.errors import OptionError
+from retlm.integrity import seal
+from retlm.locking import writer_lock
+from retlm.retrieval import integrity, preflight
 from retlm.retrieval._storage import (
     CorruptDatabaseError,
     is_complete,
@@ -42,6 +46,7 @@ from retlm.retrieval._storage import (
     write_json,
 )
 from retlm.retrieval.chunking import SkipReport, iter_documents, validate_sizes, write_chunks
+from retlm.retrieval.embedding import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.retrieval.embedding import (
     DEFAULT_EMBEDDER,
     POOLINGS,
@@ -79,6 +84,7 @@ DATA_FILES = (
     "index.faiss",
 )
 CHUNK_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "doc_names.jsonl")
+LOCK_FILE = ".lock"  # held by every writer of the database (build stages, add); see retlm.locking
 
 
 @dataclass(frozen=True)
@@ -182,13 +188,15 @@ class RetrievalDatabase:
         self.manifest = manifest
         c, k = manifest["chunk_size"], manifest["num_neighbors"]
         n = manifest["num_chunks"]
-        self.chunks = open_memmap(self.path / "chunks.dat", "int32", (n, c + 1))
-        self.doc_ids = open_memmap(self.path / "doc_ids.dat", "int32", (n,))
-        self.seqs = open_memmap(self.path / "seqs.dat", "int32", (manifest["num_seqs"],))
-        self.knn = open_memmap(self.path / "knn.dat", "int32", (n, k))
+        self.chunks = open_memmap(self.file("chunks.dat"), "int32", (n, c + 1))
+        self.doc_ids = open_memmap(self.file("doc_ids.dat"), "int32", (n,))
+        self.seqs = open_memmap(self.file("seqs.dat"), "int32", (manifest["num_seqs"],))
+        self.knn = open_memmap(self.file("knn.dat"), "int32", (n, k))
         self.embeddings = open_memmap(
-            self.path / "embeddings.dat", manifest["embedding_dtype"], (n, manifest["embedding_dim"])
+            self.file("embeddings.dat"), manifest["embedding_dtype"], (n, manifest["embedding_dim"])
         )
+        self._index_handle = None  # the open index file, read (and checked) by open() or at first use
+        self._names_handle = None  # doc_names.jsonl, opened by open(), read and checked at first use
         self._index = None
         self._embedder = None
         self._tokenizer = None
@@ -212,6 +220,10 @@ class RetrievalDatabase:
     def __len__(self) -> int:
         return self.num_chunks
 
+    def file(self, name: str) -> Path:
+        """The file that holds logical file ``name`` (``chunks.dat``, ...) now; ``add()`` renames them."""
+        return integrity.resolve(self.path, self.manifest, name)
+
     def __repr__(self) -> str:
         m = self.manifest
         return (
@@ -224,6 +236,7 @@ class RetrievalDatabase:
         """The LM tokenizer saved with the database (whose ids the chunks hold), checked against the
         vocabulary hash in the manifest."""
         if self._tokenizer is None:
+            integrity.verify_tokenizer(self.path, self.manifest)  # its files, before they are parsed
             tokenizer = load_lm_tokenizer(str(self.path / "tokenizer"))
             expected = self.manifest["tokenizer"]["sha256"]
             if vocabulary_sha256(tokenizer) != expected:
@@ -236,9 +249,11 @@ class RetrievalDatabase:
 
     def doc_name(self, doc_id: int) -> str:
         """The name of document ``doc_id``: its file's path relative to the source folder, or ``doc-<i>``."""
-        if self._doc_names is None:
-            lines = (self.path / "doc_names.jsonl").read_text(encoding="utf-8").splitlines()
-            self._doc_names = [json.loads(line) for line in lines if line]
+        if self._doc_names is None:  # read whole, so checked whole (through the handle open() kept)
+            if self._names_handle is None:
+                self._names_handle = integrity.open_handle(self.path, self.manifest, integrity.NAMES_FILE)
+            self._doc_names = integrity.read_doc_names(self.path, self.manifest, self._names_handle)
+            self._names_handle.close()
         return self._doc_names[doc_id]
 
     def embed_chunks(self, tokens: np.ndarray) -> np.ndarray:
@@ -249,14 +264,22 @@ class RetrievalDatabase:
 
     @property
     def embedder(self) -> Embedder:
-        if self._embedder is None:
-            self._embedder = Embedder(self.manifest["embedder"], self.manifest["pooling"])
+        if self._embedder is None:  # a name the manifest gives is looked up locally, never downloaded
+            name = self.manifest["embedder"]
+            folder = preflight.resolve_local_model(name, f"{self.path}: embedder")
+            local = name in DEFAULT_ALIASES or Path(name).expanduser().is_dir()
+            self._embedder = Embedder(name if local else folder, self.manifest["pooling"])
         return self._embedder
 
     @property
     def index(self):
         if self._index is None:
-            self._index = read_index(self.path / "index.faiss", self.manifest.get("nprobe"))
+            if self._index_handle is None:
+                self._index_handle = integrity.open_index_handle(self.path, self.manifest)
+            self._index = integrity.read_index_verified(
+                self.path, self.manifest, self._index_handle, self.manifest.get("nprobe")
+            )
+            self._index_handle.close()
         return self._index
 
     # ------------------------------------------------------------------ open / build
@@ -268,26 +291,59 @@ class RetrievalDatabase:
         tokenizer: str | None = None,
         embedder: str | None = None,
         verify: bool = True,
+        read_index: bool = True,
     ) -> RetrievalDatabase:
         """Open a built database, checking its manifest, file sizes and (``verify``) sha256 checksums.
 
-        ``tokenizer`` / ``embedder``: names the caller expects; a database built with others is refused.
+        Every open checks the manifest's seal and fields, the size and sampled digest of every array
+        file, and reads ``index.faiss`` into memory, comparing its sha256 before faiss parses it (see
+        ``retlm.retrieval.integrity``); ``verify`` also hashes every array file whole. ``read_index=False``
+        (training, which reads only the precomputed neighbours) leaves the index to its first use, where
+        it is read and checked the same way. ``tokenizer`` / ``embedder``: names the caller expects; a
+        database built with others is refused. A reader racing an ``add()`` of another process sees the
+        old or the new state: it retries when the manifest it read was replaced under it.
         """
         path = Path(path)
-        if not (path / "manifest.json").is_file():
-            hint = " (its build has not finished: re-run build-db)" if (path / "build.json").exists() else ""
-            raise CorruptDatabaseError(f"not a retrieval database: {path / 'manifest.json'} is missing{hint}")
-        manifest = read_json(path / "manifest.json")
-        if manifest.get("format_version") == 1:
+        manifest_file = path / "manifest.json"
+        for attempt in range(5):
+            if not manifest_file.is_file():
+                hint = (
+                    " (its build has not finished: re-run build-db)" if (path / "build.json").exists() else ""
+                )
+                raise CorruptDatabaseError(f"not a retrieval database: {manifest_file} is missing{hint}")
+            before = os.stat(manifest_file)
+            try:
+                return cls._open_once(path, read_json(manifest_file), tokenizer, embedder, verify, read_index)
+            except CorruptDatabaseError:
+                changed = not manifest_file.is_file() or not integrity.same_file(
+                    before, os.stat(manifest_file)
+                )
+                if not changed or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_once(
+        cls,
+        path: Path,
+        manifest: Any,
+        tokenizer: str | None,
+        embedder: str | None,
+        verify: bool,
+        read_index: bool,
+    ) -> RetrievalDatabase:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version == 1:
             raise CorruptDatabaseError(
                 f"{path} was built by an older retlm (format_version 1: one WordPiece vocabulary, no "
                 "document names); rebuild it with `retlm build-db` (`--tokenizer bert` for the same tokens)"
             )
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if version != FORMAT_VERSION:
             raise CorruptDatabaseError(
-                f"{path / 'manifest.json'}: format_version {manifest.get('format_version')!r}"
+                f"{path / 'manifest.json'}: format_version {version!r}"
                 f" is not supported (expected {FORMAT_VERSION})"
             )
+        integrity.check_manifest(manifest, path)
         for what, wanted, stored in (
             ("tokenizer", tokenizer, manifest["tokenizer"]["name"]),
             ("embedder", embedder, manifest["embedder"]),
@@ -295,12 +351,13 @@ class RetrievalDatabase:
             if wanted is not None and str(wanted) != str(stored):
                 raise ValueError(f"{path} was built with {what} {stored!r}, not {wanted!r}")
         db = cls(path, manifest)  # checks every file's size
+        integrity.check_samples(path, manifest)
+        db._index_handle = integrity.open_index_handle(path, manifest)  # kept: an add() may replace it
+        db._names_handle = integrity.open_handle(path, manifest, "doc_names.jsonl")
+        if read_index:
+            db.index  # noqa: B018  (read, checked against its sha256, parsed)
         if verify:
-            for name, digest in manifest["checksums"].items():
-                if sha256_file(path / name) != digest:
-                    raise CorruptDatabaseError(
-                        f"{path / name} does not match the checksum in manifest.json (corrupted or modified)"
-                    )
+            integrity.check_full(path, manifest)
         return db
 
     @classmethod
@@ -325,6 +382,7 @@ class RetrievalDatabase:
         stage: str = "all",
         shard: str | tuple[int, int] | None = None,
         progress: bool = True,
+        wait: bool = True,
     ) -> RetrievalDatabase | None:
         """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
 
@@ -335,6 +393,13 @@ class RetrievalDatabase:
         Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one
         stage (of ``STAGES``) over one shard ``"i/n"`` of the chunk range, for builds spread over jobs;
         the database is returned once ``finalize`` has run, else ``None``.
+
+        Every option is checked before anything is written (``retlm.retrieval.preflight``: option ranges,
+        the embedder's position limit, the faiss factory string, a source with some text, and the disk
+        and memory the build needs). A build holds the database's lock (a sharded stage: its shard's);
+        a second writer waits for it (``wait=False``: raises ``LockedError`` naming the holder's PID).
+        A stage that fails with an exception removes what it wrote; a fresh build that fails in its first
+        stage removes the folder.
         """
         config = BuildConfig(
             chunk_size=chunk_size,
@@ -350,23 +415,40 @@ class RetrievalDatabase:
             target_recall=target_recall,
             extra_neighbors=extra_neighbors,
         )
-        config.validate()
-        shard = parse_shard(shard)
+        try:
+            shard = parse_shard(shard)
+        except ValueError as err:
+            raise OptionError(str(err)) from None
         if stage not in ("all", *STAGES):
-            raise ValueError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
+            raise OptionError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
         if shard is not None and stage not in SHARDED_STAGES:
-            raise ValueError(f"--shard applies to the stages {SHARDED_STAGES}, not {stage!r}")
-        builder = _Builder(Path(path), config, progress)
-        if builder.finished():
-            return cls.open(path, verify=False)
-        stages = STAGES if stage == "all" else (stage,)
-        for name in stages:
-            if name == "chunk":
-                builder.chunk(source, glob)
-            elif name in SHARDED_STAGES:
-                getattr(builder, name)(shard)
-            else:
-                getattr(builder, name)()
+            raise OptionError(f"--shard applies to the stages {SHARDED_STAGES}, not {stage!r}")
+        path = Path(path)
+        preflight.check_build(source, path, config, stage, glob)  # before anything is written
+        fresh = not path.exists() or not any(path.iterdir())
+        if shard is None:
+            lock, what = path / LOCK_FILE, f"database {path}"
+        else:
+            lock = path / "shards" / f".{stage}-{shard[0]:05d}-of-{shard[1]:05d}.lock"
+            what = f"shard {shard[0]}/{shard[1]} of the {stage} stage of {path}"
+        with writer_lock(lock, what=what, wait=wait):
+            builder = _Builder(path, config, progress)
+            if builder.finished():
+                return cls.open(path, verify=False)
+            stages = STAGES if stage == "all" else (stage,)
+            for name in stages:
+                chunked_before = (path / "chunking.json").is_file()
+                try:
+                    if name == "chunk":
+                        builder.chunk(source, glob)
+                        builder.check_chunked(source, glob)
+                    elif name in SHARDED_STAGES:
+                        getattr(builder, name)(shard)
+                    else:
+                        getattr(builder, name)()
+                except Exception:
+                    _remove_failed_stage(path, name, shard, fresh and not chunked_before, chunked_before)
+                    raise
         return cls.open(path, verify=False) if "finalize" in stages else None
 
     # ------------------------------------------------------------------ reading
@@ -451,15 +533,27 @@ class RetrievalDatabase:
         ``retrieved`` input of RETRO. ``exclude_doc_ids``: one document id for all queries, or one per
         query (shape of the query batch; -1: none), whose chunks are skipped.
         """
-        if not isinstance(k, int | np.integer) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.check_k(k)
+        texts = not isinstance(queries, torch.Tensor | np.ndarray)
+        if texts:
+            queries = [queries] if isinstance(queries, str) else list(queries)
+            _check_query_texts(queries)
         tokens = self.query_chunks(queries)
+        if texts and len(tokens) and (tokens == self.pad_id).all(axis=-1).any():
+            empty = int(np.flatnonzero((tokens == self.pad_id).all(axis=-1))[0])
+            raise OptionError(f"query {empty} holds no token (an empty or blank query): give some text")
         lead = tokens.shape[:-1]
         tokens = tokens.reshape(-1, self.chunk_size)
         nq = len(tokens)
         exclude = None
         if exclude_doc_ids is not None:
             exclude = np.broadcast_to(np.asarray(exclude_doc_ids, dtype=np.int64), lead).reshape(-1)
+            bad = exclude[(exclude < -1) | (exclude >= max(self.num_docs, 1))]
+            if len(bad):
+                raise OptionError(
+                    f"exclude_doc_ids must be document ids in 0..{self.num_docs - 1} (or -1: none), "
+                    f"got {int(bad[0])}"
+                )
         if self.num_chunks == 0 or nq == 0:
             ids = np.full((nq, k), -1, dtype=np.int64)
             scores = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -474,16 +568,40 @@ class RetrievalDatabase:
         ids, doc_ids, scores = (a.reshape(*lead, k) for a in (ids, doc_ids, scores))
         return SearchResult(ids, doc_ids, scores, self.retrieved_tokens(ids), self)
 
+    def check_k(self, k: Any, what: str = "k") -> None:
+        """Refuse a neighbour count the database cannot serve: ``1 <= k <= max(num_chunks,
+        num_neighbors)`` (a larger ``k`` would only allocate room for ``-1`` entries)."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
+            raise OptionError(f"{what} must be a positive integer, got {k!r}")
+        limit = max(self.num_chunks, self.num_neighbors)
+        if k > limit:
+            raise OptionError(
+                f"{what} must be at most {limit}: the database {self.path} holds {self.num_chunks} chunks, "
+                f"got {k}"
+            )
+
     # ------------------------------------------------------------------ add
     def add(
-        self, docs: str | os.PathLike | Iterable[str], *, glob: str = "**/*.txt", progress: bool = False
+        self,
+        docs: str | os.PathLike | Iterable[str],
+        *,
+        glob: str = "**/*.txt",
+        progress: bool = False,
+        wait: bool = True,
     ) -> RetrievalDatabase:
         """Append documents: embed only their chunks, add them to the index, update the neighbours.
 
         With an exact index the result equals a full rebuild; with an IVF index the existing lists are
         kept (no retraining), ``nprobe`` is re-tuned and every chunk's neighbours are recomputed.
+
+        The database's lock is held throughout: a second writer waits (``wait=False``: ``LockedError``
+        naming the holder's PID). The new files get new names and one atomic rename of
+        ``manifest.json`` publishes them, so a reader (or a kill at any step) sees the old database or
+        the new one, never a mix.
         """
-        _Adder(self, progress).run(docs, glob)
+        with writer_lock(self.path / LOCK_FILE, what=f"database {self.path}", wait=wait):
+            current = RetrievalDatabase.open(self.path, verify=False)  # another writer may have added
+            _Adder(current, progress).run(docs, glob)
         fresh = RetrievalDatabase.open(self.path, verify=False)
         self.__dict__.update(fresh.__dict__)
         return self
@@ -584,6 +702,16 @@ class _Builder:
                 "skipped_empty_docs": report.empty,
             },
         )
+
+    def check_chunked(self, source, glob: str) -> None:
+        """After chunking: a folder that gave no chunk is an error (naming what was skipped), and an IVF
+        factory must have enough chunks to train on -- both before any embedding."""
+        info = self.chunking()
+        if info["num_chunks"] == 0 and isinstance(source, str | os.PathLike):
+            raise preflight.empty_build_error(
+                Path(source), glob, info.get("skipped_files", []), info.get("skipped_empty_docs", 0)
+            )
+        preflight.check_index_fits(self.config.index_factory, info["num_chunks"], self.config.num_neighbors)
 
     # ---- stage 2
     def embed(self, shard: tuple[int, int] | None) -> None:
@@ -690,7 +818,13 @@ def write_manifest(
     chunking: dict[str, Any],
     index_info: dict[str, Any],
     embedding_dim: int,
+    *,
+    files: dict[str, str] | None = None,
+    generation: int = 0,
 ) -> dict[str, Any]:
+    """Write ``manifest.json`` (atomically, sealed with its own digest, see ``integrity``); ``files``
+    maps each logical data file name to the file holding it (default: the same name)."""
+    files = {name: name for name in DATA_FILES} | (files or {})
     c, k, n = settings["chunk_size"], settings["num_neighbors"], chunking["num_chunks"]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -725,10 +859,34 @@ def write_manifest(
         },
         "skipped_files": chunking.get("skipped_files", []),
         "build": settings,
-        "checksums": {name: sha256_file(path / name) for name in DATA_FILES},
+        "checksums": {name: sha256_file(path / files[name]) for name in DATA_FILES},
+        "files": files,
+        "generation": generation,
+        "integrity": integrity.describe(path, files),
     }
+    manifest = seal(manifest)
     write_json(path / "manifest.json", manifest)
     return manifest
+
+
+def _generation_name(name: str, generation: int) -> str:
+    """``chunks.dat`` -> ``chunks.g000003.dat``: the file of a data file written by the 3rd ``add()``."""
+    stem, _, suffix = name.partition(".")
+    return f"{stem}.g{generation:06d}.{suffix}"
+
+
+def _remove_unreferenced(path: Path, manifest: dict[str, Any]) -> None:
+    """Delete data files of other generations than the manifest's (a killed ``add()`` leaves some)."""
+    keep = set(integrity.file_map(manifest).values())
+    patterns = {
+        name: re.compile(
+            rf"{re.escape(name.partition('.')[0])}(\.g\d+)?\.{re.escape(name.partition('.')[2])}"
+        )
+        for name in DATA_FILES
+    }
+    for entry in path.iterdir():
+        if entry.name not in keep and any(p.fullmatch(entry.name) for p in patterns.values()):
+            entry.unlink(missing_ok=True)
 
 
 def _tokenizers_entry(config: BuildConfig, lm_tokenizer) -> dict[str, Any]:
@@ -783,6 +941,28 @@ def _shard_file(path: Path, kind: str, shard: tuple[int, int]) -> Path:
     return path / "shards" / f"{kind}-{shard[0]:05d}-of-{shard[1]:05d}.dat"
 
 
+def _remove_failed_stage(
+    path: Path, stage: str, shard: tuple[int, int] | None, fresh: bool, chunked_before: bool
+) -> None:
+    """Delete what a stage that raised has written (its temporary, partial and progress files); a fresh
+    build that fails while chunking leaves no folder."""
+    if stage == "chunk" and fresh:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    if shard is None:
+        for tmp in path.glob(".*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    outputs = {"embed": "embeddings", "neighbors": "knn"}
+    if stage in outputs:
+        out = path / f"{outputs[stage]}.dat" if shard is None else _shard_file(path, outputs[stage], shard)
+        for suffix in (".partial", ".progress"):
+            out.with_name(out.name + suffix).unlink(missing_ok=True)
+    elif stage == "chunk" and not chunked_before:
+        for name in ("chunking.json", *CHUNK_FILES):
+            (path / name).unlink(missing_ok=True)
+        shutil.rmtree(path / "tokenizer", ignore_errors=True)
+
+
 def _merge_shards(path: Path, kind: str) -> None:
     """Concatenate complete shard files ``shards/{kind}-i-of-n.dat`` into ``{kind}.dat`` (atomically)."""
     target = path / f"{kind}.dat"
@@ -819,6 +999,7 @@ class _Adder:
     def run(self, docs, glob: str) -> None:
         db, m = self.db, self.db.manifest
         shutil.rmtree(self.stage, ignore_errors=True)
+        _remove_unreferenced(db.path, m)  # what an add() killed before or after its manifest swap left
         self.stage.mkdir()
         old_n = db.num_chunks
         report = SkipReport()
@@ -847,7 +1028,7 @@ class _Adder:
         truncated = m["embedder_truncated_chunks"]
         if lm_tokenizer is not None:
             truncated += count_truncated_chunks(db.embedder, lm_tokenizer, chunks, db.pad_id, rows=(old_n, n))
-        _concat_files(db.path / "embeddings.dat", new_embeddings, self.stage / "embeddings.dat")
+        _concat_files(db.file("embeddings.dat"), new_embeddings, self.stage / "embeddings.dat")
         embeddings = open_memmap(self.stage / "embeddings.dat", dtype, (n, dim))
 
         index = db.index
@@ -879,8 +1060,10 @@ class _Adder:
         knn.flush()
         del knn
 
-        for name in DATA_FILES:
-            os.replace(self.stage / name, db.path / name)
+        generation = int(m.get("generation", 0)) + 1
+        files = {name: _generation_name(name, generation) for name in DATA_FILES}
+        for name, target in files.items():
+            os.replace(self.stage / name, db.path / target)
         settings = dict(m["build"])
         chunking = {
             "num_chunks": n,
@@ -900,14 +1083,15 @@ class _Adder:
             "recall_at_k": tuning.recall,
             "recall_queries": tuning.num_queries,
         }
-        write_manifest(db.path, settings, chunking, index_info, dim)
+        new = write_manifest(db.path, settings, chunking, index_info, dim, files=files, generation=generation)
+        _remove_unreferenced(db.path, new)
         shutil.rmtree(self.stage, ignore_errors=True)
 
     def _append_chunks(self, docs, report: SkipReport):
         db = self.db
         files = {name: self.stage / name for name in CHUNK_FILES}
         for name, file in files.items():
-            shutil.copyfile(db.path / name, file)
+            shutil.copyfile(db.file(name), file)
         with (
             open(files["chunks.dat"], "ab") as chunks,
             open(files["doc_ids.dat"], "ab") as doc_ids,
@@ -929,6 +1113,16 @@ class _Adder:
                 first_chunk=db.num_chunks,
                 report=report,
             )
+
+
+def _check_query_texts(queries: list[Any]) -> None:
+    for i, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise OptionError(f"query {i} must be a string, got {type(query).__name__}")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OptionError(f"query {i} is not valid UTF-8 text") from None
 
 
 def _concat_files(first: Path, second: Path, out: Path) -> None:

@@ -102,18 +102,53 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     return candidate
 
 
+def seal_model_dir(folder: Path) -> None:
+    """Record the sha256 of every file of a model folder or checkpoint in ``retlm_checksums.json``."""
+    from retlm.integrity import write_folder_checksums
+
+    write_folder_checksums(folder)
+
+
+def verify_model_dir(folder: Path, names: Any = None) -> None:
+    """Compare a model folder's files (``names``, default all recorded) with their saved sha256, and
+    check that ``model.safetensors`` is structurally whole; errors name the file."""
+    from retlm.integrity import check_safetensors, verify_folder
+
+    verify_folder(folder, names)
+    weights = Path(folder) / "model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
+
+
 def load_model(path: str | os.PathLike[str]) -> Any:
-    """A trained model from a run dir, model dir or checkpoint, loaded from safetensors only."""
-    from transformers import AutoModelForCausalLM
+    """A trained model from a run dir, model dir or checkpoint, loaded from safetensors only.
+
+    Before anything is parsed, the files are compared with the sha256 recorded when they were saved
+    (``retlm_checksums.json``) and the safetensors header is checked against the file's size; a bad
+    ``config.json`` is reported with its path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    import retlm.models.retro  # noqa: F401  (registers RetroConfig with the Auto classes)
+    import retlm.models.retnet  # noqa: F401  (register their configs with the Auto classes)
+    import retlm.models.retro  # noqa: F401
+    import retlm.models.retrofit  # noqa: F401
 
     model_dir = resolve_model_dir(path)
+    verify_model_dir(model_dir, ("config.json", "model.safetensors", "generation_config.json"))
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as err:  # invalid json, a wrong type, an unknown model type: name the file
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"{model_dir / 'config.json'} is not a valid RETRO config ({reason})") from None
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per call is noise in `retlm eval`
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
+    except ValueError:
+        raise
+    except Exception as err:  # the loaders' messages (safetensors, torch) do not name the file
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"{model_dir / 'model.safetensors'} cannot be loaded ({reason})") from None
     finally:
         if shown:
             hf_logging.enable_progress_bar()

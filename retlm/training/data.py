@@ -31,7 +31,7 @@ def open_database(db: Any) -> Any:
         raise ValueError(f"{path} is a file; a retrieval database is a directory made by `retlm build-db`")
     from retlm.retrieval import RetrievalDatabase
 
-    return RetrievalDatabase.open(path)
+    return RetrievalDatabase.open(path, read_index=False)  # training reads the neighbours, not the index
 
 
 @dataclass(frozen=True)

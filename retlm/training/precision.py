@@ -6,15 +6,25 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from retlm.errors import OptionError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is available; use 'cpu'")
+        raise OptionError("device 'cuda' was asked for but no CUDA device is available; use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise OptionError(f"device {device} does not exist: this machine has {count} GPU(s)")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise OptionError(f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
     return device
 
 
@@ -24,16 +34,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     bf16 is also accepted on CPU (torch autocasts matmuls there); fp16 needs CUDA.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise OptionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     cuda = device.type == "cuda"
     if precision == "auto":
         if not cuda:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp16" and not cuda:
-        raise ValueError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+        raise OptionError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ValueError("this CUDA device has no bf16 support; use fp16 or fp32")
+        raise OptionError("this CUDA device has no bf16 support; use fp16 or fp32")
     return precision
 
 

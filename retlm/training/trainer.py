@@ -43,7 +43,9 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging as hf_logging
 
 from retlm.data import RETRODataset
+from retlm.errors import OptionError, did_you_mean
 from retlm.models.retro import RetroConfig
+from retlm.models.retro.configuration_retro import check_config_keys
 from retlm.training import checkpoint as ckpt
 from retlm.training.callbacks import (
     JsonlMetrics,
@@ -56,6 +58,7 @@ from retlm.training.callbacks import (
 from retlm.training.data import DocumentSplit, RetroCollator, open_database, split_datasets, spread_subset
 from retlm.training.evaluate import causal_lm_loss, score
 from retlm.training.precision import autocast_for, resolve_device, resolve_precision
+from retlm.training.resources import check_training_memory
 from retlm.utils import ensure_writable_dir
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -134,6 +137,7 @@ class RetroTrainer(Trainer):
         if self.args.should_save:
             staged = run_dir / ckpt.STAGING_DIR / name
             (staged / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # a pickle nothing reads back
+            ckpt.seal_model_dir(staged)
             ckpt.commit_dir(staged, run_dir / name)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
         _barrier()
@@ -182,20 +186,24 @@ def builtin_configs() -> dict[str, Path]:
 def read_model_config(model_config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
     """A model config mapping from a yaml path, a built-in config name or a mapping."""
     if isinstance(model_config, Mapping):
+        check_config_keys(dict(model_config), "model config")
         return dict(model_config)
     path = Path(model_config)
     if not path.exists():
         named = builtin_configs()
         if str(model_config) not in named:
             raise FileNotFoundError(f"no model config {str(model_config)!r}: not a file, nor one of the "
-                                    f"built-in configs ({', '.join(sorted(named))})")
+                                    f"built-in configs ({', '.join(sorted(named))})"
+                                    f"{did_you_mean(str(model_config), named)}")
         path = named[str(model_config)]
     try:
-        mapping = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"model config {path} is not valid yaml: {err}") from err
+        mapping = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as err:
+        reason = " ".join(str(err).split())
+        raise OptionError(f"model config {path} is not a valid yaml file: {reason}") from None
     if not isinstance(mapping, dict):
-        raise ValueError(f"model config {path} must be a yaml mapping of RetroConfig arguments")
+        raise OptionError(f"model config {path} must be a yaml mapping of RetroConfig arguments")
+    check_config_keys(mapping, f"model config {path}")
     return mapping
 
 
@@ -213,12 +221,12 @@ def build_config(model_config: Any, db: Any, seq_len: int) -> tuple[PretrainedCo
         mapping.setdefault("max_seq_len", seq_len)
         try:
             config = RetroConfig(**mapping)
-        except TypeError as err:
-            raise ValueError(f"bad model config: {err}") from err
+        except (TypeError, ValueError) as err:
+            raise OptionError(f"bad model config: {err}") from None
     mapping.pop("retlm_data", None)
     ckpt.check_model_fits_database(config, db)
     if seq_len > int(config.max_seq_len):
-        raise ValueError(f"seq_len {seq_len} is longer than the model's max_seq_len {config.max_seq_len}")
+        raise OptionError(f"seq_len {seq_len} is longer than the model's max_seq_len {config.max_seq_len}")
     return config, mapping
 
 
@@ -254,6 +262,15 @@ class TrainOptions:
             if (value is not None or not optional) and not (value is not None and value > 0):
                 raise ValueError(f"{name} must be positive, got {value}")
 
+        for name in ("lr", "warmup", "weight_decay", "max_grad_norm", "minutes", "train_fraction"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
+                raise OptionError(f"{name} must be a finite number, got {value}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise OptionError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise OptionError(f"save_total_limit must be >= 1 (checkpoints kept), "
+                              f"got {self.save_total_limit}")
         for name in ("batch_size", "grad_accum", "log_every", "lr"):
             positive(name)
         for name in ("max_steps", "eval_every", "save_every", "eval_sequences", "max_grad_norm", "seq_len"):
@@ -334,12 +351,17 @@ def _sync_max(value: float, device: torch.device) -> float:
 
 # ---- the entry point ----
 
-def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options: Any) -> TrainResult:
+def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], *,
+          model: torch.nn.Module | None = None, **options: Any) -> TrainResult:
     """Train a RETRO model on ``db`` (a ``RetrievalDatabase`` or its path) into ``out_dir``.
 
     ``model_config``: a yaml path, a built-in name (``retro-tiny``, ``retro-seed``), a mapping of
     ``RetroConfig`` arguments, or a config object. ``num_tokens``, ``chunk_size`` and ``pad_id``
     default to the database's. ``options`` are the fields of ``TrainOptions``.
+
+    ``model``: an already built model to train instead of a fresh one from ``model_config`` (which is then
+    ``model.config``); only its parameters that require gradients train. RETRO-fitting
+    (``retlm.training.retrofit``) passes its frozen base + adapter this way.
 
     Length: ``max_steps`` optimizer steps, or ``minutes`` of wall-clock training (the number of steps
     is then chosen from a timing of the first steps so that the schedule ends on time, and the clock
@@ -359,8 +381,12 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
     precision = resolve_precision(opts.precision, device)
     seq_len = int(opts.seq_len or db.seq_len)
     if seq_len % int(db.chunk_size):
-        raise ValueError(f"seq_len {seq_len} must be a multiple of the database's chunk_size {db.chunk_size}")
+        raise OptionError(f"seq_len {seq_len} must be a multiple of the database's chunk_size "
+                          f"{db.chunk_size}")
+    if model is not None:
+        model_config = model.config
     config, config_mapping = build_config(model_config, db, seq_len)
+    check_training_memory(config, opts.batch_size, seq_len)  # before the model is built
     ensure_writable_dir(out_dir, "run directory")
 
     split = DocumentSplit.make(db.doc_ids, opts.train_fraction, opts.seed)
@@ -385,7 +411,12 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
         if getattr(tokenizer, name, None) is not None:
             setattr(config, name, int(getattr(tokenizer, name)))
     set_seed(opts.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    if model is None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model.config.retlm_data = config.retlm_data
+        for name in ("eos_token_id", "bos_token_id"):
+            setattr(model.config, name, getattr(config, name, None))
     eos_id = None if getattr(db, "eos_id", None) is None else int(db.eos_id)
     collate = RetroCollator(int(db.pad_id), retrieval=opts.retrieval, eos_id=eos_id)
     plan = _choose_max_steps(opts, args, previous, elapsed_before, model, train_set, eval_set, collate,
@@ -489,6 +520,7 @@ def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict
         return None
     if not (checkpoint / "trainer_state.json").is_file():
         raise ValueError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
+    ckpt.verify_model_dir(checkpoint)  # weights, optimizer and RNG state as they were saved
     if previous is not None:
         changed = [key for key in fixed if previous["fixed"].get(key) != _jsonable(fixed[key])]
         if changed:
@@ -569,6 +601,7 @@ def _save_final(trainer: RetroTrainer, out_dir: Path) -> Path:
     if trainer.args.should_save:
         (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
         ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": trainer.state.global_step})
+        ckpt.seal_model_dir(staging)
         ckpt.commit_dir(staging, final)
         shutil.rmtree(out_dir / ckpt.STAGING_DIR, ignore_errors=True)
     _barrier()
@@ -581,6 +614,7 @@ def _finish_without_training(out_dir: Path, checkpoint: Path, steps: int, elapse
     checkpoint (a kill can fall between the two) and that the run file says it finished."""
     final, step = out_dir / ckpt.FINAL_DIR, ckpt.checkpoint_step(checkpoint)
     if is_main and ckpt.final_model_step(out_dir) != step:
+        ckpt.verify_model_dir(checkpoint)
         staging = out_dir / ckpt.STAGING_DIR / ckpt.FINAL_DIR
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -588,6 +622,7 @@ def _finish_without_training(out_dir: Path, checkpoint: Path, steps: int, elapse
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, staging / name)
         ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": step})
+        ckpt.seal_model_dir(staging)
         ckpt.commit_dir(staging, final)
     if is_main and (out_dir / ckpt.RUN_FILE).is_file():
         run = ckpt.read_json(out_dir / ckpt.RUN_FILE)

@@ -103,6 +103,7 @@ class RetroConfig(PretrainedConfig):
         decoder_type: str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_argument_types({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
         # stored as ``decoder_type``: transformers reserves a ``decoder`` attribute for sub-configs
         decoder = decoder or decoder_type or "transformer"
         if norm_klass is not None:
@@ -125,6 +126,10 @@ class RetroConfig(PretrainedConfig):
             ("dim_head", dim_head),
             ("enc_depth", enc_depth),
             ("dec_depth", dec_depth),
+            ("num_tokens", num_tokens),
+            ("enc_dim", enc_dim),
+            ("dec_dim", dec_dim),
+            ("ff_mult", ff_mult),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -185,3 +190,64 @@ class RetroConfig(PretrainedConfig):
     def enc_has_cross_attn(self, layer: int) -> bool:
         """Whether encoder layer ``layer`` (1-based) cross-attends to the retrieving chunk."""
         return self.enc_cross_attn_layers is None or layer in self.enc_cross_attn_layers
+
+
+# ---- what a config mapping may hold, and of which types (a yaml file, a config.json) ----
+
+# PretrainedConfig's own arguments that a RETRO config may set
+_BASE_KEYS = ("tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "dtype", "torch_dtype")
+
+
+def config_keys() -> list[str]:
+    """Every key a model config may give: ``RetroConfig``'s arguments, their HF aliases
+    (``hidden_size`` ...) and the few ``PretrainedConfig`` arguments that apply."""
+    import inspect
+
+    names = [p for p in inspect.signature(RetroConfig.__init__).parameters if p not in ("self", "kwargs")]
+    return sorted({*names, *RetroConfig.attribute_map, *_BASE_KEYS})
+
+
+def check_config_keys(mapping: dict[str, Any], source: str) -> None:
+    """Refuse a key ``RetroConfig`` does not know (instead of storing it unused), suggesting the closest."""
+    from retlm.errors import OptionError, did_you_mean
+
+    valid = config_keys()
+    for key in mapping:
+        if key not in valid:
+            raise OptionError(
+                f"{source}: unknown model config key {key!r}{did_you_mean(str(key), valid)} "
+                f"(valid keys: {', '.join(valid)})"
+            )
+
+
+def _kinds(annotation: str) -> set[str]:
+    return {part.strip() for part in str(annotation).split("|")}
+
+
+def check_argument_types(values: dict[str, Any]) -> None:
+    """Refuse an argument of the wrong type (a string for ``dec_dim``, ...) with its name, before a
+    tensor constructor reports it as ``empty(): argument 'size' ...``."""
+    import inspect
+
+    parameters = inspect.signature(RetroConfig.__init__).parameters
+    for name, value in values.items():
+        parameter = parameters.get(name)
+        if parameter is None or value is None and "None" in _kinds(parameter.annotation):
+            continue
+        kinds = _kinds(parameter.annotation) - {"None"}
+        ok = True
+        if kinds == {"int"}:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kinds == {"float"}:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif kinds == {"bool"}:
+            ok = isinstance(value, bool)
+        elif kinds == {"str"}:
+            ok = isinstance(value, str)
+        elif kinds == {"Iterable[int]"}:
+            ok = isinstance(value, list | tuple) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            )
+        if not ok:
+            wanted = " or ".join(sorted(_kinds(parameter.annotation)))
+            raise ValueError(f"model config: {name} must be {wanted}, got {value!r} ({type(value).__name__})")

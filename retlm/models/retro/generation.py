@@ -138,7 +138,9 @@ def generate_with_retrieval(
                          f"chunk_size={c}; build the database with --chunk-size {c}")
     total = input_ids.shape[1] + max_new_tokens
     if total > config.max_seq_len:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
+        from retlm.errors import OptionError  # a usage error (exit code 2), before any forward pass
+
+        raise OptionError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
                          f"exceeds the model's max_seq_len={config.max_seq_len}")
     k = num_neighbours or (database.num_neighbors if database is not None else 0)
     retrieve = _Retriever(database, k, input_ids.shape[0]) if database is not None else None

@@ -1,0 +1,110 @@
+"""Every option of ``retlm demo`` checked before its first step (the demo builds, trains, evaluates and
+generates for minutes; a bad value must not surface at the end).
+
+``check_options(opts)`` raises ``OptionError`` (CLI exit code 2) for a value out of range, a prompt
+with no text, a model config that does not exist or holds an unknown key, a chunk size the embedder
+cannot read, a corpus folder without text, and ``ResourceError`` for a sequence length whose training
+step cannot fit in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from retlm.errors import OptionError
+
+
+def _integer(name: str, value: Any, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise OptionError(f"{name} must be {kind}, got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise OptionError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_options(opts: Any) -> None:
+    """See the module docstring; ``opts`` is a ``DemoOptions``."""
+    from retlm.retrieval.chunking import EmptySourceError
+    from retlm.retrieval.embedding import DEFAULT_EMBEDDER
+    from retlm.retrieval.preflight import embedder_shape, scan_source
+
+    _positive("--minutes", opts.minutes)
+    _positive("--lr", opts.lr)
+    for name, value in (
+        ("--seq-len", opts.seq_len),
+        ("--chunk-size", opts.chunk_size),
+        ("--neighbours", opts.num_neighbors),
+        ("--batch-size", opts.batch_size),
+        ("--max-new-tokens", opts.max_new_tokens),
+    ):
+        _integer(name, value)
+    _integer("--seed", opts.seed, low=0)
+    if opts.seed >= 2**32:
+        raise OptionError(f"--seed must be below 2**32, got {opts.seed}")
+    if opts.eval_sequences is not None:
+        _integer("--eval-sequences", opts.eval_sequences)
+    if opts.seq_len % opts.chunk_size:
+        raise OptionError(
+            f"--seq-len must be a multiple of --chunk-size {opts.chunk_size} (a sequence is a whole number "
+            f"of chunks), got {opts.seq_len}"
+        )
+    prompt = getattr(opts, "prompt", None)
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise OptionError("--prompt is empty: give some text to continue")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OptionError("--prompt is not valid UTF-8 text") from None
+    shape = embedder_shape(DEFAULT_EMBEDDER)
+    if opts.chunk_size + 2 > shape.max_positions:
+        raise OptionError(
+            f"--chunk-size must be at most {shape.max_positions - 2} (the embedder reads "
+            f"{shape.max_positions} positions, [CLS] and [SEP] included), got {opts.chunk_size}"
+        )
+    if opts.corpus is not None:
+        corpus = Path(opts.corpus)
+        if not corpus.is_dir():
+            raise OptionError(f"--corpus {corpus}: no such folder")
+        if not any(p.is_file() for p in corpus.rglob("*")):
+            raise OptionError(f"--corpus {corpus}: the folder holds no file")
+        try:
+            scan_source(corpus, "**/*")
+        except EmptySourceError as err:
+            raise OptionError(f"--corpus: {err}") from None
+    _check_model(opts, shape)
+
+
+def _check_model(opts: Any, shape: Any) -> None:
+    """The model config exists, its keys and types are RetroConfig's, and a training step fits."""
+    from retlm.models.retro import RetroConfig
+    from retlm.retrieval.embedding import DEFAULT_EMBEDDER
+    from retlm.tokenization import load_tokenizer
+    from retlm.training.resources import check_training_memory
+    from retlm.training.trainer import read_model_config
+
+    try:
+        mapping = read_model_config(opts.model_config)
+    except FileNotFoundError as err:
+        raise OptionError(f"--model-config: {err}") from None
+    try:
+        vocab = len(load_tokenizer(getattr(opts, "tokenizer", "gpt2"), embedder=DEFAULT_EMBEDDER))
+    except (OSError, ValueError) as err:
+        raise OptionError(f"--tokenizer {getattr(opts, 'tokenizer', 'gpt2')!r}: {err}") from None
+    defaults = {"num_tokens": vocab, "chunk_size": opts.chunk_size, "pad_id": 0, "max_seq_len": opts.seq_len}
+    try:
+        config = RetroConfig(**{**defaults, **mapping})
+    except (TypeError, ValueError) as err:
+        raise OptionError(f"--model-config {opts.model_config}: {err}") from None
+    if opts.seq_len > config.max_seq_len:
+        raise OptionError(
+            f"--seq-len {opts.seq_len} is longer than the model's max_seq_len {config.max_seq_len} "
+            f"(--model-config {opts.model_config})"
+        )
+    check_training_memory(config, opts.batch_size, opts.seq_len)

@@ -1,0 +1,368 @@
+"""Everything a build checks before it writes a byte: options, the embedder, the source, disk and memory.
+
+``check_build`` runs first in ``RetrievalDatabase.build`` (and so in ``retlm build-db``):
+
+- every option's type and range, the shard and stage, and the faiss ``index_factory`` string (parsed by
+  faiss itself) -> ``OptionError`` (CLI exit code 2);
+- the embedder is a bundled name, a local folder or a model in the local Hugging Face cache (nothing is
+  downloaded), and ``chunk_size + 2`` fits its position limit -> ``OptionError``;
+- the source folder has a matching file with some text -> ``EmptySourceError`` naming skipped files;
+- the disk space and memory the build needs (estimated from the source's size, lower bounds) are free
+  -> ``ResourceError`` quoting both figures (exit code 1).
+
+``resolve_local_model`` is also what a database uses to find the embedder its manifest names: a name
+that is not on this machine is refused, never fetched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retlm.errors import OptionError, ResourceError, format_bytes
+from retlm.retrieval.chunking import EmptySourceError, _read_text_blocks
+
+BYTES_PER_TOKEN_BOUND = 8  # English text averages ~4 bytes per BPE or WordPiece token; 8 keeps it a bound
+MAX_SEQ_LEN = 1 << 24  # a sanity bound: no model trains on 16M-token sequences
+
+
+# ---- resources of this machine ----
+
+
+def free_disk_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still get: MemAvailable, capped by a cgroup limit if one is set."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 1 << 62
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            available = min(available, max(0, int(limit) - usage))
+        break
+    return available
+
+
+# ---- the embedder ----
+
+
+def resolve_local_model(name: str, what: str = "embedder") -> str:
+    """The local folder of a model name: the bundled MiniLM, a folder, or a Hugging Face cache snapshot.
+
+    Raises ``OptionError`` for anything else: nothing is downloaded.
+    """
+    from retlm.retrieval.embedding import _DEFAULT_ALIASES, resolve_model_path
+
+    if not isinstance(name, str) or not name:
+        raise OptionError(f"{what} must be a model name or folder, got {name!r}")
+    if name in _DEFAULT_ALIASES:
+        return resolve_model_path(name)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise OptionError(f"{what} {name}: the folder holds no config.json (not a Hugging Face model)")
+        return str(folder)
+    if folder.exists():
+        raise OptionError(f"{what} {name}: not a folder")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
+        raise OptionError(f"{what} {name}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached, or not a valid repo id
+        raise OptionError(
+            f"{what} {name!r}: no such folder, and not in the local Hugging Face cache (retlm downloads "
+            "nothing; give a model folder, or the bundled all-MiniLM-L6-v2)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class EmbedderShape:
+    """What the build needs to know about an embedder before loading it."""
+
+    folder: str
+    hidden_size: int
+    max_positions: int
+    heads: int
+    layers: int
+
+
+def embedder_shape(name: str) -> EmbedderShape:
+    """Read the embedder's config.json (no weights): its width, position limit, heads and layers."""
+    from transformers import AutoConfig
+
+    folder = resolve_local_model(name)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:  # a broken folder: its config cannot be read
+        raise OptionError(
+            f"embedder {name}: cannot read its config.json ({type(err).__name__}: {err})"
+        ) from None
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    return EmbedderShape(
+        folder=folder,
+        hidden_size=int(config.hidden_size),
+        max_positions=int(limit),
+        heads=int(getattr(config, "num_attention_heads", 1) or 1),
+        layers=int(getattr(config, "num_hidden_layers", 1) or 1),
+    )
+
+
+# ---- the source ----
+
+
+def _has_text(path: Path) -> bool:
+    """UTF-8, no NUL byte, and at least one non-space character (streams the file)."""
+    found = False
+    try:
+        for block in _read_text_blocks(path):
+            if "\x00" in block:
+                return False
+            found = found or bool(block.strip())
+    except (UnicodeDecodeError, OSError):
+        return False
+    return found
+
+
+def scan_source(root: Path, glob: str) -> list[Path]:
+    """The files of ``root`` matching ``glob``, after checking that at least one holds text.
+
+    Reads files in order only until the first one with text. Raises ``EmptySourceError`` naming the
+    skipped files when none has any.
+    """
+    if not root.is_dir():
+        raise EmptySourceError(f"source folder does not exist: {root} (pass a list of strings to index text)")
+    paths = sorted(p for p in root.glob(glob) if p.is_file())
+    if not paths:
+        raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
+    for path in paths:
+        if path.stat().st_size and _has_text(path):
+            return paths
+    shown = ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    raise EmptySourceError(
+        f"no text to index in {root}: all {len(paths)} file(s) matching {glob!r} are empty, binary or "
+        f"not UTF-8, and were skipped: {shown}"
+    )
+
+
+def empty_build_error(root: Path, glob: str, skipped: list[str], empty_docs: int) -> EmptySourceError:
+    """The error of a folder whose files gave no chunk at all (found after the chunk stage)."""
+    shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    parts = [f"{len(skipped)} binary or non-UTF-8 ({shown})"] if skipped else []
+    if empty_docs:
+        parts.append(f"{empty_docs} without a single token")
+    return EmptySourceError(
+        f"no text to index in {root}: every file matching {glob!r} was skipped: {'; '.join(parts)}"
+    )
+
+
+# ---- estimates ----
+
+
+@dataclass(frozen=True)
+class BuildEstimate:
+    """Lower bounds of what a build needs, from the source's size: ``disk`` and ``memory`` in bytes."""
+
+    chunks: int
+    disk: int
+    memory: int
+    parts: dict[str, int]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {format_bytes(size)}" for name, size in self.parts.items())
+
+
+def chunks_lower_bound(file_sizes: list[int], chunk_size: int) -> int:
+    """At least this many chunks come out of files of these sizes (one per non-empty file, at least)."""
+    return sum(math.ceil(size / (BYTES_PER_TOKEN_BOUND * chunk_size)) for size in file_sizes if size)
+
+
+def estimate_build(n: int, config: Any, shape: EmbedderShape) -> BuildEstimate:
+    """Disk and memory of a build of ``n`` chunks (lower bounds when ``n`` is ``chunks_lower_bound``).
+
+    chunks.dat, doc_ids.dat, embeddings.dat, knn.dat and the index grow with the number of chunks. In
+    memory: the index (float32 for Flat, a byte per dimension for SQ8), one document's row while
+    chunking, and one encoder layer's attention scores and activations for a batch.
+    """
+    c, k, dim, factory = config.chunk_size, config.num_neighbors, shape.hidden_size, config.index_factory
+    itemsize = 2 if config.embedding_dtype == "float16" else 4
+    exact = factory is None and n < config.exact_threshold or factory in ("Flat", "IDMap,Flat")
+    per_vector = 4 * dim if exact else dim
+    parts = {
+        "chunks.dat": n * (c + 1) * 4,
+        "doc_ids.dat": n * 4,
+        "embeddings.dat": n * dim * itemsize,
+        "knn.dat": n * k * 4,
+        "index.faiss": n * per_vector,
+    }
+    width = c + 2
+    batch = min(config.batch_size, max(n, 1))
+    memory = max(
+        n * per_vector,  # the index, in memory while it is built and searched
+        2 * (c + 1) * 4,  # a document's row as it is cut (and its copy)
+        batch * shape.heads * width * width * 4 + batch * width * dim * 4 * 4,  # one encoder layer
+    )
+    return BuildEstimate(chunks=n, disk=sum(parts.values()), memory=memory, parts=parts)
+
+
+def check_resources(estimate: BuildEstimate, out: Path) -> None:
+    """Refuse a build whose estimate exceeds the free disk space or the available memory."""
+    free = free_disk_bytes(out)
+    if estimate.disk > free:
+        raise ResourceError(
+            f"building {out} needs at least {format_bytes(estimate.disk)} of disk (about {estimate.chunks} "
+            f"chunks: {estimate.describe()}), but only {format_bytes(free)} are free there; "
+            "nothing was written"
+        )
+    available = available_memory_bytes()
+    if estimate.memory > available:
+        raise ResourceError(
+            f"building {out} needs at least {format_bytes(estimate.memory)} of memory (about "
+            f"{estimate.chunks} chunks; the index or one encoder batch), but only {format_bytes(available)} "
+            "are available; lower --chunk-size or --batch-size, or use an IVF index"
+        )
+
+
+# ---- options ----
+
+
+def check_index_factory(factory: str | None, dim: int) -> None:
+    """Let faiss parse ``factory`` for ``dim``-d inner-product vectors; refuse what it cannot build."""
+    if factory is None:
+        return
+    if not isinstance(factory, str) or not factory.strip():
+        raise OptionError(f"index_factory must be a faiss index_factory string, got {factory!r}")
+    import faiss
+
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        text = str(err).strip().splitlines()
+        reason = text[-1] if text else ""
+        raise OptionError(
+            f"index_factory {factory!r} is not a faiss index_factory string for {dim}-d vectors "
+            f"(faiss: {reason.split('Error: ')[-1][:200]}); examples: 'Flat', 'IVF1024,SQ8', 'HNSW32'"
+        ) from None
+
+
+def check_index_fits(factory: str | None, num_chunks: int, num_neighbors: int | None = None) -> None:
+    """Checked after chunking, before embedding: the neighbours per chunk cannot exceed the chunks, and
+    an IVF index needs at least as many vectors as lists to train on."""
+    if num_neighbors is not None and num_chunks and num_neighbors > num_chunks:
+        raise OptionError(
+            f"num_neighbors must be at most the number of chunks ({num_chunks}), got {num_neighbors}"
+        )
+    if factory is None or num_chunks == 0:
+        return
+    import re
+
+    match = re.search(r"IVF(\d+)", factory)
+    if match and int(match.group(1)) > num_chunks:
+        raise OptionError(
+            f"index_factory {factory!r} has {match.group(1)} lists but the database has only {num_chunks} "
+            "chunks to train them on; use fewer lists or 'Flat'"
+        )
+
+
+def _positive_int(name: str, value: Any, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise OptionError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_options(config: Any) -> EmbedderShape:
+    """Types and ranges of every build option, and those that depend on the embedder."""
+    for name in ("chunk_size", "num_neighbors", "seq_len", "batch_size"):
+        _positive_int(name, getattr(config, name))
+    for name in ("exact_threshold", "extra_neighbors"):
+        _positive_int(name, getattr(config, name), low=0)
+    try:
+        config.validate()
+    except OptionError:
+        raise
+    except ValueError as err:
+        raise OptionError(str(err)) from None
+    if isinstance(config.target_recall, bool) or not isinstance(config.target_recall, int | float):
+        raise OptionError(f"target_recall must be a number in (0, 1], got {config.target_recall!r}")
+    shape = embedder_shape(config.embedder)
+    if config.chunk_size + 2 > shape.max_positions:
+        raise OptionError(
+            f"chunk_size must be at most {shape.max_positions - 2}: the embedder {config.embedder} reads at "
+            f"most {shape.max_positions} positions, [CLS] and [SEP] included; got {config.chunk_size}"
+        )
+    if config.seq_len > MAX_SEQ_LEN:
+        raise OptionError(f"seq_len must be at most {MAX_SEQ_LEN} tokens, got {config.seq_len}")
+    check_index_factory(config.index_factory, shape.hidden_size)
+    check_tokenizer(config)
+    return shape
+
+
+def check_tokenizer(config: Any) -> None:
+    """The LM tokenizer (``gpt2``, ``bert`` or a folder) loads; its errors name the file and the fix."""
+    if not hasattr(config, "tokenizer"):
+        return
+    from retlm.tokenization import load_tokenizer
+
+    try:
+        load_tokenizer(config.tokenizer, embedder=config.embedder)
+    except OptionError:
+        raise
+    except (OSError, ValueError) as err:  # TokenizerFilesError, FileNotFoundError, a broken folder
+        raise OptionError(f"tokenizer {config.tokenizer!r}: {' '.join(str(err).split())}") from None
+
+
+def check_build(source: Any, path: Path, config: Any, stage: str, glob: str) -> None:
+    """All checks of a build that can run before its first step (see the module docstring)."""
+    shape = check_options(config)
+    if not isinstance(glob, str) or not glob or Path(glob).is_absolute() or "\x00" in glob:
+        raise OptionError(f"glob must be a non-empty pattern relative to the source folder, got {glob!r}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"output {path} exists and is not a folder")
+    if (path / "manifest.json").is_file():
+        return
+    if stage not in ("all", "chunk"):
+        if not (path / "chunking.json").is_file():
+            raise OptionError(f"--stage {stage}: {path} has not been chunked; run --stage chunk first")
+        return
+    if (path / "chunking.json").is_file():
+        return  # chunked by an earlier run; the rest resumes
+    if isinstance(source, str | os.PathLike):
+        try:
+            paths = scan_source(Path(source), glob)
+        except (ValueError, NotImplementedError) as err:  # a pattern pathlib refuses
+            if isinstance(err, EmptySourceError):
+                raise
+            raise OptionError(f"glob {glob!r} is not a valid pattern: {err}") from None
+        n = chunks_lower_bound([p.stat().st_size for p in paths], config.chunk_size)
+        check_resources(estimate_build(n, config, shape), path)
+    elif source is None:
+        raise OptionError("the chunk stage needs a source (a folder or an iterable of strings)")
