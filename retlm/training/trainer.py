@@ -386,7 +386,8 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], *,
     if model is not None:
         model_config = model.config
     config, config_mapping = build_config(model_config, db, seq_len)
-    check_training_memory(config, opts.batch_size, seq_len)  # before the model is built
+    if model is None:  # the bound reads RetroConfig's fields; a given model (a retrofit) is already built
+        check_training_memory(config, opts.batch_size, seq_len)
     ensure_writable_dir(out_dir, "run directory")
 
     split = DocumentSplit.make(db.doc_ids, opts.train_fraction, opts.seed)
