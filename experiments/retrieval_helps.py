@@ -90,7 +90,9 @@ def bootstrap(diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, se
     """Mean per-token difference and its 95% interval, resampling sequences."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(tokens), size=(samples, len(tokens)))
-    means = diff_sums[picks].sum(1) / tokens[picks].sum(1)
+    counts = tokens[picks].sum(1)
+    means = diff_sums[picks].sum(1) / np.where(counts > 0, counts, 1)
+    means = means[counts > 0]  # a resample with nothing to count (a sparse bucket) says nothing
     return float(diff_sums.sum() / tokens.sum()), float(np.quantile(means, 0.025)), float(
         np.quantile(means, 0.975))
 

@@ -1,18 +1,25 @@
-"""RETRO-fitting (the paper's section 4.2): add retrieval to a model trained without it, decoder frozen.
+"""RETRO-fitting (the paper's section 4.2) the control of ``retrieval_helps.py`` with ``retlm retrofit``,
+scored by neighbour-overlap bucket, at several training lengths.
 
-Takes the control of ``retrieval_helps.py`` (a RETRO trained with no retrieval: its encoder and CCA
-layers never ran), zeroes its CCA output projections, freezes every decoder weight, and trains only the
-encoder and the CCA layers, with retrieval, on the training documents. The frozen decoder removes the
-training noise that dominates a comparison of two separately trained models: with retrieval switched
-off the retrofitted model *is* the control, weight for weight, so any held-out difference comes from
-what the CCA layers read.
+The control (a RETRO with a RetNet decoder trained with no retrieval) is the base: it stays frozen and
+only the new parameters train (a RETRO encoder of the neighbours and chunked cross-attention after the
+chosen decoder layers, each starting at zero), through the library's trainer, with retrieval, on the
+training documents. With retrieval off the retrofitted model *is* the control, weight for weight (checked
+here), so a held-out difference comes from what the CCA layers read and not from training noise.
 
-A retrofitted model could also gain capacity rather than information (the CCA layers have learned
-null keys and an output bias, and the encoder re-reads the retrieving chunk), so it is scored three ways
-on the held-out documents: with its real neighbours, with the neighbours of another held-out sequence
-(real text, but unrelated), and with retrieval off (= the control).
+Each checkpoint (``--steps``, e.g. 100,300,900 of one run) is scored on the held-out documents three
+ways: with its real neighbours, with the neighbours of another held-out sequence (real text, but
+unrelated: what a model gains from extra capacity alone), and with retrieval off (the base). The
+numbers are bits per byte, overall and per bucket of how much of each chunk its neighbours contain
+(:mod:`retlm.training.overlap`; buckets by the real neighbours, so the same tokens are compared), with
+paired bootstrap 95% intervals over held-out sequences. From the trend of the gain with training steps
+it estimates the run that would resolve it.
 
-    python experiments/retrofit.py --work-dir /tmp/rh --seed 0 --steps 300
+The script also scores the pair that ``retrieval_helps.py`` trained (``retro-seed{N}``, with and without
+retrieval, and the control) by bucket, and with the paper's filtered evaluation (``--max-overlap``).
+
+    python experiments/retrieval_helps.py --work-dir /tmp/rh --steps 400 --seeds 0
+    cd experiments && python retrofit.py --work-dir /tmp/rh --seed 0 --steps 100,300,900
 """
 
 from __future__ import annotations
@@ -21,19 +28,31 @@ import argparse
 import json
 import math
 import time
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from retrieval_helps import bits_per_byte, bootstrap, copyable_mask, database_sequences, per_token_losses
-from torch.utils.data import DataLoader, Dataset
-from transformers import get_cosine_schedule_with_warmup
+from retrieval_helps import bootstrap, database_sequences
+from torch.utils.data import Dataset
 
 from retlm.retrieval import RetrievalDatabase
 from retlm.training import load_model
-from retlm.training.data import IGNORE_INDEX, DocumentSplit, RetroCollator, split_datasets
-from retlm.training.evaluate import causal_lm_loss, count_bytes, select_split
+from retlm.training.data import IGNORE_INDEX, RetroCollator
+from retlm.training.evaluate import select_split
+from retlm.training.leakage import (
+    UNBUCKETED_NAME,
+    OverlapView,
+    byte_lengths_of,
+    target_chunk_bytes,
+    token_nll,
+)
+from retlm.training.overlap import BUCKET_NAMES, UNBUCKETED, bucket_of, target_buckets
+from retlm.training.retrofit import retrofit
+
+BUCKETS = [*range(len(BUCKET_NAMES)), UNBUCKETED]
+NAMES = [*BUCKET_NAMES, UNBUCKETED_NAME]
 
 
 class OtherNeighbours(Dataset):
@@ -51,106 +70,184 @@ class OtherNeighbours(Dataset):
         return seq, other
 
 
-def retrofittable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Zero the CCA output projections, freeze everything else of the decoder; returns what trains."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    trainable = list(model.model.encoder.parameters())
-    for layer in model.model.layers:
-        if layer.cca is not None:
-            torch.nn.init.zeros_(layer.cca.attn.to_out.weight)
-            torch.nn.init.zeros_(layer.cca.attn.to_out.bias)
-            trainable += list(layer.cca.parameters()) + list(layer.cca_norm.parameters())
-    for param in trainable:
-        param.requires_grad_(True)
-    return trainable
+class Buckets:
+    """Where every held-out target and byte goes: per sequence, per bucket (by the real neighbours)."""
+
+    def __init__(self, heldout: Any, db: Any) -> None:
+        c, pad = int(db.chunk_size), int(db.pad_id)
+        view = OverlapView(heldout, c, pad)
+        self.n_sequences = len(view)
+        seq_len = len(np.asarray(view[0][0])) - 1
+        n = seq_len // c
+        self.targets = np.stack([target_buckets(o, seq_len, c) for o in view.overlap])  # (N, L)
+        chunk_bucket = np.full((len(view), n + 1), UNBUCKETED)
+        chunk_bucket[:, 1:n] = bucket_of(view.overlap[:, : n - 1])
+        collate = RetroCollator(pad, retrieval=False, eos_id=eos_of(db))
+        labels = collate([view[i] for i in range(len(view))])["labels"].numpy()
+        lengths = byte_lengths_of(db.tokenizer)
+        chunk_bytes = np.stack([target_chunk_bytes(db.tokenizer, row, c, lengths) for row in labels])
+        self.scored = labels != IGNORE_INDEX
+        self.bytes = np.stack([(chunk_bytes * (chunk_bucket == b)).sum(1) for b in BUCKETS], axis=1)  # (N, B)
+        self.tokens = np.stack([(self.scored & (self.targets == b)).sum(1) for b in BUCKETS], axis=1)
+
+    def bits(self, nll: np.ndarray) -> np.ndarray:
+        """``(N, B)`` summed bits per sequence and bucket of per-target nats ``nll (N, L)``."""
+        return np.stack(
+            [(nll * (self.scored & (self.targets == b))).sum(1) for b in BUCKETS], axis=1
+        ) / math.log(2)
+
+    def table(self, runs: dict[str, np.ndarray], pairs: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+        """Per bucket (and "all"): bits per byte of each run, and ``pairs`` name -> (a, b): bpb(a) - bpb(b)
+        with a paired bootstrap 95% interval over sequences."""
+        bits = {name: self.bits(nll) for name, nll in runs.items()}
+        rows = []
+        for j, name in [*enumerate(NAMES), (None, "all")]:
+            pick = (lambda a: a.sum(1)) if j is None else (lambda a, j=j: a[:, j])
+            n_bytes, n_tokens = pick(self.bytes), pick(self.tokens)
+            row: dict[str, Any] = {"bucket": name, "tokens": int(n_tokens.sum()), "bytes": int(n_bytes.sum())}
+            if n_bytes.sum() == 0:
+                rows.append(row)
+                continue
+            row["bits_per_byte"] = {run: float(pick(b).sum() / n_bytes.sum()) for run, b in bits.items()}
+            for pair, (a, b) in pairs.items():
+                mean, low, high = bootstrap(pick(bits[a]) - pick(bits[b]), n_bytes)
+                row[pair] = {"mean": mean, "ci95": [low, high]}
+            rows.append(row)
+        return rows
 
 
-def retrofit(model: torch.nn.Module, train_set: Dataset, pad_id: int, *, steps: int, lr: float,
-             batch_size: int, seed: int, eos_id: int | None = None) -> list[float]:
-    """Train the encoder and CCA layers for ``steps`` steps; returns the training losses."""
-    params = retrofittable(model)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True,
-                        collate_fn=RetroCollator(pad_id, retrieval=True, eos_id=eos_id))
-    model.train()
-    losses: list[float] = []
-    while len(losses) < steps:
-        for batch in loader:
-            labels = batch.pop("labels")  # already shifted by the collator
-            loss = causal_lm_loss(model(**batch).logits, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if len(losses) % 50 == 0:
-                print(f"step {len(losses)}: loss {np.mean(losses[-50:]):.4f}", flush=True)
-            if len(losses) == steps:
-                break
-    return losses
+def eos_of(db: Any) -> int | None:
+    return None if getattr(db, "eos_id", None) is None else int(db.eos_id)
+
+
+def score_retrofit(
+    model: Any, heldout: Any, buckets: Buckets, control_nll: np.ndarray, pad: int, eos: int | None
+) -> dict[str, Any]:
+    real, _ = token_nll(model, heldout, pad_id=pad, retrieval=True, eos_id=eos)
+    other, _ = token_nll(model, OtherNeighbours(heldout), pad_id=pad, retrieval=True, eos_id=eos)
+    off, _ = token_nll(model, heldout, pad_id=pad, retrieval=False, eos_id=eos)
+    assert np.array_equal(off, control_nll), "retrieval off must give the base (the control) exactly"
+    return {
+        "buckets": buckets.table(
+            {"real_neighbours": real, "other_neighbours": other, "base": off},
+            {
+                "base_minus_real": ("base", "real_neighbours"),
+                "other_minus_real": ("other_neighbours", "real_neighbours"),
+            },
+        )
+    }
+
+
+def trend(
+    steps: list[int], gains: list[float], halfwidths: list[float], tokens_per_step: int
+) -> dict[str, Any]:
+    """Least-squares ``gain = a + b * ln(steps)``, and the steps (and training tokens) at which the fitted
+    gain would equal the half-width of the 95% interval measured at the longest run, so that the
+    interval would just exclude zero (the width assumed unchanged); None when the gain does not grow."""
+    x = np.log(np.asarray(steps, dtype=np.float64))
+    b, a = np.polyfit(x, np.asarray(gains), 1)
+    need = halfwidths[-1]
+    out: dict[str, Any] = {
+        "fit": {"a": float(a), "b_per_ln_step": float(b)},
+        "halfwidth_at_longest": need,
+        "gains": gains,
+    }
+    if b <= 0:
+        out["steps_to_resolve"] = None
+        out["note"] = "the gain does not grow with training steps here; no extrapolation"
+    else:
+        steps_needed = float(math.exp((need - a) / b))
+        out["steps_to_resolve"] = steps_needed
+        out["tokens_to_resolve"] = steps_needed * tokens_per_step
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, required=True, help="a work dir of retrieval_helps.py")
     parser.add_argument("--seed", type=int, default=0, help="which control-seed{N} to retrofit")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", default="100,300,900", help="checkpoints of one retrofitting run to score")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cca-layers", default=None, help="e.g. 2,4 (default: retlm retrofit's)")
+    parser.add_argument("--enc-depth", type=int, default=1)
+    parser.add_argument("--max-overlap", type=float, default=0.125, help="of the filtered evaluation")
+    parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="default: WORK_DIR/retrofit-seed{N}.json")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    db = RetrievalDatabase.open(args.work_dir / "db")
-    model = load_model(args.work_dir / f"control-seed{args.seed}" / "model")
-    trained = model.config.retlm_data
-    dataset = database_sequences(db, model)
-    split = DocumentSplit.make(db.doc_ids, trained["split"]["train_fraction"], trained["split"]["seed"])
-    train_set, _ = split_datasets(dataset, db, split, hide_heldout=True)
-    heldout = select_split("heldout", dataset, db, trained)
-    pad_id, eos_id = int(db.pad_id), int(db.eos_id)
+    steps = sorted({int(s) for s in args.steps.split(",")})
+    work = args.work_dir
+    db = RetrievalDatabase.open(work / "db")
+    control_dir = work / f"control-seed{args.seed}" / "model"
+    control = load_model(control_dir)
+    heldout = select_split("heldout", database_sequences(db, control), db, control.config.retlm_data)
+    buckets = Buckets(heldout, db)
+    pad = int(db.pad_id)
+    eos = eos_of(db)
+    control_nll, _ = token_nll(control, heldout, pad_id=pad, retrieval=False, eos_id=eos)
+    report: dict[str, Any] = {"seed": args.seed, "heldout_sequences": len(heldout), "steps": steps}
 
-    control, labels = per_token_losses(model, heldout, pad_id, retrieval=False, eos_id=eos_id)
+    retro_dir = work / f"retro-seed{args.seed}" / "model"
+    if retro_dir.is_dir():  # the trained pair of retrieval_helps.py, by bucket, and filtered
+        retro = load_model(retro_dir)
+        on, _ = token_nll(retro, heldout, pad_id=pad, retrieval=True, eos_id=eos)
+        off, _ = token_nll(retro, heldout, pad_id=pad, retrieval=False, eos_id=eos)
+        filtered_view = OverlapView(heldout, int(db.chunk_size), pad, args.max_overlap)
+        filtered, _ = token_nll(retro, filtered_view, pad_id=pad, retrieval=True, eos_id=eos)
+        report["filtered_neighbours_dropped"] = [filtered_view.dropped, filtered_view.neighbours]
+        report["trained_pair"] = buckets.table(
+            {
+                "retro_on": on,
+                "retro_off": off,
+                f"retro_filtered_{args.max_overlap:g}": filtered,
+                "control": control_nll,
+            },
+            {
+                "off_minus_on": ("retro_off", "retro_on"),
+                "control_minus_on": ("control", "retro_on"),
+                "off_minus_filtered": ("retro_off", f"retro_filtered_{args.max_overlap:g}"),
+            },
+        )
+
+    run_dir = work / f"retrofit-seed{args.seed}"
+    options = dict(
+        max_steps=steps[-1],
+        lr=args.lr,
+        batch_size=args.batch_size,
+        save_total_limit=None,
+        save_every=reduce(math.gcd, steps),
+        eval_every=None,
+        progress=not args.quiet,
+    )
+    cca_layers = [int(x) for x in args.cca_layers.split(",")] if args.cca_layers else None
     start = time.perf_counter()
-    losses = retrofit(model, train_set, pad_id, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                      seed=args.seed, eos_id=eos_id)
-    minutes = (time.perf_counter() - start) / 60
-    real, _ = per_token_losses(model, heldout, pad_id, retrieval=True, eos_id=eos_id)
-    other, _ = per_token_losses(model, OtherNeighbours(heldout), pad_id, retrieval=True, eos_id=eos_id)
-    off, _ = per_token_losses(model, heldout, pad_id, retrieval=False, eos_id=eos_id)
-    scored = labels != IGNORE_INDEX
-    tokens = scored.sum(1)
-    n_bytes = count_bytes(heldout, db.tokenizer, pad_id=pad_id, eos_id=eos_id)
-    assert np.array_equal(off, control), "retrieval off must give the control exactly (frozen decoder)"
-
-    def ppl(losses: np.ndarray) -> float:
-        return math.exp(losses[scored].mean())
-
-    copyable = copyable_mask(heldout, int(db.chunk_size)) & scored
-    gain = control - real
-    report: dict[str, Any] = {
-        "seed": args.seed, "steps": args.steps, "lr": args.lr, "minutes": round(minutes, 1),
-        "first_and_last_50_training_losses": [float(np.mean(losses[:50])), float(np.mean(losses[-50:]))],
-        "heldout_sequences": len(heldout), "heldout_tokens": int(tokens.sum()),
-        "perplexity": {"retrofitted_real_neighbours": ppl(real), "retrofitted_other_neighbours": ppl(other),
-                       "control_equals_retrieval_off": ppl(control)},
-        "heldout_bytes": n_bytes,
-        "bits_per_byte": {"retrofitted_real_neighbours": bits_per_byte(real, scored, n_bytes),
-                          "retrofitted_other_neighbours": bits_per_byte(other, scored, n_bytes),
-                          "control_equals_retrieval_off": bits_per_byte(control, scored, n_bytes)},
-        "retrieval_gain_on_copyable_vs_other_tokens": [float(gain[copyable].mean()),
-                                                       float(gain[scored & ~copyable].mean())],
+    result = retrofit(control_dir, db, run_dir, cca_layers=cca_layers, enc_depth=args.enc_depth, **options)
+    report["retrofit_minutes"] = round((time.perf_counter() - start) / 60, 1)
+    seq_len = int(control.config.retlm_data["seq_len"])
+    report["tokens_per_step"] = args.batch_size * seq_len
+    report["retrofit"] = {}
+    for step in steps:
+        model = load_model(run_dir / f"checkpoint-{step}")
+        report["retrofit"][step] = score_retrofit(model, heldout, buckets, control_nll, pad, eos)
+        print(json.dumps({step: report["retrofit"][step]["buckets"][-1]}, indent=2), flush=True)
+    report["retrofit_config"] = {
+        "cca_layers": load_model(result.model_dir).config.cca_layers,
+        "enc_depth": args.enc_depth,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
     }
-    for name, losses_ in (("control_minus_real", control), ("other_minus_real", other)):
-        mean, low, high = bootstrap(((losses_ - real) * scored).sum(1), tokens)
-        report[f"{name}_nats_per_token"] = {"mean": mean, "ci95": [low, high]}
-    out = args.out or args.work_dir / f"retrofit-seed{args.seed}.json"
+    for j, name in [*enumerate(NAMES), (len(NAMES), "all")]:
+        rows = [report["retrofit"][s]["buckets"][j] for s in steps]
+        if all("base_minus_real" in r for r in rows):
+            gains = [r["base_minus_real"]["mean"] for r in rows]
+            halves = [(r["base_minus_real"]["ci95"][1] - r["base_minus_real"]["ci95"][0]) / 2 for r in rows]
+            report.setdefault("trend_of_gain", {})[name] = trend(
+                steps, gains, halves, report["tokens_per_step"]
+            )
+    out = args.out or work / f"retrofit-seed{args.seed}.json"
     out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report.get("trend_of_gain"), indent=2))
 
 
 if __name__ == "__main__":

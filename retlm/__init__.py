@@ -21,6 +21,8 @@ _LAZY: dict[str, str] = {
     "RETRO": "retlm.models.retro",
     "RetroConfig": "retlm.models.retro",
     "RetroForCausalLM": "retlm.models.retro",
+    "RetroFitConfig": "retlm.models.retrofit",
+    "RetroFitForCausalLM": "retlm.models.retrofit",
     "RETRODataset": "retlm.data",
     "RetrievalDatabase": "retlm.retrieval",
     "load_tokenizer": "retlm.tokenization",

@@ -61,11 +61,21 @@ def test_the_experiment_runs_end_to_end(tmp_path, monkeypatch):
     assert seed["retrieval_gain_nats"]["copyable_tokens"] > 0
     assert report["retro_beats_control_in_seeds"].endswith("of 1")
 
-    # retrofitting the control: with retrieval off it stays the control exactly (asserted inside)
+    # retrofitting the control with `retlm retrofit`: with retrieval off it stays the control exactly
+    # (asserted inside), at every checkpoint; every bucket's tokens add up to the held-out tokens
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     retrofit = importlib.import_module("retrofit")
-    retrofit.main(["--work-dir", str(work), "--seed", "0", "--steps", "2", "--batch-size", "2"])
+    retrofit.main(["--work-dir", str(work), "--seed", "0", "--steps", "1,2", "--batch-size", "2", "--quiet"])
     fitted = json.loads((work / "retrofit-seed0.json").read_text())
-    assert math.isclose(fitted["perplexity"]["control_equals_retrieval_off"],
-                        ppl["control_trained_without_retrieval"], rel_tol=1e-12)
-    assert all(math.isfinite(v) for v in fitted["perplexity"].values())
+    assert fitted["steps"] == [1, 2] and set(fitted["retrofit"]) == {"1", "2"}
+    control_bpb = fitted["trained_pair"][-1]["bits_per_byte"]["control"]
+    control_nats = math.log(ppl["control_trained_without_retrieval"]) * seed["heldout_tokens"]
+    control_bits = control_bpb * fitted["trained_pair"][-1]["bytes"]
+    assert math.isclose(math.log(2) * control_bits, control_nats, rel_tol=1e-6)
+    for step in ("1", "2"):
+        rows = fitted["retrofit"][step]["buckets"]
+        assert rows[-1]["bucket"] == "all" and rows[-1]["tokens"] == seed["heldout_tokens"]
+        assert sum(r["tokens"] for r in rows[:-1]) == rows[-1]["tokens"]
+        assert rows[-1]["bits_per_byte"]["base"] == control_bpb
+        assert all(math.isfinite(v) for v in rows[-1]["bits_per_byte"].values())
+    assert "all" in fitted["trend_of_gain"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 from retlm.cli.main import UsageError
+from retlm.utils import quoted
 
 STAGE_HELP = (
     "run one build stage only: chunk (tokenize TEXT_DIR), embed (shardable), index (merges embedding "
@@ -250,11 +250,6 @@ def run_search(args: argparse.Namespace) -> int:
             )
             print(quoted(hit["text"], "     | "))
     return 0
-
-
-def quoted(text: str, prefix: str) -> str:
-    """``text`` with ``prefix`` before every line, blank ones included, so its layout shows as it is."""
-    return textwrap.indent(text, prefix, lambda _: True)
 
 
 def run_info(args: argparse.Namespace) -> int:

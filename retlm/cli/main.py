@@ -26,6 +26,7 @@ from pathlib import Path
 SUBCOMMAND_MODULES = (
     "retlm.cli.db",  # build-db, search, db-info
     "retlm.cli.train",  # train, eval
+    "retlm.cli.retrofit",  # retrofit
     "retlm.cli.generate",  # generate
     "retlm.cli.demo",  # demo
 )

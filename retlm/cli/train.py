@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from retlm.cli.main import UsageError
 
@@ -39,42 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "(retro-tiny, retro-tiny-transformer, retro-seed). num_tokens, chunk_size and "
                        "pad_id default to the database's")
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
-    length = train.add_argument_group("length (with neither: one epoch)")
-    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--minutes", type=float, default=None,
-                        help="wall-clock training budget, counted across resumes; without --max-steps the "
-                        "number of steps is chosen from a timing of the first steps")
-    optim = train.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    optim.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"),
-                       help="learning-rate schedule after warmup")
-    optim.add_argument("--warmup", type=float, default=0.05,
-                       help="warmup steps, or a fraction of the run when below 1")
-    optim.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-batch")
-    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0: off")
-    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    optim.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
-    optim.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and split")
-    data = train.add_argument_group("data")
-    data.add_argument("--train-fraction", type=float, default=0.9,
-                      help="fraction of the documents trained on; the rest are held out")
-    data.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; None: the database's")
-    data.add_argument("--no-retrieval", action="store_true",
-                      help="train without neighbours: the no-retrieval baseline of the same model")
-    runs = train.add_argument_group("evaluation, checkpoints, logging")
-    runs.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
-    runs.add_argument("--eval-sequences", type=int, default=64,
-                      help="held-out sequences used by those evaluations (0: all)")
-    runs.add_argument("--save-every", type=int, default=100,
-                      help="steps between checkpoints (0: only the end of the run)")
-    runs.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
-    runs.add_argument("--log-every", type=int, default=1, help="steps between metrics.jsonl records")
-    runs.add_argument("--resume", default="auto",
-                      help="auto: continue RUN_DIR's newest checkpoint; never: refuse a used RUN_DIR; "
-                      "or a checkpoint folder")
-    runs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_training_arguments(train)
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser("eval", help="held-out perplexity with and without retrieval",
@@ -94,8 +60,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the result as json instead of a table")
     evaluate.add_argument("--output", type=Path, default=None, metavar="FILE.json",
                           help="also write the result to this json file")
+    evaluate.add_argument("--max-overlap", type=parse_fraction, default=None, metavar="X",
+                          help="filtered evaluation: drop every neighbour whose longest common span covers "
+                          "more than X of the chunk that reads it (a fraction, or a percentage: 12.5%%)")
+    evaluate.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                          help="where to draw loss by overlap bucket (default: CHECKPOINT/overlap.png)")
+    evaluate.add_argument("--no-plot", action="store_true", help="draw no plot")
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     evaluate.set_defaults(func=run_eval)
+
+
+def parse_fraction(text: str) -> float:
+    """``"0.125"`` or ``"12.5%"`` -> 0.125, in [0, 1] (argparse type of --max-overlap)."""
+    try:
+        value = float(text[:-1]) / 100 if str(text).endswith("%") else float(text)
+    except ValueError:
+        message = f"expected a fraction (0.125) or a percentage (12.5%), got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] (or 0%..100%), got {text!r}")
+    return value
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, baseline: bool = True) -> None:
+    """The options of :class:`~retlm.training.TrainOptions` (length, optimisation, data, evaluation and
+    checkpoints), shared by `retlm train` and `retlm retrofit`; ``baseline``: offer --no-retrieval."""
+    length = parser.add_argument_group("length (with neither: one epoch)")
+    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock training budget, counted across resumes; without --max-steps the "
+                        "number of steps is chosen from a timing of the first steps")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    optim.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"),
+                       help="learning-rate schedule after warmup")
+    optim.add_argument("--warmup", type=float, default=0.05,
+                       help="warmup steps, or a fraction of the run when below 1")
+    optim.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-batch")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0: off")
+    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    optim.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
+    optim.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and split")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-fraction", type=float, default=0.9,
+                      help="fraction of the documents trained on; the rest are held out")
+    data.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; None: the database's")
+    if baseline:
+        data.add_argument("--no-retrieval", action="store_true",
+                          help="train without neighbours: the no-retrieval baseline of the same model")
+    runs = parser.add_argument_group("evaluation, checkpoints, logging")
+    runs.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
+    runs.add_argument("--eval-sequences", type=int, default=64,
+                      help="held-out sequences used by those evaluations (0: all)")
+    runs.add_argument("--save-every", type=int, default=100,
+                      help="steps between checkpoints (0: only the end of the run)")
+    runs.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    runs.add_argument("--log-every", type=int, default=1, help="steps between metrics.jsonl records")
+    runs.add_argument("--resume", default="auto",
+                      help="auto: continue RUN_DIR's newest checkpoint; never: refuse a used RUN_DIR; "
+                      "or a checkpoint folder")
+    runs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -105,7 +131,8 @@ def _options(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, weight_decay=args.weight_decay, eval_every=args.eval_every,
         eval_sequences=args.eval_sequences or None, save_every=args.save_every or None,
         save_total_limit=args.save_total_limit, log_every=args.log_every, precision=args.precision,
-        seed=args.seed, train_fraction=args.train_fraction, retrieval=not args.no_retrieval,
+        seed=args.seed, train_fraction=args.train_fraction,
+        retrieval=not getattr(args, "no_retrieval", False),
         seq_len=args.seq_len, resume=args.resume, progress=not args.no_progress,
     )
 
@@ -130,10 +157,15 @@ def run_train(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise UsageError(f"--model-config: {err}") from None
     result = train(args.db, args.model_config, args.out, **options)
+    return print_training_result(result, args.out)
+
+
+def print_training_result(result: Any, out: Path) -> int:
+    """The summary lines of a finished `retlm train` / `retlm retrofit` run (rank 0 only)."""
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary is enough
         return 0
     if result.stop_reason == "already_finished":
-        print(f"{args.out} already finished ({result.global_step} steps); nothing to do. "
+        print(f"{out} already finished ({result.global_step} steps); nothing to do. "
               f"Model: {result.model_dir}")
         return 0
     how = "time budget reached" if result.stop_reason == "time_budget" else "all steps done"
@@ -171,7 +203,13 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
     result = evaluate(args.checkpoint, args.db, split=args.split, batch_size=args.batch_size,
                       max_sequences=args.max_sequences, device=args.device, precision=args.precision,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, max_overlap=args.max_overlap)
+    plot = None
+    if not args.no_plot:
+        from retlm.training.plot import plot_overlap_buckets
+
+        folder = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+        plot = plot_overlap_buckets(result, args.plot or folder / "overlap.png")
     if args.output is not None:
         from retlm.utils import atomic_write
 
@@ -181,5 +219,11 @@ def run_eval(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
+        from retlm.training.leakage import format_overlap_table
+
         print(format_table(result))
+        print()
+        print(format_overlap_table(result))
+        if plot is not None:
+            print(f"plot of loss by overlap bucket: {plot}")
     return 0

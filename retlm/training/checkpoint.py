@@ -129,7 +129,9 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    import retlm.models.retro  # noqa: F401  (registers RetroConfig with the Auto classes)
+    import retlm.models.retnet  # noqa: F401  (register their configs with the Auto classes)
+    import retlm.models.retro  # noqa: F401
+    import retlm.models.retrofit  # noqa: F401
 
     model_dir = resolve_model_dir(path)
     verify_model_dir(model_dir, ("config.json", "model.safetensors", "generation_config.json"))

@@ -206,7 +206,8 @@ def select_split(split: str, dataset: Dataset, db: Any, trained: dict[str, Any])
 
 def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_size: int = 8,
              max_sequences: int | None = None, device: str | None = None, precision: str = "fp32",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, by_overlap: bool = True, max_overlap: float | None = None
+             ) -> dict[str, Any]:
     """Perplexity and bits per byte of a trained model with and without retrieval.
 
     ``checkpoint`` is a run dir, a model dir or a ``checkpoint-N`` dir; ``db`` a database or its path.
@@ -215,6 +216,11 @@ def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_s
     "perplexity_ratio", "tokens", "bytes", "sequences", "documents", "split", "checkpoint", "precision",
     "trained_with_retrieval"}``. For a model trained without retrieval (``--no-retrieval``) only the
     "without_retrieval" numbers are meaningful.
+
+    ``by_overlap`` (default) adds ``"overlap"``: the same numbers per bucket of neighbour overlap
+    (:func:`retlm.training.leakage.score_by_overlap`, from the same forward passes); ``max_overlap`` drops
+    the neighbours that overlap the chunk reading them by more than that fraction (the paper's filtered
+    evaluation; the "with_retrieval" numbers are then those of the filtered neighbours).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -233,9 +239,15 @@ def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_s
     chosen = spread_subset(select_split(split, dataset, db, trained), max_sequences)
     check_training_memory(model.config, min(batch_size, max(len(chosen), 1)), dataset.seq_len, training=False)
     n_docs = len(np.unique(sequence_doc_ids(db)[chosen.indices]))
-    result = compare_retrieval(model, chosen, pad_id=int(db.pad_id), tokenizer=_tokenizer_of(db),
-                               batch_size=batch_size, device=device, autocast=autocast_for(precision, device),
-                               progress=progress, eos_id=_eos_id(db))
+    common = dict(pad_id=int(db.pad_id), tokenizer=_tokenizer_of(db), batch_size=batch_size, device=device,
+                  autocast=autocast_for(precision, device), progress=progress, eos_id=_eos_id(db))
+    if by_overlap or max_overlap is not None:
+        from retlm.training.leakage import score_by_overlap
+
+        result = score_by_overlap(model, chosen, chunk_size=int(db.chunk_size), max_overlap=max_overlap,
+                                  **common)
+    else:
+        result = compare_retrieval(model, chosen, **common)
     result.update(split=split, documents=n_docs, checkpoint=str(model_dir), precision=precision,
                   trained_with_retrieval=trained.get("retrieval"))
     return result

@@ -54,3 +54,39 @@ def plot_loss_curves(metrics_file: str | os.PathLike[str] | Mapping[str, str | o
     atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return png
+
+
+def plot_overlap_buckets(result: Mapping, png: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Held-out loss (and bits per byte, when counted) per bucket of neighbour overlap, with retrieval on
+    and off, from an evaluation result holding ``"overlap"`` (``retlm.training.evaluate`` with
+    ``by_overlap``); empty buckets are left out. Returns ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["overlap"]["buckets"] if r["tokens"]]
+    if not rows:
+        raise ValueError("the evaluation scored no token, so there is nothing to plot")
+    has_bytes = all(r["with_retrieval"]["bits_per_byte"] is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_bytes else 1, figsize=(11 if has_bytes else 6, 4.5), squeeze=False)
+    labels = [f"{r['bucket']}\n{r['tokens']} tokens" for r in rows]
+    x = range(len(rows))
+    metrics = (("loss", "loss (nats per token)"), ("bits_per_byte", "bits per byte"))
+    for ax, (metric, unit) in zip(axes[0], metrics, strict=False):
+        for key, label, style in (("with_retrieval", "retrieval on", dict(color="tab:green", marker="o")),
+                                  ("without_retrieval", "retrieval off", dict(color="tab:red", marker="s",
+                                                                              linestyle="--"))):
+            ax.plot(x, [r[key][metric] for r in rows], label=label, linewidth=2, **style)
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_xlabel("share of the chunk's tokens in its neighbours' longest common spans")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    limit = result["overlap"].get("max_overlap")
+    suffix = f" (neighbours over {100 * limit:g}% overlap dropped)" if limit is not None else ""
+    fig.suptitle((title or "held-out loss by neighbour overlap") + suffix)
+    png = Path(png)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return png

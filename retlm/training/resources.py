@@ -44,7 +44,10 @@ def check_training_memory(
     config: Any, batch_size: int, seq_len: int, *, available: int | None = None, training: bool = True
 ) -> None:
     """Refuse a (config, batch, sequence length) whose step cannot fit in the available memory
-    (``training=False``: a forward pass, with the weights alone)."""
+    (``training=False``: a forward pass, with the weights alone). The bound reads RetroConfig's fields;
+    other models (a RETRO-fitted base) are not checked."""
+    if getattr(config, "model_type", None) != "retro":
+        return
     scores, how = score_bytes(config, batch_size, seq_len)
     params = (16 if training else 4) * parameter_count_lower_bound(config)
     needed = scores + params

@@ -351,12 +351,17 @@ def _sync_max(value: float, device: torch.device) -> float:
 
 # ---- the entry point ----
 
-def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options: Any) -> TrainResult:
+def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], *,
+          model: torch.nn.Module | None = None, **options: Any) -> TrainResult:
     """Train a RETRO model on ``db`` (a ``RetrievalDatabase`` or its path) into ``out_dir``.
 
     ``model_config``: a yaml path, a built-in name (``retro-tiny``, ``retro-seed``), a mapping of
     ``RetroConfig`` arguments, or a config object. ``num_tokens``, ``chunk_size`` and ``pad_id``
     default to the database's. ``options`` are the fields of ``TrainOptions``.
+
+    ``model``: an already built model to train instead of a fresh one from ``model_config`` (which is then
+    ``model.config``); only its parameters that require gradients train. RETRO-fitting
+    (``retlm.training.retrofit``) passes its frozen base + adapter this way.
 
     Length: ``max_steps`` optimizer steps, or ``minutes`` of wall-clock training (the number of steps
     is then chosen from a timing of the first steps so that the schedule ends on time, and the clock
@@ -378,8 +383,11 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
     if seq_len % int(db.chunk_size):
         raise OptionError(f"seq_len {seq_len} must be a multiple of the database's chunk_size "
                           f"{db.chunk_size}")
+    if model is not None:
+        model_config = model.config
     config, config_mapping = build_config(model_config, db, seq_len)
-    check_training_memory(config, opts.batch_size, seq_len)  # before the model is built
+    if model is None:  # the bound reads RetroConfig's fields; a given model (a retrofit) is already built
+        check_training_memory(config, opts.batch_size, seq_len)
     ensure_writable_dir(out_dir, "run directory")
 
     split = DocumentSplit.make(db.doc_ids, opts.train_fraction, opts.seed)
@@ -404,7 +412,12 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], **options
         if getattr(tokenizer, name, None) is not None:
             setattr(config, name, int(getattr(tokenizer, name)))
     set_seed(opts.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    if model is None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model.config.retlm_data = config.retlm_data
+        for name in ("eos_token_id", "bos_token_id"):
+            setattr(model.config, name, getattr(config, name, None))
     eos_id = None if getattr(db, "eos_id", None) is None else int(db.eos_id)
     collate = RetroCollator(int(db.pad_id), retrieval=opts.retrieval, eos_id=eos_id)
     plan = _choose_max_steps(opts, args, previous, elapsed_before, model, train_set, eval_set, collate,

@@ -30,6 +30,7 @@ forward with the same neighbours (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,12 +267,50 @@ class RetroDecoderLayer(nn.Module):
         return self.self_attn_norm.post(x, h), state
 
     def cross(self, x: Tensor, start: int, neighbours: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
-        encoded, mask, group_valid = neighbours
-        h = self.cca(self.cca_norm.pre(x), encoded, mask, start=start, group_valid=group_valid)
-        return self.cca_norm.post(x, h)
+        return cross_attend(self.cca, self.cca_norm, x, start, neighbours)
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return self.ff_norm.post(x, self.ff(self.ff_norm.pre(x)))
+
+    def forward(
+        self,
+        x: Tensor,
+        start: int,
+        state: Any,
+        *,
+        keep_state: bool,
+        mode: str,
+        retnet_chunk_size: int,
+        neighbours: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """One decoder layer for positions ``start ..``: ``x (batch, seq, dec_dim)`` -> ``(x, new_state)``.
+
+        ``neighbours``: the encoded neighbours of the groups these positions touch (see
+        :meth:`RetroModel.neighbours_for_call`), or a callable that computes them from this layer's
+        post-attention states (the first CCA layer conditions the encoder on them), or None.
+        """
+        x, state = self.mix(
+            x, start, state, keep_state=keep_state, mode=mode, retnet_chunk_size=retnet_chunk_size
+        )
+        if callable(neighbours):
+            neighbours = neighbours(x)
+        if self.cca is not None and neighbours is not None:
+            x = self.cross(x, start, neighbours)
+        return self.feed_forward(x), state
+
+
+def cross_attend(
+    cca: ChunkedCrossAttention,
+    cca_norm: Residual,
+    x: Tensor,
+    start: int,
+    neighbours: tuple[Tensor, Tensor, Tensor | None],
+) -> Tensor:
+    """The residual CCA sub-layer ``x + CCA(norm(x), neighbours)`` for positions ``start ..`` of
+    ``x (batch, seq, dim)``; ``neighbours`` as returned by :func:`neighbours_for_call`."""
+    encoded, mask, group_valid = neighbours
+    h = cca(cca_norm.pre(x), encoded, mask, start=start, group_valid=group_valid)
+    return cca_norm.post(x, h)
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -317,16 +356,22 @@ class RetroPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if getattr(module, "zero_init", False):  # RetroConfig.zero_init_cca; drawn first, so that every
-            init.zeros_(module.weight)  # other weight is initialised exactly as without the option
-            init.zeros_(module.bias)
-        if isinstance(module, ScaledL2Norm):
-            init.ones_(module.gamma)
-        if isinstance(module, GatedScaledL2Norm):
-            init.ones_(module.weight)
-        if isinstance(module, Attention) and module.null_k is not None:
-            init.normal_(module.null_k)
-            init.normal_(module.null_v)
+        init_retro_module(module)
+
+
+def init_retro_module(module: nn.Module) -> None:
+    """RETRO's initialisation beyond transformers' default (which runs first): zeroed CCA output
+    projections (``zero_init``), unit norm gains, normal null keys and values."""
+    if getattr(module, "zero_init", False):  # RetroConfig.zero_init_cca; drawn first, so that every
+        init.zeros_(module.weight)  # other weight is initialised exactly as without the option
+        init.zeros_(module.bias)
+    if isinstance(module, ScaledL2Norm):
+        init.ones_(module.gamma)
+    if isinstance(module, GatedScaledL2Norm):
+        init.ones_(module.weight)
+    if isinstance(module, Attention) and module.null_k is not None:
+        init.normal_(module.null_k)
+        init.normal_(module.null_v)
 
 
 def at_least_float32(logits: Tensor) -> Tensor:
@@ -384,6 +429,108 @@ def _cross_and_feed_forward(
     return layer.feed_forward(x)
 
 
+def check_retrieved(
+    retrieved: Tensor | None, chunk_size: int, batch: int, start: int, seq_len: int, incremental: bool
+) -> Tensor | None:
+    """Validate the ``retrieved`` argument of a call that feeds positions ``start .. start+seq_len-1`` and
+    return it as ``(batch, completed_chunks, k, r)`` (see :meth:`RetroModel.forward`)."""
+    if retrieved is None:
+        return None
+    c = chunk_size
+    _, num_new = chunks_completed(start, seq_len, c)
+    if retrieved.dim() == 3:  # one chunk's k neighbours (decoding), or the seed's single neighbour
+        retrieved = retrieved[:, None] if incremental else retrieved[:, :, None]
+    where = f"positions {start}..{start + seq_len - 1}" if incremental else f"sequence length {seq_len}"
+    expected = f"(batch={batch}, num_chunks={num_new}, num_neighbours, {2 * c})"
+    if retrieved.dim() != 4 or retrieved.shape[0] != batch or retrieved.shape[1] != num_new:
+        raise ValueError(
+            f"retrieved must have shape {expected} for {where} with chunk_size={c} "
+            f"(one entry per chunk completed by these tokens), got {tuple(retrieved.shape)}"
+        )
+    if retrieved.shape[3] < c:
+        raise ValueError(
+            f"retrieved chunks must hold at least chunk_size={c} tokens (neighbour + continuation: "
+            f"{2 * c}); expected shape {expected}, got {tuple(retrieved.shape)}"
+        )
+    if retrieved.is_floating_point():
+        raise ValueError(f"retrieved must hold token ids (an integer tensor), got {retrieved.dtype}")
+    return retrieved
+
+
+def encode_neighbours(
+    embed: Callable[[Tensor], Tensor], encoder: RetroEncoder, pad_id: int, retrieved: Tensor, context: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Embed (``embed``: token ids -> ``enc_dim`` vectors) and encode neighbours.
+
+    ``retrieved (batch, u, k, r)`` token ids (``pad_id`` or -1 = missing), ``context (batch, u, c, dec_dim)``
+    decoder states of the retrieving chunks -> ``(encoded (batch, u, k, r, dec_dim), mask (batch, u, k, r))``.
+    """
+    batch = retrieved.shape[0]
+    mask = (retrieved != pad_id) & (retrieved >= 0)
+    tokens = embed(retrieved.clamp(min=0).long())
+    encoded = encoder(
+        rearrange(tokens, "b u k r d -> (b u) k r d"),
+        rearrange(mask, "b u k r -> (b u) k r"),
+        rearrange(context, "b u n d -> (b u) n d"),
+    )
+    return rearrange(encoded, "(b u) k r d -> b u k r d", b=batch), mask
+
+
+def neighbours_for_call(
+    x: Tensor,
+    retrieved: Tensor | None,
+    start: int,
+    cache: RetroCache | None,
+    chunk_size: int,
+    encode: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """Encode the neighbours of the chunks completed by this call and collect, for every CCA group the
+    call's positions touch, its encoded neighbours.
+
+    ``x (batch, seq, dec_dim)``: decoder states of positions ``start ..`` at the layer that conditions the
+    encoder; ``retrieved (batch, completed_chunks, k, r)`` or None; ``cache``: the decoding state (its
+    ``context``, ``neighbours`` and ``neighbour_mask`` are read and updated), or None for a full forward;
+    ``encode(retrieved, context)`` as :func:`encode_neighbours`. Returns ``(encoded (b, g, k, r, d),
+    mask (b, g, k, r), group_valid (g,) or None)`` or None when no group has neighbours.
+    """
+    c = chunk_size
+    _, num_new = chunks_completed(start, x.shape[1], c)
+    context = x if cache is None or cache.context is None else torch.cat((cache.context, x), dim=1)
+    new = None
+    if retrieved is not None and num_new > 0:
+        chunk_context = rearrange(context[:, : num_new * c], "b (u n) d -> b u n d", n=c)
+        new = encode(retrieved, chunk_context)
+    _, num_groups = cca_groups(start, x.shape[1], c)
+    from_cache = num_groups - num_new  # 1 when the first group's chunk was completed earlier
+    old = None
+    if from_cache and cache is not None and cache.neighbours is not None:
+        old = (cache.neighbours[:, None], cache.neighbour_mask[:, None])
+    if cache is not None:
+        cache.context = context[:, num_new * c :]
+        if num_new > 0:
+            cache.neighbours = None if new is None else new[0][:, -1]
+            cache.neighbour_mask = None if new is None else new[1][:, -1]
+    if num_groups == 0 or (new is None and old is None):
+        return None
+    template = new if new is not None else old
+    if new is not None and old is not None and new[1].shape[2:] != old[1].shape[2:]:
+        raise ValueError(
+            "the neighbours of consecutive chunks must have the same (num_neighbours, length); "
+            f"cached {tuple(old[1].shape[2:])}, new {tuple(new[1].shape[2:])}"
+        )
+    encoded, masks, flags = [], [], []
+    for part, count in ((old, from_cache), (new, num_new)):
+        if count == 0:
+            continue
+        flags += [part is not None] * count
+        if part is None:  # these groups had no retrieval: zeros in, and their output is dropped
+            part = tuple(t[:, :1].new_zeros(t[:, :1].shape).expand(-1, count, *t.shape[2:]) for t in template)
+        encoded.append(part[0])
+        masks.append(part[1])
+    group_valid = None if all(flags) else torch.tensor(flags, device=x.device)
+    return torch.cat(encoded, dim=1), torch.cat(masks, dim=1), group_valid
+
+
 class RetroModel(RetroPreTrainedModel):
     """Embeddings, encoder, decoder and final norm. Returns decoder hidden states and the cache."""
 
@@ -418,27 +565,7 @@ class RetroModel(RetroPreTrainedModel):
         self, retrieved: Tensor | None, batch: int, start: int, seq_len: int, incremental: bool
     ) -> Tensor | None:
         """Validate ``retrieved`` and return it as ``(batch, completed_chunks, k, r)``."""
-        if retrieved is None:
-            return None
-        c = self.config.chunk_size
-        _, num_new = chunks_completed(start, seq_len, c)
-        if retrieved.dim() == 3:  # one chunk's k neighbours (decoding), or the seed's single neighbour
-            retrieved = retrieved[:, None] if incremental else retrieved[:, :, None]
-        where = f"positions {start}..{start + seq_len - 1}" if incremental else f"sequence length {seq_len}"
-        expected = f"(batch={batch}, num_chunks={num_new}, num_neighbours, {2 * c})"
-        if retrieved.dim() != 4 or retrieved.shape[0] != batch or retrieved.shape[1] != num_new:
-            raise ValueError(
-                f"retrieved must have shape {expected} for {where} with chunk_size={c} "
-                f"(one entry per chunk completed by these tokens), got {tuple(retrieved.shape)}"
-            )
-        if retrieved.shape[3] < c:
-            raise ValueError(
-                f"retrieved chunks must hold at least chunk_size={c} tokens (neighbour + continuation: "
-                f"{2 * c}); expected shape {expected}, got {tuple(retrieved.shape)}"
-            )
-        if retrieved.is_floating_point():
-            raise ValueError(f"retrieved must hold token ids (an integer tensor), got {retrieved.dtype}")
-        return retrieved
+        return check_retrieved(retrieved, self.config.chunk_size, batch, start, seq_len, incremental)
 
     # -- pieces ---------------------------------------------------------------------------------------
 
@@ -451,60 +578,13 @@ class RetroModel(RetroPreTrainedModel):
     def encode_neighbours(self, retrieved: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """``retrieved (batch, u, k, r)`` token ids (pad or -1 = missing), ``context (batch, u, c, dec_dim)``
         -> ``(encoded (batch, u, k, r, dec_dim), mask (batch, u, k, r))``."""
-        batch = retrieved.shape[0]
-        mask = (retrieved != self.config.pad_id) & (retrieved >= 0)
-        tokens = self.token_emb(retrieved.clamp(min=0).long())
-        encoded = self.encoder(
-            rearrange(tokens, "b u k r d -> (b u) k r d"),
-            rearrange(mask, "b u k r -> (b u) k r"),
-            rearrange(context, "b u n d -> (b u) n d"),
-        )
-        return rearrange(encoded, "(b u) k r d -> b u k r d", b=batch), mask
+        return encode_neighbours(self.token_emb, self.encoder, self.config.pad_id, retrieved, context)
 
     def neighbours_for_call(
         self, x: Tensor, retrieved: Tensor | None, start: int, cache: RetroCache | None
     ) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """Encode the neighbours of the chunks completed by this call and collect, for every CCA group the
-        call's positions touch, its encoded neighbours. Updates ``cache``. Returns ``(encoded (b, g, k, r,
-        d), mask (b, g, k, r), group_valid (g,) or None)`` or None when no group has neighbours."""
-        c = self.config.chunk_size
-        _, num_new = chunks_completed(start, x.shape[1], c)
-        context = x if cache is None or cache.context is None else torch.cat((cache.context, x), dim=1)
-        new = None
-        if retrieved is not None and num_new > 0:
-            chunk_context = rearrange(context[:, : num_new * c], "b (u n) d -> b u n d", n=c)
-            new = self.encode_neighbours(retrieved, chunk_context)
-        _, num_groups = cca_groups(start, x.shape[1], c)
-        from_cache = num_groups - num_new  # 1 when the first group's chunk was completed earlier
-        old = None
-        if from_cache and cache is not None and cache.neighbours is not None:
-            old = (cache.neighbours[:, None], cache.neighbour_mask[:, None])
-        if cache is not None:
-            cache.context = context[:, num_new * c :]
-            if num_new > 0:
-                cache.neighbours = None if new is None else new[0][:, -1]
-                cache.neighbour_mask = None if new is None else new[1][:, -1]
-        if num_groups == 0 or (new is None and old is None):
-            return None
-        template = new if new is not None else old
-        if new is not None and old is not None and new[1].shape[2:] != old[1].shape[2:]:
-            raise ValueError(
-                "the neighbours of consecutive chunks must have the same (num_neighbours, length); "
-                f"cached {tuple(old[1].shape[2:])}, new {tuple(new[1].shape[2:])}"
-            )
-        encoded, masks, flags = [], [], []
-        for part, count in ((old, from_cache), (new, num_new)):
-            if count == 0:
-                continue
-            flags += [part is not None] * count
-            if part is None:  # these groups had no retrieval: zeros in, and their output is dropped
-                part = tuple(
-                    t[:, :1].new_zeros(t[:, :1].shape).expand(-1, count, *t.shape[2:]) for t in template
-                )
-            encoded.append(part[0])
-            masks.append(part[1])
-        group_valid = None if all(flags) else torch.tensor(flags, device=x.device)
-        return torch.cat(encoded, dim=1), torch.cat(masks, dim=1), group_valid
+        """See :func:`neighbours_for_call`."""
+        return neighbours_for_call(x, retrieved, start, cache, self.config.chunk_size, self.encode_neighbours)
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -559,40 +639,43 @@ class RetroModel(RetroPreTrainedModel):
 
         x = self.embed(input_ids, start)
         hidden_states = [x] if output_hidden_states else None
-        neighbours = None
+        found: dict[str, Any] = {}  # the encoded neighbours, once the first CCA layer has computed them
+
+        def encode_at_context_layer(h: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
+            found["neighbours"] = self.neighbours_for_call(h, retrieved, start, keep)
+            return found["neighbours"]
+
         # Gradient checkpointing (training without a cache): each layer's sublayers, and the encoder run,
         # keep only their inputs and are recomputed in backward (dropout replays the same masks).
         checkpointing = self.gradient_checkpointing and self.training and keep is None
+        neighbours = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            if checkpointing:
-                x = self._gradient_checkpointing_func(
-                    _mix_only, layer, x, start, mode, config.retnet_chunk_size
-                )
-            else:
-                x, state = layer.mix(
+            if not checkpointing:
+                x, state = layer(
                     x,
                     start,
                     state,
                     keep_state=keep is not None,
                     mode=mode,
                     retnet_chunk_size=config.retnet_chunk_size,
+                    neighbours=encode_at_context_layer
+                    if i == self.context_layer
+                    else found.get("neighbours"),
                 )
-            if keep is not None:
-                keep.layers[i] = state
-            if i == self.context_layer:
-                if checkpointing and retrieved is not None:
+            else:
+                x = self._gradient_checkpointing_func(
+                    _mix_only, layer, x, start, mode, config.retnet_chunk_size
+                )
+                if i == self.context_layer and retrieved is not None:
                     neighbours = self._gradient_checkpointing_func(
                         self.neighbours_for_call, x, retrieved, start, None
                     )
-                else:
-                    neighbours = self.neighbours_for_call(x, retrieved, start, keep)
-            # the neighbours go in as separate tensors: a reentrant checkpoint tracks only top-level ones
-            parts = neighbours if neighbours is not None else (None, None, None)
-            if checkpointing:
+                # the neighbours go in as separate tensors: a reentrant checkpoint tracks only top-level ones
+                parts = neighbours if neighbours is not None else (None, None, None)
                 x = self._gradient_checkpointing_func(_cross_and_feed_forward, layer, x, start, *parts)
-            else:
-                x = _cross_and_feed_forward(layer, x, start, *parts)
+            if keep is not None:
+                keep.layers[i] = state
             if hidden_states is not None:
                 hidden_states.append(x)
         x = self.norm_out(x)

@@ -1,0 +1,113 @@
+"""`retlm retrofit`: add retrieval to a pretrained causal LM (RETRO-fitting, the RETRO paper's section 4.2).
+
+Heavy imports (torch, transformers) happen inside the command, so `retlm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from retlm.cli.main import UsageError
+from retlm.cli.train import _options, add_training_arguments, print_training_result
+
+DESCRIPTION = (
+    "RETRO-fit a pretrained causal LM: freeze it, add chunked cross-attention after chosen decoder layers "
+    "(starting at zero, so the model starts as exactly the base) and a RETRO encoder of the neighbours, "
+    "and train only those on the database's sequences with their precomputed neighbours. MODEL is a "
+    "model folder (GPT-2, a Llama-family model, a retlm RetNet), a retlm run directory (e.g. the demo's "
+    "control trained with --no-retrieval), or a Hub name. The database must use the base's tokenizer. "
+    "RUN_DIR gets the run files of `retlm train` (checkpoints, metrics.jsonl, resume); RUN_DIR/model holds "
+    "only the new weights (safetensors) and a config naming the base, and loads with "
+    "RetroFitForCausalLM.from_pretrained or AutoModelForCausalLM.from_pretrained; `retlm eval` and "
+    "`retlm generate` take it like any run. For a base trained by retlm, --seed and --train-fraction "
+    "default to the base's, so that its held-out documents stay held out."
+)
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"6,9,12"`` -> ``[6, 9, 12]`` (argparse type of --cca-layers)."""
+    try:
+        layers = [int(part) for part in str(text).replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer numbers, e.g. 6,9,12; got {text!r}"
+        ) from None
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer number")
+    return layers
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "retrofit",
+        help="add retrieval to a pretrained causal LM (base frozen)",
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--base",
+        required=True,
+        metavar="MODEL",
+        help="the base: a model folder, a retlm run directory, or a Hub name",
+    )
+    parser.add_argument("--db", type=Path, required=True, metavar="DB", help="retrieval database folder")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument(
+        "--cca-layers",
+        type=parse_layers,
+        default=None,
+        metavar="L1,L2,...",
+        help="1-based decoder layers that a chunked cross-attention follows (default: every "
+        "third from the sixth, the paper's; bases under 6 layers: 2,4,...)",
+    )
+    adapter.add_argument(
+        "--enc-dim",
+        type=int,
+        default=None,
+        help="width of the neighbour encoder (default: the base's, at most 896)",
+    )
+    adapter.add_argument("--enc-depth", type=int, default=2, help="layers of the neighbour encoder")
+    adapter.add_argument("--heads", type=int, default=None, help="attention heads (default: the base's)")
+    adapter.add_argument(
+        "--dim-head", type=int, default=None, help="width per head (default: hidden / heads)"
+    )
+    add_training_arguments(parser, baseline=False)
+    parser.set_defaults(func=run_retrofit, seed=None, train_fraction=None)
+
+
+def run_retrofit(args: argparse.Namespace) -> int:
+    from retlm.training.precision import PRECISIONS
+    from retlm.training.retrofit import retrofit
+    from retlm.training.trainer import TrainOptions
+
+    options = _options(args)
+    probe = {**options, "seed": options["seed"] or 0, "train_fraction": options["train_fraction"] or 0.9}
+    try:
+        TrainOptions(**probe)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    for name in ("enc_dim", "enc_depth", "heads", "dim_head"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.db.exists():
+        raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
+    if Path(args.base).exists() is False and (os.sep in args.base or args.base.startswith(".")):
+        raise UsageError(f"--base: no such folder: {args.base}")
+    result = retrofit(
+        args.base,
+        args.db,
+        args.out,
+        cca_layers=args.cca_layers,
+        enc_dim=args.enc_dim,
+        enc_depth=args.enc_depth,
+        heads=args.heads,
+        dim_head=args.dim_head,
+        **options,
+    )
+    return print_training_result(result, args.out)

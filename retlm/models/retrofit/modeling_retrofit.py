@@ -1,0 +1,561 @@
+"""RETRO-fitting (arXiv 2112.04426, section 4.2) of any HF causal LM: a frozen base decoder, chunked
+cross-attention (CCA) after chosen decoder layers, and a trainable RETRO encoder of the neighbours.
+
+    base embeddings -> base layer 1 -> ... -> base layer L -> [ x + CCA(norm(x), encoded neighbours) ]
+                    -> ... -> base head
+    neighbours (+ continuations) -> base input embeddings (frozen) -> projection -> RETRO encoder,
+        conditioned on the base's states at the first CCA layer of the chunk that retrieved them
+
+Nothing of the base is copied or re-implemented: each chosen decoder layer module is wrapped
+(:class:`RetroFitLayer`), the wrapper runs the layer as it is and then adds the CCA sub-layer. The
+base's attention, position handling, KV cache (a ``DynamicCache`` for GPT-2 and Llama, the recurrent
+state of a RetNet, a ``RetroCache`` for a RETRO control) and ``generate()`` are used unchanged. Every
+CCA output projection starts at zero, so a fresh RETRO-fitted model computes exactly its base; the
+base's parameters are frozen, and only the adapter (:class:`RetroFitAdapter`) trains.
+
+The encoder, the CCA layers and the chunk alignment are RETRO's own
+(:mod:`retlm.models.retro.modeling_retro`): the tokens of chunk u+1 (and the last token of chunk u)
+read the neighbours retrieved for chunk u, never a neighbour retrieved with their own future.
+
+Incremental decoding follows :class:`~retlm.models.retro.RetroForCausalLM`'s contract (the loop of
+:mod:`retlm.models.retro.generation` drives it): a call receives, in ``retrieved``, the neighbours of
+every chunk whose last token is among its ``input_ids``. The adapter's decoding state (position, the
+states of the current chunk, the encoded neighbours of the last completed one) travels on the base's
+own cache object, as its attribute :data:`STATE_ATTR`.
+
+Known limits: one call at a time per model object (the wrappers read the current call's neighbours
+from the model; ``torch.nn.DataParallel`` threads would share them, DDP is fine); rows of a batch share
+one position (right padding only, when retrieving); ``output_hidden_states`` reports the base's own
+layer outputs (before the CCA).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
+from transformers import GenerationMixin, PreTrainedModel
+
+from retlm.compat import CausalLMOutputWithCache, cache_kwargs, output_cache, resolve_cache
+from retlm.layers.attention import ChunkedCrossAttention
+from retlm.models.retro.configuration_retro import RetroConfig
+from retlm.models.retro.modeling_retro import (
+    Residual,
+    RetroCache,
+    RetroEncoder,
+    check_retrieved,
+    check_right_padding,
+    cross_attend,
+    encode_neighbours,
+    init_retro_module,
+    neighbours_for_call,
+)
+from retlm.models.retrofit.configuration_retrofit import (
+    BASE_SIGNATURE,
+    RetroFitConfig,
+    check_cca_layers,
+    signature_of,
+)
+
+STATE_ATTR = "retlm_retrofit_state"  # the adapter's decoding state, on the base's cache object
+ADAPTER_PREFIX = "retrofit."  # state-dict prefix of the new (trained, saved) parameters
+WEIGHTS_NAME = "model.safetensors"
+# Where the decoder layers of the supported families live (GPT-2; Llama, Qwen2, Mistral, RetNet, RETRO).
+LAYER_PATHS = ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers")
+UNBOUNDED = 2**31 - 1  # max_seq_len of a base without a position table (RetNet)
+SUPPORTED = "GPT2LMHeadModel, LlamaForCausalLM (and Qwen2, Mistral), RetNetForCausalLM and RetroForCausalLM"
+
+
+def decoder_layers(base: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of a causal LM's decoder layers (GPT-2's ``transformer.h``, Llama's and
+    RetNet's ``model.layers``, ...)."""
+    for path in LAYER_PATHS:
+        module: Any = base
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList) and len(module):
+            return module
+    raise ValueError(
+        f"cannot find the decoder layers of {type(base).__name__} (looked for "
+        f"{', '.join(LAYER_PATHS)}); RETRO-fitting supports {SUPPORTED}"
+    )
+
+
+def load_base(name_or_path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedModel:
+    """A causal LM by folder or Hub name, with retlm's own model types registered."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import retlm.models.retnet  # noqa: F401  (register the Auto classes)
+    import retlm.models.retro  # noqa: F401
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of a command's output
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+# -- the adapter ---------------------------------------------------------------------------------------
+
+
+class RetroFitBlock(nn.Module):
+    """The sub-layer added after one base decoder layer: ``x + CCA(norm(x), encoded neighbours)``, with
+    the CCA output projection zero at initialisation. Parameter names are those of
+    :class:`~retlm.models.retro.modeling_retro.RetroDecoderLayer` (``cca``, ``cca_norm``)."""
+
+    def __init__(self, retro: RetroConfig) -> None:
+        super().__init__()
+        self.cca_norm = Residual(retro.dec_dim, retro, None)
+        self.cca = ChunkedCrossAttention(
+            retro.dec_dim,
+            retro.chunk_size,
+            heads=retro.heads,
+            dim_head=retro.dim_head,
+            dropout=retro.dec_attn_dropout,
+            rotary_dim=retro.rotary_dim,
+            query_positions=retro.cca_query_positions,
+        )
+        self.cca.attn.to_out.zero_init = True  # read by init_retro_module
+
+    def forward(self, x: Tensor, start: int, neighbours: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+        """``x (batch, seq, hidden)`` of positions ``start ..`` -> same shape."""
+        return cross_attend(self.cca, self.cca_norm, x, start, neighbours)
+
+
+class RetroFitAdapter(nn.Module):
+    """Every new parameter: the projection of the base's (frozen) token embeddings of the neighbours to
+    the encoder width, the RETRO encoder, and one :class:`RetroFitBlock` per chosen layer."""
+
+    def __init__(self, config: RetroFitConfig) -> None:
+        super().__init__()
+        retro = config.retro_config()
+        self.embed_proj = nn.Linear(config.embedding_dim, retro.enc_dim, bias=False)
+        self.encoder = RetroEncoder(retro)
+        self.blocks = nn.ModuleDict({str(layer): RetroFitBlock(retro) for layer in config.cca_layers})
+
+
+class RetroFitLayer(nn.Module):
+    """A base decoder layer, run unchanged, then followed by the retrofit's CCA sub-layer.
+
+    Whatever the layer returns (a tensor, or a tuple whose first item is the hidden states) comes back in
+    the same form. Outside a :meth:`RetroFitForCausalLM.forward` call (the base called directly, or its
+    own ``generate()``) the wrapper is the identity. Other attributes read through to the wrapped layer
+    (e.g. Qwen2's ``attention_type``).
+    """
+
+    def __init__(self, layer: nn.Module, number: int, owner: RetroFitForCausalLM) -> None:
+        super().__init__()
+        self.layer = layer
+        self.number = number  # 1-based: the CCA follows this decoder layer
+        object.__setattr__(self, "_owner", owner)  # a reference, not a submodule
+        # The base's state dict keeps its own key names (no ".layer." inside): it saves, loads and
+        # compares as the unwrapped base does.
+        post_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post_hook(_unwrap_keys)
+        self._register_load_state_dict_pre_hook(_wrap_keys, with_module=True)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "layer" not in modules:
+                raise
+            return getattr(modules["layer"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.layer(*args, **kwargs)
+        call = self._owner._call
+        if call is None:
+            return out
+        if isinstance(out, tuple):
+            return (self._owner._after_layer(self.number, out[0], call), *out[1:])
+        return self._owner._after_layer(self.number, out, call)
+
+
+def _unwrap_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    inner = prefix + "layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _wrap_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    inner = prefix + "layer."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+
+
+@dataclass
+class _Call:
+    """What the wrapped layers of one forward call need: where its tokens start, the neighbours of the
+    chunks it completes, the decoding state to update (None: a full forward), and the encoded neighbours
+    once the first CCA layer has computed them."""
+
+    start: int
+    retrieved: Tensor | None
+    state: RetroCache | None
+    neighbours: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+
+# -- the model -----------------------------------------------------------------------------------------
+
+
+class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
+    """A frozen HF causal LM (``.base``) with RETRO's chunked cross-attention and neighbour encoder
+    (``.retrofit``, the only trained and saved parameters).
+
+    Build one with :meth:`from_base`; load a trained one with :meth:`from_pretrained` (or
+    ``AutoModelForCausalLM.from_pretrained`` once ``retlm.models.retrofit`` is imported), which loads the
+    base the config names and then the adapter. ``forward(input_ids, retrieved=None, ...)`` takes the
+    arguments of :class:`~retlm.models.retro.RetroForCausalLM`; ``retrieved=None`` (and no neighbours
+    in the cache) computes exactly the base.
+    """
+
+    config: RetroFitConfig
+    config_class = RetroFitConfig
+    base_model_prefix = "base"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: RetroFitConfig, base: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        self.retrofit = RetroFitAdapter(config)
+        self._call: _Call | None = None
+        # Initialises the adapter only: the base is attached afterwards, so its weights are never touched.
+        self.post_init()
+        if base is None:
+            if not config.base_model_name_or_path:
+                raise ValueError("the RetroFitConfig names no base model (base_model_name_or_path)")
+            base = load_base(config.base_model_name_or_path)
+        check_base(base, config)
+        base.requires_grad_(False)
+        self.base = base
+        layers = decoder_layers(base)
+        for number in config.cca_layers:
+            layers[number - 1] = RetroFitLayer(layers[number - 1], number, self)
+        self._encoder_layer = min(config.cca_layers)  # its states condition the encoder
+        params = inspect.signature(base.forward).parameters
+        self._mode_kwarg = next((n for n in ("forward_impl", "retnet_mode") if n in params), None)
+
+    # -- construction ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(
+        cls,
+        base: PreTrainedModel | str | os.PathLike[str],
+        *,
+        chunk_size: int,
+        pad_id: int = 0,
+        cca_layers: list[int] | None = None,
+        seed: int | None = 0,
+        base_name_or_path: str | None = None,
+        **adapter: Any,
+    ) -> RetroFitForCausalLM:
+        """A fresh RETRO-fitted model around ``base`` (a model, or a folder / Hub name to load).
+
+        ``chunk_size``, ``pad_id``: the retrieval database's. ``cca_layers``: 1-based decoder layers a
+        CCA follows (default: every third from the sixth). ``adapter``: the other
+        :class:`RetroFitConfig` fields (``enc_dim``, ``enc_depth``, ``heads``, ``dim_head``, ...).
+        ``seed`` draws the adapter's initial weights (None: the current RNG state).
+        ``base_name_or_path``: how the saved config names the base (default: where it was loaded from,
+        as an absolute path when it is a local folder).
+        """
+        if not isinstance(base, nn.Module):
+            base_name_or_path = base_name_or_path or str(base)
+            base = load_base(base)
+        name = base_name_or_path or getattr(base, "name_or_path", None) or ""
+        if name and Path(name).is_dir():
+            name = str(Path(name).resolve())
+        base_config = base.config
+        num_layers = len(decoder_layers(base))
+        hidden = int(base_config.hidden_size)
+        heads = adapter.pop("heads", None) or getattr(base_config, "num_attention_heads", None) or 1
+        config = RetroFitConfig(
+            base_model_name_or_path=name or None,
+            base_config=base_config.to_dict(),
+            base_signature=signature_of(base_config),
+            cca_layers=check_cca_layers(cca_layers, num_layers) if cca_layers is not None else None,
+            chunk_size=chunk_size,
+            pad_id=pad_id,
+            max_seq_len=getattr(base_config, "max_position_embeddings", None) or UNBOUNDED,
+            heads=int(heads),
+            hidden_size=hidden,
+            num_hidden_layers=num_layers,
+            vocab_size=int(base_config.vocab_size),
+            embedding_dim=int(base.get_input_embeddings().embedding_dim),
+            **adapter,
+        )
+        if seed is None:
+            model = cls(config, base=base)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = cls(config, base=base)
+        parameter = next(base.parameters())
+        model.retrofit.to(device=parameter.device, dtype=parameter.dtype)  # the base's device and precision
+        return model
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *args: Any,
+        base: PreTrainedModel | str | os.PathLike[str] | None = None,
+        config: RetroFitConfig | None = None,
+        **kwargs: Any,
+    ) -> RetroFitForCausalLM:
+        """Load a saved adapter (``config.json`` + ``model.safetensors`` in ``pretrained_model_name_or_path``)
+        and the base its config names, or ``base`` (a model, or a folder / Hub name) when the base has
+        moved. ``dtype`` / ``torch_dtype`` and ``device_map`` are passed on to the base's loading; other
+        loading options of transformers are accepted and ignored. A base that differs from the one the
+        adapter was trained on (type, width, depth, vocabulary), or an adapter file that does not fit the
+        config, is refused with a ValueError."""
+        folder = Path(pretrained_model_name_or_path)
+        if not isinstance(config, RetroFitConfig):
+            config = RetroFitConfig.from_pretrained(folder)
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME} (the adapter's weights)")
+        if not isinstance(base, nn.Module):
+            base = base or config.base_model_name_or_path
+            if not base:
+                raise ValueError(
+                    f"the adapter in {folder} names no base (it was built from a model in memory); "
+                    "pass the base with base=MODEL_OR_FOLDER"
+                )
+            base_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "device_map") if k in kwargs}
+            base = load_base(base, **base_kwargs)
+        model = cls(config, base=base)
+        parameter = next(base.parameters())
+        model.retrofit.to(device=parameter.device, dtype=parameter.dtype)
+        state = load_file(str(weights), device=str(parameter.device))
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys or not state:
+            raise ValueError(
+                f"{weights} does not fit this retrofit config (missing: {sorted(result.missing_keys)[:6]}, "
+                f"unexpected: {sorted(result.unexpected_keys)[:6]}); load it with the config.json saved "
+                "beside it"
+            )
+        model.name_or_path = str(folder)
+        return model.eval()
+
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | os.PathLike[str],
+        is_main_process: bool = True,
+        state_dict: dict[str, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write ``config.json`` (which names the base) and the adapter's weights only, as
+        ``model.safetensors`` (the base is not copied). ``state_dict``, when given (the Trainer passes
+        one), is filtered to the adapter's entries."""
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.adapter_state_dict()
+        weights = {
+            k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k.startswith(ADAPTER_PREFIX)
+        }
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(folder)
+        tmp = folder / f".{WEIGHTS_NAME}.tmp"
+        save_file(
+            weights, str(tmp), metadata={"format": "pt", "base": str(self.config.base_model_name_or_path)}
+        )
+        os.replace(tmp, folder / WEIGHTS_NAME)
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The new parameters, keyed ``retrofit.*``: what is trained and saved."""
+        return self.retrofit.state_dict(prefix=ADAPTER_PREFIX)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a state dict holding only adapter entries (what
+        :meth:`save_pretrained` writes, and what the Trainer reloads on resume) loads into the adapter, and
+        ``strict`` then applies to the adapter alone."""
+        if state_dict and all(key.startswith(ADAPTER_PREFIX) for key in state_dict):
+            inner = {key[len(ADAPTER_PREFIX) :]: value for key, value in state_dict.items()}
+            result = self.retrofit.load_state_dict(inner, strict=strict, assign=assign)
+            return _IncompatibleKeys(
+                [ADAPTER_PREFIX + k for k in result.missing_keys],
+                [ADAPTER_PREFIX + k for k in result.unexpected_keys],
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        init_retro_module(module)
+
+    def train(self, mode: bool = True) -> RetroFitForCausalLM:
+        """The adapter trains; the frozen base stays in eval mode (no dropout), as it is not trained."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    # -- the HF interface ---------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.base.get_output_embeddings()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def generate(self, *args: Any, retrieval_database: Any = None, **kwargs: Any) -> Any:
+        """The base's own ``generate()`` (no retrieval: the adapter adds nothing), or, with
+        ``retrieval_database=db``, generation that retrieves from ``db`` at every chunk boundary
+        (:func:`retlm.models.retro.generation.generate_with_retrieval`, whose options it takes), decoding
+        one token per step from the base's cache."""
+        if retrieval_database is None:
+            return self.base.generate(*args, **kwargs)
+        from retlm.models.retro.generation import generate_with_retrieval
+
+        input_ids = kwargs.pop("input_ids", args[0] if args else None)
+        kwargs.pop("attention_mask", None)
+        return generate_with_retrieval(self, retrieval_database, input_ids, **kwargs)
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _encode(self, retrieved: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        embed = self.base.get_input_embeddings()
+        return encode_neighbours(
+            lambda ids: self.retrofit.embed_proj(embed(ids)),
+            self.retrofit.encoder,
+            self.config.pad_id,
+            retrieved,
+            context,
+        )
+
+    def _after_layer(self, number: int, hidden: Tensor, call: _Call) -> Tensor:
+        """Called by the wrapper of decoder layer ``number`` with its output ``(batch, seq, hidden)``."""
+        if number == self._encoder_layer:
+            call.neighbours = neighbours_for_call(
+                hidden, call.retrieved, call.start, call.state, self.config.chunk_size, self._encode
+            )
+        if call.neighbours is None:
+            return hidden
+        return self.retrofit.blocks[str(number)](hidden, call.start, call.neighbours)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        retrieved: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        retnet_mode: str | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithCache | tuple:
+        """
+        Args:
+            input_ids: ``(batch, seq)`` new tokens (after those already in the cache).
+            retrieved: neighbours (+ continuations) of the chunks completed by these tokens, as for
+                :meth:`RetroForCausalLM.forward`: ``(batch, num_chunks, k, 2 * chunk_size)``, or
+                ``(batch, k, 2 * chunk_size)`` for one chunk when a cache is passed; pad / -1 = missing.
+            attention_mask: passed to the base; right padding only while neighbours are read.
+            labels: passed to the base (HF convention: not shifted; -100 = ignored).
+            past_key_values: the base's cache from an earlier call of this model (or ``cache=``).
+            use_cache: return the base's cache, carrying the adapter's decoding state.
+            retnet_mode: the retention mode of a RetNet (or RETRO-RetNet) base; a RetNet base decodes a
+                single cached token recurrently by default.
+            logits_to_keep: only the last n positions' logits.
+            kwargs: passed on to the base's ``forward``.
+
+        Returns :class:`CausalLMOutputWithCache` with ``logits (batch, seq, vocab)``.
+        """
+        cache = resolve_cache(past_key_values, kwargs)
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
+        batch, seq_len = input_ids.shape
+        state = getattr(cache, STATE_ATTR, None) if cache is not None else None
+        start = (
+            state.position if state is not None else int(cache.get_seq_length()) if cache is not None else 0
+        )
+        limit = self.config.max_seq_len
+        if limit is not None and start + seq_len > limit:
+            raise ValueError(f"sequence length {start + seq_len} exceeds the base's {limit} positions")
+        c = self.config.chunk_size
+        retrieved = check_retrieved(retrieved, c, batch, start, seq_len, incremental=cache is not None)
+        keep = cache is not None or bool(use_cache)
+        if keep and state is None:
+            if start % c and retrieved is not None:
+                raise ValueError(
+                    f"this cache holds {start} tokens but was not written by this model's forward, so the "
+                    "states of its incomplete chunk are unknown; start from no cache, or at a chunk boundary"
+                )
+            state = RetroCache(position=start)
+        if retrieved is not None or (state is not None and state.neighbours is not None):
+            check_right_padding(attention_mask)
+        if self._mode_kwarg is not None:
+            if (
+                retnet_mode is None
+                and cache is not None
+                and seq_len == 1
+                and self._mode_kwarg == "forward_impl"
+            ):
+                retnet_mode = "recurrent"
+            if retnet_mode is not None:
+                kwargs[self._mode_kwarg] = retnet_mode
+        if keep and cache is not None:
+            kwargs.update(cache_kwargs(cache))
+        self._call = _Call(start, retrieved, state if keep else None)
+        try:
+            out = self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                use_cache=keep,
+                logits_to_keep=logits_to_keep,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            self._call = None
+        new_cache = output_cache(out) if keep else None
+        if new_cache is not None:
+            state.position = start + seq_len
+            setattr(new_cache, STATE_ATTR, state)
+        result = CausalLMOutputWithCache(
+            loss=out.loss,
+            logits=out.logits,
+            hidden_states=getattr(out, "hidden_states", None),
+            **cache_kwargs(new_cache),
+        )
+        return result.to_tuple() if return_dict is False else result
+
+
+def check_base(base: nn.Module, config: RetroFitConfig) -> None:
+    """Refuse a base whose type or shape differs from the one ``config`` was built for."""
+    expected = config.base_signature
+    if not expected:
+        return
+    found = signature_of(base.config)
+    different = {
+        name: (expected.get(name), found.get(name))
+        for name in BASE_SIGNATURE
+        if expected.get(name) != found.get(name)
+    }
+    if different:
+        raise ValueError(
+            f"the base {getattr(base, 'name_or_path', '') or type(base).__name__} is not the model this "
+            f"adapter was built for ({{field: (expected, found)}} = {different}); pass the right one "
+            "with base=..."
+        )
