@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.10+:
 #   make demo   -- install from the lock, then run the end-to-end demo on the bundled corpus
 #   make test   -- install from the lock with the test extras, then ruff + the test suite
-# Also: make test-latest / make test-lowest (the suite on the newest / the lowest declared versions, each
+# Also: make test-ray (the Ray engine's cluster tests), make test-latest / make test-lowest (the suite on the newest / the lowest declared versions, each
 # in its own virtualenv), make lock (regenerate the lock files), make bench.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,9 +18,11 @@ LOWEST := requirements/lowest.txt
 # The reference peers are test-only and installed with --no-deps: their own pins would pull numpy<2
 # (autofaiss), torchvision and a CUDA torch (timm).
 PEERS  := retro-pytorch==0.3.9 torchscale==0.3.0
-PYTEST_ARGS ?= -m "not slow and not gpu" -q
+# The Ray engine's cluster tests (marker `ray`, about 2 minutes on 2 busy cores) run in their own step,
+# `make test-ray` (CI runs it as a step of its own), as issue #12 asks of tests over 90 s.
+PYTEST_ARGS ?= -m "not slow and not gpu and not ray" -q
 
-.PHONY: install install-test test test-latest test-lowest test-all lint lock demo bench clean
+.PHONY: install install-test test test-ray test-latest test-lowest test-all lint lock demo bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +34,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml $(LOCK)
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-# The lock already holds the test extras; this adds the peers.
+# The lock already holds the test and ray extras; this adds the peers.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q --no-deps $(PEERS)
 	$(PIP) install -q --no-deps --no-build-isolation fairscale==0.4.0
@@ -73,15 +75,22 @@ test-lowest:
 	.venv-lowest/bin/python -m pip list --format=freeze > .venv-lowest/versions.txt
 	.venv-lowest/bin/pytest $(PYTEST_ARGS)
 
+# The Ray engine's tests alone: a local 2-CPU Ray cluster, the build compared with the single-process
+# one, and a worker killed in the middle of a shard (130 s measured at load 4-5 on the 2-core box).
+test-ray: install-test
+	$(VENV)/bin/pytest -m "ray and not slow and not gpu" -q
+
 test-all: install-test
 	$(VENV)/bin/pytest -q
 
 # Regenerate both lock files from pyproject.toml (needs network access to the index; uv is installed
-# into the virtualenv on first use). The lock is resolved for CPython 3.11 on x86_64 Linux with torch at
+# into the virtualenv on first use). The lock holds the test and ray extras (the Ray engine's tests run
+# in `make test-ray`); the lowest lock leaves ray out (its tests are then skipped): ray's lower bound has
+# not been run. The lock is resolved for CPython 3.11 on x86_64 Linux with torch at
 # the pin above, and torch itself is left to the install step.
 lock: $(VENV)/bin/python
 	$(PIP) install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 --find-links /opt/wheels \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra ray --python-version 3.11 --find-links /opt/wheels \
 		--constraint requirements/torch.txt --no-emit-package torch --upgrade -o $(LOCK)
 	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \
 		--resolution lowest-direct --constraint requirements/torch-lowest.txt --upgrade -o $(LOWEST)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from retlm.utils import atomic_write, ensure_writable_dir
+from retlm.utils import atomic_write, ensure_writable_dir, quoted
 
 
 @dataclass
@@ -166,8 +166,7 @@ def held_out_prompts(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
 
 def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, Any]]:
     """Generate from each prompt and print it readably; the records of ``report.json``'s generations."""
-    from retlm.cli.generate import print_neighbours, quoted
-    from retlm.generation import generate_text
+    from retlm.generation import generate_text, print_neighbours
 
     prompts = held_out_prompts(opts, db, model)
     source = "the first chunk of a held-out document" if opts.prompt is None else "--prompt"

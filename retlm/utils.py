@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 
-def exists(value: Any) -> bool:
-    return value is not None
-
-
-def default(value: T | None, fallback: T) -> T:
-    return value if value is not None else fallback
+def quoted(text: str, prefix: str = "    | ") -> str:
+    """``text`` with ``prefix`` before every line, blank ones included: its newlines and indentation show
+    as they are (how the CLI and the demo print retrieved and generated text)."""
+    return textwrap.indent(text, prefix, lambda _: True)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:

@@ -476,7 +476,7 @@ def emulated_fla_chunk_retention(
 ):
     """fla's contract, token by token: h_t = gamma_h h_(t-1) + k_t v_t^T, o_t = scale q_t h_t, with
     gamma_h = 1 - 2^(-5-h), layouts (batch, seq, heads, dim) and state (batch, heads, K, V)."""
-    gammas = decay_gammas(q.shape[2]).to(q.dtype)[:, None, None]
+    gammas = decay_gammas(q.shape[2], use_default_gamma=True).to(q.dtype)[:, None, None]
     scale = q.shape[-1] ** -0.5 if scale is None or wrong else scale
     state = initial_state.to(q.dtype)
     outs = []
@@ -490,13 +490,13 @@ def test_fla_path_glue_with_emulated_kernel(monkeypatch):
     """The ones-channel trick, layouts and normalisation around fla's kernel give our retention; the
     one-time self-check accepts a faithful kernel and refuses one that scales differently; CPU tensors
     never take the path."""
-    import retlm.ops.retention as ops
+    import retlm.ops.retention_fla as ops
 
     gen = torch.Generator().manual_seed(3)
     b, h, t, dk, dv = 2, 3, 70, 8, 6
     q, k, v = (torch.randn(b, h, t, d, generator=gen) for d in (dk, dk, dv))
     state = (torch.randn(b, h, dk, dv, generator=gen), torch.randn(b, h, dk, generator=gen))
-    log_gamma = decay_gammas(h).log()
+    log_gamma = decay_gammas(h, use_default_gamma=True).log()  # fla's fixed schedule
     offset = torch.tensor([5, 300])
 
     monkeypatch.setattr(ops, "_fla_kernel", lambda: emulated_fla_chunk_retention)
@@ -511,3 +511,21 @@ def test_fla_path_glue_with_emulated_kernel(monkeypatch):
     wrong_scale = lambda *args, **kwargs: emulated_fla_chunk_retention(*args, **kwargs, wrong=True)  # noqa: E731
     monkeypatch.setattr(ops, "_fla_kernel", lambda: wrong_scale)
     assert not ops._fla_self_check(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda q, k, v, g, **kw: parallel_retention(q, k, v, g, **kw),
+        lambda q, k, v, g, **kw: chunkwise_retention(q, k, v, g, chunk_size=2, **kw),
+        lambda q, k, v, g, **kw: recurrent_retention(q, k, v, g, **kw),
+    ],
+    ids=RETENTION_MODES,
+)
+def test_each_public_mode_function_checks_its_inputs(call):
+    """The checks run at every public entry, not only in the dispatcher."""
+    q, k, v, log_gamma = _good_inputs()
+    with pytest.raises(ValueError, match="state shapes must be kv"):
+        call(q, k, v, log_gamma, state=(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4)))
+    with pytest.raises(ValueError, match="log_gamma must be negative"):
+        call(q, k, v, torch.zeros(3))

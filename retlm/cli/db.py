@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 from retlm.cli.main import UsageError
+from retlm.utils import quoted
 
 STAGE_HELP = (
     "run one build stage only: chunk (tokenize TEXT_DIR), embed (shardable), index (merges embedding "
-    "shards, trains, tunes nprobe), neighbors (shardable), finalize (merges knn shards, writes "
+    "shards, trains, tunes nprobe and k_factor), neighbors (shardable), finalize (merges knn shards, writes "
     "manifest.json). Default: all, in order"
 )
 
@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index-factory",
         default=None,
         help="faiss index_factory string; default: Flat (exact) below --exact-threshold "
-        "chunks, IVF{4 sqrt(n)},SQ8 above",
+        "chunks, IVF{sqrt(n)},PQ{dim/4}x4fs,Refine(SQfp16) above (fast-scan PQ, float16 re-rank)",
     )
     build.add_argument(
         "--exact-threshold", type=int, default=100_000, help="below this many chunks the index is exact"
@@ -79,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--target-recall",
         type=float,
         default=0.95,
-        help="nprobe is raised until recall@k against exact search reaches this",
+        help="nprobe (and k_factor, for a re-ranking index) are tuned until recall@k against exact "
+        "search reaches this",
     )
     build.add_argument(
         "--extra-neighbors",
@@ -98,6 +99,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="I/N",
         help="with --stage embed or neighbors: process only shard I of N of the chunk range",
+    )
+    build.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: every stage in this process (or one --stage / --shard); ray: every stage as Ray "
+        "tasks over shards, the same result (needs pip install 'retlm[ray]')",
+    )
+    build.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="with --engine ray: the Ray cluster to join (e.g. ray://head:10001 or auto); "
+        "default: a local Ray started for this build",
+    )
+    build.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="with --engine ray: shards per stage (default: the cluster's CPUs)",
     )
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.add_argument(
@@ -141,6 +162,13 @@ def run_build(args: argparse.Namespace) -> int:
 
     if args.stage in ("all", "chunk") and not args.text_dir.is_dir():
         raise UsageError(f"TEXT_DIR is not a folder: {args.text_dir}")
+    if args.engine == "ray" and (args.stage != "all" or args.shard):
+        raise UsageError("--engine ray runs every stage itself: drop --stage / --shard")
+    if args.engine != "ray" and (args.address or args.shards):
+        raise UsageError("--address and --shards need --engine ray")
+    if args.shards is not None and args.shards <= 0:
+        raise UsageError(f"--shards must be a positive integer, got {args.shards}")
+    ray_options = {"engine": "ray", "address": args.address, "num_shards": args.shards}
     try:
         db = RetrievalDatabase.build(
             args.text_dir,
@@ -162,6 +190,7 @@ def run_build(args: argparse.Namespace) -> int:
             shard=args.shard,
             progress=not args.no_progress,
             wait=not args.no_wait,
+            **(ray_options if args.engine == "ray" else {}),
         )
     except (EmptySourceError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
@@ -223,11 +252,6 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def quoted(text: str, prefix: str) -> str:
-    """``text`` with ``prefix`` before every line, blank ones included, so its layout shows as it is."""
-    return textwrap.indent(text, prefix, lambda _: True)
-
-
 def run_info(args: argparse.Namespace) -> int:
     from retlm.retrieval import RetrievalDatabase
 
@@ -259,7 +283,12 @@ def run_info(args: argparse.Namespace) -> int:
             if m["embedder_input"] == "text"
             else "the chunks' ids (the LM tokenizer is the embedder's)",
         ),
-        ("index", f"{m['index_type']}" + (f", nprobe {m['nprobe']}" if m["nprobe"] else "")),
+        (
+            "index",
+            f"{m['index_type']}"
+            + (f", nprobe {m['nprobe']}" if m["nprobe"] else "")
+            + (f", k_factor {m['k_factor']:g}" if m.get("k_factor") else ""),
+        ),
         (
             "recall@k",
             f"{m['recall_at_k']:.4f} vs exact search ({m['recall_queries']} held-out queries)"

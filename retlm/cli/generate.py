@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 from pathlib import Path
 
 from retlm.cli.main import UsageError
@@ -54,40 +53,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("PROMPT is empty")
 
 
-def quoted(text: str, prefix: str = "    | ") -> str:
-    """``text`` with ``prefix`` before every line, blank ones included: its newlines and indentation show
-    as they are."""
-    return textwrap.indent(text, prefix, lambda _: True)
-
-
-def print_neighbours(result) -> None:
-    """Each completed chunk of a ``GeneratedText``, then the neighbours the model read for it, each under
-    the name of its source document, with their layout kept."""
-    if not result.chunks:
-        print("(no chunk was completed, so nothing was retrieved)")
-    for i, (query, neighbours) in enumerate(result.chunks):
-        where = "of the prompt" if i < result.prompt_chunks else "generated"
-        print(f"chunk {i}: ({where})")
-        print(quoted(query))
-        if not neighbours:
-            print("  (no neighbour)")
-        for rank, n in enumerate(neighbours, 1):
-            print(f"  neighbour {rank}: {n.doc_name or f'doc {n.doc_id}'}  "
-                  f"(score {n.score:.3f}, doc {n.doc_id}, chunk {n.chunk_id})")
-            print(quoted(n.text))
-
-
-def print_generation(result, show_neighbours: bool) -> None:
-    """Print the text, and (optionally) each completed chunk with the neighbours the model read."""
-    print(result.text)
-    if show_neighbours:
-        print()
-        print_neighbours(result)
-
-
 def run_generate(args: argparse.Namespace) -> int:
     validate(args)
-    from retlm.generation import generate_text
+    from retlm.generation import generate_text, print_generation
     from retlm.models.auto import load_model
     from retlm.retrieval import RetrievalDatabase
     from retlm.training.checkpoint import check_model_fits_database

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from retlm.models.retro.generation import ChunkRetrieval, RetrievalGenerateOutput, generate_with_retrieval
+from retlm.utils import quoted
 
 __all__ = [
     "ChunkRetrieval",
@@ -21,6 +22,8 @@ __all__ = [
     "RetrievalGenerateOutput",
     "generate_text",
     "generate_with_retrieval",
+    "print_generation",
+    "print_neighbours",
 ]
 
 
@@ -90,20 +93,55 @@ def generate_text(
     model.eval()
     try:
         searched = database if exclude_doc_id is None else _Excluding(database, exclude_doc_id)
-        out = generate_with_retrieval(model, searched if retrieval else None, input_ids,
-                                      max_new_tokens=max_new_tokens, generator=generator, **sampling)
+        out = generate_with_retrieval(
+            model,
+            searched if retrieval else None,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            generator=generator,
+            **sampling,
+        )
     finally:
         model.train(was_training)
-    new = out.sequences[0, len(ids):].tolist()
+    new = out.sequences[0, len(ids) :].tolist()
     chunks = []
     for r in out.retrievals[0]:
         real = [t for t in r.query.tolist() if t != database.pad_id]
         query = tokenizer.decode(real, skip_special_tokens=True)
         name = getattr(database, "doc_name", None)
-        neighbours = [NeighbourText(int(i), int(d), float(s), database.chunk_text(int(i)),
-                                    name(int(d)) if name else "")
-                      for i, d, s in zip(r.chunk_ids, r.doc_ids, r.scores, strict=True) if i >= 0]
+        neighbours = [
+            NeighbourText(int(i), int(d), float(s), database.chunk_text(int(i)), name(int(d)) if name else "")
+            for i, d, s in zip(r.chunk_ids, r.doc_ids, r.scores, strict=True)
+            if i >= 0
+        ]
         chunks.append((query, neighbours))
     continuation = tokenizer.decode(new, skip_special_tokens=True)
     text = tokenizer.decode(out.sequences[0].tolist(), skip_special_tokens=True)
     return GeneratedText(prompt, continuation, text, chunks, len(ids) // int(database.chunk_size))
+
+
+def print_neighbours(result: GeneratedText) -> None:
+    """Each completed chunk of ``result``, then the neighbours the model read for it, each under the name
+    of its source document, with their layout kept (the CLI's ``--show-neighbours`` and the demo)."""
+    if not result.chunks:
+        print("(no chunk was completed, so nothing was retrieved)")
+    for i, (query, neighbours) in enumerate(result.chunks):
+        where = "of the prompt" if i < result.prompt_chunks else "generated"
+        print(f"chunk {i}: ({where})")
+        print(quoted(query))
+        if not neighbours:
+            print("  (no neighbour)")
+        for rank, n in enumerate(neighbours, 1):
+            print(
+                f"  neighbour {rank}: {n.doc_name or f'doc {n.doc_id}'}  "
+                f"(score {n.score:.3f}, doc {n.doc_id}, chunk {n.chunk_id})"
+            )
+            print(quoted(n.text))
+
+
+def print_generation(result: GeneratedText, show_neighbours: bool) -> None:
+    """Print the text, and (optionally) each completed chunk with the neighbours the model read."""
+    print(result.text)
+    if show_neighbours:
+        print()
+        print_neighbours(result)

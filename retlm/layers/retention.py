@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from retlm.ops import retention as retention_ops
@@ -173,15 +172,10 @@ class MultiScaleRetention(nn.Module):
                self.rotary_base, self.xpos_scale_base, device, dtype)  # fmt: skip
         if memo is not None and key in memo:
             return memo[key]
-        if isinstance(position_offset, Tensor):  # per row (batch,): rotation (batch, 1, 1, key_dim),
-            rotation = self.rotation_tables(position_offset[:, None], device, dtype)
-            n = position_offset.to(device).clamp(min=0).to(torch.float64)[:, None, None]  # S_n (b, 1, 1)
-        else:
-            rotation = self.rotation_tables(position_offset, device, dtype)
-            n = max(position_offset, 0)
+        positions = position_offset[:, None] if isinstance(position_offset, Tensor) else position_offset
+        rotation = self.rotation_tables(positions, device, dtype)  # per row: (batch, 1, 1, key_dim)
         decay = self.step_constants(device, dtype).decay
-        inverse = retention_ops.inv_sqrt_rowsum(decay.log_gamma, decay.log_one_minus_gamma, n).to(dtype)
-        tables = StepTables(rotation, inverse)
+        tables = StepTables(rotation, retention_ops.step_inv_sqrt_rowsum(decay, position_offset, dtype))
         if memo is not None:
             memo[key] = tables
         return tables
@@ -228,23 +222,11 @@ class MultiScaleRetention(nn.Module):
             )
             return out, (new_state if return_state else None)
         log_gamma, _ = self.constants(hidden_states.device)
-
-        q = rearrange(self.q_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
-        k = rearrange(self.k_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
-        v = rearrange(self.v_proj(hidden_states), "b t (h d) -> b h t d", h=self.num_heads)
-        k = k * self.key_dim**-0.5
-
-        # Half-precision q, k are rotated in float32: the xpos magnitudes zeta^(+-n/512) leave the fp16
-        # range after a few thousand positions, and the retention ops score in float32 anyway.
-        if q.dtype in (torch.float16, torch.bfloat16):
-            q, k = q.float(), k.float()
+        q, k, v = self.project(hidden_states)
         positions = absolute_positions(position_offset, seq_len, hidden_states.device)
         q, k = self.rotate(q, k, self.rotation_tables(positions, q.device, q.dtype))
-        if attention_mask is not None:
-            keep = attention_mask[:, None, :, None]
-            k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)  # k may be float32 while v is half
-
-        out, new_state = retention_ops.retention(
+        k, v = mask_padding(k, v, attention_mask)
+        out, new_state = retention_ops.run_retention(
             q,
             k,
             v,
@@ -255,9 +237,7 @@ class MultiScaleRetention(nn.Module):
             state=state,
             return_state=return_state,
         )
-        out = rearrange(self.head_norm(out), "b h t d -> b t (h d)")
-        out = F.silu(self.g_proj(hidden_states)) * out
-        return self.out_proj(out), new_state
+        return self.gate_and_project(out, hidden_states), new_state
 
     def decode_step(
         self,
@@ -268,31 +248,68 @@ class MultiScaleRetention(nn.Module):
         step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState]:
         """:meth:`forward` for one token in recurrent mode, i.e. one step of decoding; same result bit for
-        bit, always with the new state.
+        bit, always with the new state. ``hidden_states (batch, 1, hidden_size)``.
 
-        Decoding a small model is dominated by per-call overhead, not arithmetic, so this path does the
-        same math with fewer, cheaper ops: plain views instead of einops, decay constants cached per
-        (device, dtype) instead of rebuilt every token, position tables built once per step for all
-        layers (``step_memo``), and :func:`retlm.ops.retention.recurrent_step` instead of the general loop.
+        It shares every step but two with :meth:`forward` (:meth:`project`, :meth:`rotate`,
+        :func:`mask_padding`, :meth:`gate_and_project`). Decoding a small model is dominated by per-call
+        overhead, not arithmetic, so the two differ only where that pays: the position tables are built
+        once per step for all layers (:meth:`step_tables`, ``step_memo``) from constants cached per
+        (device, dtype), and the retention is one :func:`retlm.ops.retention.recurrent_step` instead of
+        the general loop.
         """
-        batch = hidden_states.shape[0]
-        heads, key_dim = self.num_heads, self.key_dim
-        q = self.q_proj(hidden_states).view(batch, heads, 1, key_dim)
-        k = self.k_proj(hidden_states).view(batch, heads, 1, key_dim) * key_dim**-0.5
-        v = self.v_proj(hidden_states).view(batch, heads, 1, self.head_value_dim)
-        if q.dtype in (torch.float16, torch.bfloat16):  # as in forward: rotate in float32
-            q, k = q.float(), k.float()
+        q, k, v = self.project(hidden_states)
         tables = self.step_tables(position_offset, q.device, q.dtype, step_memo)
         q, k = self.rotate(q, k, tables.rotation)
-        if attention_mask is not None:
-            keep = attention_mask[:, None, :, None]
-            k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)
-
+        k, v = mask_padding(k, v, attention_mask)
         decay = self.step_constants(q.device, q.dtype).decay
         out, new_state = retention_ops.recurrent_step(q, k, v, decay, inverse=tables.inverse, state=state)
-        out = self.head_norm(out).reshape(batch, 1, heads * self.head_value_dim)
-        out = F.silu(self.g_proj(hidden_states)) * out
-        return self.out_proj(out), new_state
+        return self.gate_and_project(out, hidden_states), new_state
+
+    def project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``hidden_states (batch, seq, hidden_size)`` -> q, k ``(batch, heads, seq, key_dim)`` (k scaled by
+        key_dim^-1/2) and v ``(batch, heads, seq, head_value_dim)``.
+
+        Half-precision q, k come back in float32, to be rotated there: the xpos magnitudes
+        zeta^(+-n/512) leave the fp16 range after a few thousand positions, and the retention ops score in
+        float32 anyway.
+        """
+        q = split_heads(self.q_proj(hidden_states), self.num_heads)
+        k = split_heads(self.k_proj(hidden_states), self.num_heads) * self.key_dim**-0.5
+        v = split_heads(self.v_proj(hidden_states), self.num_heads)
+        if q.dtype in (torch.float16, torch.bfloat16):
+            q, k = q.float(), k.float()
+        return q, k, v
+
+    def gate_and_project(self, out: Tensor, hidden_states: Tensor) -> Tensor:
+        """Retention ``out (batch, heads, seq, head_value_dim)`` -> ``(batch, seq, hidden_size)``: per-head
+        RMSNorm, the swish gate of ``hidden_states (batch, seq, hidden_size)``, the output projection."""
+        out = merge_heads(self.head_norm(out))
+        return self.out_proj(F.silu(self.g_proj(hidden_states)) * out)
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(batch, seq, heads * dim)`` -> ``(batch, heads, seq, dim)``, a view."""
+    batch, seq_len, width = x.shape
+    if seq_len == 1:  # one token (every decoding step): a plain view, no transpose to dispatch
+        return x.view(batch, num_heads, 1, width // num_heads)
+    return x.view(batch, seq_len, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(batch, heads, seq, dim)`` -> ``(batch, seq, heads * dim)``."""
+    batch, heads, seq_len, dim = x.shape
+    if seq_len == 1:  # as in split_heads
+        return x.reshape(batch, 1, heads * dim)
+    return x.transpose(1, 2).reshape(batch, seq_len, heads * dim)
+
+
+def mask_padding(k: Tensor, v: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Zero the keys and values ``(batch, heads, seq, dim)`` of padded positions (``attention_mask (batch,
+    seq)`` 0), so that they leave no trace in later tokens or in the state; None: no padding."""
+    if attention_mask is None:
+        return k, v
+    keep = attention_mask[:, None, :, None]
+    return k * keep.to(k.dtype), v * keep.to(v.dtype)  # k may be float32 while v is half
 
 
 class StepConstants(NamedTuple):

@@ -139,14 +139,22 @@ def iter_documents(
             raise EmptySourceError(
                 f"source folder does not exist: {root} (pass a list of strings to index text)"
             )
-        paths = sorted(p for p in root.glob(glob) if p.is_file())
-        if not paths:
-            raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
-        return _folder_documents(root, paths, report)
+        return folder_documents(root, matching_files(root, glob), report)
     return (Document(name=f"doc-{first_index + i}", text=text) for i, text in enumerate(source))
 
 
-def _folder_documents(root: Path, paths: list[Path], report: SkipReport) -> Iterator[Document]:
+def matching_files(root: Path, glob: str) -> list[Path]:
+    """The files of folder ``root`` matching ``glob``, in reading order (sorted by path); raises
+    ``EmptySourceError`` if there are none."""
+    paths = sorted(p for p in Path(root).glob(glob) if p.is_file())
+    if not paths:
+        raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
+    return paths
+
+
+def folder_documents(root: Path, paths: list[Path], report: SkipReport) -> Iterator[Document]:
+    """Documents of the given files of folder ``root``, in order, named by their path relative to it;
+    non-UTF-8 or binary files are skipped into ``report``."""
     for path in paths:
         if is_utf8_text(path):
             yield Document(name=path.relative_to(root).as_posix(), path=path)

@@ -45,7 +45,7 @@ from retlm.retrieval._storage import (
     sha256_file,
     write_json,
 )
-from retlm.retrieval.chunking import SkipReport, iter_documents, validate_sizes, write_chunks
+from retlm.retrieval.chunking import Document, SkipReport, iter_documents, validate_sizes, write_chunks
 from retlm.retrieval.embedding import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.retrieval.embedding import (
     DEFAULT_EMBEDDER,
@@ -60,10 +60,11 @@ from retlm.retrieval.embedding import (
 )
 from retlm.retrieval.index import (
     EXACT_THRESHOLD,
+    Tuning,
     build_index,
     choose_factory,
     read_index,
-    tune_nprobe,
+    tune_search,
     write_index,
 )
 from retlm.retrieval.layout import neighbour_tokens
@@ -74,6 +75,7 @@ from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 FORMAT_VERSION = 2  # 2: LM tokenizer and embedder tokenizer recorded apart, document names
 STAGES = ("chunk", "embed", "index", "neighbors", "finalize")
 SHARDED_STAGES = ("embed", "neighbors")
+ENGINES = ("local", "ray")
 EMBEDDING_DTYPES = ("float16", "float32")
 DATA_FILES = (
     "chunks.dat",
@@ -142,11 +144,17 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_rows(num_rows: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+def shard_rows(num_rows: int, shard: tuple[int, int] | None, align: int = 1) -> tuple[int, int]:
+    """Rows ``lo:hi`` of shard ``(i, n)``; inner boundaries are multiples of ``align`` (a batch size), so a
+    sharded stage runs the same batches as an unsharded one and writes the same bytes."""
     if shard is None:
         return 0, num_rows
     i, n = shard
-    return i * num_rows // n, (i + 1) * num_rows // n
+
+    def boundary(j: int) -> int:
+        return num_rows if j == n else j * num_rows // n // align * align
+
+    return boundary(i), boundary(i + 1)
 
 
 @dataclass
@@ -277,8 +285,9 @@ class RetrievalDatabase:
         if self._index is None:
             if self._index_handle is None:
                 self._index_handle = integrity.open_index_handle(self.path, self.manifest)
+            m = self.manifest
             self._index = integrity.read_index_verified(
-                self.path, self.manifest, self._index_handle, self.manifest.get("nprobe")
+                self.path, m, self._index_handle, m.get("nprobe"), m.get("k_factor")
             )
             self._index_handle.close()
         return self._index
@@ -384,6 +393,9 @@ class RetrievalDatabase:
         shard: str | tuple[int, int] | None = None,
         progress: bool = True,
         wait: bool = True,
+        engine: str = "local",
+        address: str | None = None,
+        num_shards: int | None = None,
     ) -> RetrievalDatabase | None:
         """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
 
@@ -393,14 +405,17 @@ class RetrievalDatabase:
 
         Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one
         stage (of ``STAGES``) over one shard ``"i/n"`` of the chunk range, for builds spread over jobs;
-        the database is returned once ``finalize`` has run, else ``None``.
+        the database is returned once ``finalize`` has run, else ``None``. ``engine="ray"`` runs every
+        stage as Ray tasks over ``num_shards`` shards (default: the cluster's CPUs) on the cluster at
+        ``address`` (default: the initialised or a new local one), with the same result
+        (``retlm.retrieval.ray_build``; needs ``pip install 'retlm[ray]'``).
 
         Every option is checked before anything is written (``retlm.retrieval.preflight``: option ranges,
         the embedder's position limit, the faiss factory string, a source with some text, and the disk
         and memory the build needs). A build holds the database's lock (a sharded stage: its shard's);
         a second writer waits for it (``wait=False``: raises ``LockedError`` naming the holder's PID).
         A stage that fails with an exception removes what it wrote; a fresh build that fails in its first
-        stage removes the folder.
+        stage removes the folder (the Ray engine keeps what it wrote instead: re-running resumes it).
         """
         config = BuildConfig(
             chunk_size=chunk_size,
@@ -420,6 +435,18 @@ class RetrievalDatabase:
             shard = parse_shard(shard)
         except ValueError as err:
             raise OptionError(str(err)) from None
+        if engine not in ENGINES:
+            raise OptionError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if engine == "ray":
+            if stage != "all" or shard is not None:
+                raise OptionError("engine 'ray' runs every stage itself: it takes no stage or shard")
+            if num_shards is not None and (not isinstance(num_shards, int) or num_shards <= 0):
+                raise OptionError(f"num_shards must be a positive integer, got {num_shards!r}")
+            from retlm.retrieval.ray_build import require_ray
+
+            require_ray()  # the missing extra is named before anything is written
+        elif address is not None or num_shards is not None:
+            raise OptionError("address and num_shards apply to engine 'ray' only")
         if stage not in ("all", *STAGES):
             raise OptionError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
         if shard is not None and stage not in SHARDED_STAGES:
@@ -433,6 +460,12 @@ class RetrievalDatabase:
             lock = path / "shards" / f".{stage}-{shard[0]:05d}-of-{shard[1]:05d}.lock"
             what = f"shard {shard[0]}/{shard[1]} of the {stage} stage of {path}"
         with writer_lock(lock, what=what, wait=wait):
+            if engine == "ray":
+                from retlm.retrieval.ray_build import build_with_ray
+
+                return build_with_ray(
+                    source, path, config, glob=glob, address=address, num_shards=num_shards, progress=progress
+                )
             builder = _Builder(path, config, progress)
             if builder.finished():
                 return cls.open(path, verify=False)
@@ -650,6 +683,11 @@ class _Builder:
             raise ValueError("the chunk stage needs a source (a folder or an iterable of strings)")
         report = SkipReport()
         docs = iter_documents(source, glob, report)  # raises on an empty folder before any work
+        self.write_chunk_files(docs, report)
+
+    def write_chunk_files(self, docs: Iterable[Document], report: SkipReport) -> None:
+        """Tokenize and chunk ``docs`` into chunks.dat, doc_ids.dat, seqs.dat, doc_names.jsonl, tokenizer/
+        and chunking.json."""
         tokenizer = load_lm_tokenizer(self.config.tokenizer, embedder=self.config.embedder)
         tokenizers = _tokenizers_entry(self.config, tokenizer)
         self._lm_tokenizer = tokenizer
@@ -716,7 +754,7 @@ class _Builder:
             dtype=self.config.embedding_dtype,
             batch_size=self.config.batch_size,
             pad_id=self.chunking()["pad_id"],
-            rows=shard_rows(len(chunks), shard),
+            rows=shard_rows(len(chunks), shard, self.config.batch_size),
             lm_tokenizer=self.lm_tokenizer(),
             progress=self.progress,
             desc="embed" if shard is None else f"embed {shard[0]}/{shard[1]}",
@@ -747,19 +785,23 @@ class _Builder:
             return
         _merge_shards(self.path, "embeddings")
         embeddings = self.embeddings()
-        factory = self.config.index_factory or choose_factory(len(embeddings), self.config.exact_threshold)
+        factory = self.factory(embeddings)
         index = build_index(embeddings, factory, progress=self.progress)
-        tuning = tune_nprobe(index, embeddings, self.config.num_neighbors, self.config.target_recall)
-        write_index(index, self.path / "index.faiss")
-        write_json(
-            self.path / "index.json",
-            {
-                "index_type": factory,
-                "nprobe": tuning.nprobe,
-                "recall_at_k": tuning.recall,
-                "recall_queries": tuning.num_queries,
-            },
+        self.tune_and_write_index(index, factory)
+
+    def factory(self, embeddings: np.ndarray) -> str:
+        """The index type: the one asked for, or the default for this many embeddings."""
+        n, dim = embeddings.shape
+        return self.config.index_factory or choose_factory(n, self.config.exact_threshold, dim)
+
+    def tune_and_write_index(self, index, factory: str) -> None:
+        """Tune the search of a filled index for the neighbour stage, then write it and index.json."""
+        k = self.config.num_neighbors
+        tuning = tune_search(
+            index, self.embeddings(), k, self.config.target_recall, fetch=k + self.config.extra_neighbors
         )
+        write_index(index, self.path / "index.faiss")
+        write_json(self.path / "index.json", {"index_type": factory, **tuning_info(tuning)})
 
     # ---- stage 4
     def neighbors(self, shard: tuple[int, int] | None) -> None:
@@ -768,7 +810,8 @@ class _Builder:
         if is_complete(self.path / "knn.dat"):
             return
         _, doc_ids = self.chunk_arrays()
-        index = read_index(self.path / "index.faiss", read_json(self.path / "index.json")["nprobe"])
+        info = read_json(self.path / "index.json")
+        index = read_index(self.path / "index.faiss", info["nprobe"], info.get("k_factor"))
         out = self.path / "knn.dat" if shard is None else _shard_file(self.path, "knn", shard)
         compute_neighbors(
             index,
@@ -799,6 +842,16 @@ class _Builder:
         for name in ("build.json", "chunking.json", "index.json"):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / "shards", ignore_errors=True)
+
+
+def tuning_info(tuning: Tuning) -> dict[str, Any]:
+    """The tuned search settings as stored in index.json and the manifest."""
+    return {
+        "nprobe": tuning.nprobe,
+        "k_factor": tuning.k_factor,
+        "recall_at_k": tuning.recall,
+        "recall_queries": tuning.num_queries,
+    }
 
 
 def write_manifest(
@@ -835,6 +888,7 @@ def write_manifest(
         "embedding_dtype": settings["embedding_dtype"],
         "index_type": index_info["index_type"],
         "nprobe": index_info["nprobe"],
+        "k_factor": index_info.get("k_factor"),
         "extra_neighbors": settings["extra_neighbors"],
         "recall_at_k": index_info["recall_at_k"],
         "recall_queries": index_info["recall_queries"],
@@ -1023,7 +1077,7 @@ class _Adder:
         index = db.index
         index.add(np.ascontiguousarray(embeddings[old_n:], dtype=np.float32))
         exact = m["nprobe"] is None
-        tuning = tune_nprobe(index, embeddings, k, m["target_recall"])
+        tuning = tune_search(index, embeddings, k, m["target_recall"], fetch=k + m["extra_neighbors"])
         write_index(index, self.stage / "index.faiss")
 
         knn = np.memmap(self.stage / "knn.dat", dtype="<i4", mode="w+", shape=(n, k))
@@ -1066,13 +1120,15 @@ class _Adder:
             "embedder_truncated_chunks": truncated,
             "skipped_files": m.get("skipped_files", []) + report.unreadable,
         }
-        index_info = {
-            "index_type": m["index_type"],
-            "nprobe": tuning.nprobe,
-            "recall_at_k": tuning.recall,
-            "recall_queries": tuning.num_queries,
-        }
-        new = write_manifest(db.path, settings, chunking, index_info, dim, files=files, generation=generation)
+        new = write_manifest(
+            db.path,
+            settings,
+            chunking,
+            {"index_type": m["index_type"], **tuning_info(tuning)},
+            dim,
+            files=files,
+            generation=generation,
+        )
         _remove_unreferenced(db.path, new)
         shutil.rmtree(self.stage, ignore_errors=True)
 

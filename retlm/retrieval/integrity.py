@@ -66,9 +66,12 @@ def resolve(path: Path, manifest: dict[str, Any], name: str) -> Path:
     """The file holding logical file ``name`` of the database at ``path`` (kept inside ``path``)."""
     relative = file_map(manifest).get(name, name)
     try:
-        return inside(path, relative, f"file of {name!r}")
+        file = inside(path, relative, f"file of {name!r}")
     except CorruptFileError as err:
         raise _fail(path, str(err)) from None
+    if relative != name and not file.exists():  # name the field that points nowhere, not just the path
+        raise CorruptDatabaseError(f"missing database file: {file} (manifest.json's file of {name})")
+    return file
 
 
 # ---- the manifest's fields ----
@@ -241,13 +244,15 @@ def check_full(path: Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def read_index_verified(path: Path, manifest: dict[str, Any], handle: Any, nprobe: int | None):
+def read_index_verified(
+    path: Path, manifest: dict[str, Any], handle: Any, nprobe: int | None, k_factor: float | None = None
+):
     """The faiss index, from the open file ``handle``: hashed first, compared with the manifest's sha256,
     and only then parsed by faiss, from the same file (``/proc/self/fd``: not a file an ``add()`` may have
     renamed onto the path since)."""
     import faiss
 
-    from retlm.retrieval.index import set_nprobe
+    from retlm.retrieval.index import set_search_params
 
     file = resolve(path, manifest, INDEX_FILE)
     if sha256_handle(handle) != manifest["checksums"][INDEX_FILE]:
@@ -265,7 +270,7 @@ def read_index_verified(path: Path, manifest: dict[str, Any], handle: Any, nprob
             f"{file} holds {index.ntotal} vectors of dimension {index.d}, but manifest.json describes "
             f"{manifest['num_chunks']} of dimension {manifest['embedding_dim']}"
         )
-    set_nprobe(index, nprobe)
+    set_search_params(index, nprobe, k_factor)
     return index
 
 

@@ -51,7 +51,9 @@ def search_excluding(
     ids = np.full((nq, k), -1, dtype=np.int64)
     scores = np.full((nq, k), -np.inf, dtype=np.float32)
     todo = np.arange(nq)
-    fetch = k + extra if exclude_doc_ids is not None else k
+    # Always k + extra, excluding or not: a re-ranking index keeps k_factor * fetch candidates, and its
+    # k_factor was tuned for the neighbour stage's fetch of k + extra.
+    fetch = k + extra
     while len(todo) and index.ntotal:
         fetch = min(fetch, index.ntotal)
         found_scores, found = index.search(as_float32(queries[todo]), fetch)

@@ -209,13 +209,15 @@ def estimate_build(n: int, config: Any, shape: EmbedderShape) -> BuildEstimate:
     """Disk and memory of a build of ``n`` chunks (lower bounds when ``n`` is ``chunks_lower_bound``).
 
     chunks.dat, doc_ids.dat, embeddings.dat, knn.dat and the index grow with the number of chunks. In
-    memory: the index (float32 for Flat, a byte per dimension for SQ8), one document's row while
-    chunking, and one encoder layer's attention scores and activations for a batch.
+    memory: the index (float32 for Flat; for the default IVF index a 4-bit PQ code of ``dim / 8`` bytes,
+    a float16 copy for the re-rank and an 8-byte id; a byte per dimension for any other factory, a lower
+    bound), one document's row while chunking, and one encoder layer's attention scores and activations
+    for a batch.
     """
     c, k, dim, factory = config.chunk_size, config.num_neighbors, shape.hidden_size, config.index_factory
     itemsize = 2 if config.embedding_dtype == "float16" else 4
     exact = factory is None and n < config.exact_threshold or factory in ("Flat", "IDMap,Flat")
-    per_vector = 4 * dim if exact else dim
+    per_vector = 4 * dim if exact else dim // 8 + 2 * dim + 8 if factory is None else dim
     parts = {
         "chunks.dat": n * (c + 1) * 4,
         "doc_ids.dat": n * 4,

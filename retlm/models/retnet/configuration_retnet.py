@@ -1,4 +1,5 @@
-"""RetNet configuration: the seed's field names plus the switches needed to express torchscale exactly."""
+"""RetNet configuration: syncdoth/RetNet's field names (its configs load unchanged) plus the switches
+needed to express torchscale exactly."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class RetNetConfig(PreTrainedConfig):
             1 - exp(linspace(log 1/32, log 1/512, H)).
         forward_impl: default retention mode, "parallel" | "chunkwise" | "recurrent".
         chunk_size: default block length of the chunkwise mode.
-        norm_type: "rmsnorm" (torchscale) or "layernorm" (the seed) for the block and final norms.
+        norm_type: "rmsnorm" (torchscale) or "layernorm" (syncdoth/RetNet) for the block and final norms.
         norm_eps: epsilon of every norm, the per-head retention norm included (torchscale `layernorm_eps`).
         use_glu: GLU feed-forward ``fc2(act(fc1 x) * gate x)`` (torchscale) or plain ``fc2(act(fc1 x))``.
         activation: any `transformers.ACT2FN` key ("gelu" is the exact erf GELU, "swish").
@@ -133,7 +134,7 @@ def resolve_config_path(path: str | os.PathLike[str]) -> Path:
 
 
 def load_config_from_yaml(path: str | os.PathLike[str]) -> RetNetConfig:
-    """Read a RetNetConfig from a yaml file of its fields (the seed's API)."""
+    """Read a RetNetConfig from a yaml file of its fields (named and laid out as syncdoth/RetNet's)."""
     with open(resolve_config_path(path)) as f:
         fields = yaml.safe_load(f)
     return RetNetConfig.from_dict(fields)

@@ -220,8 +220,9 @@ class RetNetModel(RetNetPreTrainedModel):
             use_cache: return the cache (default ``config.use_cache``).
             forward_impl: "parallel" | "chunkwise" | "recurrent" (default ``config.forward_impl``).
             chunk_size: block length of the chunkwise mode (default ``config.chunk_size``).
-            sequence_offset: absolute position of the first token when no cache is given (the seed's
-                argument); with a cache it must equal the number of tokens the cache has seen.
+            sequence_offset: absolute position of the first token when no cache is given
+                (syncdoth/RetNet's argument); with a cache it must equal the number of tokens the cache
+                has seen.
         """
         past_key_values = resolve_cache(past_key_values, kwargs)
         mode, chunk_size = self.resolve_mode(forward_impl, chunk_size)
@@ -383,7 +384,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     ) -> dict:
         """Feed only the tokens the cache has not seen. The prompt runs in ``forward_impl`` (default:
         chunkwise if the config says so, else parallel), or recurrently when
-        ``parallel_compute_prompt=False`` (the seed's switch); every later step runs recurrently.
+        ``parallel_compute_prompt=False`` (syncdoth/RetNet's switch); every later step runs recurrently.
         ``generate`` hands the cache over as ``cache`` (transformers >= 5.24) or ``past_key_values``."""
         past_key_values = resolve_cache(past_key_values, {"cache": cache})
         seen = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -321,7 +321,7 @@ class RetroPreTrainedModel(PreTrainedModel):
     config_class = RetroConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["RetroDecoderLayer", "RetroEncoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _is_stateful = True
@@ -407,6 +407,26 @@ def check_right_padding(attention_mask: Tensor | None) -> None:
             "RETRO supports right padding only (attention_mask of ones followed by zeros); "
             "left-padded rows would shift positions and chunk boundaries"
         )
+
+
+def _mix_only(layer: RetroDecoderLayer, x: Tensor, start: int, mode: str, chunk_size: int) -> Tensor:
+    """A decoder layer's self-attention / retention sub-layer without a cache ``(batch, seq, dim)``."""
+    return layer.mix(x, start, None, keep_state=False, mode=mode, retnet_chunk_size=chunk_size)[0]
+
+
+def _cross_and_feed_forward(
+    layer: RetroDecoderLayer,
+    x: Tensor,
+    start: int,
+    encoded: Tensor | None,
+    mask: Tensor | None,
+    group_valid: Tensor | None,
+) -> Tensor:
+    """A decoder layer's chunked cross-attention (when it has one and there are neighbours: ``encoded
+    (batch, groups, k, r, dim)``, ``mask (batch, groups, k, r)``) and its feed-forward."""
+    if layer.cca is not None and encoded is not None:
+        x = layer.cross(x, start, (encoded, mask, group_valid))
+    return layer.feed_forward(x)
 
 
 def check_retrieved(
@@ -530,6 +550,7 @@ class RetroModel(RetroPreTrainedModel):
         self.norm_out = final_norm(config.dec_dim, config)
         cca_layers = [i for i, layer in enumerate(self.layers) if layer.cca is not None]
         self.context_layer = cca_layers[0] if cca_layers else None
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -624,17 +645,35 @@ class RetroModel(RetroPreTrainedModel):
             found["neighbours"] = self.neighbours_for_call(h, retrieved, start, keep)
             return found["neighbours"]
 
+        # Gradient checkpointing (training without a cache): each layer's sublayers, and the encoder run,
+        # keep only their inputs and are recomputed in backward (dropout replays the same masks).
+        checkpointing = self.gradient_checkpointing and self.training and keep is None
+        neighbours = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            x, state = layer(
-                x,
-                start,
-                state,
-                keep_state=keep is not None,
-                mode=mode,
-                retnet_chunk_size=config.retnet_chunk_size,
-                neighbours=encode_at_context_layer if i == self.context_layer else found.get("neighbours"),
-            )
+            if not checkpointing:
+                x, state = layer(
+                    x,
+                    start,
+                    state,
+                    keep_state=keep is not None,
+                    mode=mode,
+                    retnet_chunk_size=config.retnet_chunk_size,
+                    neighbours=encode_at_context_layer
+                    if i == self.context_layer
+                    else found.get("neighbours"),
+                )
+            else:
+                x = self._gradient_checkpointing_func(
+                    _mix_only, layer, x, start, mode, config.retnet_chunk_size
+                )
+                if i == self.context_layer and retrieved is not None:
+                    neighbours = self._gradient_checkpointing_func(
+                        self.neighbours_for_call, x, retrieved, start, None
+                    )
+                # the neighbours go in as separate tensors: a reentrant checkpoint tracks only top-level ones
+                parts = neighbours if neighbours is not None else (None, None, None)
+                x = self._gradient_checkpointing_func(_cross_and_feed_forward, layer, x, start, *parts)
             if keep is not None:
                 keep.layers[i] = state
             if hidden_states is not None:

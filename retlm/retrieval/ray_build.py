@@ -1,0 +1,380 @@
+"""``RetrievalDatabase.build(..., engine="ray")`` / ``retlm build-db --engine ray``: every stage as Ray tasks.
+
+The stages and their tasks (``S`` shards; every task calls the stage functions of the single-process
+build, so both write the same database):
+
+    chunk      S tasks, each tokenizing a contiguous group of documents (in reading order) into
+               shards/chunk-i-of-S/; one task concatenates them, renumbering documents, chunks and
+               training sequences                      -> chunks, doc_ids, seqs, doc_names.jsonl
+    embed      S tasks over row shards whose boundaries are multiples of batch_size, so each runs the
+               batches the single-process build runs                        -> shards/embeddings-i
+    index      1 task trains the index once, on the same random sample; S tasks each add their rows to
+               a copy of the trained (empty) index; 1 task merges the copies (``merge_indexes``: the
+               same bytes as one ``add``), tunes the search and writes index.faiss
+    neighbors  S tasks over row shards, each searching the whole index with all of a node's CPUs (so a
+               node holds one copy of the index)                            -> shards/knn-i
+    finalize   1 task: concatenates the neighbour shards, checksums, manifest.json
+
+Result: chunks, document ids and embeddings identical to the single-process build with the same
+options, the same index file, and so the same neighbours (faiss's searches here are deterministic: a
+query's results do not depend on its batch or on the thread count).
+
+Failures: Ray retries a task whose worker died (``max_retries``). The embed and neighbour shards resume
+from their progress markers, the other tasks redo their (bounded) piece; finished pieces are kept, so
+re-running the build after a crash of the driver resumes too.
+
+Memory per worker, for ``n`` chunks of ``dim`` dimensions (``B`` = batch_size):
+- chunk: one piece of text (about 1M characters) and its tokens;
+- embed: the encoder and one batch (``B x (chunk_size + 2)`` tokens);
+- index, train: the training sample, 64 vectors per IVF list (``64 * nlist * dim * 4`` bytes: 100 MB
+  at 1M chunks x 384, ``nlist`` 1024);
+- index, add: one block of 65,536 float32 vectors (100 MB at 384-d) and the shard's codes
+  (``n / S * bytes per vector``, about 830 for the default index at 384-d);
+- index, merge + tune: the whole index (``n * bytes per vector``), one shard file, 1000 query vectors
+  and a 131,072-row block of the exact search;
+- neighbors: the whole index and one block of 4,096 queries, one such task per node at a time;
+- finalize: buffers of 16 MB.
+No task holds all the vectors: the embedding file is read through a memmap, block by block. Every
+worker needs the database folder on a filesystem shared by all nodes (and the source folder for the
+chunk stage).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retlm.retrieval._storage import read_json, write_json
+from retlm.retrieval.chunking import (
+    Document,
+    SkipReport,
+    folder_documents,
+    iter_documents,
+    matching_files,
+)
+from retlm.retrieval.database import (
+    CHUNK_FILES,
+    BuildConfig,
+    RetrievalDatabase,
+    _Builder,
+    _merge_shards,
+    shard_rows,
+)
+from retlm.retrieval.index import (
+    add_rows,
+    merge_indexes,
+    mergeable_empty,
+    read_index,
+    train_index,
+    write_index,
+)
+
+RAY_EXTRA = "pip install 'retlm[ray]'"
+MAX_RETRIES = 3
+SUMMED = ("num_chunks", "num_docs", "num_seqs", "skipped_empty_docs")
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of the requested feature is not installed."""
+
+
+def require_ray():
+    """The ``ray`` module, or a ``MissingExtraError`` naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise MissingExtraError(f"the Ray engine needs Ray, which is not installed: {RAY_EXTRA}") from None
+    return ray
+
+
+def build_with_ray(
+    source: str | os.PathLike | Iterable[str] | None,
+    path: str | os.PathLike,
+    config: BuildConfig,
+    *,
+    glob: str = "**/*.txt",
+    address: str | None = None,
+    num_shards: int | None = None,
+    progress: bool = True,
+) -> RetrievalDatabase:
+    """Build the database of ``source`` (a folder, or a sequence of strings) at ``path`` with Ray.
+
+    ``address``: a running cluster (``ray.init(address=...)``); without it, an already initialised Ray
+    is used, else a local one is started (and stopped at the end). ``num_shards`` defaults to the
+    cluster's CPU count.
+    """
+    ray = require_ray()
+    config.validate()
+    if num_shards is not None and num_shards <= 0:
+        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    path = Path(path).resolve()
+    builder = _Builder(path, config, progress)  # checks the options against an unfinished build
+    if builder.finished():
+        return RetrievalDatabase.open(path, verify=False)
+    started = not ray.is_initialized()
+    if started and address is None:  # a local Ray for this build
+        ray.init(include_dashboard=False, log_to_driver=False)
+    elif started:
+        ray.init(address=address, log_to_driver=False)
+    try:
+        shards = num_shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        _Driver(ray, path, config, shards, progress).run(source, glob)
+    finally:
+        if started:
+            ray.shutdown()
+    return RetrievalDatabase.open(path, verify=False)
+
+
+class _Driver:
+    """Submits each stage's tasks and waits for them."""
+
+    def __init__(self, ray, path: Path, config: BuildConfig, shards: int, progress: bool):
+        self.ray, self.path, self.config, self.shards, self.progress = ray, path, config, shards, progress
+        self.options = asdict(config)
+        cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        self.node_cpus = max(1, int(min((c for c in cpus if c > 0), default=1)))  # the smallest worker node
+        self.gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        self.tasks: dict = {}
+
+    def submit(self, function, *args, name: str, whole_node: bool = False, gpu: bool = False):
+        """Run ``function(*args)`` as a Ray task on one CPU (a shard), or on a node's CPUs (a stage run
+        once, which then uses them all through its threads); retried if its worker dies."""
+        key = (function, whole_node, gpu)
+        if key not in self.tasks:
+            self.tasks[key] = self.ray.remote(
+                num_cpus=self.node_cpus if whole_node else 1,
+                num_gpus=self.gpus if gpu else 0,
+                max_retries=MAX_RETRIES,
+            )(function)
+        return self.tasks[key].options(name=name).remote(*args)
+
+    def wait(self, refs: list, desc: str) -> list:
+        results = [None] * len(refs)
+        pending = {ref: i for i, ref in enumerate(refs)}
+        with tqdm(total=len(refs), desc=f"ray {desc}", unit="task", disable=not self.progress) as bar:
+            while pending:
+                done, _ = self.ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    try:
+                        results[pending.pop(ref)] = self.ray.get(ref)
+                    except self.ray.exceptions.RayTaskError as err:  # re-raise the task's own error
+                        cause = getattr(err, "cause", None)
+                        raise (cause if isinstance(cause, BaseException) else err) from None
+                    bar.update(1)
+        return results
+
+    def run(self, source, glob: str) -> None:
+        path, opts, s = str(self.path), self.options, self.shards
+        if not (self.path / "chunking.json").is_file():
+            groups = _document_groups(source, glob, s)
+            g = len(groups)
+            refs = [
+                self.submit(_chunk_task, path, opts, i, g, x, name=f"chunk {i}/{g}")
+                for i, x in enumerate(groups)
+            ]
+            self.wait(refs, "chunk")
+            refs = [self.submit(_merge_chunks_task, path, opts, g, name="chunk merge", whole_node=True)]
+            SkipReport(*self.wait(refs, "chunk merge")[0]).warn()
+        # as the single-process build: no chunk from a folder, or too few for an IVF factory, stops here
+        _Builder(self.path, self.config, progress=False).check_chunked(source, glob)
+        refs = [
+            self.submit(_stage_task, path, opts, "embed", (i, s), name=f"embed {i}/{s}", gpu=True)
+            for i in range(s)
+        ]
+        self.wait(refs, "embed")
+        if not (self.path / "index.json").is_file():
+            refs = [self.submit(_train_task, path, opts, name="index train", whole_node=True)]
+            factory = self.wait(refs, "index train")[0]
+            refs = [
+                self.submit(_add_task, path, opts, factory, (i, s), name=f"index add {i}/{s}")
+                for i in range(s)
+            ]
+            self.wait(refs, "index add")
+            refs = [
+                self.submit(_merge_index_task, path, opts, factory, s, name="index merge", whole_node=True)
+            ]
+            self.wait(refs, "index merge + tune")
+        refs = [
+            self.submit(
+                _stage_task, path, opts, "neighbors", (i, s), name=f"neighbours {i}/{s}", whole_node=True
+            )
+            for i in range(s)
+        ]
+        self.wait(refs, "neighbours")
+        refs = [self.submit(_stage_task, path, opts, "finalize", None, name="finalize", whole_node=True)]
+        self.wait(refs, "finalize")
+
+
+# ---------------------------------------------------------------------------------------------- chunk
+def _document_groups(source, glob: str, shards: int) -> list[tuple[str, str | None, list]]:
+    """At most ``shards`` contiguous groups of the documents, of about equal size (bytes or characters):
+    ``("paths", root, [path, ...])`` (absolute paths, so workers need not share the driver's working
+    directory) or ``("texts", None, [(index, text), ...])``."""
+    if source is None:
+        raise ValueError("the chunk stage needs a source (a folder or a sequence of strings)")
+    root: str | None = None
+    if isinstance(source, str | os.PathLike):
+        iter_documents(source, glob)  # the same errors as the single-process build, before any work
+        root = os.path.abspath(source)
+        items: list = [str(p) for p in matching_files(Path(root), glob)]
+        sizes = [Path(p).stat().st_size for p in items]
+        kind = "paths"
+    else:
+        items = list(enumerate(source))
+        sizes = [len(text) for _, text in items]
+        kind = "texts"
+    ends = np.cumsum(sizes, dtype=np.float64)
+    total = ends[-1] if len(ends) else 0.0
+    cuts = [0] + [int(np.searchsorted(ends, total * j / shards, side="left")) + 1 for j in range(1, shards)]
+    cuts = sorted({min(c, len(items)) for c in cuts} | {len(items)})
+    groups = [(kind, root, items[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+    return groups or [(kind, root, [])]
+
+
+def _chunk_dir(path: Path, shard: int, shards: int) -> Path:
+    return path / "shards" / f"chunk-{shard:05d}-of-{shards:05d}"
+
+
+def _chunk_task(
+    path: str, options: dict[str, Any], shard: int, shards: int, group: tuple[str, str | None, list]
+) -> None:
+    """Chunk one group of documents into its own folder, exactly as the single-process chunk stage."""
+    folder = _chunk_dir(Path(path), shard, shards)
+    if (folder / "chunking.json").is_file():
+        return
+    builder = _Builder(folder, BuildConfig(**options), progress=False)
+    report = SkipReport()
+    kind, root, items = group
+    if kind == "paths":  # named by their path relative to the source folder, as iter_documents names them
+        docs: Iterable[Document] = folder_documents(Path(root), [Path(p) for p in items], report)
+    else:
+        docs = (Document(name=f"doc-{i}", text=text) for i, text in items)
+    with warnings.catch_warnings():  # the driver warns once for all shards
+        warnings.simplefilter("ignore")
+        builder.write_chunk_files(docs, report)
+
+
+def _merge_chunks_task(path: str, options: dict[str, Any], shards: int) -> tuple[list[str], int]:
+    """Concatenate the chunk shards into the database's chunk files (documents, chunks and sequences
+    renumbered after the shards before), atomically; returns the skipped files and empty documents."""
+    root = Path(path)
+    if (root / "chunking.json").is_file():
+        info = read_json(root / "chunking.json")
+        return info.get("skipped_files", []), int(info.get("skipped_empty_docs", 0))
+    folders = [_chunk_dir(root, i, shards) for i in range(shards)]
+    infos = [read_json(f / "chunking.json") for f in folders]
+    tmp = {name: root / f".{name}.tmp" for name in CHUNK_FILES}
+    docs = chunks = 0
+    with (
+        open(tmp["chunks.dat"], "wb") as chunks_out,
+        open(tmp["doc_ids.dat"], "wb") as doc_ids_out,
+        open(tmp["seqs.dat"], "wb") as seqs_out,
+        open(tmp["doc_names.jsonl"], "wb") as names_out,
+    ):
+        for folder, info in zip(folders, infos, strict=True):
+            for name, out in (("chunks.dat", chunks_out), ("doc_names.jsonl", names_out)):
+                with open(folder / name, "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
+            _copy_offset(folder / "doc_ids.dat", doc_ids_out, docs)
+            _copy_offset(folder / "seqs.dat", seqs_out, chunks)
+            docs, chunks = docs + info["num_docs"], chunks + info["num_chunks"]
+    _save_tokenizer_folder(folders[0] / "tokenizer", root / "tokenizer")
+    for name, file in tmp.items():
+        os.replace(file, root / name)
+    merged = _merge_infos(infos)
+    write_json(root / "chunking.json", merged)
+    return merged.get("skipped_files", []), int(merged.get("skipped_empty_docs", 0))
+
+
+def _copy_offset(source: Path, out, offset: int, block: int = 1 << 22) -> None:
+    """Append the int32 array file ``source`` to ``out`` with ``offset`` added, ``block`` values at a time."""
+    values = np.memmap(source, dtype="<i4", mode="r") if source.stat().st_size else np.empty(0, "<i4")
+    for start in range(0, len(values), block):
+        shifted = np.asarray(values[start : start + block], dtype=np.int64) + offset
+        out.write(shifted.astype("<i4").tobytes())
+
+
+def _save_tokenizer_folder(source: Path, folder: Path) -> None:
+    """Copy a saved tokenizer folder in atomically (as the single-process stage saves it)."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _merge_infos(infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """chunking.json of the whole from its shards': counts summed, lists concatenated, the rest equal."""
+    merged: dict[str, Any] = {}
+    for key in infos[0]:
+        values = [info[key] for info in infos]
+        if key in SUMMED:
+            merged[key] = int(sum(values))
+        elif isinstance(values[0], list):
+            merged[key] = [v for value in values for v in value]
+        elif any(v != values[0] for v in values):
+            raise RuntimeError(f"chunk shards disagree on {key!r}: {values}")
+        else:
+            merged[key] = values[0]
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _stage_task(path: str, options: dict[str, Any], stage: str, shard: tuple[int, int] | None) -> None:
+    """One shard of a single-process stage (``embed`` / ``neighbors``), or ``finalize``."""
+    builder = _Builder(Path(path), BuildConfig(**options), progress=False)
+    if stage == "finalize":
+        if not builder.finished():
+            builder.finalize()
+    else:
+        getattr(builder, stage)(shard)
+
+
+def _index_files(path: Path, shards: int) -> tuple[Path, list[Path]]:
+    folder = path / "shards"
+    parts = [folder / f"index-{i:05d}-of-{shards:05d}.faiss" for i in range(shards)]
+    return folder / "index-trained.faiss", parts
+
+
+def _train_task(path: str, options: dict[str, Any]) -> str:
+    """Merge the embedding shards, train the index once (the single-process sample); its factory."""
+    root, config = Path(path), BuildConfig(**options)
+    builder = _Builder(root, config, progress=False)
+    _merge_shards(root, "embeddings")
+    embeddings = builder.embeddings()
+    factory = builder.factory(embeddings)
+    trained, _ = _index_files(root, 1)
+    if not trained.is_file():
+        write_index(train_index(embeddings, factory), trained)
+    return factory
+
+
+def _add_task(path: str, options: dict[str, Any], factory: str, shard: tuple[int, int]) -> None:
+    """Add one row shard to a copy of the trained index and write it to its own file."""
+    root = Path(path)
+    trained, parts = _index_files(root, shard[1])
+    if parts[shard[0]].is_file():
+        return
+    embeddings = _Builder(root, BuildConfig(**options), progress=False).embeddings()
+    part = mergeable_empty(read_index(trained))
+    add_rows(part, embeddings, shard_rows(len(embeddings), shard), progress=False)
+    write_index(part, parts[shard[0]])
+
+
+def _merge_index_task(path: str, options: dict[str, Any], factory: str, shards: int) -> None:
+    """Merge the shards' indexes in row order, tune the search, write index.faiss and index.json."""
+    root = Path(path)
+    builder = _Builder(root, BuildConfig(**options), progress=False)
+    if (root / "index.json").is_file():
+        return
+    trained, parts = _index_files(root, shards)
+    index = merge_indexes(read_index(trained), (read_index(p) for p in parts))
+    builder.tune_and_write_index(index, factory)
