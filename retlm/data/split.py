@@ -59,8 +59,11 @@ class DocumentSplit:
         return np.isin(np.asarray(doc_ids), self.heldout_docs)
 
     def to_json(self) -> dict[str, Any]:
-        return {"train_fraction": self.train_fraction, "seed": self.seed,
-                "heldout_docs": self.heldout_docs.tolist()}
+        return {
+            "train_fraction": self.train_fraction,
+            "seed": self.seed,
+            "heldout_docs": self.heldout_docs.tolist(),
+        }
 
 
 def sequence_doc_ids(db: Any) -> np.ndarray:
@@ -77,8 +80,9 @@ class SplitSequences(Dataset):
     those documents are replaced by padding, which the model treats as a missing neighbour.
     """
 
-    def __init__(self, dataset: Dataset, db: Any, indices: Sequence[int],
-                 hide_docs: np.ndarray | None = None):
+    def __init__(
+        self, dataset: Dataset, db: Any, indices: Sequence[int], hide_docs: np.ndarray | None = None
+    ):
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
         self.pad_id = int(db.pad_id)
@@ -111,8 +115,9 @@ class SplitSequences(Dataset):
         return torch.from_numpy(hidden)
 
 
-def split_datasets(dataset: Dataset, db: Any, split: DocumentSplit, *, hide_heldout: bool = True
-                   ) -> tuple[SplitSequences, SplitSequences]:
+def split_datasets(
+    dataset: Dataset, db: Any, split: DocumentSplit, *, hide_heldout: bool = True
+) -> tuple[SplitSequences, SplitSequences]:
     """``(train, heldout)`` views of ``dataset`` (one item per database sequence)."""
     if len(dataset) != len(db.seqs):
         raise ValueError(f"the dataset has {len(dataset)} sequences but the database lists {len(db.seqs)}")

@@ -19,7 +19,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
     """Committed checkpoints of a run, oldest first."""
     found = []
     for path in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        step = path.name[len(CHECKPOINT_PREFIX):]
+        step = path.name[len(CHECKPOINT_PREFIX) :]
         if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
             found.append((int(step), path))
     return [path for _, path in sorted(found)]
@@ -43,8 +43,10 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     else:
         candidate = latest_checkpoint(path)
         if candidate is None:
-            raise FileNotFoundError(f"{path} holds no model: expected config.json + model.safetensors, "
-                                    f"a {FINAL_DIR}/ folder, or {CHECKPOINT_PREFIX}N/ folders")
+            raise FileNotFoundError(
+                f"{path} holds no model: expected config.json + model.safetensors, "
+                f"a {FINAL_DIR}/ folder, or {CHECKPOINT_PREFIX}N/ folders"
+            )
     if not (candidate / "model.safetensors").is_file():
         raise FileNotFoundError(f"{candidate} has no model.safetensors (only safetensors weights are loaded)")
     return candidate

@@ -40,9 +40,11 @@ def read_model_config(model_config: str | os.PathLike[str] | Mapping[str, Any]) 
     if not path.exists():
         named = builtin_configs()
         if str(model_config) not in named:
-            raise FileNotFoundError(f"no model config {str(model_config)!r}: not a file, nor one of the "
-                                    f"built-in configs ({', '.join(sorted(named))})"
-                                    f"{did_you_mean(str(model_config), named)}")
+            raise FileNotFoundError(
+                f"no model config {str(model_config)!r}: not a file, nor one of the "
+                f"built-in configs ({', '.join(sorted(named))})"
+                f"{did_you_mean(str(model_config), named)}"
+            )
         path = named[str(model_config)]
     try:
         mapping = yaml.safe_load(path.read_bytes().decode("utf-8"))
@@ -55,8 +57,9 @@ def read_model_config(model_config: str | os.PathLike[str] | Mapping[str, Any]) 
     return mapping
 
 
-def build_config(model_config: Any, db: Any, seq_len: int, *, signature: dict[str, Any] | None = None
-                 ) -> tuple[PretrainedConfig, dict[str, Any]]:
+def build_config(
+    model_config: Any, db: Any, seq_len: int, *, signature: dict[str, Any] | None = None
+) -> tuple[PretrainedConfig, dict[str, Any]]:
     """The model config, completed from the database (vocabulary, chunk size) and checked against it.
 
     ``signature``: ``checkpoint.database_signature(db)`` when the caller has it already."""
@@ -120,8 +123,9 @@ class TrainOptions:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise OptionError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise OptionError(f"save_total_limit must be >= 1 (checkpoints kept), "
-                              f"got {self.save_total_limit}")
+            raise OptionError(
+                f"save_total_limit must be >= 1 (checkpoints kept), got {self.save_total_limit}"
+            )
         for name in ("batch_size", "grad_accum", "log_every", "lr"):
             positive(name)
         for name in ("max_steps", "eval_every", "save_every", "eval_sequences", "max_grad_norm", "seq_len"):
@@ -131,8 +135,9 @@ class TrainOptions:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0 (steps, or a fraction of the run when below 1), "
-                             f"got {self.warmup}")
+            raise ValueError(
+                f"warmup must be >= 0 (steps, or a fraction of the run when below 1), got {self.warmup}"
+            )
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.resume not in RESUME_MODES and not Path(str(self.resume)).is_dir():
