@@ -58,55 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=EVAL_DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    evaluate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="run, model or checkpoint dir")
-    evaluate.add_argument(
-        "--db", type=Path, required=True, metavar="DB", help="the retrieval database the model was trained on"
-    )
-    evaluate.add_argument(
-        "--split",
-        default="heldout",
-        choices=("heldout", "train", "all"),
-        help="the documents training held out, the ones it trained on, or all",
-    )
-    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    evaluate.add_argument(
-        "--max-sequences",
-        type=int,
-        default=None,
-        help="evaluate at most this many sequences, spread evenly over the split",
-    )
-    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    evaluate.add_argument(
-        "--precision",
-        default="fp32",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="numeric precision of the forward passes",
-    )
-    evaluate.add_argument("--json", action="store_true", help="print the result as json instead of a table")
-    evaluate.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        metavar="FILE.json",
-        help="also write the result to this json file",
-    )
-    evaluate.add_argument(
-        "--max-overlap",
-        type=parse_fraction,
-        default=None,
-        metavar="X",
-        help="filtered evaluation: drop every neighbour whose longest common span covers "
-        "more than X of the chunk that reads it (a fraction, or a percentage: 12.5%%)",
-    )
-    evaluate.add_argument(
-        "--plot",
-        type=Path,
-        default=None,
-        metavar="FILE.png",
-        help="where to draw loss by overlap bucket (default: CHECKPOINT/overlap.png)",
-    )
-    evaluate.add_argument("--no-plot", action="store_true", help="draw no plot")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_dataclass_arguments(evaluate, EvalOptions)
     evaluate.set_defaults(func=run_eval)
 
 
@@ -120,6 +72,48 @@ def parse_fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] (or 0%..100%), got {text!r}")
     return value
+
+
+@dataclass
+class EvalOptions:
+    """The options of `retlm eval`; ``evaluate_kwargs()`` are the keywords of
+    ``retlm.training.evaluate.evaluate(checkpoint, db, **kwargs)``."""
+
+    checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="run, model or checkpoint dir")
+    db: Path = option(metavar="DB", help="the retrieval database the model was trained on")
+    split: str = option(
+        "heldout",
+        choices=("heldout", "train", "all"),
+        help="the documents training held out, the ones it trained on, or all",
+    )
+    batch_size: int = option(8, help="sequences per forward pass")
+    max_sequences: int | None = option(
+        None, help="evaluate at most this many sequences, spread evenly over the split"
+    )
+    device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    precision: str = option(
+        "fp32", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision of the forward passes"
+    )
+    json: bool = option(False, help="print the result as json instead of a table")
+    output: Path | None = option(None, metavar="FILE.json", help="also write the result to this json file")
+    max_overlap: float | None = option(
+        None,
+        type=parse_fraction,
+        metavar="X",
+        help="filtered evaluation: drop every neighbour whose longest common span covers "
+        "more than X of the chunk that reads it (a fraction, or a percentage: 12.5%%)",
+    )
+    plot: Path | None = option(
+        None,
+        metavar="FILE.png",
+        help="where to draw loss by overlap bucket (default: CHECKPOINT/overlap.png)",
+    )
+    draw_plot: bool = option(True, negate=True, flag="--no-plot", help="draw no plot")
+    progress: bool = option(True, negate=True, help="hide progress bars")
+
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        names = ("split", "batch_size", "max_sequences", "device", "precision", "progress", "max_overlap")
+        return {name: getattr(self, name) for name in names}
 
 
 LENGTH = "length (with neither: one epoch)"
@@ -272,19 +266,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output} is a folder; give a file name")
         if not args.output.parent.is_dir():
             raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
-    result = evaluate(
-        args.checkpoint,
-        args.db,
-        split=args.split,
-        batch_size=args.batch_size,
-        max_sequences=args.max_sequences,
-        device=args.device,
-        precision=args.precision,
-        progress=not args.no_progress,
-        max_overlap=args.max_overlap,
-    )
+    result = evaluate(args.checkpoint, args.db, **options_from(args, EvalOptions).evaluate_kwargs())
     plot = None
-    if not args.no_plot:
+    if not args.no_draw_plot:
         from retlm.training.plot import plot_overlap_buckets
 
         folder = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
