@@ -48,8 +48,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
-                        help="yaml file of option defaults for this command (keys are option names)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE.yaml",
+        help="yaml file of option defaults for this command (keys are option names)",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on failure")
 
 
