@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from retlm.cli.options import option, zero_is_none
+from retlm.options import option, zero_is_none
 from retlm.utils import atomic_write, ensure_writable_dir, quoted
 
 

@@ -1,5 +1,5 @@
 """Options written once: each command's argparse options and ``--config`` keys are derived from one typed
-dataclass (``retlm.cli.options``), and the Python keywords are that dataclass's fields."""
+dataclass (``retlm.options``), and the Python keywords are that dataclass's fields."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import yaml
 from retlm.cli.db import BuildOptions
 from retlm.cli.generate import GenerateOptions
 from retlm.cli.main import _apply_config, build_parser
-from retlm.cli.options import cli_fields, options_from
 from retlm.cli.retrofit import RetrofitOptions
 from retlm.cli.train import EvalOptions, TrainCommandOptions
 from retlm.demo import DemoOptions
+from retlm.options import cli_fields, options_from
 
 COMMANDS = {
     "build-db": (BuildOptions, ["TEXT", "--out", "DB"]),

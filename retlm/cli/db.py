@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from retlm.cli.main import UsageError
-from retlm.cli.options import add_dataclass_arguments, option, options_from
+from retlm.options import add_dataclass_arguments, option, options_from
 from retlm.utils import quoted
 
 STAGE_HELP = (

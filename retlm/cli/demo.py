@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from retlm.cli.main import UsageError
-from retlm.cli.options import add_dataclass_arguments, options_from
+from retlm.options import add_dataclass_arguments, options_from
 
 DESCRIPTION = (
     "The whole retlm workflow in one command, on the bundled corpus (the English documentation shipped "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retlm.cli.main import UsageError
-from retlm.cli.options import add_dataclass_arguments, option, options_from
+from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
     "Continue PROMPT with a trained RETRO model (a run directory, its model/ folder or a checkpoint-N "

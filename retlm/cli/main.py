@@ -91,8 +91,8 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
     """Parse once to find --config, load its defaults into the subparser, parse again.
 
     Config values are converted and checked like command-line values of the same options (type,
-    arity, choices; see ``retlm.cli.options``)."""
-    from retlm.cli.options import UsageProblem, check_utf8, config_defaults, read_config
+    arity, choices; see ``retlm.options``)."""
+    from retlm.options import UsageProblem, check_utf8, config_defaults, read_config
 
     try:
         check_utf8(argv)

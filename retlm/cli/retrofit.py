@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from retlm.cli.main import UsageError
-from retlm.cli.options import add_dataclass_arguments, option, options_from
 from retlm.cli.train import _options, add_training_arguments, print_training_result
+from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
     "RETRO-fit a pretrained causal LM: freeze it, add chunked cross-attention after chosen decoder layers "

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retlm.cli.main import UsageError
-from retlm.cli.options import add_dataclass_arguments, option, options_from, zero_is_none
+from retlm.options import add_dataclass_arguments, option, options_from, zero_is_none
 
 TRAIN_DESCRIPTION = (
     "Train a RETRO model on the sequences of a retrieval database (see `retlm build-db`), with the "
