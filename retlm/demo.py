@@ -26,33 +26,59 @@ from typing import Any
 
 import numpy as np
 
+from retlm.options import option, zero_is_none
 from retlm.utils import atomic_write, ensure_writable_dir, quoted
 
 
 @dataclass
 class DemoOptions:
-    """The knobs of :func:`run_demo` (the CLI exposes each one)."""
+    """The knobs of :func:`run_demo`; `retlm demo`'s options are derived from these fields (those with
+    ``cli=False`` are Python keywords only)."""
 
-    work_dir: Path = Path("demo-work")
-    corpus: Path | None = None  # None: the bundled Python documentation corpus
-    tokenizer: str = "gpt2"  # the LM tokenizer: gpt2 | bert (the embedder's WordPiece) | a folder
-    minutes: float = 5.0  # training budget per model
-    baseline: bool = False  # also train the no-retrieval control of the same size
-    model_config: str = "retro-tiny"
-    seq_len: int = 256
-    chunk_size: int = 64
-    num_neighbors: int = 2
-    batch_size: int = 8
-    lr: float = 2e-3
-    eval_sequences: int | None = 256  # held-out sequences scored at the end (None: all)
-    eval_every: int = 20  # steps between the validation points of the loss curve
-    prompt: str | None = None  # None: the first chunk of num_prompts held-out documents
-    num_prompts: int = 2
-    max_new_tokens: int = 128  # enough to cross chunk boundaries, so retrieval happens while generating
-    temperature: float = 0.8
-    top_k: int = 40
-    seed: int = 0
-    progress: bool = True
+    work_dir: Path = option(Path("demo-work"), help="where everything is written")
+    corpus: Path | None = option(
+        None, help="folder of your own text files (default: the bundled Python documentation)"
+    )
+    tokenizer: str = option(
+        "gpt2",
+        help="LM tokenizer: gpt2 (cased, lossless byte-level BPE), bert (the seed's way: the "
+        "embedder's uncased WordPiece for both) or a tokenizer folder",
+    )
+    minutes: float = option(5.0, help="training time budget per model")
+    baseline: bool = option(
+        False, help="also train the same model with no retrieval at all (the paper's control)"
+    )
+    model_config: str = option(
+        "retro-tiny", help="built-in model config name or a yaml file of RetroConfig arguments"
+    )
+    seq_len: int = option(256, help="training sequence length")
+    chunk_size: int = option(64, help="tokens per retrieval chunk")
+    num_neighbors: int = option(
+        2, flag="--neighbors", aliases=("--neighbours",), help="neighbours per chunk"
+    )
+    batch_size: int = option(8, help="training batch size")
+    lr: float = option(2e-3, help="peak learning rate")
+    eval_sequences: int | None = option(
+        256, to_value=zero_is_none, help="held-out sequences scored at the end (0: all)"
+    )
+    eval_every: int = option(
+        20, cli=False, help="steps between the validation points of the loss curve"
+    )
+    prompt: str | None = option(
+        None,
+        help="prompt for the generation step (default: the first chunk of --num-prompts "
+        "held-out documents)",
+    )
+    num_prompts: int = option(
+        2, help="held-out documents whose first chunk is a prompt (without --prompt)"
+    )
+    max_new_tokens: int = option(
+        128, help="tokens to generate (enough to cross chunk boundaries, so retrieval happens)"
+    )
+    temperature: float = option(0.8, cli=False, help="sampling temperature of the generations")
+    top_k: int = option(40, cli=False, help="generations sample among the k most likely tokens")
+    seed: int = option(0, help="seed of initialisation, data order, split")
+    progress: bool = option(True, negate=True, help="hide progress bars")
 
     def validate(self) -> None:
         if not self.minutes > 0:

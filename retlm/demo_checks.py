@@ -39,7 +39,7 @@ def check_options(opts: Any) -> None:
     for name, value in (
         ("--seq-len", opts.seq_len),
         ("--chunk-size", opts.chunk_size),
-        ("--neighbours", opts.num_neighbors),
+        ("--neighbors", opts.num_neighbors),
         ("--batch-size", opts.batch_size),
         ("--max-new-tokens", opts.max_new_tokens),
     ):

@@ -62,7 +62,7 @@ def test_huge_k_and_neighbours_are_refused_before_any_work(robust, tmp_path):
     model = copy_tree(robust.model, tmp_path / "model")
     flip(model / "model.safetensors")
     result = cli("generate", model, "The assert statement", "--db", robust.db, "--neighbours", 10**6)
-    assert_usage(result, "--neighbours must be at most")
+    assert_usage(result, "--neighbors must be at most")
 
 
 def test_chunk_size_is_bounded_by_the_embedder_and_nothing_is_written(robust, tmp_path):
@@ -160,7 +160,7 @@ def test_empty_and_binary_only_folders_write_nothing_and_name_the_skipped_files(
         (["--prompt", "   "], "--prompt is empty"),
         (["--chunk-size", "0"], "--chunk-size must be a positive integer"),
         (["--seq-len", "100"], "--seq-len must be a multiple of --chunk-size 64"),
-        (["--neighbours", "0"], "--neighbours must be a positive integer"),
+        (["--neighbours", "0"], "--neighbors must be a positive integer"),
         (["--chunk-size", "1024", "--seq-len", "2048"], "--chunk-size must be at most 510"),
         (["--eval-sequences", "-1"], "--eval-sequences must be >= 0"),
         (["--lr", "0"], "--lr must be a positive number"),

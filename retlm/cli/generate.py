@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from retlm.cli.main import UsageError
+from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
     "Continue PROMPT with a trained RETRO model (a run directory, its model/ folder or a checkpoint-N "
@@ -15,28 +17,48 @@ DESCRIPTION = (
 )
 
 
+@dataclass
+class GenerateOptions:
+    """The options of `retlm generate`."""
+
+    checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="trained model or run directory")
+    prompt: str = option(positional=True, metavar="PROMPT", help="the text to continue")
+    db: Path = option(
+        metavar="DB", help="retrieval database (built with the model's tokenizer and chunk size)"
+    )
+    max_new_tokens: int = option(64, help="tokens to generate")
+    sample: bool = option(False, help="sample instead of greedy decoding")
+    temperature: float = option(1.0, help="sampling temperature (> 0)")
+    top_k: int | None = option(None, help="sample among the k most likely tokens")
+    top_p: float | None = option(None, help="nucleus sampling mass (0, 1]")
+    seed: int = option(0, help="sampling seed")
+    num_neighbors: int | None = option(
+        None,
+        flag="--neighbors",
+        aliases=("--neighbours",),
+        help="neighbours per chunk (default: the database's)",
+    )
+    retrieval: bool = option(True, negate=True, help="generate without retrieval")
+    show_neighbors: bool = option(
+        False,
+        flag="--show-neighbors",
+        aliases=("--show-neighbours",),
+        help="print what was retrieved per chunk",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="generate text, retrieving at chunk boundaries",
-                                   description=DESCRIPTION,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="trained model or run directory")
-    parser.add_argument("prompt", metavar="PROMPT", help="the text to continue")
-    parser.add_argument("--db", type=Path, required=True, metavar="DB",
-                        help="retrieval database (built with the model's tokenizer and chunk size)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (0, 1]")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--neighbours", type=int, default=None,
-                        help="neighbours per chunk (default: the database's)")
-    parser.add_argument("--no-retrieval", action="store_true", help="generate without retrieval")
-    parser.add_argument("--show-neighbours", action="store_true", help="print what was retrieved per chunk")
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text, retrieving at chunk boundaries",
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_arguments(parser, GenerateOptions)
     parser.set_defaults(func=run_generate)
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(args: GenerateOptions) -> None:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not 0 < args.temperature < float("inf"):
@@ -47,28 +69,37 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.neighbours is not None and args.neighbours < 1:
-        raise UsageError(f"--neighbours must be >= 1, got {args.neighbours}")
+    if args.num_neighbors is not None and args.num_neighbors < 1:
+        raise UsageError(f"--neighbors must be >= 1, got {args.num_neighbors}")
     if not args.prompt.strip():
         raise UsageError("PROMPT is empty")
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    validate(args)
+    opts = options_from(args, GenerateOptions)
+    validate(opts)
     from retlm.generation import generate_text, print_generation
     from retlm.models.auto import load_model
     from retlm.retrieval import RetrievalDatabase
     from retlm.training.checkpoint import check_model_fits_database
 
-    db = RetrievalDatabase.open(args.db)
-    if args.neighbours is not None:
-        db.check_k(args.neighbours, "--neighbours")  # before the model is loaded
-    model = load_model(args.checkpoint)
+    db = RetrievalDatabase.open(opts.db)
+    if opts.num_neighbors is not None:
+        db.check_k(opts.num_neighbors, "--neighbors")  # before the model is loaded
+    model = load_model(opts.checkpoint)
     check_model_fits_database(model.config, db)
     result = generate_text(
-        model, db, args.prompt, retrieval=not args.no_retrieval, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, num_neighbours=args.neighbours,
+        model,
+        db,
+        opts.prompt,
+        retrieval=opts.retrieval,
+        max_new_tokens=opts.max_new_tokens,
+        seed=opts.seed,
+        do_sample=opts.sample,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        num_neighbours=opts.num_neighbors,
     )
-    print_generation(result, args.show_neighbours)
+    print_generation(result, opts.show_neighbors)
     return 0

@@ -48,8 +48,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
-                        help="yaml file of option defaults for this command (keys are option names)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE.yaml",
+        help="yaml file of option defaults for this command (keys are option names)",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on failure")
 
 
@@ -86,8 +91,8 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
     """Parse once to find --config, load its defaults into the subparser, parse again.
 
     Config values are converted and checked like command-line values of the same options (type,
-    arity, choices; see ``retlm.cli.options``)."""
-    from retlm.cli.options import UsageProblem, check_utf8, config_defaults, read_config
+    arity, choices; see ``retlm.options``)."""
+    from retlm.options import UsageProblem, check_utf8, config_defaults, read_config
 
     try:
         check_utf8(argv)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from retlm.cli.main import UsageError
 from retlm.cli.train import _options, add_training_arguments, print_training_result
+from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
     "RETRO-fit a pretrained causal LM: freeze it, add chunked cross-attention after chosen decoder layers "
@@ -39,6 +42,34 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
+@dataclass
+class RetrofitOptions:
+    """The options of `retlm retrofit` besides the training ones (those of ``TrainOptions``); the adapter
+    ones are keywords of ``retlm.training.retrofit.retrofit``."""
+
+    base: str = option(metavar="MODEL", help="the base: a model folder, a retlm run directory, or a Hub name")
+    db: Path = option(metavar="DB", help="retrieval database folder")
+    out: Path = option(metavar="RUN_DIR", help="run directory")
+    cca_layers: list[int] | None = option(
+        None,
+        type=parse_layers,
+        metavar="L1,L2,...",
+        group="adapter",
+        help="1-based decoder layers that a chunked cross-attention follows (default: every "
+        "third from the sixth, the paper's; bases under 6 layers: 2,4,...)",
+    )
+    enc_dim: int | None = option(
+        None, group="adapter", help="width of the neighbour encoder (default: the base's, at most 896)"
+    )
+    enc_depth: int = option(2, group="adapter", help="layers of the neighbour encoder")
+    heads: int | None = option(None, group="adapter", help="attention heads (default: the base's)")
+    dim_head: int | None = option(None, group="adapter", help="width per head (default: hidden / heads)")
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        """The adapter keywords of ``retrofit(base, db, out, **kwargs)``."""
+        return {k: getattr(self, k) for k in ("cca_layers", "enc_dim", "enc_depth", "heads", "dim_head")}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "retrofit",
@@ -46,34 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--base",
-        required=True,
-        metavar="MODEL",
-        help="the base: a model folder, a retlm run directory, or a Hub name",
-    )
-    parser.add_argument("--db", type=Path, required=True, metavar="DB", help="retrieval database folder")
-    parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
-    adapter = parser.add_argument_group("adapter")
-    adapter.add_argument(
-        "--cca-layers",
-        type=parse_layers,
-        default=None,
-        metavar="L1,L2,...",
-        help="1-based decoder layers that a chunked cross-attention follows (default: every "
-        "third from the sixth, the paper's; bases under 6 layers: 2,4,...)",
-    )
-    adapter.add_argument(
-        "--enc-dim",
-        type=int,
-        default=None,
-        help="width of the neighbour encoder (default: the base's, at most 896)",
-    )
-    adapter.add_argument("--enc-depth", type=int, default=2, help="layers of the neighbour encoder")
-    adapter.add_argument("--heads", type=int, default=None, help="attention heads (default: the base's)")
-    adapter.add_argument(
-        "--dim-head", type=int, default=None, help="width per head (default: hidden / heads)"
-    )
+    add_dataclass_arguments(parser, RetrofitOptions)
     add_training_arguments(parser, baseline=False)
     parser.set_defaults(func=run_retrofit, seed=None, train_fraction=None)
 
@@ -99,15 +103,6 @@ def run_retrofit(args: argparse.Namespace) -> int:
         raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
     if Path(args.base).exists() is False and (os.sep in args.base or args.base.startswith(".")):
         raise UsageError(f"--base: no such folder: {args.base}")
-    result = retrofit(
-        args.base,
-        args.db,
-        args.out,
-        cca_layers=args.cca_layers,
-        enc_dim=args.enc_dim,
-        enc_depth=args.enc_depth,
-        heads=args.heads,
-        dim_head=args.dim_head,
-        **options,
-    )
+    opts = options_from(args, RetrofitOptions)
+    result = retrofit(opts.base, opts.db, opts.out, **opts.adapter_kwargs(), **options)
     return print_training_result(result, args.out)

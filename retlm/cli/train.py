@@ -9,10 +9,12 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from retlm.cli.main import UsageError
+from retlm.options import add_dataclass_arguments, option, options_from, zero_is_none
 
 TRAIN_DESCRIPTION = (
     "Train a RETRO model on the sequences of a retrieval database (see `retlm build-db`), with the "
@@ -31,42 +33,32 @@ EVAL_DESCRIPTION = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser("train", help="train a RETRO model on a retrieval database",
-                                  description=TRAIN_DESCRIPTION,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = subparsers.add_parser(
+        "train",
+        help="train a RETRO model on a retrieval database",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     train.add_argument("--db", type=Path, required=True, metavar="DB", help="retrieval database folder")
-    train.add_argument("--model-config", default="retro-tiny", metavar="YAML",
-                       help="model config: a yaml file of RetroConfig arguments, or a built-in name "
-                       "(retro-tiny, retro-tiny-transformer, retro-seed). num_tokens, chunk_size and "
-                       "pad_id default to the database's")
+    train.add_argument(
+        "--model-config",
+        default="retro-tiny",
+        metavar="YAML",
+        help="model config: a yaml file of RetroConfig arguments, or a built-in name "
+        "(retro-tiny, retro-tiny-transformer, retro-seed). num_tokens, chunk_size and "
+        "pad_id default to the database's",
+    )
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
     add_training_arguments(train)
     train.set_defaults(func=run_train)
 
-    evaluate = subparsers.add_parser("eval", help="held-out perplexity with and without retrieval",
-                                     description=EVAL_DESCRIPTION,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    evaluate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="run, model or checkpoint dir")
-    evaluate.add_argument("--db", type=Path, required=True, metavar="DB",
-                          help="the retrieval database the model was trained on")
-    evaluate.add_argument("--split", default="heldout", choices=("heldout", "train", "all"),
-                          help="the documents training held out, the ones it trained on, or all")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    evaluate.add_argument("--max-sequences", type=int, default=None,
-                          help="evaluate at most this many sequences, spread evenly over the split")
-    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    evaluate.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
-                          help="numeric precision of the forward passes")
-    evaluate.add_argument("--json", action="store_true", help="print the result as json instead of a table")
-    evaluate.add_argument("--output", type=Path, default=None, metavar="FILE.json",
-                          help="also write the result to this json file")
-    evaluate.add_argument("--max-overlap", type=parse_fraction, default=None, metavar="X",
-                          help="filtered evaluation: drop every neighbour whose longest common span covers "
-                          "more than X of the chunk that reads it (a fraction, or a percentage: 12.5%%)")
-    evaluate.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
-                          help="where to draw loss by overlap bucket (default: CHECKPOINT/overlap.png)")
-    evaluate.add_argument("--no-plot", action="store_true", help="draw no plot")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="held-out perplexity with and without retrieval",
+        description=EVAL_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_arguments(evaluate, EvalOptions)
     evaluate.set_defaults(func=run_eval)
 
 
@@ -82,59 +74,129 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+@dataclass
+class EvalOptions:
+    """The options of `retlm eval`; ``evaluate_kwargs()`` are the keywords of
+    ``retlm.training.evaluate.evaluate(checkpoint, db, **kwargs)``."""
+
+    checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="run, model or checkpoint dir")
+    db: Path = option(metavar="DB", help="the retrieval database the model was trained on")
+    split: str = option(
+        "heldout",
+        choices=("heldout", "train", "all"),
+        help="the documents training held out, the ones it trained on, or all",
+    )
+    batch_size: int = option(8, help="sequences per forward pass")
+    max_sequences: int | None = option(
+        None, help="evaluate at most this many sequences, spread evenly over the split"
+    )
+    device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    precision: str = option(
+        "fp32", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision of the forward passes"
+    )
+    json: bool = option(False, help="print the result as json instead of a table")
+    output: Path | None = option(None, metavar="FILE.json", help="also write the result to this json file")
+    max_overlap: float | None = option(
+        None,
+        type=parse_fraction,
+        metavar="X",
+        help="filtered evaluation: drop every neighbour whose longest common span covers "
+        "more than X of the chunk that reads it (a fraction, or a percentage: 12.5%%)",
+    )
+    plot: Path | None = option(
+        None,
+        metavar="FILE.png",
+        help="where to draw loss by overlap bucket (default: CHECKPOINT/overlap.png)",
+    )
+    draw_plot: bool = option(True, negate=True, flag="--no-plot", help="draw no plot")
+    progress: bool = option(True, negate=True, help="hide progress bars")
+
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        names = ("split", "batch_size", "max_sequences", "device", "precision", "progress", "max_overlap")
+        return {name: getattr(self, name) for name in names}
+
+
+LENGTH = "length (with neither: one epoch)"
+OPTIM = "optimisation"
+DATA = "data"
+RUNS = "evaluation, checkpoints, logging"
+
+
+@dataclass
+class TrainCommandOptions:
+    """The command-line face of :class:`retlm.training.trainer.TrainOptions`: the same field names,
+    types and defaults (``tests/test_cli_options.py`` checks that they agree), plus each option's help
+    text, group and command-line conversion (``0`` -> None).
+
+    It exists only because ``TrainOptions`` lives in a module that imports torch and transformers,
+    which `retlm --help` must not pay for; once ``TrainOptions`` moves to a torch-free module and
+    carries this metadata itself, the command derives its arguments from it and this class goes."""
+
+    max_steps: int | None = option(None, group=LENGTH, help="optimizer steps")
+    minutes: float | None = option(
+        None,
+        group=LENGTH,
+        help="wall-clock training budget, counted across resumes; without --max-steps the "
+        "number of steps is chosen from a timing of the first steps",
+    )
+    lr: float = option(1e-3, group=OPTIM, help="peak learning rate (AdamW)")
+    schedule: str = option(
+        "cosine",
+        choices=("cosine", "linear", "constant"),
+        group=OPTIM,
+        help="learning-rate schedule after warmup",
+    )
+    warmup: float = option(0.05, group=OPTIM, help="warmup steps, or a fraction of the run when below 1")
+    grad_accum: int = option(1, group=OPTIM, help="micro-batches per optimizer step")
+    max_grad_norm: float | None = option(
+        1.0, to_value=zero_is_none, group=OPTIM, help="gradient clipping norm; 0: off"
+    )
+    batch_size: int = option(8, group=OPTIM, help="sequences per process per micro-batch")
+    weight_decay: float = option(0.01, group=OPTIM, help="AdamW weight decay")
+    eval_every: int | None = option(None, group=RUNS, help="steps between held-out evaluations")
+    eval_sequences: int | None = option(
+        64, to_value=zero_is_none, group=RUNS, help="held-out sequences used by those evaluations (0: all)"
+    )
+    save_every: int | None = option(
+        100, to_value=zero_is_none, group=RUNS, help="steps between checkpoints (0: only the end of the run)"
+    )
+    save_total_limit: int | None = option(2, group=RUNS, help="checkpoints kept")
+    log_every: int = option(1, group=RUNS, help="steps between metrics.jsonl records")
+    precision: str = option(
+        "auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        group=OPTIM,
+        help="auto: bf16 (or fp16) on CUDA, fp32 on CPU",
+    )
+    seed: int = option(0, group=OPTIM, help="seed of the initialisation, data order and split")
+    train_fraction: float = option(
+        0.9, group=DATA, help="fraction of the documents trained on; the rest are held out"
+    )
+    retrieval: bool = option(
+        True,
+        negate=True,
+        group=DATA,
+        help="train without neighbours: the no-retrieval baseline of the same model",
+    )
+    seq_len: int | None = option(None, group=DATA, help="tokens per sequence; None: the database's")
+    resume: str = option(
+        "auto",
+        group=RUNS,
+        help="auto: continue RUN_DIR's newest checkpoint; never: refuse a used RUN_DIR; "
+        "or a checkpoint folder",
+    )
+    progress: bool = option(True, negate=True, group=RUNS, help="hide the progress bar")
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, *, baseline: bool = True) -> None:
     """The options of :class:`~retlm.training.TrainOptions` (length, optimisation, data, evaluation and
     checkpoints), shared by `retlm train` and `retlm retrofit`; ``baseline``: offer --no-retrieval."""
-    length = parser.add_argument_group("length (with neither: one epoch)")
-    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--minutes", type=float, default=None,
-                        help="wall-clock training budget, counted across resumes; without --max-steps the "
-                        "number of steps is chosen from a timing of the first steps")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    optim.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"),
-                       help="learning-rate schedule after warmup")
-    optim.add_argument("--warmup", type=float, default=0.05,
-                       help="warmup steps, or a fraction of the run when below 1")
-    optim.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-batch")
-    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0: off")
-    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    optim.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
-    optim.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and split")
-    data = parser.add_argument_group("data")
-    data.add_argument("--train-fraction", type=float, default=0.9,
-                      help="fraction of the documents trained on; the rest are held out")
-    data.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; None: the database's")
-    if baseline:
-        data.add_argument("--no-retrieval", action="store_true",
-                          help="train without neighbours: the no-retrieval baseline of the same model")
-    runs = parser.add_argument_group("evaluation, checkpoints, logging")
-    runs.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
-    runs.add_argument("--eval-sequences", type=int, default=64,
-                      help="held-out sequences used by those evaluations (0: all)")
-    runs.add_argument("--save-every", type=int, default=100,
-                      help="steps between checkpoints (0: only the end of the run)")
-    runs.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
-    runs.add_argument("--log-every", type=int, default=1, help="steps between metrics.jsonl records")
-    runs.add_argument("--resume", default="auto",
-                      help="auto: continue RUN_DIR's newest checkpoint; never: refuse a used RUN_DIR; "
-                      "or a checkpoint folder")
-    runs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_dataclass_arguments(parser, TrainCommandOptions, skip=() if baseline else ("retrieval",))
 
 
-def _options(args: argparse.Namespace) -> dict:
-    return dict(
-        max_steps=args.max_steps, minutes=args.minutes, lr=args.lr, schedule=args.schedule,
-        warmup=args.warmup, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None,
-        batch_size=args.batch_size, weight_decay=args.weight_decay, eval_every=args.eval_every,
-        eval_sequences=args.eval_sequences or None, save_every=args.save_every or None,
-        save_total_limit=args.save_total_limit, log_every=args.log_every, precision=args.precision,
-        seed=args.seed, train_fraction=args.train_fraction,
-        retrieval=not getattr(args, "no_retrieval", False),
-        seq_len=args.seq_len, resume=args.resume, progress=not args.no_progress,
-    )
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of ``TrainOptions`` (and so of ``train`` and ``retrofit``) the command line gives."""
+    return asdict(options_from(args, TrainCommandOptions))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -166,8 +228,9 @@ def print_training_result(result: Any, out: Path) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one summary is enough
         return 0
     if result.stop_reason == "already_finished":
-        print(f"{out} already finished ({result.global_step} steps); nothing to do. "
-              f"Model: {result.model_dir}")
+        print(
+            f"{out} already finished ({result.global_step} steps); nothing to do. Model: {result.model_dir}"
+        )
         return 0
     how = "time budget reached" if result.stop_reason == "time_budget" else "all steps done"
     print(f"trained {result.global_step}/{result.max_steps} steps in {result.elapsed_s / 60:.1f} min ({how})")
@@ -177,8 +240,10 @@ def print_training_result(result: Any, out: Path) -> int:
         e = result.last_eval
         line = f"held-out loss {e['eval_loss']:.4f} (perplexity {e['eval_perplexity']:.2f})"
         if "eval_loss_no_retrieval" in e:
-            line += (f"; without retrieval {e['eval_loss_no_retrieval']:.4f} "
-                     f"(perplexity {e['eval_perplexity_no_retrieval']:.2f})")
+            line += (
+                f"; without retrieval {e['eval_loss_no_retrieval']:.4f} "
+                f"(perplexity {e['eval_perplexity_no_retrieval']:.2f})"
+            )
         print(line)
     print(f"model: {result.model_dir}   metrics: {result.metrics_file}")
     return 0
@@ -202,11 +267,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output} is a folder; give a file name")
         if not args.output.parent.is_dir():
             raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
-    result = evaluate(args.checkpoint, args.db, split=args.split, batch_size=args.batch_size,
-                      max_sequences=args.max_sequences, device=args.device, precision=args.precision,
-                      progress=not args.no_progress, max_overlap=args.max_overlap)
+    result = evaluate(args.checkpoint, args.db, **options_from(args, EvalOptions).evaluate_kwargs())
     plot = None
-    if not args.no_plot:
+    if not args.no_draw_plot:
         from retlm.training.plot import plot_overlap_buckets
 
         folder = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent

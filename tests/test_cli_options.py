@@ -1,0 +1,162 @@
+"""Options written once: each command's argparse options and ``--config`` keys are derived from one typed
+dataclass (``retlm.options``), and the Python keywords are that dataclass's fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+
+import pytest
+import yaml
+
+from retlm.cli.db import BuildOptions
+from retlm.cli.generate import GenerateOptions
+from retlm.cli.main import _apply_config, build_parser
+from retlm.cli.retrofit import RetrofitOptions
+from retlm.cli.train import EvalOptions, TrainCommandOptions
+from retlm.demo import DemoOptions
+from retlm.options import cli_fields, options_from
+
+COMMANDS = {
+    "build-db": (BuildOptions, ["TEXT", "--out", "DB"]),
+    "generate": (GenerateOptions, ["CKPT", "a prompt", "--db", "DB"]),
+    "demo": (DemoOptions, []),
+    "retrofit": (RetrofitOptions, ["--base", "gpt2", "--db", "DB", "--out", "RUN"]),
+    "train": (TrainCommandOptions, ["--db", "DB", "--out", "RUN"]),
+    "eval": (EvalOptions, ["CKPT", "--db", "DB"]),
+}
+
+
+def _sub(name: str):
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+def _parse(argv):
+    return _apply_config(build_parser(), [str(a) for a in argv])
+
+
+def _flag(f: dataclasses.Field) -> str:
+    default = f"--no-{f.name}" if f.metadata.get("negate") else "--" + f.name
+    return f.metadata.get("flag", default).replace("_", "-")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_field_is_an_option_with_help_and_its_default_shown(command):
+    cls, _ = COMMANDS[command]
+    options_part = _sub(command).format_help().split("options:", 1)[1]
+    blocks = {}
+    for block in re.split(r"\n  (?=-)", options_part):
+        text = " ".join(block.split())
+        blocks[text.split(" ")[0].rstrip(",")] = text
+    positional = " ".join(_sub(command).format_help().split("options:", 1)[0].split())
+    fields = cli_fields(cls)
+    assert len(fields) >= 5
+    for f in fields:
+        help_start = " ".join(f.metadata["help"].split()[:4])
+        if f.metadata.get("positional"):
+            assert f"{f.metadata['metavar']} {help_start}" in positional, (command, f.name)
+            continue
+        block = blocks.get(_flag(f))
+        assert block is not None, (command, _flag(f), sorted(blocks))
+        assert help_start in block, (command, f.name, block)
+        shown = f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool)
+        assert ("(default" in block) == (shown or "(default" in f.metadata["help"]), (command, block)
+    no_help = [f.name for f in dataclasses.fields(cls) if "help" not in f.metadata]
+    assert no_help == [], f"{cls.__name__} fields without help text: {no_help}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_defaults_of_the_command_line_are_the_dataclass_defaults(command):
+    cls, required = COMMANDS[command]
+    got = options_from(_parse([command, *required]), cls)
+    given = {
+        f.name: getattr(got, f.name) for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+    }
+    expected = cls(**given)
+    assert got == expected, command
+
+
+@pytest.mark.parametrize("command", ["build-db", "generate", "demo"])
+def test_neighbours_alias_equals_neighbors(command):
+    cls, required = COMMANDS[command]
+    one = options_from(_parse([command, *required, "--neighbors", "3"]), cls)
+    other = options_from(_parse([command, *required, "--neighbours", "3"]), cls)
+    assert one == other and one.num_neighbors == 3
+    assert "--neighbors" in _sub(command).format_help()
+
+
+def test_yaml_config_and_flags_give_the_same_options(tmp_path):
+    flags = ["--neighbours", "3", "--chunk-size", "32", "--pooling", "cls", "--no-progress", "--no-wait"]
+    by_flags = options_from(_parse(["build-db", "TEXT", "--out", "DB", *flags]), BuildOptions)
+    for spelling in ("neighbors", "neighbours", "num_neighbors"):
+        config = tmp_path / f"{spelling}.yaml"
+        values = {spelling: 3, "chunk-size": 32, "pooling": "cls", "no_progress": True, "no_wait": True}
+        config.write_text(yaml.safe_dump(values))
+        by_yaml = options_from(_parse(["build-db", "TEXT", "--out", "DB", "--config", config]), BuildOptions)
+        assert by_yaml == by_flags, spelling
+    assert by_flags.num_neighbors == 3 and by_flags.chunk_size == 32
+    assert by_flags.progress is False and by_flags.wait is False
+    assert by_flags != BuildOptions(text_dir=by_flags.text_dir, out=by_flags.out)
+
+
+def test_command_line_wins_over_config_and_zero_means_none(tmp_path):
+    config = tmp_path / "demo.yaml"
+    config.write_text("neighbours: 5\neval_sequences: 0\nlr: 0.01\n")
+    opts = options_from(_parse(["demo", "--config", config, "--neighbors", "4"]), DemoOptions)
+    assert opts == DemoOptions(num_neighbors=4, eval_sequences=None, lr=0.01)
+
+
+def test_one_option_twice_in_a_config_is_a_one_line_usage_error(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text("neighbors: 2\nneighbours: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(["build-db", "TEXT", "--out", "DB", "--config", config])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'neighbours' sets --neighbors a second time" in last
+
+
+def test_build_options_are_keywords_of_the_database_build():
+    from retlm.retrieval import RetrievalDatabase
+
+    params = inspect.signature(RetrievalDatabase.build).parameters
+    kwargs = BuildOptions(text_dir="T", out="D").build_kwargs()
+    assert set(kwargs) <= set(params), set(kwargs) - set(params)
+    ray = BuildOptions(text_dir="T", out="D", engine="ray", shards=3).build_kwargs()
+    assert ray["engine"] == "ray" and ray["num_shards"] == 3 and set(ray) <= set(params)
+
+
+def test_eval_options_are_keywords_of_evaluate():
+    from retlm.training.evaluate import evaluate
+
+    params = inspect.signature(evaluate).parameters
+    args = _parse(["eval", "CKPT", "--db", "DB", "--max-overlap", "12.5%", "--no-progress", "--no-plot"])
+    opts = options_from(args, EvalOptions)
+    assert set(opts.evaluate_kwargs()) <= set(params)
+    assert opts.max_overlap == 0.125 and opts.progress is False and opts.draw_plot is False
+
+
+def test_train_command_options_mirror_train_options():
+    """``TrainCommandOptions`` must carry exactly ``TrainOptions``'s fields, types and defaults (it exists
+    only because ``TrainOptions`` lives in a module importing torch; see its docstring)."""
+    from retlm.training.config import TrainOptions
+
+    ours = {f.name: f.default for f in dataclasses.fields(TrainCommandOptions)}
+    theirs = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    assert ours == theirs
+    assert typing.get_type_hints(TrainCommandOptions) == typing.get_type_hints(TrainOptions)
+    parsed = options_from(_parse(["train", "--db", "DB", "--out", "RUN"]), TrainCommandOptions)
+    assert TrainOptions(**dataclasses.asdict(parsed)) == TrainOptions()
+    zeros = ["--max-grad-norm", "0", "--eval-sequences", "0", "--save-every", "0", "--no-retrieval"]
+    parsed = options_from(_parse(["train", "--db", "DB", "--out", "RUN", *zeros]), TrainCommandOptions)
+    assert TrainOptions(**dataclasses.asdict(parsed)) == TrainOptions(
+        max_grad_norm=None, eval_sequences=None, save_every=None, retrieval=False
+    )
+
+
+def test_retrofit_offers_no_no_retrieval_and_keeps_its_base_defaults():
+    args = _parse(["retrofit", "--base", "gpt2", "--db", "DB", "--out", "RUN", "--cca-layers", "2,4"])
+    assert not hasattr(args, "no_retrieval") and args.seed is None and args.train_fraction is None
+    assert options_from(args, RetrofitOptions).adapter_kwargs()["cca_layers"] == [2, 4]
