@@ -266,3 +266,19 @@ def test_seed_readme_usage_example_small_dims():
     assert torch.isfinite(loss)
     assert retro.to_logits.weight.grad is not None
     assert retro.model.encoder.layers[0].self_attn.to_q.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("cca_layers", [(2, 4), ()])
+def test_a_cache_continued_on_another_batch_size_is_refused(decoder, cca_layers):
+    # A RetNet decoder's retention state (batch 1) would broadcast over a batch of 2 without the check.
+    model = make(decoder, dtype=torch.float32, dec_cross_attn_layers=cca_layers)
+    seq, retrieved = data(9, batch=2)
+    with torch.no_grad():
+        cache = model(input_ids=seq[:1, :8], retrieved=retrieved[:1, :2], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"past_key_values holds 1 rows but input_ids has batch 2"):
+            model(input_ids=seq[:, 8:9], past_key_values=cache)
+        with pytest.raises(ValueError, match="must be a RetroCache"):
+            model(input_ids=seq[:1, 8:9], past_key_values=(torch.zeros(1),))
+        row = model(input_ids=seq[:1, 8:9], past_key_values=cache).logits  # its own batch still works
+    assert row.shape == (1, 1, SMALL["num_tokens"])

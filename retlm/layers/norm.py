@@ -2,7 +2,7 @@
 
 For standard RMSNorm and LayerNorm use ``torch.nn.RMSNorm`` / ``torch.nn.LayerNorm`` directly
 (see :func:`build_norm`). :class:`ScaledL2Norm` is the RMSNorm variant that retro-pytorch uses,
-needed to reproduce its logits exactly.
+needed to reproduce its logits exactly, and :class:`GatedScaledL2Norm` its gated variant.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ class ScaledL2Norm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         norm = x.norm(dim=-1, keepdim=True) * self.scale
         return x / norm.clamp(min=self.eps) * self.gamma
+
+
+class GatedScaledL2Norm(ScaledL2Norm):
+    """retro-pytorch's gated RMSNorm: ``ScaledL2Norm(x) * sigmoid(x * weight)``."""
+
+    def __init__(self, dim: int, eps: float = 1e-8) -> None:
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * (x * self.weight).sigmoid()
 
 
 def build_norm(kind: str, dim: int, eps: float, *, elementwise_affine: bool = True) -> nn.Module:

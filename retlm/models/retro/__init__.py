@@ -7,14 +7,10 @@ Importing this package registers the ``"retro"`` model type with ``AutoConfig``,
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from retlm.models.retro.cache import RetroCache
+from retlm.models.retro.compat_retro_pytorch import RETRO
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.modeling_retro import (
-    RETRO,
-    RetroCache,
-    RetroForCausalLM,
-    RetroModel,
-    RetroPreTrainedModel,
-)
+from retlm.models.retro.modeling_retro import RetroForCausalLM, RetroModel, RetroPreTrainedModel
 
 AutoConfig.register(RetroConfig.model_type, RetroConfig, exist_ok=True)
 AutoModel.register(RetroConfig, RetroModel, exist_ok=True)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from retlm.models.retro.compat_retro_pytorch import RETRO
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.modeling_retro import RETRO
 
 RETRO_PYTORCH_HEADS = 8  # retro-pytorch 0.3.9 never passes `heads` on to its attention layers
 RETRO_PYTORCH_MIN_DIM_HEAD = 32

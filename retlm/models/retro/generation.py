@@ -97,8 +97,16 @@ class _Retriever:
         found = self.database.search(queries, self.k)
         for row, log in enumerate(self.log):
             for j, u in enumerate(chunks):
-                log.append(ChunkRetrieval(u, queries[row, j], found.chunk_ids[row, j], found.doc_ids[row, j],
-                                          found.scores[row, j], found.tokens[row, j]))
+                log.append(
+                    ChunkRetrieval(
+                        u,
+                        queries[row, j],
+                        found.chunk_ids[row, j],
+                        found.doc_ids[row, j],
+                        found.scores[row, j],
+                        found.tokens[row, j],
+                    )
+                )
         return torch.as_tensor(np.asarray(found.tokens), dtype=torch.long, device=sequence.device)
 
 
@@ -134,14 +142,18 @@ def generate_with_retrieval(
     config = model.config
     c = config.chunk_size
     if database is not None and database.chunk_size != c:
-        raise ValueError(f"the database's chunk_size={database.chunk_size} differs from the model's "
-                         f"chunk_size={c}; build the database with --chunk-size {c}")
+        raise ValueError(
+            f"the database's chunk_size={database.chunk_size} differs from the model's "
+            f"chunk_size={c}; build the database with --chunk-size {c}"
+        )
     total = input_ids.shape[1] + max_new_tokens
     if total > config.max_seq_len:
         from retlm.errors import OptionError  # a usage error (exit code 2), before any forward pass
 
-        raise OptionError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds the model's max_seq_len={config.max_seq_len}")
+        raise OptionError(
+            f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's max_seq_len={config.max_seq_len}"
+        )
     k = num_neighbours or (database.num_neighbors if database is not None else 0)
     retrieve = _Retriever(database, k, input_ids.shape[0]) if database is not None else None
     processors = _logits_processors(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
@@ -149,8 +161,9 @@ def generate_with_retrieval(
     sequence = input_ids
     prompt_len = input_ids.shape[1]
     retrieved = retrieve(sequence, range(prompt_len // c)) if retrieve else None
-    out = model(input_ids=sequence, retrieved=retrieved, use_cache=True, retnet_mode=retnet_mode,
-                logits_to_keep=1)
+    out = model(
+        input_ids=sequence, retrieved=retrieved, use_cache=True, retnet_mode=retnet_mode, logits_to_keep=1
+    )
     cache = output_cache(out)
     finished = torch.zeros(sequence.shape[0], dtype=torch.bool, device=sequence.device)
     for step in range(max_new_tokens):
@@ -171,6 +184,11 @@ def generate_with_retrieval(
         if retrieve and (position + 1) % c == 0:  # this token completes chunk position // c
             retrieved = retrieve(sequence, range(position // c, position // c + 1))
             retrieved = retrieved[:, 0]  # (batch, k, 2c): one chunk, as the incremental API expects
-        out = model(input_ids=sequence[:, -1:], retrieved=retrieved, use_cache=True, retnet_mode=retnet_mode,
-                    **cache_kwargs(cache))
+        out = model(
+            input_ids=sequence[:, -1:],
+            retrieved=retrieved,
+            use_cache=True,
+            retnet_mode=retnet_mode,
+            **cache_kwargs(cache),
+        )
     return RetrievalGenerateOutput(sequence, retrieve.log if retrieve else [[] for _ in range(len(sequence))])

@@ -30,8 +30,6 @@ forward with the same neighbours (tested).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,171 +37,32 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 
 from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
-from retlm.layers.attention import Attention, ChunkedCrossAttention, KVCache
-from retlm.layers.feedforward import FeedForward
-from retlm.layers.norm import ScaledL2Norm
+from retlm.layers.attention import Attention, ChunkedCrossAttention
+from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.ops.attention import cca_groups, chunks_completed
+from retlm.models.retro.encoder import RetroEncoder, RetroEncoderLayer  # noqa: F401  (importable here)
+from retlm.models.retro.neighbours import (
+    check_retrieved,
+    cross_attend,
+    encode_neighbours,
+    neighbours_for_call,
+)
+from retlm.models.retro.sublayers import (  # noqa: F401  (GatedScaledL2Norm, final_norm: importable here)
+    GatedScaledL2Norm,
+    Residual,
+    feed_forward,
+    final_norm,
+)
+from retlm.models.retro.weights import (  # noqa: F401  (config_difference: importable here)
+    StrictLoadingMixin,
+    config_difference,
+    init_retro_module,
+)
 from retlm.ops.retention import RETENTION_MODES
 
-# -- cache --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RetroCache:
-    """Decoding state of a RETRO model (all rows of the batch share one position).
-
-    Attributes:
-        position: number of tokens processed so far (absolute position of the next token).
-        layers: per decoder layer, the rotated self-attention keys and values (a growing ``KVCache``,
-            ``(batch, heads, position, dim_head)``; transformer decoder), or the retention state
-            (RetNet decoder: constant size), or None before the first call.
-        context: ``(batch, position % chunk_size, dec_dim)`` decoder states, at the first CCA layer, of
-            the current incomplete chunk; the encoder is conditioned on them once the chunk completes.
-        neighbours: ``(batch, k, r, dec_dim)`` encoded neighbours of the last completed chunk (read by the
-            tokens up to the end of the following chunk), or None when that chunk had no retrieval.
-        neighbour_mask: ``(batch, k, r)`` bool, True = real neighbour token.
-    """
-
-    position: int = 0
-    layers: list[Any] = field(default_factory=list)
-    context: Tensor | None = None
-    neighbours: Tensor | None = None
-    neighbour_mask: Tensor | None = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.position
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        """Keep (or reorder, e.g. for beam search) the batch rows ``indices``."""
-
-        def select(value: Any) -> Any:
-            if isinstance(value, KVCache):  # moves the indices to its own device
-                return value.index_select(0, indices)
-            if isinstance(value, Tensor):
-                return value.index_select(0, indices.to(value.device))
-            if isinstance(value, (tuple, list)):
-                return type(value)(select(v) for v in value)
-            return value
-
-        self.layers = [select(state) for state in self.layers]
-        self.context, self.neighbours, self.neighbour_mask = (
-            select(self.context),
-            select(self.neighbours),
-            select(self.neighbour_mask),
-        )
-
-    reorder_cache = batch_select_indices
-
-
 # -- building blocks ----------------------------------------------------------------------------------
-
-
-class GatedScaledL2Norm(ScaledL2Norm):
-    """retro-pytorch's gated RMSNorm: ``ScaledL2Norm(x) * sigmoid(x * weight)``."""
-
-    def __init__(self, dim: int, eps: float = 1e-8) -> None:
-        super().__init__(dim, eps)
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) * (x * self.weight).sigmoid()
-
-
-class Residual(nn.Module):
-    """A residual around a sub-layer: pre-norm ``x + f(norm(x))``, or DeepNet post-norm
-    ``norm(f(x) + scale * x)``. Call ``pre(x)`` for the sub-layer input, ``post(x, f_out)`` after it."""
-
-    def __init__(self, dim: int, config: RetroConfig, scale: float | None) -> None:
-        super().__init__()
-        if config.gated_rmsnorm:
-            self.norm: nn.Module = GatedScaledL2Norm(dim, config.norm_eps)
-        elif config.use_deepnet:
-            self.norm = nn.LayerNorm(dim)
-        else:
-            self.norm = ScaledL2Norm(dim, config.norm_eps)
-        self.post_norm = config.use_deepnet
-        self.scale = 1.0 if scale is None else scale
-
-    def pre(self, x: Tensor) -> Tensor:
-        return x if self.post_norm else self.norm(x)
-
-    def post(self, x: Tensor, out: Tensor) -> Tensor:
-        return self.norm(out + x * self.scale) if self.post_norm else x + out
-
-
-def final_norm(dim: int, config: RetroConfig) -> nn.Module:
-    if config.use_deepnet:  # post-norm blocks end normalised already
-        return nn.Identity()
-    return Residual(dim, config, None).norm
-
-
-def feed_forward(dim: int, config: RetroConfig, dropout: float) -> FeedForward:
-    return FeedForward(
-        dim, int(config.ff_mult * dim), activation="gelu", bias=True, activation_dropout=dropout
-    )
-
-
-class RetroEncoderLayer(nn.Module):
-    def __init__(self, config: RetroConfig, has_cross_attn: bool) -> None:
-        super().__init__()
-        dim, scale = config.enc_dim, config.enc_scale_residual
-        common = dict(
-            heads=config.heads,
-            dim_head=config.dim_head,
-            dropout=config.enc_attn_dropout,
-            rotary_dim=config.rotary_dim,
-        )
-        self.self_attn = Attention(dim, **common)
-        self.self_attn_norm = Residual(dim, config, scale)
-        self.cross_attn = Attention(dim, context_dim=config.dec_dim, **common) if has_cross_attn else None
-        self.cross_attn_norm = Residual(dim, config, scale) if has_cross_attn else None
-        self.ff = feed_forward(dim, config, config.enc_ff_dropout)
-        self.ff_norm = Residual(dim, config, scale)
-
-
-class RetroEncoder(nn.Module):
-    """Encodes neighbours (+ continuations) bidirectionally, cross-attending to the retrieving chunk."""
-
-    def __init__(self, config: RetroConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            RetroEncoderLayer(config, config.enc_has_cross_attn(i)) for i in range(1, config.enc_depth + 1)
-        )
-        self.norm_out = final_norm(config.enc_dim, config)
-        self.project_out = nn.Linear(config.enc_dim, config.dec_dim)
-
-    def forward(self, x: Tensor, mask: Tensor, context: Tensor) -> Tensor:
-        """
-        Args:
-            x: ``(chunks, k, r, enc_dim)`` embedded neighbours of ``chunks`` retrieving chunks.
-            mask: ``(chunks, k, r)`` bool, True = real token.
-            context: ``(chunks, chunk_size, dec_dim)`` decoder states of each retrieving chunk.
-
-        Returns ``(chunks, k, r, dec_dim)``.
-        """
-        num_neighbours, r = x.shape[1:3]
-        positions = torch.arange(r, device=x.device)
-        # all k neighbours of a chunk attend to the same context: one query block of k * r tokens
-        neighbour_positions = positions.repeat(num_neighbours)
-        context_positions = torch.arange(context.shape[1], device=x.device)
-        x = rearrange(x, "u k r d -> (u k) r d")
-        key_mask = rearrange(mask, "u k r -> (u k) r")
-        for layer in self.layers:
-            h, _ = layer.self_attn(layer.self_attn_norm.pre(x), key_mask=key_mask, q_positions=positions)
-            x = layer.self_attn_norm.post(x, h)
-            if layer.cross_attn is not None:
-                h = rearrange(layer.cross_attn_norm.pre(x), "(u k) r d -> u (k r) d", k=num_neighbours)
-                h, _ = layer.cross_attn(
-                    h, context, q_positions=neighbour_positions, k_positions=context_positions
-                )
-                x = layer.cross_attn_norm.post(x, rearrange(h, "u (k r) d -> (u k) r d", k=num_neighbours))
-            x = layer.ff_norm.post(x, layer.ff(layer.ff_norm.pre(x)))
-        x = self.project_out(self.norm_out(x))
-        return rearrange(x, "(u k) r d -> u k r d", k=num_neighbours)
 
 
 class RetroDecoderLayer(nn.Module):
@@ -299,24 +158,10 @@ class RetroDecoderLayer(nn.Module):
         return self.feed_forward(x), state
 
 
-def cross_attend(
-    cca: ChunkedCrossAttention,
-    cca_norm: Residual,
-    x: Tensor,
-    start: int,
-    neighbours: tuple[Tensor, Tensor, Tensor | None],
-) -> Tensor:
-    """The residual CCA sub-layer ``x + CCA(norm(x), neighbours)`` for positions ``start ..`` of
-    ``x (batch, seq, dim)``; ``neighbours`` as returned by :func:`neighbours_for_call`."""
-    encoded, mask, group_valid = neighbours
-    h = cca(cca_norm.pre(x), encoded, mask, start=start, group_valid=group_valid)
-    return cca_norm.post(x, h)
-
-
 # -- models -------------------------------------------------------------------------------------------
 
 
-class RetroPreTrainedModel(PreTrainedModel):
+class RetroPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: RetroConfig
     config_class = RetroConfig
     base_model_prefix = "model"
@@ -326,75 +171,14 @@ class RetroPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _is_stateful = True
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``from_pretrained``, but a checkpoint that does not fit the model's config (missing,
-        unexpected or differently shaped tensors) is refused with a ValueError instead of being patched
-        with fresh weights."""
-        want_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-            )
-        except RuntimeError as error:
-            if "mismatched" not in str(error):
-                raise
-            raise ValueError(
-                f"the checkpoint in {pretrained_model_name_or_path} was saved from another RETRO config "
-                f"(tensor shapes differ{config_difference(pretrained_model_name_or_path, kwargs)}); "
-                "load it with the config.json saved beside it"
-            ) from error
-        wrong = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        wrong = {name: sorted(map(str, keys))[:6] for name, keys in wrong.items() if keys}
-        if wrong:
-            raise ValueError(
-                f"the checkpoint in {pretrained_model_name_or_path} does not fit this RETRO config "
-                f"({wrong}{config_difference(pretrained_model_name_or_path, kwargs)}); "
-                "load it with the config.json saved beside it"
-            )
-        return (model, info) if want_info else model
-
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         init_retro_module(module)
 
 
-def init_retro_module(module: nn.Module) -> None:
-    """RETRO's initialisation beyond transformers' default (which runs first): zeroed CCA output
-    projections (``zero_init``), unit norm gains, normal null keys and values."""
-    if getattr(module, "zero_init", False):  # RetroConfig.zero_init_cca; drawn first, so that every
-        init.zeros_(module.weight)  # other weight is initialised exactly as without the option
-        init.zeros_(module.bias)
-    if isinstance(module, ScaledL2Norm):
-        init.ones_(module.gamma)
-    if isinstance(module, GatedScaledL2Norm):
-        init.ones_(module.weight)
-    if isinstance(module, Attention) and module.null_k is not None:
-        init.normal_(module.null_k)
-        init.normal_(module.null_v)
-
-
 def at_least_float32(logits: Tensor) -> Tensor:
     """Half-precision logits are upcast for the loss; float64 stays float64."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def config_difference(path: Any, kwargs: dict[str, Any]) -> str:
-    """``"; config differs from the saved one in {field: (saved, given)}"`` when a config was passed."""
-    given = kwargs.get("config")
-    if not isinstance(given, RetroConfig):
-        return ""
-    try:
-        saved = RetroConfig.from_pretrained(path).to_dict()
-    except (OSError, ValueError):
-        return ""
-    ignored = {"transformers_version", "architectures", "dtype", "torch_dtype"}
-    diff = {
-        key: (saved.get(key), value)
-        for key, value in given.to_dict().items()
-        if key not in ignored and saved.get(key) != value
-    }
-    return f"; the config differs from the saved one in {{field: (saved, given)}} = {diff}" if diff else ""
 
 
 def check_right_padding(attention_mask: Tensor | None) -> None:
@@ -427,108 +211,6 @@ def _cross_and_feed_forward(
     if layer.cca is not None and encoded is not None:
         x = layer.cross(x, start, (encoded, mask, group_valid))
     return layer.feed_forward(x)
-
-
-def check_retrieved(
-    retrieved: Tensor | None, chunk_size: int, batch: int, start: int, seq_len: int, incremental: bool
-) -> Tensor | None:
-    """Validate the ``retrieved`` argument of a call that feeds positions ``start .. start+seq_len-1`` and
-    return it as ``(batch, completed_chunks, k, r)`` (see :meth:`RetroModel.forward`)."""
-    if retrieved is None:
-        return None
-    c = chunk_size
-    _, num_new = chunks_completed(start, seq_len, c)
-    if retrieved.dim() == 3:  # one chunk's k neighbours (decoding), or the seed's single neighbour
-        retrieved = retrieved[:, None] if incremental else retrieved[:, :, None]
-    where = f"positions {start}..{start + seq_len - 1}" if incremental else f"sequence length {seq_len}"
-    expected = f"(batch={batch}, num_chunks={num_new}, num_neighbours, {2 * c})"
-    if retrieved.dim() != 4 or retrieved.shape[0] != batch or retrieved.shape[1] != num_new:
-        raise ValueError(
-            f"retrieved must have shape {expected} for {where} with chunk_size={c} "
-            f"(one entry per chunk completed by these tokens), got {tuple(retrieved.shape)}"
-        )
-    if retrieved.shape[3] < c:
-        raise ValueError(
-            f"retrieved chunks must hold at least chunk_size={c} tokens (neighbour + continuation: "
-            f"{2 * c}); expected shape {expected}, got {tuple(retrieved.shape)}"
-        )
-    if retrieved.is_floating_point():
-        raise ValueError(f"retrieved must hold token ids (an integer tensor), got {retrieved.dtype}")
-    return retrieved
-
-
-def encode_neighbours(
-    embed: Callable[[Tensor], Tensor], encoder: RetroEncoder, pad_id: int, retrieved: Tensor, context: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Embed (``embed``: token ids -> ``enc_dim`` vectors) and encode neighbours.
-
-    ``retrieved (batch, u, k, r)`` token ids (``pad_id`` or -1 = missing), ``context (batch, u, c, dec_dim)``
-    decoder states of the retrieving chunks -> ``(encoded (batch, u, k, r, dec_dim), mask (batch, u, k, r))``.
-    """
-    batch = retrieved.shape[0]
-    mask = (retrieved != pad_id) & (retrieved >= 0)
-    tokens = embed(retrieved.clamp(min=0).long())
-    encoded = encoder(
-        rearrange(tokens, "b u k r d -> (b u) k r d"),
-        rearrange(mask, "b u k r -> (b u) k r"),
-        rearrange(context, "b u n d -> (b u) n d"),
-    )
-    return rearrange(encoded, "(b u) k r d -> b u k r d", b=batch), mask
-
-
-def neighbours_for_call(
-    x: Tensor,
-    retrieved: Tensor | None,
-    start: int,
-    cache: RetroCache | None,
-    chunk_size: int,
-    encode: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-) -> tuple[Tensor, Tensor, Tensor | None] | None:
-    """Encode the neighbours of the chunks completed by this call and collect, for every CCA group the
-    call's positions touch, its encoded neighbours.
-
-    ``x (batch, seq, dec_dim)``: decoder states of positions ``start ..`` at the layer that conditions the
-    encoder; ``retrieved (batch, completed_chunks, k, r)`` or None; ``cache``: the decoding state (its
-    ``context``, ``neighbours`` and ``neighbour_mask`` are read and updated), or None for a full forward;
-    ``encode(retrieved, context)`` as :func:`encode_neighbours`. Returns ``(encoded (b, g, k, r, d),
-    mask (b, g, k, r), group_valid (g,) or None)`` or None when no group has neighbours.
-    """
-    c = chunk_size
-    _, num_new = chunks_completed(start, x.shape[1], c)
-    context = x if cache is None or cache.context is None else torch.cat((cache.context, x), dim=1)
-    new = None
-    if retrieved is not None and num_new > 0:
-        chunk_context = rearrange(context[:, : num_new * c], "b (u n) d -> b u n d", n=c)
-        new = encode(retrieved, chunk_context)
-    _, num_groups = cca_groups(start, x.shape[1], c)
-    from_cache = num_groups - num_new  # 1 when the first group's chunk was completed earlier
-    old = None
-    if from_cache and cache is not None and cache.neighbours is not None:
-        old = (cache.neighbours[:, None], cache.neighbour_mask[:, None])
-    if cache is not None:
-        cache.context = context[:, num_new * c :]
-        if num_new > 0:
-            cache.neighbours = None if new is None else new[0][:, -1]
-            cache.neighbour_mask = None if new is None else new[1][:, -1]
-    if num_groups == 0 or (new is None and old is None):
-        return None
-    template = new if new is not None else old
-    if new is not None and old is not None and new[1].shape[2:] != old[1].shape[2:]:
-        raise ValueError(
-            "the neighbours of consecutive chunks must have the same (num_neighbours, length); "
-            f"cached {tuple(old[1].shape[2:])}, new {tuple(new[1].shape[2:])}"
-        )
-    encoded, masks, flags = [], [], []
-    for part, count in ((old, from_cache), (new, num_new)):
-        if count == 0:
-            continue
-        flags += [part is not None] * count
-        if part is None:  # these groups had no retrieval: zeros in, and their output is dropped
-            part = tuple(t[:, :1].new_zeros(t[:, :1].shape).expand(-1, count, *t.shape[2:]) for t in template)
-        encoded.append(part[0])
-        masks.append(part[1])
-    group_valid = None if all(flags) else torch.tensor(flags, device=x.device)
-    return torch.cat(encoded, dim=1), torch.cat(masks, dim=1), group_valid
 
 
 class RetroModel(RetroPreTrainedModel):
@@ -566,6 +248,25 @@ class RetroModel(RetroPreTrainedModel):
     ) -> Tensor | None:
         """Validate ``retrieved`` and return it as ``(batch, completed_chunks, k, r)``."""
         return check_retrieved(retrieved, self.config.chunk_size, batch, start, seq_len, incremental)
+
+    def check_cache(self, cache: RetroCache, batch: int) -> None:
+        """Refuse a cache of another type, depth or batch size than this call's ``(batch, seq)`` input."""
+        if not isinstance(cache, RetroCache):
+            raise ValueError(
+                f"past_key_values must be a RetroCache (or None), got {type(cache).__name__}; "
+                "pass the past_key_values returned by this model"
+            )
+        if cache.layers and len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"past_key_values comes from another config: it has {len(cache.layers)} layers, "
+                f"this model has dec_depth={len(self.layers)}"
+            )
+        rows = cache.batch_size()
+        if rows is not None and rows != batch:
+            raise ValueError(
+                f"past_key_values holds {rows} rows but input_ids has batch {batch}; continue a cache "
+                "with the batch it was built on (or select rows with cache.batch_select_indices)"
+            )
 
     # -- pieces ---------------------------------------------------------------------------------------
 
@@ -620,6 +321,8 @@ class RetroModel(RetroPreTrainedModel):
         check_right_padding(attention_mask)
         batch, seq_len = input_ids.shape
         cache = resolve_cache(past_key_values, kwargs)
+        if cache is not None:
+            self.check_cache(cache, batch)
         start = cache.position if cache is not None else 0
         if start + seq_len > config.max_seq_len:
             raise ValueError(
@@ -778,41 +481,9 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         return out.to_tuple() if return_dict is False else out
 
 
-class RETRO(RetroForCausalLM):
-    """The seed's interface: ``RETRO(chunk_size=..., max_seq_len=..., enc_dim=..., ...)`` (any
-    :class:`RetroConfig` argument) and ``forward(seq, retrieved=None, return_loss=False)``.
+def __getattr__(name: str) -> Any:
+    if name == "RETRO":  # built on RetroForCausalLM, in its own module (imported late: no cycle)
+        from retlm.models.retro.compat_retro_pytorch import RETRO
 
-    ``seq``: ``(batch, n)``, or ``(batch, n + 1)`` when ``return_loss`` (split into inputs and labels;
-    ``pad_id`` labels are ignored). ``retrieved``: ``(batch, n // chunk_size, k, 2 * chunk_size)`` or None.
-    Returns logits ``(batch, n, num_tokens)`` or the scalar loss. Called with HF keywords
-    (``input_ids=...``) it behaves as :class:`RetroForCausalLM`.
-    """
-
-    def __init__(self, config: RetroConfig | None = None, **kwargs: Any) -> None:
-        if config is None:
-            config = RetroConfig(**kwargs)
-        elif kwargs:
-            raise ValueError(
-                f"pass either a RetroConfig or keyword arguments, not both (got {sorted(kwargs)})"
-            )
-        super().__init__(config)
-
-    def forward(  # type: ignore[override]
-        self,
-        seq: Tensor | None = None,
-        retrieved: Tensor | None = None,
-        return_loss: bool = False,
-        **kwargs: Any,
-    ) -> Tensor | CausalLMOutputWithCache | tuple:
-        if seq is None or kwargs:
-            return super().forward(input_ids=kwargs.pop("input_ids", seq), retrieved=retrieved, **kwargs)
-        if return_loss:
-            seq, labels = seq[:, :-1], seq[:, 1:]
-        logits = super().forward(input_ids=seq, retrieved=retrieved).logits
-        if not return_loss:
-            return logits
-        return F.cross_entropy(
-            rearrange(at_least_float32(logits), "b n v -> b v n"),
-            labels.long(),
-            ignore_index=self.config.pad_id,
-        )
+        return RETRO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,9 +13,9 @@ state of a RetNet, a ``RetroCache`` for a RETRO control) and ``generate()`` are 
 CCA output projection starts at zero, so a fresh RETRO-fitted model computes exactly its base; the
 base's parameters are frozen, and only the adapter (:class:`RetroFitAdapter`) trains.
 
-The encoder, the CCA layers and the chunk alignment are RETRO's own
-(:mod:`retlm.models.retro.modeling_retro`): the tokens of chunk u+1 (and the last token of chunk u)
-read the neighbours retrieved for chunk u, never a neighbour retrieved with their own future.
+The encoder, the CCA layers and the chunk alignment are RETRO's own (:mod:`retlm.models.retro.modeling_retro`,
+:mod:`retlm.models.retro.neighbours`): the tokens of chunk u+1 (and the last token of chunk u) read the
+neighbours retrieved for chunk u, never a neighbour retrieved with their own future.
 
 Incremental decoding follows :class:`~retlm.models.retro.RetroForCausalLM`'s contract (the loop of
 :mod:`retlm.models.retro.generation` drives it): a call receives, in ``retrieved``, the neighbours of
@@ -45,64 +45,32 @@ from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import CausalLMOutputWithCache, cache_kwargs, output_cache, resolve_cache
 from retlm.layers.attention import ChunkedCrossAttention
+from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.modeling_retro import (
-    Residual,
-    RetroCache,
-    RetroEncoder,
+from retlm.models.retro.encoder import RetroEncoder
+from retlm.models.retro.modeling_retro import check_right_padding
+from retlm.models.retro.neighbours import (
     check_retrieved,
-    check_right_padding,
     cross_attend,
     encode_neighbours,
-    init_retro_module,
     neighbours_for_call,
 )
-from retlm.models.retrofit.configuration_retrofit import (
-    BASE_SIGNATURE,
-    RetroFitConfig,
-    check_cca_layers,
-    signature_of,
+from retlm.models.retro.sublayers import Residual
+from retlm.models.retro.weights import init_retro_module
+from retlm.models.retrofit.base import (  # noqa: F401  (LAYER_PATHS, SUPPORTED: importable here)
+    LAYER_PATHS,
+    SUPPORTED,
+    RetroFitLayer,
+    check_base,
+    decoder_layers,
+    load_base,
 )
+from retlm.models.retrofit.configuration_retrofit import RetroFitConfig, check_cca_layers, signature_of
 
 STATE_ATTR = "retlm_retrofit_state"  # the adapter's decoding state, on the base's cache object
 ADAPTER_PREFIX = "retrofit."  # state-dict prefix of the new (trained, saved) parameters
 WEIGHTS_NAME = "model.safetensors"
-# Where the decoder layers of the supported families live (GPT-2; Llama, Qwen2, Mistral, RetNet, RETRO).
-LAYER_PATHS = ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers")
 UNBOUNDED = 2**31 - 1  # max_seq_len of a base without a position table (RetNet)
-SUPPORTED = "GPT2LMHeadModel, LlamaForCausalLM (and Qwen2, Mistral), RetNetForCausalLM and RetroForCausalLM"
-
-
-def decoder_layers(base: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of a causal LM's decoder layers (GPT-2's ``transformer.h``, Llama's and
-    RetNet's ``model.layers``, ...)."""
-    for path in LAYER_PATHS:
-        module: Any = base
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList) and len(module):
-            return module
-    raise ValueError(
-        f"cannot find the decoder layers of {type(base).__name__} (looked for "
-        f"{', '.join(LAYER_PATHS)}); RETRO-fitting supports {SUPPORTED}"
-    )
-
-
-def load_base(name_or_path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedModel:
-    """A causal LM by folder or Hub name, with retlm's own model types registered."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    import retlm.models.retnet  # noqa: F401  (register the Auto classes)
-    import retlm.models.retro  # noqa: F401
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of a command's output
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 # -- the adapter ---------------------------------------------------------------------------------------
@@ -142,57 +110,6 @@ class RetroFitAdapter(nn.Module):
         self.embed_proj = nn.Linear(config.embedding_dim, retro.enc_dim, bias=False)
         self.encoder = RetroEncoder(retro)
         self.blocks = nn.ModuleDict({str(layer): RetroFitBlock(retro) for layer in config.cca_layers})
-
-
-class RetroFitLayer(nn.Module):
-    """A base decoder layer, run unchanged, then followed by the retrofit's CCA sub-layer.
-
-    Whatever the layer returns (a tensor, or a tuple whose first item is the hidden states) comes back in
-    the same form. Outside a :meth:`RetroFitForCausalLM.forward` call (the base called directly, or its
-    own ``generate()``) the wrapper is the identity. Other attributes read through to the wrapped layer
-    (e.g. Qwen2's ``attention_type``).
-    """
-
-    def __init__(self, layer: nn.Module, number: int, owner: RetroFitForCausalLM) -> None:
-        super().__init__()
-        self.layer = layer
-        self.number = number  # 1-based: the CCA follows this decoder layer
-        object.__setattr__(self, "_owner", owner)  # a reference, not a submodule
-        # The base's state dict keeps its own key names (no ".layer." inside): it saves, loads and
-        # compares as the unwrapped base does.
-        post_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
-        post_hook(_unwrap_keys)
-        self._register_load_state_dict_pre_hook(_wrap_keys, with_module=True)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if "layer" not in modules:
-                raise
-            return getattr(modules["layer"], name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.layer(*args, **kwargs)
-        call = self._owner._call
-        if call is None:
-            return out
-        if isinstance(out, tuple):
-            return (self._owner._after_layer(self.number, out[0], call), *out[1:])
-        return self._owner._after_layer(self.number, out, call)
-
-
-def _unwrap_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    inner = prefix + "layer."
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
-
-
-def _wrap_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    inner = prefix + "layer."
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
 
 @dataclass
@@ -540,22 +457,3 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
             **cache_kwargs(new_cache),
         )
         return result.to_tuple() if return_dict is False else result
-
-
-def check_base(base: nn.Module, config: RetroFitConfig) -> None:
-    """Refuse a base whose type or shape differs from the one ``config`` was built for."""
-    expected = config.base_signature
-    if not expected:
-        return
-    found = signature_of(base.config)
-    different = {
-        name: (expected.get(name), found.get(name))
-        for name in BASE_SIGNATURE
-        if expected.get(name) != found.get(name)
-    }
-    if different:
-        raise ValueError(
-            f"the base {getattr(base, 'name_or_path', '') or type(base).__name__} is not the model this "
-            f"adapter was built for ({{field: (expected, found)}} = {different}); pass the right one "
-            "with base=..."
-        )

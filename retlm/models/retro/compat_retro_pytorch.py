@@ -1,0 +1,54 @@
+"""retro-pytorch's interface to RETRO: :class:`RETRO`, built from keywords and called as
+``forward(seq, retrieved=None, return_loss=False)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from retlm.compat import CausalLMOutputWithCache
+from retlm.models.retro.configuration_retro import RetroConfig
+from retlm.models.retro.modeling_retro import RetroForCausalLM, at_least_float32
+
+
+class RETRO(RetroForCausalLM):
+    """The seed's interface: ``RETRO(chunk_size=..., max_seq_len=..., enc_dim=..., ...)`` (any
+    :class:`RetroConfig` argument) and ``forward(seq, retrieved=None, return_loss=False)``.
+
+    ``seq``: ``(batch, n)``, or ``(batch, n + 1)`` when ``return_loss`` (split into inputs and labels;
+    ``pad_id`` labels are ignored). ``retrieved``: ``(batch, n // chunk_size, k, 2 * chunk_size)`` or None.
+    Returns logits ``(batch, n, num_tokens)`` or the scalar loss. Called with HF keywords
+    (``input_ids=...``) it behaves as :class:`RetroForCausalLM`.
+    """
+
+    def __init__(self, config: RetroConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            config = RetroConfig(**kwargs)
+        elif kwargs:
+            raise ValueError(
+                f"pass either a RetroConfig or keyword arguments, not both (got {sorted(kwargs)})"
+            )
+        super().__init__(config)
+
+    def forward(  # type: ignore[override]
+        self,
+        seq: Tensor | None = None,
+        retrieved: Tensor | None = None,
+        return_loss: bool = False,
+        **kwargs: Any,
+    ) -> Tensor | CausalLMOutputWithCache | tuple:
+        if seq is None or kwargs:
+            return super().forward(input_ids=kwargs.pop("input_ids", seq), retrieved=retrieved, **kwargs)
+        if return_loss:
+            seq, labels = seq[:, :-1], seq[:, 1:]
+        logits = super().forward(input_ids=seq, retrieved=retrieved).logits
+        if not return_loss:
+            return logits
+        return F.cross_entropy(
+            rearrange(at_least_float32(logits), "b n v -> b v n"),
+            labels.long(),
+            ignore_index=self.config.pad_id,
+        )
