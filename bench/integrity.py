@@ -38,9 +38,10 @@ BLOCK = 131_072
 def write_database(path: Path, n: int, factory: str) -> None:
     import faiss
 
-    from retlm.retrieval.database import BuildConfig, _save_tokenizer, write_manifest
+    from retlm.retrieval.build import BuildConfig, _save_tokenizer
     from retlm.retrieval.embedding import load_tokenizer
     from retlm.retrieval.index import write_index
+    from retlm.retrieval.manifest import write_manifest
 
     rng = np.random.default_rng(0)
     path.mkdir(parents=True, exist_ok=True)

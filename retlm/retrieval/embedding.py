@@ -256,6 +256,26 @@ def embed_rows(
     return Path(out_path)
 
 
+def count_truncated_chunks(
+    embedder: Embedder,
+    lm_tokenizer,
+    chunks: np.ndarray,
+    pad_id: int,
+    rows: tuple[int, int] | None = None,
+    block: int = 4096,
+) -> int:
+    """How many chunks of ``chunks[lo:hi]`` have a text longer than the embedder reads (it keeps their
+    first ``max_length - 2`` WordPiece tokens)."""
+    lo, hi = rows if rows is not None else (0, len(chunks))
+    c = chunks.shape[1] - 1
+    return sum(
+        embedder.count_truncated(
+            chunk_texts(lm_tokenizer, np.asarray(chunks[start : min(start + block, hi), :c]), pad_id)
+        )
+        for start in range(lo, hi, block)
+    )
+
+
 def tokenize(texts: str | list[str], add_special_tokens: bool = True, tokenizer=None) -> torch.Tensor:
     """The seed's ``tokenize``: texts -> padded ``LongTensor (batch, seq)`` of ids (MiniLM's by default)."""
     if isinstance(texts, str):
