@@ -36,11 +36,14 @@ BLOCK = 131_072
 
 
 def write_database(path: Path, n: int, factory: str) -> None:
+    import json
+
     import faiss
 
-    from retlm.retrieval.database import BuildConfig, _save_tokenizer, write_manifest
-    from retlm.retrieval.embedding import load_tokenizer
+    from retlm.retrieval.build import BuildConfig, _save_tokenizer, _tokenizers_entry
     from retlm.retrieval.index import write_index
+    from retlm.retrieval.manifest import write_manifest
+    from retlm.tokenization import load_tokenizer
 
     rng = np.random.default_rng(0)
     path.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,10 @@ def write_database(path: Path, n: int, factory: str) -> None:
     np.repeat(np.arange(docs, dtype="<i4"), 16).tofile(path / "doc_ids.dat")
     np.arange(0, n, 8, dtype="<i4").tofile(path / "seqs.dat")
     rng.integers(0, n, (n, K), dtype="<i4").tofile(path / "knn.dat")
-    _save_tokenizer(load_tokenizer(), path / "tokenizer")
+    config = BuildConfig(chunk_size=C, num_neighbors=K, seq_len=512, index_factory=factory, tokenizer="bert")
+    lm_tokenizer = load_tokenizer("bert")  # the seed's vocabulary: ids 1000..30000 are words in it
+    _save_tokenizer(lm_tokenizer, path / "tokenizer")
+    (path / "doc_names.jsonl").write_text("".join(json.dumps(f"doc-{d}.txt") + "\n" for d in range(docs)))
 
     vectors = np.memmap(path / "embeddings.dat", dtype="<f2", mode="r", shape=(n, DIM))
     index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
@@ -64,14 +70,10 @@ def write_database(path: Path, n: int, factory: str) -> None:
         index.add(np.ascontiguousarray(vectors[start : start + BLOCK], dtype=np.float32))
     write_index(index, path / "index.faiss")
 
-    settings = {
-        **asdict(BuildConfig()),
-        "chunk_size": C,
-        "num_neighbors": K,
-        "seq_len": 512,
-        "index_factory": factory,
-    }
+    settings = asdict(config)
     chunking = {
+        **_tokenizers_entry(config, lm_tokenizer),  # the manifest's tokenizer fields, as a build writes them
+        "embedder_truncated_chunks": 0,
         "num_chunks": n,
         "num_docs": docs,
         "num_seqs": len(range(0, n, 8)),

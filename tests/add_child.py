@@ -2,7 +2,7 @@
 step, or hold a database's writer lock for a while.
 
     python add_child.py add DB DOCS.json [KILL_AT] [NTH] [WHEN]   # KILL_AT: a function name of
-        retlm.retrieval.database, or "replace:<substring of the destination>"; WHEN: before | after
+        retlm.retrieval.add, or "replace:<substring of the destination>"; WHEN: before | after
     python add_child.py hold DB SECONDS|RELEASE_FILE
     python add_child.py read DB STOP_FILE OUT.json                # open + verify until STOP_FILE exists
 """
@@ -24,7 +24,7 @@ def die() -> None:
 
 
 def patch_kill(kill_at: str, nth: int, when: str) -> None:
-    import retlm.retrieval.database as database
+    import retlm.retrieval.add as add_module
 
     calls = {"n": 0}
     if kill_at.startswith("replace:"):
@@ -44,7 +44,7 @@ def patch_kill(kill_at: str, nth: int, when: str) -> None:
 
         os.replace = replace
         return
-    real = getattr(database, kill_at)
+    real = getattr(add_module, kill_at)
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
@@ -55,7 +55,7 @@ def patch_kill(kill_at: str, nth: int, when: str) -> None:
             die()
         return result
 
-    setattr(database, kill_at, wrapper)
+    setattr(add_module, kill_at, wrapper)
 
 
 def main() -> None:

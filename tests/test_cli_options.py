@@ -132,10 +132,10 @@ def test_eval_options_are_keywords_of_evaluate():
     from retlm.training.evaluate import evaluate
 
     params = inspect.signature(evaluate).parameters
-    args = _parse(["eval", "CKPT", "--db", "DB", "--max-overlap", "12.5%", "--no-progress", "--no-plot"])
+    args = _parse(["eval", "CKPT", "--db", "DB", "--max-overlap", "12.5%", "--no-progress"])
     opts = options_from(args, EvalOptions)
     assert set(opts.evaluate_kwargs()) <= set(params)
-    assert opts.max_overlap == 0.125 and opts.progress is False and opts.draw_plot is False
+    assert opts.max_overlap == 0.125 and opts.progress is False and opts.plot is None
 
 
 def test_train_command_options_mirror_train_options():

@@ -257,7 +257,7 @@ def test_bad_arguments_raise_value_errors(db, docs, tiny_encoder, tmp_path):
 
 
 def test_shard_rows_align_to_batches():
-    from retlm.retrieval.database import shard_rows
+    from retlm.retrieval.shards import shard_rows
 
     bounds = [shard_rows(1000, (i, 3), align=32) for i in range(3)]
     assert bounds == [(0, 320), (320, 640), (640, 1000)]

@@ -207,14 +207,14 @@ def test_retrofit_command_then_eval_and_generate(real, capsys):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["model_type"] == "retrofit" and config["cca_layers"] == [1, 2]
     assert config["base_model_name_or_path"] == str((root / "gpt2").resolve())
-    assert main(["eval", str(out), "--db", str(db.path), "--no-progress"]) == 0
+    assert (
+        main(["eval", str(out), "--db", str(db.path), "--no-progress", "--plot", str(out / "overlap.png")])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "with retrieval" in printed and "50-100%" in printed and "not bucketed" in printed
     assert (out / "overlap.png").read_bytes()[:4] == b"\x89PNG"
-    assert (
-        main(["eval", str(out), "--db", str(db.path), "--no-progress", "--max-overlap", "12.5%", "--no-plot"])
-        == 0
-    )
+    assert main(["eval", str(out), "--db", str(db.path), "--no-progress", "--max-overlap", "12.5%"]) == 0
     assert "more than 12.5% dropped" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(out), "--db", str(db.path), "--max-overlap", "2"])
@@ -344,5 +344,5 @@ def test_retrofit_command_on_llama_and_retnet_bases(family, real, capsys, tmp_pa
     trained = load_file(out / "model" / "model.safetensors")
     assert all(key.startswith("retrofit.") for key in trained)
     assert any("to_out" in key and trained[key].abs().max() > 0 for key in trained)  # the CCA moved
-    assert main(["eval", str(out), "--db", str(db.path), "--no-progress", "--no-plot"]) == 0
+    assert main(["eval", str(out), "--db", str(db.path), "--no-progress"]) == 0
     assert "50-100%" in capsys.readouterr().out

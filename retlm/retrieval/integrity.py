@@ -17,7 +17,7 @@ tokenizer is loaded (``verify_tokenizer``).
 ``db-info --verify`` (``open(verify=True)``) also compares every array file's full sha256.
 
 Paths: ``manifest["files"]`` maps each logical file name (``chunks.dat``) to the file that holds it now
-(``add()`` writes new files under new names and swaps the manifest, see ``database._Adder``); a
+(``add()`` writes new files under new names and swaps the manifest, see ``retlm.retrieval.add``); a
 manifest without it uses the logical names.
 """
 

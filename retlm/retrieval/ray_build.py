@@ -53,6 +53,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import read_json, write_json
+from retlm.retrieval.build import BuildConfig, _Builder
 from retlm.retrieval.chunking import (
     Document,
     SkipReport,
@@ -60,14 +61,7 @@ from retlm.retrieval.chunking import (
     iter_documents,
     matching_files,
 )
-from retlm.retrieval.database import (
-    CHUNK_FILES,
-    BuildConfig,
-    RetrievalDatabase,
-    _Builder,
-    _merge_shards,
-    shard_rows,
-)
+from retlm.retrieval.database import RetrievalDatabase
 from retlm.retrieval.index import (
     add_rows,
     merge_indexes,
@@ -76,6 +70,8 @@ from retlm.retrieval.index import (
     train_index,
     write_index,
 )
+from retlm.retrieval.manifest import CHUNK_FILES
+from retlm.retrieval.shards import _merge_shards, shard_rows
 
 RAY_EXTRA = "pip install 'retlm[ray]'"
 MAX_RETRIES = 3

@@ -1,0 +1,93 @@
+"""The database's file names and ``manifest.json``, written last by a build (``retlm.retrieval.build``)
+and by every ``add()`` (``retlm.retrieval.add``); read by ``RetrievalDatabase.open``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from retlm.integrity import seal
+from retlm.retrieval import integrity
+from retlm.retrieval._storage import sha256_file, write_json
+from retlm.retrieval.index import Tuning
+
+FORMAT_VERSION = 2  # 2: LM tokenizer and embedder tokenizer recorded apart, document names
+DATA_FILES = (
+    "chunks.dat",
+    "doc_ids.dat",
+    "seqs.dat",
+    "doc_names.jsonl",
+    "embeddings.dat",
+    "knn.dat",
+    "index.faiss",
+)
+CHUNK_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "doc_names.jsonl")
+LOCK_FILE = ".lock"  # held by every writer of the database (build stages, add); see retlm.locking
+
+
+def tuning_info(tuning: Tuning) -> dict[str, Any]:
+    """The tuned search settings as stored in index.json and the manifest."""
+    return {
+        "nprobe": tuning.nprobe,
+        "k_factor": tuning.k_factor,
+        "recall_at_k": tuning.recall,
+        "recall_queries": tuning.num_queries,
+    }
+
+
+def write_manifest(
+    path: Path,
+    settings: dict[str, Any],
+    chunking: dict[str, Any],
+    index_info: dict[str, Any],
+    embedding_dim: int,
+    *,
+    files: dict[str, str] | None = None,
+    generation: int = 0,
+) -> dict[str, Any]:
+    """Write ``manifest.json`` (atomically, sealed with its own digest, see ``integrity``); ``files``
+    maps each logical data file name to the file holding it (default: the same name)."""
+    files = {name: name for name in DATA_FILES} | (files or {})
+    c, k, n = settings["chunk_size"], settings["num_neighbors"], chunking["num_chunks"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {**chunking["tokenizer"], "path": "tokenizer"},
+        "embedder": settings["embedder"],
+        "embedder_tokenizer": chunking["embedder_tokenizer"],
+        "embedder_input": chunking["embedder_input"],
+        "embedder_truncated_chunks": chunking["embedder_truncated_chunks"],
+        "pooling": settings["pooling"],
+        "chunk_size": c,
+        "num_chunks": n,
+        "num_docs": chunking["num_docs"],
+        "num_seqs": chunking["num_seqs"],
+        "num_neighbors": k,
+        "seq_len": settings["seq_len"],
+        "pad_id": chunking["pad_id"],
+        "eos_id": chunking["eos_id"],
+        "embedding_dim": embedding_dim,
+        "embedding_dtype": settings["embedding_dtype"],
+        "index_type": index_info["index_type"],
+        "nprobe": index_info["nprobe"],
+        "k_factor": index_info.get("k_factor"),
+        "extra_neighbors": settings["extra_neighbors"],
+        "recall_at_k": index_info["recall_at_k"],
+        "recall_queries": index_info["recall_queries"],
+        "target_recall": settings["target_recall"],
+        "shapes": {
+            "chunks.dat": [n, c + 1],
+            "doc_ids.dat": [n],
+            "seqs.dat": [chunking["num_seqs"]],
+            "knn.dat": [n, k],
+            "embeddings.dat": [n, embedding_dim],
+        },
+        "skipped_files": chunking.get("skipped_files", []),
+        "build": settings,
+        "checksums": {name: sha256_file(path / files[name]) for name in DATA_FILES},
+        "files": files,
+        "generation": generation,
+        "integrity": integrity.describe(path, files),
+    }
+    manifest = seal(manifest)
+    write_json(path / "manifest.json", manifest)
+    return manifest
