@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from retlm.data import IGNORE_INDEX, RetroCollator
 from retlm.demo import DemoOptions, build_database
 from retlm.training import load_model, train
-from retlm.training.data import IGNORE_INDEX, RetroCollator
+from retlm.training.config import read_model_config
 from retlm.training.evaluate import causal_lm_loss, count_bytes, select_split
-from retlm.training.trainer import read_model_config
 
 
 def train_variant(db: Any, work: Path, name: str, config: dict[str, Any], retrieval: bool,
@@ -58,7 +58,7 @@ def per_token_losses(model: torch.nn.Module, dataset: Any, pad_id: int, retrieva
     losses, labels = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        target = batch.pop("labels")
+        target, _ = batch.pop("shift_labels"), batch.pop("labels")
         loss = causal_lm_loss(model(**batch).logits, target, reduction="none").view(target.shape)
         losses.append(loss.double().numpy())  # float64 sums: the summaries agree to rounding
         labels.append(target.numpy())

@@ -37,9 +37,9 @@ import torch
 from retrieval_helps import bootstrap, database_sequences
 from torch.utils.data import Dataset
 
+from retlm.data import IGNORE_INDEX, RetroCollator
 from retlm.retrieval import RetrievalDatabase
 from retlm.training import load_model
-from retlm.training.data import IGNORE_INDEX, RetroCollator
 from retlm.training.evaluate import select_split
 from retlm.training.leakage import (
     UNBUCKETED_NAME,
@@ -83,7 +83,7 @@ class Buckets:
         chunk_bucket = np.full((len(view), n + 1), UNBUCKETED)
         chunk_bucket[:, 1:n] = bucket_of(view.overlap[:, : n - 1])
         collate = RetroCollator(pad, retrieval=False, eos_id=eos_of(db))
-        labels = collate([view[i] for i in range(len(view))])["labels"].numpy()
+        labels = collate([view[i] for i in range(len(view))])["shift_labels"].numpy()
         lengths = byte_lengths_of(db.tokenizer)
         chunk_bytes = np.stack([target_chunk_bytes(db.tokenizer, row, c, lengths) for row in labels])
         self.scored = labels != IGNORE_INDEX

@@ -86,8 +86,8 @@ def _check_model(opts: Any, shape: Any) -> None:
     from retlm.models.retro import RetroConfig
     from retlm.retrieval.embedding import DEFAULT_EMBEDDER
     from retlm.tokenization import load_tokenizer
+    from retlm.training.config import read_model_config
     from retlm.training.resources import check_training_memory
-    from retlm.training.trainer import read_model_config
 
     try:
         mapping = read_model_config(opts.model_config)

@@ -141,7 +141,7 @@ def test_eval_options_are_keywords_of_evaluate():
 def test_train_command_options_mirror_train_options():
     """``TrainCommandOptions`` must carry exactly ``TrainOptions``'s fields, types and defaults (it exists
     only because ``TrainOptions`` lives in a module importing torch; see its docstring)."""
-    from retlm.training.trainer import TrainOptions
+    from retlm.training.config import TrainOptions
 
     ours = {f.name: f.default for f in dataclasses.fields(TrainCommandOptions)}
     theirs = {f.name: f.default for f in dataclasses.fields(TrainOptions)}

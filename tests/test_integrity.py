@@ -19,8 +19,8 @@ from robust_helpers import cli, copy_tree, flip
 import retlm.integrity as integrity_module
 from retlm import RetrievalDatabase
 from retlm.integrity import CorruptFileError, check_safetensors, sample_digest, sample_offsets
+from retlm.models.auto import load_model
 from retlm.retrieval._storage import CorruptDatabaseError
-from retlm.training.checkpoint import load_model
 
 ARRAYS = ("chunks.dat", "doc_ids.dat", "seqs.dat", "embeddings.dat", "knn.dat")
 

@@ -76,6 +76,12 @@ def load_seed_dataset(monkeypatch):
     return modules["data"]
 
 
+def seqs_chunks(i, dataset):
+    """The chunk ids of sequence ``i`` of ``dataset`` (within the files)."""
+    begin = int(dataset.store.seqs[i])
+    return np.arange(begin, begin + SEQ_LEN // C)
+
+
 def digest(paths):
     return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
 
@@ -99,12 +105,33 @@ def test_items_equal_retro_pytorch_and_files_stay_untouched(files, monkeypatch, 
     )
     before = digest(paths)
     ours = make(paths)
+    # Where the two rules differ (the neighbour-layout fix, see retlm.retrieval.layout): retro-pytorch
+    # drops a continuation when the row holds EOS anywhere, including the extra column, which is the
+    # next chunk's first token. Chunk 20 holds EOS only there: its document goes on into chunk 21, so
+    # its continuation is chunk 21 (generation's layout too). And the last chunk has no next one:
+    # retro-pytorch clips the index and repeats the chunk, here it is padding.
+    _, chunks, knn, _ = files
+    body_eos = (chunks[:, :C] == EOS).any(axis=1)
+    last = np.arange(NUM_CHUNKS) == NUM_CHUNKS - 1
+    differs = np.flatnonzero(~body_eos & ((chunks[:, C] == EOS) | last))
+    assert 20 in differs and NUM_CHUNKS - 1 in differs
+    seen = 0
     for i in range(len(seed)):
         seq, retrieved = ours[i]
         expected_seq, expected_retrieved = seed[i]
         assert seq.shape == (SEQ_LEN + 1,) and retrieved.shape == (SEQ_LEN // C, K, 2 * C)
         assert torch.equal(seq, expected_seq.long())
-        assert torch.equal(retrieved, expected_retrieved)
+        ids = torch.from_numpy(knn[seqs_chunks(i, ours)]).long()
+        same = ~torch.from_numpy(np.isin(ids.numpy(), differs))
+        assert torch.equal(retrieved[same], expected_retrieved[same])
+        assert torch.equal(retrieved[..., :C], expected_retrieved[..., :C])  # the neighbours themselves
+        for u, j in zip(*np.nonzero(~same.numpy()), strict=True):
+            cid = int(ids[u, j])
+            seen += 1
+            expected = chunks[cid + 1, :C] if cid + 1 < NUM_CHUNKS else np.zeros(C)
+            assert torch.equal(retrieved[u, j, C:], torch.from_numpy(expected).long())
+            assert (expected_retrieved[u, j, C:] == 0).all() or cid == NUM_CHUNKS - 1
+    assert seen  # the fixture exercises the fix
     ours[len(ours) - 1]  # past the end: padded, not an error
     assert digest(paths) == before
 

@@ -26,9 +26,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from retlm import RetNetConfig, RetNetForCausalLM
 from retlm.cli.main import main
+from retlm.models.auto import checkpoints
 from retlm.models.retrofit import RetroFitForCausalLM, load_base
 from retlm.training import load_model, read_metrics, train
-from retlm.training.checkpoint import checkpoints
 from retlm.training.retrofit import TokenizerMismatch, retrofit
 
 FAST = dict(batch_size=4, lr=1e-2, log_every=1, progress=False)

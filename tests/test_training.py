@@ -24,10 +24,9 @@ from training_helpers import (
     write_twin_database,
 )
 
-from retlm.data import RETRODataset
+from retlm.data import DocumentSplit, RETRODataset, sequence_doc_ids, split_datasets
+from retlm.models.auto import latest_checkpoint
 from retlm.training import evaluate, format_table, load_model, read_metrics, train
-from retlm.training.checkpoint import latest_checkpoint
-from retlm.training.data import DocumentSplit, sequence_doc_ids, split_datasets
 
 FAST = dict(batch_size=4, lr=3e-3, log_every=1, progress=False)
 
@@ -274,7 +273,7 @@ def test_eos_and_pad_constants_match_the_twin_database(db):
 def test_builtin_model_configs(db):
     from retlm.models.retro import RetroConfig, RetroForCausalLM
     from retlm.training import builtin_configs
-    from retlm.training.trainer import build_config, read_model_config
+    from retlm.training.config import build_config, read_model_config
 
     assert {"retro-tiny", "retro-tiny-transformer", "retro-seed"} <= set(builtin_configs())
     tiny = read_model_config("retro-tiny")

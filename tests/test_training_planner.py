@@ -13,10 +13,9 @@ import torch
 from training_helpers import open_twin_database, tiny_model_config, write_twin_database
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from retlm.training import train
-from retlm.training import trainer as trainer_module
+from retlm.data import IGNORE_INDEX, RetroCollator
+from retlm.training import planning, train
 from retlm.training.callbacks import PlannedSchedule, RunClock, StepPlanner
-from retlm.training.data import IGNORE_INDEX, RetroCollator
 
 FAST = dict(batch_size=4, lr=3e-3, log_every=1, progress=False)
 
@@ -101,13 +100,13 @@ def test_planned_schedule_length_survives_a_scheduler_state_round_trip():
 
 def test_a_real_run_uses_its_budget_when_the_first_timing_is_wrong(tmp_path, monkeypatch):
     db = open_twin_database(write_twin_database(tmp_path / "db"))
-    real = trainer_module._time_steps
+    real = planning._time_steps
 
     def pessimistic(*args, **kwargs):  # the probe claims steps 5x slower than they are
         per_step, per_forward = real(*args, **kwargs)
         return 5 * per_step, per_forward
 
-    monkeypatch.setattr(trainer_module, "_time_steps", pessimistic)
+    monkeypatch.setattr(planning, "_time_steps", pessimistic)
     budget_s = 8.0
     result = train(
         db,
@@ -141,7 +140,7 @@ def test_a_real_run_uses_its_budget_when_the_first_timing_is_wrong(tmp_path, mon
 def test_eos_padding_keeps_the_documents_end_as_a_target():
     eos = 9
     seq = torch.tensor([[5, 6, eos, eos, eos], [eos, eos, eos, eos, eos], [5, 6, 7, 8, 6]])
-    labels = RetroCollator(pad_id=eos, retrieval=False, eos_id=eos)([(s, None) for s in seq])["labels"]
+    labels = RetroCollator(pad_id=eos, retrieval=False, eos_id=eos)([(s, None) for s in seq])["shift_labels"]
     assert labels.tolist() == [
         [6, eos, IGNORE_INDEX, IGNORE_INDEX],
         [IGNORE_INDEX] * 4,  # a row that starts with its eos has nothing to predict
@@ -149,4 +148,4 @@ def test_eos_padding_keeps_the_documents_end_as_a_target():
     ]
     # with a pad token apart from eos (BERT's 0 and 102), padding is exactly the pad tokens
     labels = RetroCollator(pad_id=0, retrieval=False, eos_id=102)([(torch.tensor([5, 102, 0, 0]), None)])
-    assert labels["labels"].tolist() == [[102, IGNORE_INDEX, IGNORE_INDEX]]
+    assert labels["shift_labels"].tolist() == [[102, IGNORE_INDEX, IGNORE_INDEX]]

@@ -79,8 +79,9 @@ def run_generate(args: argparse.Namespace) -> int:
     opts = options_from(args, GenerateOptions)
     validate(opts)
     from retlm.generation import generate_text, print_generation
+    from retlm.models.auto import load_model
     from retlm.retrieval import RetrievalDatabase
-    from retlm.training.checkpoint import check_model_fits_database, load_model
+    from retlm.training.checkpoint import check_model_fits_database
 
     db = RetrievalDatabase.open(opts.db)
     if opts.num_neighbors is not None:

@@ -83,9 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_retrofit(args: argparse.Namespace) -> int:
+    from retlm.training.config import TrainOptions
     from retlm.training.precision import PRECISIONS
     from retlm.training.retrofit import retrofit
-    from retlm.training.trainer import TrainOptions
 
     options = _options(args)
     probe = {**options, "seed": options["seed"] or 0, "train_fraction": options["train_fraction"] or 0.9}

@@ -200,8 +200,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from retlm.training.config import TrainOptions
     from retlm.training.precision import PRECISIONS
-    from retlm.training.trainer import TrainOptions, train
+    from retlm.training.trainer import train
 
     options = _options(args)
     try:
@@ -212,7 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not args.db.exists():
         raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
-    from retlm.training.trainer import read_model_config
+    from retlm.training.config import read_model_config
 
     try:
         read_model_config(args.model_config)  # exists, is yaml, holds only RetroConfig keys

@@ -1,25 +1,26 @@
-"""RETRODataset: training sequences and their neighbours from the retrieval database's memmaps.
+"""RETRODataset: training sequences and their neighbours, read from a retrieval database.
 
-Files (int32, little-endian, C order; written by :mod:`retlm.retrieval`):
-    chunks.dat  ``(num_chunks, chunk_size + 1)``: each row is a chunk plus the first token of the next
-                chunk of the same document (``pad_id`` at a document's end).
-    knn.dat     ``(num_chunks, num_neighbors)``: neighbour chunk ids, -1 = none.
-    seqs.dat    ``(num_sequences,)``: the first chunk of every training sequence.
+The arrays come from :mod:`retlm.retrieval` (:class:`retlm.retrieval.layout.ChunkStore`, which owns the
+file layout), and the neighbour tokens from :func:`retlm.retrieval.layout.neighbour_tokens`, the same
+function that ``RetrievalDatabase.search`` uses at generation time.
 
 Item ``i`` is ``(seq (seq_len + 1,), retrieved (seq_len // chunk_size, num_neighbors, 2 * chunk_size))``
 with retro-pytorch's conventions, where retro-pytorch writes 0 this writes ``pad_id`` (0 for BERT, as
 there; GPT-2 has no pad token and pads with its end-of-document token): tokens after the first EOS are
-padding (one document per sequence); each neighbour is followed by its continuation (the next chunk),
-which is padding when the neighbour chunk holds an EOS (its document ends there); a -1 neighbour becomes
-all ``pad_id``. Unlike retro-pytorch the memmaps are opened read-only (it opens them ``r+`` and grows the
-files).
+padding (one document per sequence); each neighbour is followed by its continuation (the next chunk)
+when that chunk belongs to the same document, else by padding; a -1 neighbour becomes all ``pad_id``.
+
+One difference from retro-pytorch, a fix: retro-pytorch drops a neighbour's continuation when the
+neighbour's row holds EOS anywhere, including the extra (``chunk_size + 1``-th) column, which belongs to
+the next chunk. Here the database's ``doc_ids`` decide, and for retro-pytorch's own files (the memmap-path
+signature, no ``doc_ids``) a chunk ends its document when its own ``chunk_size`` tokens hold EOS, which is
+how that format lays documents out (see :mod:`retlm.retrieval.layout`). Unlike retro-pytorch the memmaps
+are opened read-only (it opens them ``r+`` and grows the files).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,47 +28,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from retlm.retrieval.layout import ChunkStore
+
 BERT_SEP_ID = 102  # [SEP] of the BERT tokenizers, retro-pytorch's EOS_ID
-
-CHUNKS_FILE, KNN_FILE, SEQS_FILE, MANIFEST_FILE = "chunks.dat", "knn.dat", "seqs.dat", "manifest.json"
-
-
-def _data_file(manifest: dict, name: str) -> str:
-    """The file holding ``name`` now: ``add()`` writes new generations under new names (``files``)."""
-    relative = (manifest.get("files") or {}).get(name, name)
-    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
-        raise ValueError(f"manifest.json: file of {name!r} must be a relative path inside the database")
-    return relative
-
-
-def open_readonly(path: str | os.PathLike, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """Read-only int32 memmap of ``shape``; refuses a file too small for it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    needed = int(np.prod(shape)) * 4
-    if path.stat().st_size < needed:
-        raise ValueError(
-            f"{what} file {path} holds {path.stat().st_size} bytes, fewer than the {needed} of an int32 "
-            f"array of shape {shape}; check num_chunks / chunk_size / num_neighbors / num_sequences"
-        )
-    return np.memmap(path, dtype=np.int32, mode="r", shape=shape)
-
-
-def neighbours_with_continuations(
-    knn: np.ndarray, chunks: np.ndarray, *, add_continuations: bool, pad_id: int, eos_id: int
-) -> np.ndarray:
-    """``knn (..., k)`` chunk ids -> ``(..., k, c or 2c)`` tokens of each neighbour (+ continuation)."""
-    num_chunks = chunks.shape[0]
-    missing = knn < 0
-    ids = np.maximum(knn, 0)
-    rows = chunks[ids]  # (..., k, c + 1)
-    retrieved = rows[..., :-1]
-    if add_continuations:
-        ends_document = np.any(rows == eos_id, axis=-1, keepdims=True)
-        continuation = chunks[np.clip(ids + 1, 0, num_chunks - 1)][..., :-1]
-        retrieved = np.concatenate((retrieved, np.where(ends_document, pad_id, continuation)), axis=-1)
-    return np.where(missing[..., None], pad_id, retrieved)
 
 
 class RETRODataset(Dataset):
@@ -78,6 +41,8 @@ class RETRODataset(Dataset):
         seq_len: tokens per training sequence (a multiple of ``chunk_size``); items hold seq_len + 1.
         chunk_memmap_path, chunk_nn_memmap_path, seq_memmap_path: the three files.
         eos_id: end-of-document token (BERT [SEP] = 102); pad_id: 0; add_continuations: True.
+
+    :meth:`from_database` opens a retrieval database instead (the usual way).
     """
 
     def __init__(
@@ -95,21 +60,30 @@ class RETRODataset(Dataset):
         pad_id: int = 0,
         add_continuations: bool = True,
     ) -> None:
+        store = ChunkStore.from_files(
+            num_chunks=num_chunks,
+            chunk_size=chunk_size,
+            num_sequences=num_sequences,
+            num_neighbors=num_neighbors,
+            chunks=chunk_memmap_path,
+            knn=chunk_nn_memmap_path,
+            seqs=seq_memmap_path,
+            pad_id=pad_id,
+            eos_id=eos_id,
+        )
+        self._setup(store, seq_len, add_continuations)
+
+    def _setup(self, store: ChunkStore, seq_len: int, add_continuations: bool) -> None:
         super().__init__()
+        chunk_size = store.chunk_size
         if seq_len % chunk_size:
             raise ValueError(f"seq_len ({seq_len}) must be a multiple of chunk_size ({chunk_size})")
-        self.num_chunks, self.chunk_size, self.seq_len = num_chunks, chunk_size, seq_len
-        self.num_sequences, self.num_neighbors = num_sequences, num_neighbors
+        self.store = store
+        self.num_chunks, self.chunk_size, self.seq_len = store.num_chunks, chunk_size, seq_len
+        self.num_sequences, self.num_neighbors = len(store.seqs), store.num_neighbors
         self.seq_num_chunks = seq_len // chunk_size
-        self.eos_id, self.pad_id, self.add_continuations = int(eos_id), int(pad_id), add_continuations
-        self.paths = {
-            "chunks": (Path(chunk_memmap_path), (num_chunks, chunk_size + 1)),
-            "knn": (Path(chunk_nn_memmap_path), (num_chunks, num_neighbors)),
-            "seqs": (Path(seq_memmap_path), (num_sequences,)),
-        }
+        self.eos_id, self.pad_id, self.add_continuations = store.eos_id, store.pad_id, add_continuations
         self.neighbors_used: int | None = None  # from_database may keep only the first neighbours
-        self._arrays: dict[str, np.ndarray] | None = None
-        self.arrays()  # fail early on missing or short files
 
     @classmethod
     def from_database(
@@ -120,56 +94,36 @@ class RETRODataset(Dataset):
         num_neighbors: int | None = None,
         add_continuations: bool = True,
     ) -> RETRODataset:
-        """Dataset over a retrieval database directory (or a ``RetrievalDatabase``, via its ``path``).
+        """Dataset over a ``RetrievalDatabase`` (its open arrays), or a database directory (or anything
+        with a ``path`` to one).
 
-        Shapes, ``pad_id`` and ``eos_id`` come from its ``manifest.json``. ``seq_len`` defaults to the
+        Shapes, ``pad_id`` and ``eos_id`` come from its manifest. ``seq_len`` defaults to the
         database's; ``num_neighbors`` (at most the database's k) keeps the first neighbours.
         """
-        path = Path(getattr(db_or_path, "path", db_or_path))
-        manifest_path = path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{path} is not a retrieval database: {manifest_path} is missing")
-        manifest = json.loads(manifest_path.read_text())
-        stored_k = int(manifest["num_neighbors"])
+        from retlm.retrieval import RetrievalDatabase
+
+        if isinstance(db_or_path, RetrievalDatabase):
+            store = ChunkStore.of_database(db_or_path)
+        else:
+            store = ChunkStore.from_directory(getattr(db_or_path, "path", db_or_path))
+        stored_k = store.num_neighbors
         num_neighbors = stored_k if num_neighbors is None else num_neighbors
         if not 1 <= num_neighbors <= stored_k:
             raise ValueError(
                 f"num_neighbors must be in 1..{stored_k} (the database's k), got {num_neighbors}"
             )
-        num_sequences = manifest.get("num_seqs")
-        if num_sequences is None:
-            num_sequences = (path / SEQS_FILE).stat().st_size // 4
-        dataset = cls(
-            num_chunks=int(manifest["num_chunks"]),
-            chunk_size=int(manifest["chunk_size"]),
-            seq_len=int(seq_len or manifest["seq_len"]),
-            num_sequences=int(num_sequences),
-            num_neighbors=stored_k,
-            chunk_memmap_path=path / _data_file(manifest, CHUNKS_FILE),
-            chunk_nn_memmap_path=path / _data_file(manifest, KNN_FILE),
-            seq_memmap_path=path / _data_file(manifest, SEQS_FILE),
-            eos_id=int(manifest.get("eos_id", BERT_SEP_ID)),
-            pad_id=int(manifest.get("pad_id", 0)),
-            add_continuations=add_continuations,
-        )
+        dataset = cls.__new__(cls)
+        dataset._setup(store, int(seq_len or store.manifest["seq_len"]), add_continuations)
         dataset.neighbors_used = num_neighbors
         return dataset
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            self._arrays = {name: open_readonly(p, shape, name) for name, (p, shape) in self.paths.items()}
-        return self._arrays
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen the files
-        return {**self.__dict__, "_arrays": None}
 
     def __len__(self) -> int:
         return self.num_sequences
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        arrays = self.arrays()
-        chunks, knn = arrays["chunks"], arrays["knn"]
-        begin = int(arrays["seqs"][index])
+        store = self.store
+        chunks, knn = store.chunks, store.knn
+        begin = int(store.seqs[index])
         end = begin + self.seq_num_chunks
         if not 0 <= begin < self.num_chunks:
             raise IndexError(f"sequence {index} starts at chunk {begin}, outside 0..{self.num_chunks - 1}")
@@ -186,11 +140,7 @@ class RETRODataset(Dataset):
         after_eos = np.cumsum(seq == self.eos_id) - (seq == self.eos_id) > 0
         seq = np.where(after_eos, self.pad_id, seq)
 
-        retrieved = neighbours_with_continuations(
-            neighbours,
-            chunks,
-            add_continuations=self.add_continuations,
-            pad_id=self.pad_id,
-            eos_id=self.eos_id,
-        )
-        return torch.from_numpy(seq.astype(np.int64)), torch.from_numpy(retrieved.astype(np.int64))
+        retrieved = store.retrieved_tokens(neighbours)
+        if not self.add_continuations:
+            retrieved = retrieved[..., : self.chunk_size]
+        return torch.from_numpy(seq.astype(np.int64)), torch.from_numpy(retrieved)

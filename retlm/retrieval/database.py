@@ -30,6 +30,7 @@ from retlm.retrieval.add import _Adder
 from retlm.retrieval.build import build_database
 from retlm.retrieval.embedding import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.retrieval.embedding import Embedder, embed_token_chunks
+from retlm.retrieval.layout import neighbour_tokens
 from retlm.retrieval.manifest import FORMAT_VERSION, LOCK_FILE
 from retlm.retrieval.neighbors import search_excluding
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
@@ -265,22 +266,10 @@ class RetrievalDatabase:
         """``(...)`` chunk ids -> ``(..., 2 * chunk_size)`` int64: each chunk and its continuation.
 
         The continuation is the next chunk of the same document, or padding after a document's last
-        chunk; an id of -1 gives all padding.
+        chunk; an id of -1 gives all padding (:func:`retlm.retrieval.layout.neighbour_tokens`, the one
+        implementation that training and generation share).
         """
-        chunk_ids = np.asarray(chunk_ids, dtype=np.int64)
-        c, n = self.chunk_size, self.num_chunks
-        out = np.full((*chunk_ids.shape, 2 * c), self.pad_id, dtype=np.int64)
-        if n == 0:
-            return out
-        flat = chunk_ids.reshape(-1)
-        valid = flat >= 0
-        safe = np.where(valid, flat, 0)
-        following = np.minimum(safe + 1, n - 1)
-        has_next = valid & (safe + 1 < n) & (self.doc_ids[following] == self.doc_ids[safe])
-        rows = out.reshape(-1, 2 * c)
-        rows[:, :c] = np.where(valid[:, None], self.chunks[safe, :c], self.pad_id)
-        rows[:, c:] = np.where(has_next[:, None], self.chunks[following, :c], self.pad_id)
-        return out
+        return neighbour_tokens(self.chunks, chunk_ids, pad_id=self.pad_id, doc_ids=self.doc_ids)
 
     def retrieved_for_chunks(self, chunk_ids: np.ndarray) -> np.ndarray:
         """``(...)`` training chunk ids -> ``(..., num_neighbors, 2 * chunk_size)``, from knn.dat."""

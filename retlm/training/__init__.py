@@ -7,11 +7,12 @@
   ``plot_loss_curves(path, png)`` draws them.
 """
 
+from retlm.models.auto import load_model
 from retlm.training.callbacks import read_metrics
-from retlm.training.checkpoint import load_model
+from retlm.training.config import TrainOptions, builtin_configs
 from retlm.training.evaluate import evaluate, format_table
 from retlm.training.plot import plot_loss_curves
-from retlm.training.trainer import TrainOptions, TrainResult, builtin_configs, train
+from retlm.training.trainer import TrainResult, train
 
 __all__ = ["TrainOptions", "TrainResult", "builtin_configs", "evaluate", "format_table", "load_model",
            "plot_loss_curves", "read_metrics", "train"]

@@ -20,17 +20,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from retlm.models.auto import FINAL_DIR  # the run directory's layout, which load_model reads
 from retlm.utils import atomic_write
 
 RUN_FILE = "retlm_run.json"
 METRICS_FILE = "metrics.jsonl"
-FINAL_DIR = "model"
 STAGING_DIR = ".staging"
 FINAL_STEP_FILE = "retlm_step.json"  # in model/: the step its weights come from
 # what a checkpoint holds besides the training state: weights, config, the LM tokenizer
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def commit_dir(staging: Path, final: Path) -> None:
@@ -50,21 +49,6 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Committed checkpoints of a run, oldest first."""
-    found = []
-    for path in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        step = path.name[len(CHECKPOINT_PREFIX):]
-        if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(step), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
-
-
 def checkpoint_step(checkpoint: Path) -> int:
     return int(read_json(Path(checkpoint) / "trainer_state.json")["global_step"])
 
@@ -82,76 +66,11 @@ def final_model_step(run_dir: Path) -> int | None:
     return int(read_json(marker)["global_step"])
 
 
-def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
-    """The directory with the weights: a model dir or checkpoint as given, or a run dir's final model
-    (its latest checkpoint if training did not finish)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if (path / "config.json").is_file():
-        candidate = path
-    elif (path / FINAL_DIR / "config.json").is_file():
-        candidate = path / FINAL_DIR
-    else:
-        candidate = latest_checkpoint(path)
-        if candidate is None:
-            raise FileNotFoundError(f"{path} holds no model: expected config.json + model.safetensors, "
-                                    f"a {FINAL_DIR}/ folder, or {CHECKPOINT_PREFIX}N/ folders")
-    if not (candidate / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{candidate} has no model.safetensors (only safetensors weights are loaded)")
-    return candidate
-
-
 def seal_model_dir(folder: Path) -> None:
     """Record the sha256 of every file of a model folder or checkpoint in ``retlm_checksums.json``."""
     from retlm.integrity import write_folder_checksums
 
     write_folder_checksums(folder)
-
-
-def verify_model_dir(folder: Path, names: Any = None) -> None:
-    """Compare a model folder's files (``names``, default all recorded) with their saved sha256, and
-    check that ``model.safetensors`` is structurally whole; errors name the file."""
-    from retlm.integrity import check_safetensors, verify_folder
-
-    verify_folder(folder, names)
-    weights = Path(folder) / "model.safetensors"
-    if weights.is_file():
-        check_safetensors(weights)
-
-
-def load_model(path: str | os.PathLike[str]) -> Any:
-    """A trained model from a run dir, model dir or checkpoint, loaded from safetensors only.
-
-    Before anything is parsed, the files are compared with the sha256 recorded when they were saved
-    (``retlm_checksums.json``) and the safetensors header is checked against the file's size; a bad
-    ``config.json`` is reported with its path."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    import retlm.models.retnet  # noqa: F401  (register their configs with the Auto classes)
-    import retlm.models.retro  # noqa: F401
-    import retlm.models.retrofit  # noqa: F401
-
-    model_dir = resolve_model_dir(path)
-    verify_model_dir(model_dir, ("config.json", "model.safetensors", "generation_config.json"))
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as err:  # invalid json, a wrong type, an unknown model type: name the file
-        reason = " ".join(str(err).split())[:300]
-        raise ValueError(f"{model_dir / 'config.json'} is not a valid RETRO config ({reason})") from None
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call is noise in `retlm eval`
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
-    except ValueError:
-        raise
-    except Exception as err:  # the loaders' messages (safetensors, torch) do not name the file
-        reason = " ".join(str(err).split())[:300]
-        raise ValueError(f"{model_dir / 'model.safetensors'} cannot be loaded ({reason})") from None
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 # ---- which tokenizer and layout a database has, and whether a model fits it ----
@@ -198,9 +117,10 @@ def model_vocab_size(config: Any) -> int:
     return int(size if size is not None else config.vocab_size)
 
 
-def check_model_fits_database(config: Any, db: Any) -> None:
-    """Refuse a model whose tokenizer or chunking differs from the database's, naming both sides."""
-    data = database_signature(db)
+def check_model_fits_database(config: Any, db: Any, signature: dict[str, Any] | None = None) -> None:
+    """Refuse a model whose tokenizer or chunking differs from the database's, naming both sides
+    (``signature``: ``database_signature(db)`` when the caller has it already)."""
+    data = database_signature(db) if signature is None else signature
     trained = getattr(config, "retlm_data", None) or {}
     if trained.get("tokenizer") and data["tokenizer"] and trained["tokenizer"] != data["tokenizer"]:
         raise ValueError(f"tokenizer mismatch: the model was trained with tokenizer {trained['tokenizer']!r} "

@@ -29,18 +29,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from retlm.data import RETRODataset
-from retlm.training.checkpoint import check_model_fits_database, load_model, resolve_model_dir
-from retlm.training.data import (
+from retlm.data import (
     IGNORE_INDEX,
     DocumentSplit,
     RetroCollator,
+    RETRODataset,
     SplitSequences,
     open_database,
     sequence_doc_ids,
     split_datasets,
     spread_subset,
 )
+from retlm.models.auto import load_model, resolve_model_dir
+from retlm.training.checkpoint import check_model_fits_database
 from retlm.training.precision import autocast_for, resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
 
@@ -108,7 +109,7 @@ def score(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, retrieval: b
     try:
         for batch in _batches(dataset, batch_size, collate, rank, world_size, desc):
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
+            labels = batch.pop("shift_labels")
             with autocast or nullcontext():
                 logits = model(input_ids=batch["input_ids"], retrieved=batch.get("retrieved")).logits
             nll += causal_lm_loss(logits, labels, reduction="sum").item()
@@ -130,10 +131,10 @@ def count_bytes(dataset: Dataset, tokenizer: Any, *, pad_id: int, batch_size: in
     collate = RetroCollator(pad_id, retrieval=False, eos_id=eos_id)
     for batch in _batches(dataset, batch_size, collate, rank, world_size, None):
         if lengths is not None:
-            labels = batch["labels"]
+            labels = batch["shift_labels"]
             total += int(lengths[labels[labels != IGNORE_INDEX].numpy()].sum())
             continue
-        targets = [row[row != IGNORE_INDEX].tolist() for row in batch["labels"]]
+        targets = [row[row != IGNORE_INDEX].tolist() for row in batch["shift_labels"]]
         texts = tokenizer.batch_decode(targets, skip_special_tokens=True)
         total += sum(len(text.encode("utf-8")) for text in texts)
     return int(_all_reduce_sum([float(total)], torch.device(device))[0])

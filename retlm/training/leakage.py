@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from retlm.training.data import IGNORE_INDEX, RetroCollator
+from retlm.data import IGNORE_INDEX, RetroCollator
 from retlm.training.evaluate import Score, causal_lm_loss
 from retlm.training.overlap import (
     BUCKET_NAMES,
@@ -107,7 +107,7 @@ def token_nll(
     try:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            target = batch.pop("labels")
+            target = batch.pop("shift_labels")
             with autocast or nullcontext():
                 logits = model(input_ids=batch["input_ids"], retrieved=batch.get("retrieved")).logits
             loss = causal_lm_loss(logits, target, reduction="none").view(target.shape)

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from retlm.training.checkpoint import database_signature, resolve_model_dir
-from retlm.training.data import open_database
+from retlm.data import open_database
+from retlm.models.auto import resolve_model_dir
+from retlm.training.checkpoint import database_signature
 from retlm.training.trainer import TrainResult, train
 
 ADAPTER_OPTIONS = (

@@ -6,7 +6,8 @@ gloo on CPU). What HF ``Trainer`` provides is used as is: the learning-rate sche
 and accumulation, mixed precision, evaluation every N steps, checkpoints and their resume (optimizer,
 scheduler, RNG states and the data order). What this module adds:
 
-- the loss: token-level cross-entropy on ``(seq, retrieved)`` batches from ``RETRODataset``;
+- the loss: the model's own, on ``(seq, retrieved)`` batches from ``RETRODataset`` with HF's labels
+  (``retlm.data.RetroCollator``);
 - evaluation with and without retrieval on held-out documents (``evaluate.score``);
 - checkpoints committed by one directory rename (HF writes them in place);
 - a wall-clock budget (``minutes``) that plans the number of steps from a timing of the first steps,
@@ -19,34 +20,37 @@ scheduler, RNG states and the data order). What this module adds:
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.utils.data import Dataset
-from transformers import AutoModelForCausalLM, PretrainedConfig, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging as hf_logging
 
-from retlm.data import RETRODataset
-from retlm.errors import OptionError, did_you_mean
-from retlm.models.retro import RetroConfig
-from retlm.models.retro.configuration_retro import check_config_keys
+from retlm.data import (
+    DocumentSplit,
+    RetroCollator,
+    RETRODataset,
+    open_database,
+    split_datasets,
+    spread_subset,
+)
+from retlm.errors import OptionError
+from retlm.models.auto import CHECKPOINT_PREFIX, latest_checkpoint, verify_model_dir
 from retlm.training import checkpoint as ckpt
+from retlm.training import planning
 from retlm.training.callbacks import (
     JsonlMetrics,
     PlannedSchedule,
@@ -55,21 +59,16 @@ from retlm.training.callbacks import (
     StepPlanner,
     read_metrics,
 )
-from retlm.training.data import DocumentSplit, RetroCollator, open_database, split_datasets, spread_subset
-from retlm.training.evaluate import causal_lm_loss, score
-from retlm.training.precision import autocast_for, resolve_device, resolve_precision
+from retlm.training.config import TrainOptions, build_config
+from retlm.training.evaluate import score
+from retlm.training.precision import resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
 from retlm.utils import ensure_writable_dir
-
-SCHEDULES = ("cosine", "linear", "constant")
-RESUME_MODES = ("auto", "never")
-CONFIG_DIR = "configs"
-
 
 # ---- the Trainer ----
 
 class RetroTrainer(Trainer):
-    """HF ``Trainer`` with a token-level LM loss, retrieval-aware evaluation and atomic checkpoints."""
+    """HF ``Trainer`` on the model's own loss, with retrieval-aware evaluation and atomic checkpoints."""
 
     # compute_loss returns the mean over one micro-batch; Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
@@ -94,10 +93,9 @@ class RetroTrainer(Trainer):
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
+        """The model's own loss on the collator's HF labels (mean over the micro-batch's targets)."""
         outputs = model(**inputs)
-        loss = causal_lm_loss(outputs.logits, labels)
-        return (loss, outputs) if return_outputs else loss
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys: Any = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -125,7 +123,7 @@ class RetroTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        name = f"{ckpt.CHECKPOINT_PREFIX}{self.state.global_step}"
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         run_dir = Path(self.args.output_dir)
         self._staging = True
         try:
@@ -177,179 +175,69 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def builtin_configs() -> dict[str, Path]:
-    """Model configs shipped with retlm, by name (``retro-tiny``, ``retro-seed``, ...)."""
-    folder = resources.files("retlm.training") / CONFIG_DIR
-    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith((".yaml", ".yml"))}
-
-
-def read_model_config(model_config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """A model config mapping from a yaml path, a built-in config name or a mapping."""
-    if isinstance(model_config, Mapping):
-        check_config_keys(dict(model_config), "model config")
-        return dict(model_config)
-    path = Path(model_config)
-    if not path.exists():
-        named = builtin_configs()
-        if str(model_config) not in named:
-            raise FileNotFoundError(f"no model config {str(model_config)!r}: not a file, nor one of the "
-                                    f"built-in configs ({', '.join(sorted(named))})"
-                                    f"{did_you_mean(str(model_config), named)}")
-        path = named[str(model_config)]
-    try:
-        mapping = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as err:
-        reason = " ".join(str(err).split())
-        raise OptionError(f"model config {path} is not a valid yaml file: {reason}") from None
-    if not isinstance(mapping, dict):
-        raise OptionError(f"model config {path} must be a yaml mapping of RetroConfig arguments")
-    check_config_keys(mapping, f"model config {path}")
-    return mapping
-
-
-def build_config(model_config: Any, db: Any, seq_len: int) -> tuple[PretrainedConfig, dict[str, Any]]:
-    """The model config, completed from the database (vocabulary, chunk size) and checked against it."""
-    if isinstance(model_config, PretrainedConfig):
-        config = copy.deepcopy(model_config)
-        mapping = {k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version",)}
-    else:
-        mapping = read_model_config(model_config)
-        signature = ckpt.database_signature(db)
-        mapping.setdefault("num_tokens", signature["vocab_size"])
-        mapping.setdefault("chunk_size", signature["chunk_size"])
-        mapping.setdefault("pad_id", signature["pad_id"])
-        mapping.setdefault("max_seq_len", seq_len)
-        try:
-            config = RetroConfig(**mapping)
-        except (TypeError, ValueError) as err:
-            raise OptionError(f"bad model config: {err}") from None
-    mapping.pop("retlm_data", None)
-    ckpt.check_model_fits_database(config, db)
-    if seq_len > int(config.max_seq_len):
-        raise OptionError(f"seq_len {seq_len} is longer than the model's max_seq_len {config.max_seq_len}")
-    return config, mapping
-
+# ---- the entry point ----
 
 @dataclass
-class TrainOptions:
-    """Everything ``train`` can be told besides the database, model config and output directory."""
+class PreparedData:
+    """What a run trains on, computed once from the database: the model (its config completed and
+    checked), the document split and its datasets, and the database's ids and signature."""
 
-    max_steps: int | None = None  # optimizer steps
-    minutes: float | None = None  # wall-clock training budget, across resumes
-    lr: float = 1e-3
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup: float = 0.05  # steps, or a fraction of max_steps when below 1
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    batch_size: int = 8  # sequences per process per micro-batch
-    weight_decay: float = 0.01
-    eval_every: int | None = None  # steps between held-out evaluations; None: none during training
-    eval_sequences: int | None = 64  # held-out sequences used by those evaluations; None: all
-    save_every: int | None = 100  # steps between checkpoints; the run's end is always saved
-    save_total_limit: int | None = 2
-    log_every: int = 1
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    seed: int = 0
-    train_fraction: float = 0.9  # of the documents; the rest are held out
-    retrieval: bool = True  # False: the no-retrieval baseline (same model, no neighbours)
-    seq_len: int | None = None  # default: the database's
-    resume: str = "auto"  # auto | never | a checkpoint directory
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        def positive(name: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if (value is not None or not optional) and not (value is not None and value > 0):
-                raise ValueError(f"{name} must be positive, got {value}")
-
-        for name in ("lr", "warmup", "weight_decay", "max_grad_norm", "minutes", "train_fraction"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
-                raise OptionError(f"{name} must be a finite number, got {value}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise OptionError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise OptionError(f"save_total_limit must be >= 1 (checkpoints kept), "
-                              f"got {self.save_total_limit}")
-        for name in ("batch_size", "grad_accum", "log_every", "lr"):
-            positive(name)
-        for name in ("max_steps", "eval_every", "save_every", "eval_sequences", "max_grad_norm", "seq_len"):
-            positive(name, optional=True)
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes (the time budget) must be positive, got {self.minutes}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0 (steps, or a fraction of the run when below 1), "
-                             f"got {self.warmup}")
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
-        if self.resume not in RESUME_MODES and not Path(str(self.resume)).is_dir():
-            raise ValueError(f"resume must be 'auto', 'never' or a checkpoint directory, got {self.resume!r}")
+    model: torch.nn.Module
+    config_mapping: dict[str, Any]
+    split: DocumentSplit
+    train_set: Dataset
+    heldout_set: Dataset
+    seq_len: int
+    signature: dict[str, Any]  # ckpt.database_signature of the database
+    num_chunks: int
+    database_path: str = ""
+    tokenizer: Any = None
 
     @property
-    def budget_s(self) -> float | None:
-        return None if self.minutes is None else 60.0 * self.minutes
+    def pad_id(self) -> int:
+        return int(self.signature["pad_id"])
 
-    def fixed(self) -> dict[str, Any]:
-        """The options a resumed run must keep: they decide the data order and the model."""
-        names = ("batch_size", "grad_accum", "train_fraction", "seed", "retrieval")
-        return {name: getattr(self, name) for name in names}
-
-
-def _time_steps(model: torch.nn.Module, dataset: Dataset, collate: RetroCollator, *, batch_size: int,
-                grad_accum: int, lr: float, device: torch.device, autocast: Any, repeats: int = 3
-                ) -> tuple[float, float]:
-    """Seconds per optimizer step and per forward pass, measured on a throwaway copy of the model."""
-    probe = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr)
-    n = len(dataset)
-    batches = [collate([dataset[(i * batch_size + j) % n] for j in range(batch_size)])
-               for i in range(grad_accum)]
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-
-    def step() -> None:
-        for batch in batches:
-            inputs = dict(batch)
-            labels = inputs.pop("labels")
-            with autocast or torch.autocast(device.type, enabled=False):
-                loss = causal_lm_loss(probe(**inputs).logits, labels) / grad_accum
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    with torch.random.fork_rng(devices=[]):
-        step()  # warm-up: allocations, first-call overheads
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        per_step = (time.perf_counter() - start) / repeats
-        start = time.perf_counter()
-        with torch.no_grad():
-            inputs = dict(batches[0])
-            inputs.pop("labels")
-            probe.eval()(**inputs)
-        per_forward = time.perf_counter() - start
-    return per_step, per_forward
+    @property
+    def eos_id(self) -> int | None:
+        return self.signature["eos_id"]
 
 
-def _max_steps_for_budget(budget_s: float, per_step: float, per_forward: float, *, eval_batches: int,
-                          eval_every: int | None, save_every: int | None) -> int:
-    """Steps that fit the budget, counting evaluation passes (2 per eval: with and without retrieval)."""
-    eval_cost = 0.0 if not eval_every else eval_batches * 2 * per_forward / eval_every
-    save_cost = 0.0 if not save_every else 2 * per_step / save_every  # a checkpoint ~ a couple of steps
-    return max(1, int(0.95 * budget_s / (per_step + eval_cost + save_cost)))
+def prepare(db: Any, model_config: Any, opts: TrainOptions, *, model: torch.nn.Module | None = None
+            ) -> PreparedData:
+    """Open ``db`` (a ``RetrievalDatabase`` or its path), complete and check the model config against it,
+    split its documents and build the model (a fresh one from the config, seeded, unless ``model``)."""
+    db = open_database(db)
+    seq_len = int(opts.seq_len or db.seq_len)
+    if seq_len % int(db.chunk_size):
+        raise OptionError(f"seq_len {seq_len} must be a multiple of the database's chunk_size "
+                          f"{db.chunk_size}")
+    signature = ckpt.database_signature(db)
+    config, config_mapping = build_config(model.config if model is not None else model_config, db, seq_len,
+                                          signature=signature)
+    if model is None:  # the bound reads RetroConfig's fields; a given model (a retrofit) is already built
+        check_training_memory(config, opts.batch_size, seq_len)
+    split = DocumentSplit.make(db.doc_ids, opts.train_fraction, opts.seed)
+    dataset = RETRODataset.from_database(db, seq_len=seq_len)
+    train_set, heldout_set = split_datasets(dataset, db, split, hide_heldout=True)
 
+    config.retlm_data = {**signature, "seq_len": seq_len, "retrieval": opts.retrieval,
+                         "split": split.to_json()}
+    tokenizer = getattr(db, "tokenizer", None)
+    for name in ("eos_token_id", "bos_token_id"):  # as HF Trainer would align them to the tokenizer
+        if getattr(tokenizer, name, None) is not None:
+            setattr(config, name, int(getattr(tokenizer, name)))
+    set_seed(opts.seed)
+    if model is None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model.config.retlm_data = config.retlm_data
+        for name in ("eos_token_id", "bos_token_id"):
+            setattr(model.config, name, getattr(config, name, None))
+    return PreparedData(model=model, config_mapping=config_mapping, split=split, train_set=train_set,
+                        heldout_set=heldout_set, seq_len=seq_len, signature=signature,
+                        num_chunks=int(len(db.chunks)), database_path=str(getattr(db, "path", "")),
+                        tokenizer=tokenizer)
 
-def _sync_max(value: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
-# ---- the entry point ----
 
 def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], *,
           model: torch.nn.Module | None = None, **options: Any) -> TrainResult:
@@ -373,89 +261,53 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], *,
 
     ``resume="auto"`` continues from the newest checkpoint in ``out_dir`` on the same loss curve as an
     uninterrupted run; a run that already reached its steps or budget is returned as it is.
+
+    This is :func:`prepare` (the database, the config, the datasets and the model) then
+    :func:`train_prepared`.
     """
     opts = TrainOptions(**options)
+    return train_prepared(prepare(db, model_config, opts, model=model), out_dir, opts)
+
+
+def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: TrainOptions) -> TrainResult:
+    """Train ``data.model`` on ``data.train_set`` into ``out_dir`` (see :func:`train`)."""
     out_dir = Path(out_dir)
-    db = open_database(db)
+    ensure_writable_dir(out_dir, "run directory")
     device = resolve_device(None)
     precision = resolve_precision(opts.precision, device)
-    seq_len = int(opts.seq_len or db.seq_len)
-    if seq_len % int(db.chunk_size):
-        raise OptionError(f"seq_len {seq_len} must be a multiple of the database's chunk_size "
-                          f"{db.chunk_size}")
-    if model is not None:
-        model_config = model.config
-    config, config_mapping = build_config(model_config, db, seq_len)
-    if model is None:  # the bound reads RetroConfig's fields; a given model (a retrofit) is already built
-        check_training_memory(config, opts.batch_size, seq_len)
-    ensure_writable_dir(out_dir, "run directory")
-
-    split = DocumentSplit.make(db.doc_ids, opts.train_fraction, opts.seed)
-    train_set, heldout_set = _split_data(db, seq_len, split)
-    eval_set = spread_subset(heldout_set, opts.eval_sequences) if len(heldout_set) else None
+    eval_set = spread_subset(data.heldout_set, opts.eval_sequences) if len(data.heldout_set) else None
     args = _training_arguments(opts, out_dir, precision, device, has_eval=eval_set is not None)
-    if len(train_set) < opts.batch_size * args.world_size:
-        raise ValueError(f"only {len(train_set)} training sequences, fewer than one batch ({opts.batch_size} "
-                         f"x {args.world_size} processes); lower batch_size or use a larger database")
-
-    fixed = {**opts.fixed(), "model_config": config_mapping, "database": ckpt.database_signature(db),
-             "seq_len": seq_len, "world_size": args.world_size, "num_chunks": int(len(db.chunks))}
+    if len(data.train_set) < opts.batch_size * args.world_size:
+        raise ValueError(f"only {len(data.train_set)} training sequences, fewer than one batch "
+                         f"({opts.batch_size} x {args.world_size} processes); lower batch_size or use a "
+                         "larger database")
+    fixed = {**opts.fixed(), "model_config": data.config_mapping, "database": data.signature,
+             "seq_len": data.seq_len, "world_size": args.world_size, "num_chunks": data.num_chunks}
     run_file = out_dir / ckpt.RUN_FILE
     previous = ckpt.read_json(run_file) if run_file.is_file() else None
     resume_from = _resume_point(opts.resume, out_dir, previous, fixed)
     elapsed_before = RunClock.elapsed_in(resume_from) if resume_from else 0.0
 
-    config.retlm_data = {**ckpt.database_signature(db), "seq_len": seq_len, "retrieval": opts.retrieval,
-                         "split": split.to_json()}
-    tokenizer = getattr(db, "tokenizer", None)
-    for name in ("eos_token_id", "bos_token_id"):  # as HF Trainer would align them to the tokenizer
-        if getattr(tokenizer, name, None) is not None:
-            setattr(config, name, int(getattr(tokenizer, name)))
-    set_seed(opts.seed)
-    if model is None:
-        model = AutoModelForCausalLM.from_config(config)
-    else:
-        model.config.retlm_data = config.retlm_data
-        for name in ("eos_token_id", "bos_token_id"):
-            setattr(model.config, name, getattr(config, name, None))
-    eos_id = None if getattr(db, "eos_id", None) is None else int(db.eos_id)
-    collate = RetroCollator(int(db.pad_id), retrieval=opts.retrieval, eos_id=eos_id)
-    plan = _choose_max_steps(opts, args, previous, elapsed_before, model, train_set, eval_set, collate,
-                             device, precision)
+    collate = RetroCollator(data.pad_id, retrieval=opts.retrieval, eos_id=data.eos_id)
+    plan = planning.choose_max_steps(opts, args, previous, elapsed_before, data.model, data.train_set,
+                                     eval_set, collate, device, precision)
     args.max_steps = plan.cap
     set_seed(opts.seed)
-
-    if resume_from and _already_finished(opts, plan, previous, resume_from, elapsed_before):
+    if resume_from and planning.already_finished(opts, plan, previous, resume_from, elapsed_before):
         return _finish_without_training(out_dir, resume_from, plan.steps, elapsed_before,
                                         is_main=args.should_save)
-
     if args.should_save:
+        first_plan = (previous or {}).get("max_steps_first_plan", plan.steps) if resume_from else plan.steps
         _start_run_files(out_dir, resume_from, {
             "version": 1, "status": "running", "fixed": fixed, "max_steps": plan.steps,
-            "max_steps_first_plan": (previous or {}).get("max_steps_first_plan", plan.steps) if resume_from
-            else plan.steps, "max_steps_cap": plan.cap, "max_steps_source": plan.source,
-            "options": {**asdict(opts), "precision": precision},
-            "database_path": str(getattr(db, "path", "")), "split": split.to_json(),
-            "train_sequences": len(train_set), "heldout_sequences": len(heldout_set)})
+            "max_steps_first_plan": first_plan, "max_steps_cap": plan.cap, "max_steps_source": plan.source,
+            "options": {**asdict(opts), "precision": precision}, "database_path": data.database_path,
+            "split": data.split.to_json(), "train_sequences": len(data.train_set),
+            "heldout_sequences": len(data.heldout_set)})
     _barrier()
 
     clock = RunClock(opts.budget_s, elapsed_before)
-    callbacks: list[Any] = [clock, JsonlMetrics(out_dir / ckpt.METRICS_FILE, clock)]
-    callbacks += [ProgressBar()] * opts.progress
-    schedule = planner = None
-    if plan.source == "time_budget":
-        schedule = PlannedSchedule(opts.schedule, opts.warmup, plan.steps)
-        planner = StepPlanner(clock, schedule, plan.cap, eval_s=plan.eval_s, save_s=plan.save_s,
-                              evaluates=args.eval_strategy != "no")
-    variants = {"": True, "_no_retrieval": False} if opts.retrieval else {"": False}
-    trainer = RetroTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                           data_collator=collate, callbacks=callbacks, pad_id=int(db.pad_id),
-                           eval_variants=variants, eos_id=eos_id, schedule=schedule,
-                           processing_class=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if planner is not None:  # before DefaultFlowCallback, which stops at state.max_steps
-        trainer.callback_handler.callbacks.insert(0, planner)
+    trainer = _make_trainer(data, opts, args, plan, clock, eval_set, collate, out_dir)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     stopped_by_budget = clock.stopped_by_budget or plan.source == "time_budget"
@@ -473,9 +325,28 @@ def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], *,
     return result
 
 
-def _split_data(db: Any, seq_len: int, split: DocumentSplit) -> tuple[Dataset, Dataset]:
-    dataset = RETRODataset.from_database(db, seq_len=seq_len)
-    return split_datasets(dataset, db, split, hide_heldout=True)
+def _make_trainer(data: PreparedData, opts: TrainOptions, args: TrainingArguments, plan: planning.StepsPlan,
+                  clock: RunClock, eval_set: Dataset | None, collate: RetroCollator, out_dir: Path
+                  ) -> RetroTrainer:
+    """The ``RetroTrainer`` with retlm's callbacks (clock, metrics file, progress bar, step planner)."""
+    callbacks: list[Any] = [clock, JsonlMetrics(out_dir / ckpt.METRICS_FILE, clock)]
+    callbacks += [ProgressBar()] * opts.progress
+    schedule = planner = None
+    if plan.source == "time_budget":
+        schedule = PlannedSchedule(opts.schedule, opts.warmup, plan.steps)
+        planner = StepPlanner(clock, schedule, plan.cap, eval_s=plan.eval_s, save_s=plan.save_s,
+                              evaluates=args.eval_strategy != "no")
+    variants = {"": True, "_no_retrieval": False} if opts.retrieval else {"": False}
+    tokenizer = data.tokenizer
+    trainer = RetroTrainer(model=data.model, args=args, train_dataset=data.train_set, eval_dataset=eval_set,
+                           data_collator=collate, callbacks=callbacks, pad_id=data.pad_id,
+                           eval_variants=variants, eos_id=data.eos_id, schedule=schedule,
+                           processing_class=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if planner is not None:  # before DefaultFlowCallback, which stops at state.max_steps
+        trainer.callback_handler.callbacks.insert(0, planner)
+    return trainer
 
 
 def _training_arguments(opts: TrainOptions, out_dir: Path, precision: str, device: torch.device,
@@ -512,16 +383,16 @@ def _start_run_files(out_dir: Path, resume_from: Path | None, run: dict[str, Any
 def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict) -> Path | None:
     """The checkpoint to continue from, after checking that the run's fixed settings are unchanged."""
     if resume == "never":
-        if previous is not None or ckpt.latest_checkpoint(out_dir) is not None:
+        if previous is not None or latest_checkpoint(out_dir) is not None:
             raise FileExistsError(f"{out_dir} already holds a training run; continue it with resume='auto' "
                                   "(`--resume auto`) or choose another output directory")
         return None
-    checkpoint = ckpt.latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
+    checkpoint = latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
     if checkpoint is None:
         return None
     if not (checkpoint / "trainer_state.json").is_file():
         raise ValueError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
-    ckpt.verify_model_dir(checkpoint)  # weights, optimizer and RNG state as they were saved
+    verify_model_dir(checkpoint)  # weights, optimizer and RNG state as they were saved
     if previous is not None:
         changed = [key for key in fixed if previous["fixed"].get(key) != _jsonable(fixed[key])]
         if changed:
@@ -534,62 +405,6 @@ def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
-
-
-@dataclass
-class StepsPlan:
-    """How long a run is: ``steps`` (planned), ``source`` ("max_steps" | "time_budget" | "one_epoch"), and
-    for a time budget the ``cap`` the Trainer is built with (the planner may move ``steps`` up to it) and
-    the estimated seconds of one evaluation and one checkpoint."""
-
-    steps: int
-    source: str
-    cap: int
-    eval_s: float = 0.0
-    save_s: float = 0.0
-
-
-PLAN_CAP_FACTOR = 16  # a time-budgeted run may end up with up to 16x the steps its first timing planned
-
-
-def _choose_max_steps(opts: TrainOptions, args: TrainingArguments, previous: dict | None,
-                      elapsed_before: float, model: torch.nn.Module, train_set: Dataset,
-                      eval_set: Dataset | None, collate: RetroCollator, device: torch.device,
-                      precision: str) -> StepsPlan:
-    """The run's length in optimizer steps, and where it came from."""
-    if opts.max_steps is not None:
-        return StepsPlan(opts.max_steps, "max_steps", opts.max_steps)
-    if previous and previous.get("max_steps_source") == "time_budget" and elapsed_before > 0:
-        steps = int(previous["max_steps"])  # keep the interrupted run's plan; the scheduler holds its length
-        return StepsPlan(steps, "time_budget", int(previous.get("max_steps_cap", steps)))
-    if opts.budget_s is None:
-        per_epoch = math.ceil(len(train_set) / (opts.batch_size * args.world_size))
-        steps = max(1, math.ceil(per_epoch / opts.grad_accum))
-        return StepsPlan(steps, "one_epoch", steps)
-    per_step, per_forward = _time_steps(model, train_set, collate, batch_size=opts.batch_size,
-                                        grad_accum=opts.grad_accum, lr=opts.lr, device=device,
-                                        autocast=autocast_for(precision, device))
-    per_step, per_forward = _sync_max(per_step, args.device), _sync_max(per_forward, args.device)
-    eval_batches = 0 if eval_set is None else math.ceil(len(eval_set) / args.world_size / opts.batch_size)
-    steps = _max_steps_for_budget(opts.budget_s, per_step, per_forward, eval_batches=eval_batches,
-                                  eval_every=opts.eval_every, save_every=opts.save_every)
-    # the planner reserves the final evaluation (estimated from the probe until one is measured) and the
-    # final checkpoint (once one is measured: a save's cost is not what a training step's is)
-    eval_s = eval_batches * 2 * per_forward if opts.eval_every else 0.0
-    return StepsPlan(steps, "time_budget", max(PLAN_CAP_FACTOR * steps, steps + 16), eval_s=eval_s)
-
-
-def _already_finished(opts: TrainOptions, plan: StepsPlan, previous: dict | None, checkpoint: Path,
-                      elapsed_before: float) -> bool:
-    """Whether the run being resumed has nothing left to do: its budget is spent, its fixed steps are
-    done, or its planned steps are done under the same budget (a longer budget continues it)."""
-    if opts.budget_s is not None and elapsed_before >= opts.budget_s:
-        return True
-    step = ckpt.checkpoint_step(checkpoint)
-    if plan.source != "time_budget":
-        return step >= plan.steps
-    same_budget = previous is not None and previous.get("options", {}).get("minutes") == opts.minutes
-    return same_budget and step >= ckpt.checkpoint_max_steps(checkpoint)
 
 
 def _save_final(trainer: RetroTrainer, out_dir: Path) -> Path:
@@ -615,7 +430,7 @@ def _finish_without_training(out_dir: Path, checkpoint: Path, steps: int, elapse
     checkpoint (a kill can fall between the two) and that the run file says it finished."""
     final, step = out_dir / ckpt.FINAL_DIR, ckpt.checkpoint_step(checkpoint)
     if is_main and ckpt.final_model_step(out_dir) != step:
-        ckpt.verify_model_dir(checkpoint)
+        verify_model_dir(checkpoint)
         staging = out_dir / ckpt.STAGING_DIR / ckpt.FINAL_DIR
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from retlm.compat import CausalLMOutputWithCache
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.modeling_retro import RetroForCausalLM, at_least_float32
+from retlm.models.retro.modeling_retro import RetroForCausalLM
 
 
 class RETRO(RetroForCausalLM):
@@ -42,13 +40,8 @@ class RETRO(RetroForCausalLM):
     ) -> Tensor | CausalLMOutputWithCache | tuple:
         if seq is None or kwargs:
             return super().forward(input_ids=kwargs.pop("input_ids", seq), retrieved=retrieved, **kwargs)
-        if return_loss:
-            seq, labels = seq[:, :-1], seq[:, 1:]
-        logits = super().forward(input_ids=seq, retrieved=retrieved).logits
         if not return_loss:
-            return logits
-        return F.cross_entropy(
-            rearrange(at_least_float32(logits), "b n v -> b v n"),
-            labels.long(),
-            ignore_index=self.config.pad_id,
-        )
+            return super().forward(input_ids=seq, retrieved=retrieved).logits
+        # the seed's loss is the model's, with its targets mapped onto HF's: pad_id targets are ignored
+        targets = seq[:, 1:].long().masked_fill(seq[:, 1:] == self.config.pad_id, -100)
+        return super().forward(input_ids=seq[:, :-1], retrieved=retrieved, shift_labels=targets).loss

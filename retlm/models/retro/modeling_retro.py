@@ -466,10 +466,17 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.to_logits(hidden)
         loss = None
-        if labels is not None:
+        shift_labels = kwargs.pop("shift_labels", None)
+        if labels is not None or shift_labels is not None:
+            # HF's convention: ``labels`` are shifted here; ``shift_labels`` (as HF's loss functions take
+            # them) are already aligned with the logits and hold the last position's target too.
+            if shift_labels is None:
+                logits_for_loss, shift_labels = logits[:, :-1], labels[:, 1:]
+            else:
+                logits_for_loss = logits
             loss = F.cross_entropy(
-                rearrange(at_least_float32(logits[:, :-1]), "b n v -> (b n) v"),
-                rearrange(labels[:, 1:].to(logits.device), "b n -> (b n)"),
+                rearrange(at_least_float32(logits_for_loss), "b n v -> (b n) v"),
+                rearrange(shift_labels.to(logits.device), "b n -> (b n)"),
                 ignore_index=-100,
             )
         out = CausalLMOutputWithCache(

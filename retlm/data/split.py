@@ -1,4 +1,4 @@
-"""From a retrieval database to training batches: the document split, the datasets and the collator.
+"""From a retrieval database to the training and held-out sequences: the document split.
 
 The split is by document, never by sequence: every sequence of a held-out document is held out, so
 no held-out token is ever a training target. Held-out documents are also hidden from the
@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss (torch cross_entropy default)
 
 
 def open_database(db: Any) -> Any:
@@ -61,8 +59,11 @@ class DocumentSplit:
         return np.isin(np.asarray(doc_ids), self.heldout_docs)
 
     def to_json(self) -> dict[str, Any]:
-        return {"train_fraction": self.train_fraction, "seed": self.seed,
-                "heldout_docs": self.heldout_docs.tolist()}
+        return {
+            "train_fraction": self.train_fraction,
+            "seed": self.seed,
+            "heldout_docs": self.heldout_docs.tolist(),
+        }
 
 
 def sequence_doc_ids(db: Any) -> np.ndarray:
@@ -79,8 +80,9 @@ class SplitSequences(Dataset):
     those documents are replaced by padding, which the model treats as a missing neighbour.
     """
 
-    def __init__(self, dataset: Dataset, db: Any, indices: Sequence[int],
-                 hide_docs: np.ndarray | None = None):
+    def __init__(
+        self, dataset: Dataset, db: Any, indices: Sequence[int], hide_docs: np.ndarray | None = None
+    ):
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
         self.pad_id = int(db.pad_id)
@@ -113,8 +115,9 @@ class SplitSequences(Dataset):
         return torch.from_numpy(hidden)
 
 
-def split_datasets(dataset: Dataset, db: Any, split: DocumentSplit, *, hide_heldout: bool = True
-                   ) -> tuple[SplitSequences, SplitSequences]:
+def split_datasets(
+    dataset: Dataset, db: Any, split: DocumentSplit, *, hide_heldout: bool = True
+) -> tuple[SplitSequences, SplitSequences]:
     """``(train, heldout)`` views of ``dataset`` (one item per database sequence)."""
     if len(dataset) != len(db.seqs):
         raise ValueError(f"the dataset has {len(dataset)} sequences but the database lists {len(db.seqs)}")
@@ -136,32 +139,3 @@ def spread_subset(dataset: SplitSequences, max_sequences: int | None) -> SplitSe
     subset = copy.copy(dataset)
     subset.indices = dataset.indices[picks]
     return subset
-
-
-class RetroCollator:
-    """Stacks ``(seq, retrieved)`` pairs into model inputs.
-
-    Returns ``input_ids (batch, seq_len)``, ``labels (batch, seq_len)`` already shifted by one, with
-    padding set to ``IGNORE_INDEX``, and ``retrieved (batch, n_chunks, k, 2 * chunk_size)`` unless
-    retrieval is switched off.
-
-    When padding is the end-of-document token (``eos_id == pad_id``, GPT-2's), the first one of a row is
-    the end of its document, a target like any other token; only the ones after it are padding.
-    """
-
-    def __init__(self, pad_id: int, retrieval: bool = True, eos_id: int | None = None):
-        self.pad_id = pad_id
-        self.retrieval = retrieval
-        self.eos_id = eos_id
-
-    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        seq = torch.stack([torch.as_tensor(s) for s, _ in items]).long()
-        labels = seq[:, 1:].clone()
-        padding = labels == self.pad_id
-        if self.eos_id is not None and self.eos_id == self.pad_id:
-            padding &= torch.cumsum(seq == self.eos_id, dim=1)[:, :-1] > 0  # an eos before this target
-        labels[padding] = IGNORE_INDEX
-        batch = {"input_ids": seq[:, :-1].contiguous(), "labels": labels}
-        if self.retrieval:
-            batch["retrieved"] = torch.stack([torch.as_tensor(r) for _, r in items]).long()
-        return batch

@@ -1,0 +1,97 @@
+"""Loading a trained model: from a run directory, a model directory or a checkpoint, safetensors only,
+after checking the files against the checksums recorded when they were saved.
+
+A run directory (written by ``retlm.training``) holds ``model/`` (the final weights) and
+``checkpoint-<step>/`` folders; :func:`resolve_model_dir` finds the weights in any of the three.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+FINAL_DIR = "model"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoints of a run, oldest first."""
+    found = []
+    for path in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name[len(CHECKPOINT_PREFIX) :]
+        if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory with the weights: a model dir or checkpoint as given, or a run dir's final model
+    (its latest checkpoint if training did not finish)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if (path / "config.json").is_file():
+        candidate = path
+    elif (path / FINAL_DIR / "config.json").is_file():
+        candidate = path / FINAL_DIR
+    else:
+        candidate = latest_checkpoint(path)
+        if candidate is None:
+            raise FileNotFoundError(
+                f"{path} holds no model: expected config.json + model.safetensors, "
+                f"a {FINAL_DIR}/ folder, or {CHECKPOINT_PREFIX}N/ folders"
+            )
+    if not (candidate / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{candidate} has no model.safetensors (only safetensors weights are loaded)")
+    return candidate
+
+
+def verify_model_dir(folder: Path, names: Any = None) -> None:
+    """Compare a model folder's files (``names``, default all recorded) with their saved sha256, and
+    check that ``model.safetensors`` is structurally whole; errors name the file."""
+    from retlm.integrity import check_safetensors, verify_folder
+
+    verify_folder(folder, names)
+    weights = Path(folder) / "model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """A trained model from a run dir, model dir or checkpoint, loaded from safetensors only.
+
+    Before anything is parsed, the files are compared with the sha256 recorded when they were saved
+    (``retlm_checksums.json``) and the safetensors header is checked against the file's size; a bad
+    ``config.json`` is reported with its path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import retlm.models.retnet  # noqa: F401  (register their configs with the Auto classes)
+    import retlm.models.retro  # noqa: F401
+    import retlm.models.retrofit  # noqa: F401
+
+    model_dir = resolve_model_dir(path)
+    verify_model_dir(model_dir, ("config.json", "model.safetensors", "generation_config.json"))
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as err:  # invalid json, a wrong type, an unknown model type: name the file
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"{model_dir / 'config.json'} is not a valid RETRO config ({reason})") from None
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call is noise in `retlm eval`
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
+    except ValueError:
+        raise
+    except Exception as err:  # the loaders' messages (safetensors, torch) do not name the file
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"{model_dir / 'model.safetensors'} cannot be loaded ({reason})") from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
