@@ -45,6 +45,7 @@ install-test: $(VENV)/.installed-test
 
 lint: install-test
 	$(VENV)/bin/ruff check retlm tests bench experiments
+	$(VENV)/bin/ruff format --check retlm tests bench experiments
 
 test: install-test lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

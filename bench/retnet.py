@@ -56,10 +56,6 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-
-
-
-
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||: the two modes must compute the same function."""
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
@@ -202,8 +198,6 @@ def decode(model, cache, token: torch.Tensor, steps: int, is_retnet: bool) -> fl
         cache = output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
-
-
 
 
 def measure_decoding(model, context: int, batch: int, steps: int, is_retnet: bool, repeats: int) -> dict:

@@ -132,10 +132,6 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-
-
-
-
 class PeakMemory:
     """Peak memory growth over a block: CUDA peak allocated, or on CPU the VmHWM above the RSS at entry."""
 

@@ -40,18 +40,37 @@ from retlm.training.config import read_model_config
 from retlm.training.evaluate import causal_lm_loss, count_bytes, select_split
 
 
-def train_variant(db: Any, work: Path, name: str, config: dict[str, Any], retrieval: bool,
-                  args: argparse.Namespace) -> Path:
-    result = train(db, config, work / name, max_steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                   seq_len=args.seq_len, seed=args.seed, retrieval=retrieval, eval_every=50,
-                   eval_sequences=32, save_every=100, progress=not args.quiet)
+def train_variant(
+    db: Any, work: Path, name: str, config: dict[str, Any], retrieval: bool, args: argparse.Namespace
+) -> Path:
+    result = train(
+        db,
+        config,
+        work / name,
+        max_steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        retrieval=retrieval,
+        eval_every=50,
+        eval_sequences=32,
+        save_every=100,
+        progress=not args.quiet,
+    )
     print(f"{name}: {result.global_step} steps, {result.elapsed_s / 60:.1f} min of training", flush=True)
     return result.model_dir
 
 
 @torch.no_grad()
-def per_token_losses(model: torch.nn.Module, dataset: Any, pad_id: int, retrieval: bool,
-                     batch_size: int = 8, eos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def per_token_losses(
+    model: torch.nn.Module,
+    dataset: Any,
+    pad_id: int,
+    retrieval: bool,
+    batch_size: int = 8,
+    eos_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(losses, labels)``, each ``(n_sequences, seq_len)``; ``losses`` is 0 where labels are ignored."""
     model.eval()
     collate = RetroCollator(pad_id, retrieval=retrieval, eos_id=eos_id)
@@ -78,23 +97,28 @@ def copyable_mask(dataset: Any, chunk_size: int) -> np.ndarray:
             if chunk == 0:
                 continue
             neighbours = retrieved[chunk - 1]  # (k, 2 * chunk_size)
-            pairs = set(zip(neighbours[:, :-1].ravel().tolist(), neighbours[:, 1:].ravel().tolist(),
-                            strict=True))
+            pairs = set(
+                zip(neighbours[:, :-1].ravel().tolist(), neighbours[:, 1:].ravel().tolist(), strict=True)
+            )
             mask[t] = (int(seq[t]), int(seq[t + 1])) in pairs
         masks.append(mask)
     return np.stack(masks)
 
 
-def bootstrap(diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, seed: int = 0
-              ) -> tuple[float, float, float]:
+def bootstrap(
+    diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean per-token difference and its 95% interval, resampling sequences."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(tokens), size=(samples, len(tokens)))
     counts = tokens[picks].sum(1)
     means = diff_sums[picks].sum(1) / np.where(counts > 0, counts, 1)
     means = means[counts > 0]  # a resample with nothing to count (a sparse bucket) says nothing
-    return float(diff_sums.sum() / tokens.sum()), float(np.quantile(means, 0.025)), float(
-        np.quantile(means, 0.975))
+    return (
+        float(diff_sums.sum() / tokens.sum()),
+        float(np.quantile(means, 0.025)),
+        float(np.quantile(means, 0.975)),
+    )
 
 
 def bits_per_byte(losses: np.ndarray, scored: np.ndarray, n_bytes: int) -> float:
@@ -117,10 +141,15 @@ def score_pair(db: Any, retro_dir: Path, control_dir: Path) -> dict[str, Any]:
     def ppl(losses: np.ndarray) -> float:
         return math.exp(losses[scored].mean())
 
-    runs = {"retro_with_retrieval": with_r, "retro_without_retrieval": without_r,
-            "control_trained_without_retrieval": ctrl}
+    runs = {
+        "retro_with_retrieval": with_r,
+        "retro_without_retrieval": without_r,
+        "control_trained_without_retrieval": ctrl,
+    }
     report: dict[str, Any] = {
-        "heldout_sequences": len(heldout), "heldout_tokens": int(tokens.sum()), "heldout_bytes": n_bytes,
+        "heldout_sequences": len(heldout),
+        "heldout_tokens": int(tokens.sum()),
+        "heldout_bytes": n_bytes,
         "perplexity": {name: ppl(losses) for name, losses in runs.items()},
         "bits_per_byte": {name: bits_per_byte(losses, scored, n_bytes) for name, losses in runs.items()},
     }
@@ -130,7 +159,8 @@ def score_pair(db: Any, retro_dir: Path, control_dir: Path) -> dict[str, Any]:
     copyable = copyable_mask(heldout, int(db.chunk_size)) & scored
     gain = without_r - with_r
     report["retrieval_gain_nats"] = {
-        "copyable_tokens": int(copyable.sum()), "on_copyable": float(gain[copyable].mean()),
+        "copyable_tokens": int(copyable.sum()),
+        "on_copyable": float(gain[copyable].mean()),
         "on_other": float(gain[scored & ~copyable].mean()),
     }
     return report
@@ -152,9 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     work = args.work_dir
-    db = build_database(DemoOptions(work_dir=work, corpus=args.corpus, seq_len=args.seq_len,
-                                    chunk_size=args.chunk_size, tokenizer=args.tokenizer,
-                                    progress=not args.quiet))
+    db = build_database(
+        DemoOptions(
+            work_dir=work,
+            corpus=args.corpus,
+            seq_len=args.seq_len,
+            chunk_size=args.chunk_size,
+            tokenizer=args.tokenizer,
+            progress=not args.quiet,
+        )
+    )
     config = read_model_config(args.model_config)
     report: dict[str, Any] = {"steps": args.steps, "model_config": args.model_config, "seeds": {}}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -162,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         retro_dir = train_variant(db, work, f"retro-seed{seed}", config, True, args)
         # the control never runs its CCA layers, so their init is moot; zero_init_cca only zeroes
         # projections after drawing them, so every weight the control uses starts as the RETRO model's
-        control_dir = train_variant(db, work, f"control-seed{seed}", {**config, "zero_init_cca": False},
-                                    False, args)
+        control_dir = train_variant(
+            db, work, f"control-seed{seed}", {**config, "zero_init_cca": False}, False, args
+        )
         report["seeds"][seed] = score_pair(db, retro_dir, control_dir)
         print(json.dumps({seed: report["seeds"][seed]}, indent=2), flush=True)
     diffs = [r["control_minus_retro_nats_per_token"]["mean"] for r in report["seeds"].values()]

@@ -21,8 +21,20 @@ from tqdm.auto import tqdm
 from retlm.utils import atomic_write
 
 # Packages under the stdlib folder that are tests, tooling or vendored code, not documentation.
-_SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3", "ensurepip",
-               "turtledemo", "__pycache__", "pydoc_data", "idlelib", "config-3"}
+_SKIP_PARTS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "ensurepip",
+    "turtledemo",
+    "__pycache__",
+    "pydoc_data",
+    "idlelib",
+    "config-3",
+}
 _MIN_CHARS = 200
 
 
@@ -38,12 +50,18 @@ def _docstrings(tree: ast.Module) -> Iterator[str]:
     nodes: list[ast.AST] = [tree]
     while nodes:
         node = nodes.pop(0)
-        doc = ast.get_docstring(node, clean=True) if isinstance(
-            node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) else None
+        doc = (
+            ast.get_docstring(node, clean=True)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            else None
+        )
         if doc:
             yield doc
-        nodes[:0] = [child for child in ast.iter_child_nodes(node)
-                     if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
+        nodes[:0] = [
+            child
+            for child in ast.iter_child_nodes(node)
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        ]
 
 
 def stdlib_docstrings(stdlib: Path | None = None) -> Iterator[tuple[str, str]]:

@@ -53,25 +53,18 @@ class DemoOptions:
     )
     seq_len: int = option(256, help="training sequence length")
     chunk_size: int = option(64, help="tokens per retrieval chunk")
-    num_neighbors: int = option(
-        2, flag="--neighbors", aliases=("--neighbours",), help="neighbours per chunk"
-    )
+    num_neighbors: int = option(2, flag="--neighbors", aliases=("--neighbours",), help="neighbours per chunk")
     batch_size: int = option(8, help="training batch size")
     lr: float = option(2e-3, help="peak learning rate")
     eval_sequences: int | None = option(
         256, to_value=zero_is_none, help="held-out sequences scored at the end (0: all)"
     )
-    eval_every: int = option(
-        20, cli=False, help="steps between the validation points of the loss curve"
-    )
+    eval_every: int = option(20, cli=False, help="steps between the validation points of the loss curve")
     prompt: str | None = option(
         None,
-        help="prompt for the generation step (default: the first chunk of --num-prompts "
-        "held-out documents)",
+        help="prompt for the generation step (default: the first chunk of --num-prompts held-out documents)",
     )
-    num_prompts: int = option(
-        2, help="held-out documents whose first chunk is a prompt (without --prompt)"
-    )
+    num_prompts: int = option(2, help="held-out documents whose first chunk is a prompt (without --prompt)")
     max_new_tokens: int = option(
         128, help="tokens to generate (enough to cross chunk boundaries, so retrieval happens)"
     )
@@ -122,19 +115,29 @@ def build_database(opts: DemoOptions) -> Any:
         except ValueError as err:  # e.g. a database of an older format
             raise ValueError(f"{err}{hint}") from None
         if db.tokenizer_name != opts.tokenizer:
-            raise ValueError(f"{db_dir} was built with tokenizer {db.tokenizer_name!r}, not "
-                             f"{opts.tokenizer!r}{hint}")
+            raise ValueError(
+                f"{db_dir} was built with tokenizer {db.tokenizer_name!r}, not {opts.tokenizer!r}{hint}"
+            )
         _say(f"[1/5] database: reusing {db_dir} ({db.num_chunks} chunks, tokenizer {db.tokenizer_name})")
         return db
     corpus, glob = opts.corpus, "**/*"  # a user's folder: every text file (binary ones are skipped)
     if corpus is None:
         corpus, glob = write_python_docs_corpus(opts.work_dir / "corpus", progress=opts.progress), "*.txt"
     start = time.perf_counter()
-    db = RetrievalDatabase.build(corpus, db_dir, chunk_size=opts.chunk_size, num_neighbors=opts.num_neighbors,
-                                 seq_len=opts.seq_len, tokenizer=opts.tokenizer, glob=glob,
-                                 progress=opts.progress)
-    _say(f"[1/5] database: {db.num_chunks} chunks of {db.chunk_size} {db.tokenizer_name} tokens from "
-         f"{db.num_docs} documents of {corpus} in {time.perf_counter() - start:.0f} s -> {db_dir}")
+    db = RetrievalDatabase.build(
+        corpus,
+        db_dir,
+        chunk_size=opts.chunk_size,
+        num_neighbors=opts.num_neighbors,
+        seq_len=opts.seq_len,
+        tokenizer=opts.tokenizer,
+        glob=glob,
+        progress=opts.progress,
+    )
+    _say(
+        f"[1/5] database: {db.num_chunks} chunks of {db.chunk_size} {db.tokenizer_name} tokens from "
+        f"{db.num_docs} documents of {corpus} in {time.perf_counter() - start:.0f} s -> {db_dir}"
+    )
     return db
 
 
@@ -145,14 +148,29 @@ def train_model(opts: DemoOptions, db: Any, *, retrieval: bool, max_steps: int |
 
     run_dir = opts.work_dir / ("run" if retrieval else "run-no-retrieval")
     minutes = opts.minutes if max_steps is None else 2 * opts.minutes
-    result = train(db, opts.model_config, run_dir, minutes=minutes, max_steps=max_steps, lr=opts.lr,
-                   batch_size=opts.batch_size, seq_len=opts.seq_len, seed=opts.seed, retrieval=retrieval,
-                   eval_every=opts.eval_every, eval_sequences=32, save_every=50, progress=opts.progress)
+    result = train(
+        db,
+        opts.model_config,
+        run_dir,
+        minutes=minutes,
+        max_steps=max_steps,
+        lr=opts.lr,
+        batch_size=opts.batch_size,
+        seq_len=opts.seq_len,
+        seed=opts.seed,
+        retrieval=retrieval,
+        eval_every=opts.eval_every,
+        eval_sequences=32,
+        save_every=50,
+        progress=opts.progress,
+    )
     what = "with retrieval" if retrieval else "without retrieval (control)"
     verb = "reused" if result.stop_reason == "already_finished" else "trained"
     loss = f", last training loss {result.last_train_loss:.3f}" if result.last_train_loss is not None else ""
-    _say(f"[2/5] model {what}: {verb} {result.global_step} steps in {result.elapsed_s / 60:.1f} min{loss} "
-         f"-> {result.model_dir}")
+    _say(
+        f"[2/5] model {what}: {verb} {result.global_step} steps in {result.elapsed_s / 60:.1f} min{loss} "
+        f"-> {result.model_dir}"
+    )
     return result
 
 
@@ -160,8 +178,11 @@ def evaluate_model(opts: DemoOptions, db: Any, trained: Any) -> dict[str, Any]:
     from retlm.training import evaluate
 
     key = {"step": trained.global_step, "model": str(trained.model_dir), "sequences": opts.eval_sequences}
-    return _cached(trained.run_dir / "demo-eval.json", key, lambda: evaluate(
-        trained.model_dir, db, max_sequences=opts.eval_sequences, progress=opts.progress))
+    return _cached(
+        trained.run_dir / "demo-eval.json",
+        key,
+        lambda: evaluate(trained.model_dir, db, max_sequences=opts.eval_sequences, progress=opts.progress),
+    )
 
 
 def held_out_prompts(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, Any]]:
@@ -196,15 +217,26 @@ def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
 
     prompts = held_out_prompts(opts, db, model)
     source = "the first chunk of a held-out document" if opts.prompt is None else "--prompt"
-    _say(f"[4/5] generation: {len(prompts)} prompt(s), each {source}; {opts.max_new_tokens} new tokens "
-         f"sampled (temperature {opts.temperature}, top-k {opts.top_k}), retrieving at every "
-         f"{db.chunk_size}-token chunk boundary" + (", the prompt's own document excluded"
-                                                    if opts.prompt is None else ""))
+    _say(
+        f"[4/5] generation: {len(prompts)} prompt(s), each {source}; {opts.max_new_tokens} new tokens "
+        f"sampled (temperature {opts.temperature}, top-k {opts.top_k}), retrieving at every "
+        f"{db.chunk_size}-token chunk boundary"
+        + (", the prompt's own document excluded" if opts.prompt is None else "")
+    )
     records = []
     for i, p in enumerate(prompts, 1):
-        generated = generate_text(model, db, p["prompt"], max_new_tokens=opts.max_new_tokens,
-                                  seed=opts.seed + i, do_sample=True, temperature=opts.temperature,
-                                  top_k=opts.top_k, exclude_doc_id=p["doc_id"], eos_token_id=int(db.eos_id))
+        generated = generate_text(
+            model,
+            db,
+            p["prompt"],
+            max_new_tokens=opts.max_new_tokens,
+            seed=opts.seed + i,
+            do_sample=True,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            exclude_doc_id=p["doc_id"],
+            eos_token_id=int(db.eos_id),
+        )
         where = f" (held out: {p['document']})" if p["document"] else ""
         _say(f"\n=== prompt {i} of {len(prompts)}{where} ===")
         _say(quoted(generated.prompt))
@@ -212,9 +244,16 @@ def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
         _say(quoted(generated.continuation))
         _say("=== what the model read, chunk by chunk ===")
         print_neighbours(generated)
-        records.append({**p, "continuation": generated.continuation, "text": generated.text,
-                        "chunks": [{"query": query, "neighbours": [n.__dict__ for n in ns]}
-                                   for query, ns in generated.chunks]})
+        records.append(
+            {
+                **p,
+                "continuation": generated.continuation,
+                "text": generated.text,
+                "chunks": [
+                    {"query": query, "neighbours": [n.__dict__ for n in ns]} for query, ns in generated.chunks
+                ],
+            }
+        )
     _say("")
     return records
 
@@ -241,12 +280,16 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     scores = evaluate_model(opts, db, trained)
     with_r, without_r = scores["with_retrieval"], scores["without_retrieval"]
-    _say(f"[3/5] held-out ({scores['documents']} documents, {scores['tokens']} tokens, {scores['bytes']} "
-         f"bytes): perplexity {_scores_line(with_r)} with retrieval, {_scores_line(without_r)} without")
+    _say(
+        f"[3/5] held-out ({scores['documents']} documents, {scores['tokens']} tokens, {scores['bytes']} "
+        f"bytes): perplexity {_scores_line(with_r)} with retrieval, {_scores_line(without_r)} without"
+    )
     control_scores = evaluate_model(opts, db, control) if control is not None else None
     if control_scores is not None:
-        _say(f"      control trained without retrieval: perplexity "
-             f"{_scores_line(control_scores['without_retrieval'])}")
+        _say(
+            f"      control trained without retrieval: perplexity "
+            f"{_scores_line(control_scores['without_retrieval'])}"
+        )
 
     from retlm.training import load_model, plot_loss_curves
 
@@ -258,11 +301,20 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         runs["control, trained without retrieval"] = control.metrics_file
     png = plot_loss_curves(runs, opts.work_dir / "loss.png", title="retlm demo: RETRO with a RetNet decoder")
     report = {
-        "database": {"path": str(db.path), "chunks": int(db.num_chunks), "chunk_size": int(db.chunk_size),
-                     "neighbours": int(db.num_neighbors), "tokenizer": db.tokenizer_name},
-        "training": {"steps": trained.global_step, "minutes": round(trained.elapsed_s / 60, 2),
-                     "budget_minutes": opts.minutes, "model_dir": str(trained.model_dir),
-                     "model_config": opts.model_config},
+        "database": {
+            "path": str(db.path),
+            "chunks": int(db.num_chunks),
+            "chunk_size": int(db.chunk_size),
+            "neighbours": int(db.num_neighbors),
+            "tokenizer": db.tokenizer_name,
+        },
+        "training": {
+            "steps": trained.global_step,
+            "minutes": round(trained.elapsed_s / 60, 2),
+            "budget_minutes": opts.minutes,
+            "model_dir": str(trained.model_dir),
+            "model_config": opts.model_config,
+        },
         "heldout": scores,
         "control_no_retrieval_training": control_scores,
         "generations": generations,

@@ -56,16 +56,36 @@ def assert_incremental(calls: list[tuple[int, int]], prompt_len: int, steps: int
 
 def retnet_model() -> RetNetForCausalLM:
     torch.manual_seed(0)
-    config = RetNetConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, v_dim=64,
-                          ffn_proj_size=64, pad_token_id=0, eos_token_id=None, initializer_range=0.3)
+    config = RetNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        v_dim=64,
+        ffn_proj_size=64,
+        pad_token_id=0,
+        eos_token_id=None,
+        initializer_range=0.3,
+    )
     return RetNetForCausalLM(config).eval()
 
 
 def retro_model(decoder: str) -> RETRO:
     torch.manual_seed(0)
-    return RETRO(num_tokens=VOCAB, max_seq_len=64, enc_dim=24, enc_depth=1, dec_dim=32, dec_depth=3,
-                 dec_cross_attn_layers=(1, 3), heads=2, dim_head=16, chunk_size=C, decoder=decoder,
-                 pad_id=0).eval()
+    return RETRO(
+        num_tokens=VOCAB,
+        max_seq_len=64,
+        enc_dim=24,
+        enc_depth=1,
+        dec_dim=32,
+        dec_depth=3,
+        dec_cross_attn_layers=(1, 3),
+        heads=2,
+        dim_head=16,
+        chunk_size=C,
+        decoder=decoder,
+        pad_id=0,
+    ).eval()
 
 
 def prompt(batch: int = 1) -> torch.Tensor:
@@ -124,8 +144,9 @@ class FakeDatabase:
         tokens = (base + 3 * np.arange(k)[:, None] + np.arange(2 * C)) % (VOCAB - 1) + 1
         tokens = np.broadcast_to(tokens, (*lead, k, 2 * C)).copy()
         ids = np.broadcast_to(base[..., 0] * 10 + np.arange(k), (*lead, k)).copy()
-        return SimpleNamespace(tokens=tokens, chunk_ids=ids, doc_ids=ids // 10,
-                               scores=np.ones((*lead, k), np.float32))
+        return SimpleNamespace(
+            tokens=tokens, chunk_ids=ids, doc_ids=ids // 10, scores=np.ones((*lead, k), np.float32)
+        )
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
@@ -133,8 +154,13 @@ class FakeDatabase:
 def test_retrieval_generation_decodes_one_token_per_step(decoder: str, do_sample: bool) -> None:
     model = retro_model(decoder)
     with CallLog(model) as log:
-        out = model.generate(prompt(2), retrieval_database=FakeDatabase(), max_new_tokens=NEW,
-                             do_sample=do_sample, generator=torch.Generator().manual_seed(0))
+        out = model.generate(
+            prompt(2),
+            retrieval_database=FakeDatabase(),
+            max_new_tokens=NEW,
+            do_sample=do_sample,
+            generator=torch.Generator().manual_seed(0),
+        )
     assert out.sequences.shape == (2, PROMPT + NEW)
     assert_incremental(log.calls, PROMPT, NEW)
     assert [r.chunk_index for r in out.retrievals[0]] == list(range((PROMPT + NEW - 1) // C))
@@ -151,8 +177,11 @@ def test_outputs_answer_to_both_cache_names(family: str) -> None:
     nxt = model(input_ids=prompt()[:, :1], use_cache=True, **cache_kwargs(cache))
     assert output_cache(nxt).get_seq_length() == PROMPT + 1
     with pytest.raises(ValueError, match="either `cache` or `past_key_values`"):
-        model(input_ids=prompt()[:, :1], cache=cache, past_key_values=type(cache)(*(
-            [model.config.num_layers] if family == "retnet" else [])))
+        model(
+            input_ids=prompt()[:, :1],
+            cache=cache,
+            past_key_values=type(cache)(*([model.config.num_layers] if family == "retnet" else [])),
+        )
 
 
 def test_retlm_calls_log_no_cache_deprecation(recwarn: pytest.WarningsRecorder) -> None:

@@ -30,22 +30,44 @@ def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     for i in range(24):
         topic = TOPICS[i % len(TOPICS)]
-        text = " ".join(f"Note {i}.{j} tells of {topic}, and how the {topic} change with the seasons."
-                        for j in range(12))
+        text = " ".join(
+            f"Note {i}.{j} tells of {topic}, and how the {topic} change with the seasons." for j in range(12)
+        )
         (folder / f"doc{i:02d}.txt").write_text(text)
     return folder
 
 
 def demo_args(corpus, work, model_yaml, minutes="0.05", prompt=()):
-    return ["demo", "--corpus", str(corpus), "--work-dir", str(work), "--minutes", minutes,
-            "--model-config", str(model_yaml), "--seq-len", "64", "--chunk-size", "16", "--batch-size", "2",
-            "--eval-sequences", "8", "--max-new-tokens", "40", *prompt, "--no-progress"]
+    return [
+        "demo",
+        "--corpus",
+        str(corpus),
+        "--work-dir",
+        str(work),
+        "--minutes",
+        minutes,
+        "--model-config",
+        str(model_yaml),
+        "--seq-len",
+        "64",
+        "--chunk-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-sequences",
+        "8",
+        "--max-new-tokens",
+        "40",
+        *prompt,
+        "--no-progress",
+    ]
 
 
 def run_cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "retlm", *args], capture_output=True, text=True, env=env,
-                          timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "retlm", *args], capture_output=True, text=True, env=env, timeout=600, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +122,12 @@ def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_y
 def test_demo_resumes_after_a_kill(corpus, model_yaml, tmp_path):
     work = tmp_path / "work"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "retlm", *demo_args(corpus, work, model_yaml, "0.3")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retlm", *demo_args(corpus, work, model_yaml, "0.3")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not list((work / "run").glob("checkpoint-*")):
         assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]

@@ -18,8 +18,12 @@ spec.loader.exec_module(retrieval_helps)
 def test_copyable_means_the_bigram_is_in_a_neighbour_the_target_may_read():
     # chunk_size 2, seq_len 4: position t reads the neighbours of chunk (t + 1) // 2 - 1
     seq = torch.tensor([1, 2, 3, 4, 5])
-    retrieved = torch.tensor([[[9, 3, 4, 9]],  # neighbours of chunk 0: read from position 1 on
-                              [[1, 2, 4, 5]]])  # neighbours of chunk 1: read from position 3 on
+    retrieved = torch.tensor(
+        [
+            [[9, 3, 4, 9]],  # neighbours of chunk 0: read from position 1 on
+            [[1, 2, 4, 5]],
+        ]
+    )  # neighbours of chunk 1: read from position 3 on
     mask = retrieval_helps.copyable_mask([(seq, retrieved)], chunk_size=2)
     # t=0 reads nothing; t=1 (2->3) and t=2 (3->4) read chunk 0's neighbour; t=3 (4->5) chunk 1's
     assert mask.tolist() == [[False, False, True, True]]
@@ -42,22 +46,47 @@ def test_the_experiment_runs_end_to_end(tmp_path, monkeypatch):
         text = " ".join(f"Note {i}.{j} is about {topic} in spring." for j in range(16))
         (corpus / f"d{i}.txt").write_text(text)
     model = tmp_path / "tiny.yaml"
-    model.write_text("decoder: retnet\nenc_dim: 32\nenc_depth: 1\ndec_dim: 32\ndec_depth: 2\n"
-                     "dec_cross_attn_layers: [2]\nheads: 2\ndim_head: 16\nzero_init_cca: true\n")
+    model.write_text(
+        "decoder: retnet\nenc_dim: 32\nenc_depth: 1\ndec_dim: 32\ndec_depth: 2\n"
+        "dec_cross_attn_layers: [2]\nheads: 2\ndim_head: 16\nzero_init_cca: true\n"
+    )
     work = tmp_path / "work"
-    retrieval_helps.main(["--work-dir", str(work), "--corpus", str(corpus), "--steps", "3", "--seeds", "0",
-                          "--model-config", str(model), "--seq-len", "64", "--chunk-size", "16",
-                          "--batch-size", "2", "--quiet"])
+    retrieval_helps.main(
+        [
+            "--work-dir",
+            str(work),
+            "--corpus",
+            str(corpus),
+            "--steps",
+            "3",
+            "--seeds",
+            "0",
+            "--model-config",
+            str(model),
+            "--seq-len",
+            "64",
+            "--chunk-size",
+            "16",
+            "--batch-size",
+            "2",
+            "--quiet",
+        ]
+    )
     report = json.loads((work / "report.json").read_text())
     seed = report["seeds"]["0"]
     ppl = seed["perplexity"]
     assert all(math.isfinite(v) and v > 1 for v in ppl.values())
     # the bootstrap's point estimates are the perplexity ratios, computed another way
-    assert math.isclose(seed["control_minus_retro_nats_per_token"]["mean"],
-                        math.log(ppl["control_trained_without_retrieval"] / ppl["retro_with_retrieval"]),
-                        abs_tol=1e-9)
-    assert math.isclose(seed["retro_off_minus_retro_nats_per_token"]["mean"],
-                        math.log(ppl["retro_without_retrieval"] / ppl["retro_with_retrieval"]), abs_tol=1e-9)
+    assert math.isclose(
+        seed["control_minus_retro_nats_per_token"]["mean"],
+        math.log(ppl["control_trained_without_retrieval"] / ppl["retro_with_retrieval"]),
+        abs_tol=1e-9,
+    )
+    assert math.isclose(
+        seed["retro_off_minus_retro_nats_per_token"]["mean"],
+        math.log(ppl["retro_without_retrieval"] / ppl["retro_with_retrieval"]),
+        abs_tol=1e-9,
+    )
     assert seed["retrieval_gain_nats"]["copyable_tokens"] > 0
     assert report["retro_beats_control_in_seeds"].endswith("of 1")
 

@@ -16,10 +16,12 @@ def test_recurrent_step_equals_recurrent_retention_bit_for_bit():
     for _ in range(6):
         q, k = torch.randn(b, h, 1, dk, generator=g), torch.randn(b, h, 1, dk, generator=g)
         v = torch.randn(b, h, 1, dv, generator=g)
-        slow, slow_state = recurrent_retention(q, k, v, log_gamma, position_offset=offset, state=state,
-                                               return_state=True)
-        fast, fast_state = recurrent_step(q, k, v, step_decay(log_gamma, torch.float32),
-                                          position_offset=offset, state=state)
+        slow, slow_state = recurrent_retention(
+            q, k, v, log_gamma, position_offset=offset, state=state, return_state=True
+        )
+        fast, fast_state = recurrent_step(
+            q, k, v, step_decay(log_gamma, torch.float32), position_offset=offset, state=state
+        )
         assert torch.equal(slow, fast)
         assert all(torch.equal(a, c) for a, c in zip(slow_state, fast_state, strict=True))
         state, offset = fast_state, offset + 1
@@ -27,8 +29,16 @@ def test_recurrent_step_equals_recurrent_retention_bit_for_bit():
 
 def tiny(**overrides):
     torch.manual_seed(0)
-    config = RetNetConfig(num_layers=2, hidden_size=32, num_heads=2, qk_dim=32, v_dim=64, ffn_proj_size=64,
-                          vocab_size=50, **overrides)
+    config = RetNetConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_heads=2,
+        qk_dim=32,
+        v_dim=64,
+        ffn_proj_size=64,
+        vocab_size=50,
+        **overrides,
+    )
     return RetNetForCausalLM(config)
 
 

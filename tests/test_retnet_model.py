@@ -209,14 +209,20 @@ SEED_EXAMPLE_FLOAT32_TOLERANCE = 8 * 4 * 1024**0.5 * 2.0**-24
 
 def seed_example_outputs(model: RetNetModel, input_ids: torch.Tensor) -> dict:
     """The seed README's three computations: ``{mode: (last_hidden_state, cache)}``."""
-    parallel_outputs = model(input_ids, forward_impl='parallel', use_cache=True)
+    parallel_outputs = model(input_ids, forward_impl="parallel", use_cache=True)
     past_kv = None
     rnn_state = []
     for i in range(input_ids.shape[1]):
-        rnn_out = model(input_ids[:, i:i+1], forward_impl='recurrent', past_key_values=past_kv, use_cache=True, sequence_offset=i)  # noqa: E501
+        rnn_out = model(
+            input_ids[:, i : i + 1],
+            forward_impl="recurrent",
+            past_key_values=past_kv,
+            use_cache=True,
+            sequence_offset=i,
+        )  # noqa: E501
         rnn_state.append(rnn_out.last_hidden_state)
         past_kv = rnn_out.past_key_values
-    chunk_outputs = model(input_ids, forward_impl='chunkwise', use_cache=True, chunk_size=4)
+    chunk_outputs = model(input_ids, forward_impl="chunkwise", use_cache=True, chunk_size=4)
     return {
         "parallel": (parallel_outputs.last_hidden_state, parallel_outputs.past_key_values),
         "recurrent": (torch.cat(rnn_state, dim=1), rnn_out.past_key_values),
@@ -230,15 +236,17 @@ def test_seed_readme_quick_example() -> None:
     from retlm import RetNetConfig, RetNetModel
 
     torch.manual_seed(0)
-    config = RetNetConfig(num_layers=8,
-                          hidden_size=512,
-                          num_heads=4,
-                          qk_dim=512,
-                          v_dim=1024,
-                          ffn_proj_size=1024,
-                          use_default_gamma=False)
+    config = RetNetConfig(
+        num_layers=8,
+        hidden_size=512,
+        num_heads=4,
+        qk_dim=512,
+        v_dim=1024,
+        ffn_proj_size=1024,
+        use_default_gamma=False,
+    )
     model = RetNetModel(config).eval()
-    input_ids = torch.LongTensor([[1,2,3,4,5,6,7,8]])
+    input_ids = torch.LongTensor([[1, 2, 3, 4, 5, 6, 7, 8]])
 
     with torch.no_grad():
         reference = seed_example_outputs(copy.deepcopy(model).double(), input_ids)
@@ -270,14 +278,14 @@ def test_seed_readme_generation_example() -> None:
     """The README's generation example with the 1.3b config (5 GB of float32 weights)."""
     from retlm import RetNetModelWithLMHead, load_config_from_yaml
 
-    config = load_config_from_yaml('configs/retnet-1.3b.yml')
+    config = load_config_from_yaml("configs/retnet-1.3b.yml")
     model = RetNetModelWithLMHead(config)
 
     tokenizer = gpt2_tokenizer()
     tokenizer.model_max_length = 8192
     tokenizer.pad_token = tokenizer.eos_token
 
-    inputs = tokenizer("Retention refers to", return_tensors='pt')
+    inputs = tokenizer("Retention refers to", return_tensors="pt")
 
     # parallel forward
     generated = model.generate(**inputs, parallel_compute_prompt=True, max_new_tokens=20)

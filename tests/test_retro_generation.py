@@ -13,8 +13,18 @@ from retlm.models.retro.generation import generate_with_retrieval
 
 C = 4
 VOCAB = 64
-CONFIG = dict(num_tokens=VOCAB, max_seq_len=40, enc_dim=24, enc_depth=1, dec_dim=32, dec_depth=3,
-              dec_cross_attn_layers=(1, 3), heads=2, dim_head=16, chunk_size=C)
+CONFIG = dict(
+    num_tokens=VOCAB,
+    max_seq_len=40,
+    enc_dim=24,
+    enc_depth=1,
+    dec_dim=32,
+    dec_depth=3,
+    dec_cross_attn_layers=(1, 3),
+    heads=2,
+    dim_head=16,
+    chunk_size=C,
+)
 
 
 class FakeDatabase:
@@ -33,8 +43,9 @@ class FakeDatabase:
         tokens = (base + 3 * np.arange(k)[:, None] + np.arange(2 * C)) % (VOCAB - 1) + 1
         tokens = np.broadcast_to(tokens, (*lead, k, 2 * C)).copy()
         ids = np.broadcast_to(base[..., 0] * 10 + np.arange(k), (*lead, k)).copy()
-        return SimpleNamespace(tokens=tokens, chunk_ids=ids, doc_ids=ids // 10,
-                               scores=np.ones((*lead, k), np.float32))
+        return SimpleNamespace(
+            tokens=tokens, chunk_ids=ids, doc_ids=ids // 10, scores=np.ones((*lead, k), np.float32)
+        )
 
 
 def model_for(decoder):
@@ -57,25 +68,45 @@ def test_greedy_matches_full_forward_with_logged_neighbours(decoder, prompt_len)
     for row in range(2):
         assert [r.chunk_index for r in out.retrievals[row]] == list(range(n_chunks))
         for r in out.retrievals[row]:
-            np.testing.assert_array_equal(r.query, seq[row, r.chunk_index * C:(r.chunk_index + 1) * C])
+            np.testing.assert_array_equal(r.query, seq[row, r.chunk_index * C : (r.chunk_index + 1) * C])
     retrieved = torch.stack(
         [torch.stack([torch.as_tensor(r.tokens) for r in rows]) for rows in out.retrievals]
     )
     # full forward over all fed tokens, padded to whole chunks' worth of neighbours
     logits = model(input_ids=seq[:, :fed], retrieved=retrieved[:, : fed // C]).logits
-    assert torch.equal(logits[:, prompt_len - 1:].argmax(-1), seq[:, prompt_len:])
+    assert torch.equal(logits[:, prompt_len - 1 :].argmax(-1), seq[:, prompt_len:])
 
 
 def test_sampling_is_reproducible_and_respects_top_k():
     model, db = model_for("retnet"), FakeDatabase()
     prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
-    runs = [generate_with_retrieval(model, db, prompt, max_new_tokens=10, do_sample=True, temperature=0.8,
-                                    top_k=1, generator=torch.Generator().manual_seed(s)).sequences
-            for s in (1, 2)]
+    runs = [
+        generate_with_retrieval(
+            model,
+            db,
+            prompt,
+            max_new_tokens=10,
+            do_sample=True,
+            temperature=0.8,
+            top_k=1,
+            generator=torch.Generator().manual_seed(s),
+        ).sequences
+        for s in (1, 2)
+    ]
     greedy = generate_with_retrieval(model, db, prompt, max_new_tokens=10).sequences
     assert torch.equal(runs[0], greedy) and torch.equal(runs[1], greedy)  # top_k=1 is greedy
-    a, b = (generate_with_retrieval(model, db, prompt, max_new_tokens=10, do_sample=True, top_p=0.9,
-                                    generator=torch.Generator().manual_seed(3)).sequences for _ in range(2))
+    a, b = (
+        generate_with_retrieval(
+            model,
+            db,
+            prompt,
+            max_new_tokens=10,
+            do_sample=True,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(3),
+        ).sequences
+        for _ in range(2)
+    )
     assert torch.equal(a, b)
 
 
@@ -99,8 +130,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="chunk_size"):
         generate_with_retrieval(model, db, torch.ones(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
-        generate_with_retrieval(model, None, torch.ones(1, 3, dtype=torch.long), max_new_tokens=4,
-                                do_sample=True, temperature=0)
+        generate_with_retrieval(
+            model, None, torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, do_sample=True, temperature=0
+        )
 
 
 def test_model_generate_with_database_delegates_to_the_retrieving_loop():

@@ -7,8 +7,10 @@ from retlm.layers.attention import KVCache
 
 def test_kv_cache_equals_concatenation_across_growth_and_selects_rows():
     g = torch.Generator().manual_seed(0)
-    pieces = [(torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 5, generator=g))
-              for n in (7, 1, 1, 9, 1, 30, 1)]
+    pieces = [
+        (torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 5, generator=g))
+        for n in (7, 1, 1, 9, 1, 30, 1)
+    ]
     cache = KVCache(*pieces[0])
     for k, v in pieces[1:]:
         keys, values = cache.append(k, v)

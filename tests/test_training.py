@@ -46,6 +46,7 @@ def trained(db, tmp_path_factory):
 
 # ---- the split ----
 
+
 def test_document_split_holds_out_whole_documents_and_hides_them_from_neighbours(db):
     split = DocumentSplit.make(db.doc_ids, train_fraction=0.75, seed=3)
     n_docs = len(np.unique(db.doc_ids))
@@ -66,7 +67,7 @@ def test_document_split_holds_out_whole_documents_and_hides_them_from_neighbours
         _, retrieved = train_set[i]
         _, unmasked = dataset[int(train_set.indices[i])]
         first = int(db.seqs[train_set.indices[i]])
-        neighbours = np.asarray(db.knn[first:first + retrieved.shape[0]])
+        neighbours = np.asarray(db.knn[first : first + retrieved.shape[0]])
         hidden = np.isin(np.asarray(db.doc_ids)[neighbours], split.heldout_docs)
         assert (retrieved[torch.from_numpy(hidden)] == PAD).all()
         assert torch.equal(retrieved[torch.from_numpy(~hidden)], unmasked[torch.from_numpy(~hidden)])
@@ -83,6 +84,7 @@ def test_split_rejects_bad_fractions(db):
 
 
 # ---- the training run ----
+
 
 def test_training_logs_every_step_evaluates_and_commits_checkpoints(trained):
     run_dir, result = trained
@@ -125,6 +127,7 @@ def test_resume_refuses_changed_settings(trained, db):
 
 
 # ---- evaluation ----
+
 
 def _reference_nll(model, dataset, indices, retrieval: bool) -> tuple[float, int, int]:
     """float64 log-softmax, one sequence at a time; bytes by the toy tokenizer's rule."""
@@ -184,8 +187,11 @@ def test_tokenizer_and_chunking_mismatches_are_refused(trained, tmp_path):
     run_dir, _ = trained
     other = open_twin_database(write_twin_database(tmp_path / "other"))
     other.manifest["tokenizer"]["name"] = "bert-base-cased"
-    with pytest.raises(ValueError, match="tokenizer mismatch: the model was trained with tokenizer "
-                                         "'toy-letters' but the database uses 'bert-base-cased'"):
+    with pytest.raises(
+        ValueError,
+        match="tokenizer mismatch: the model was trained with tokenizer "
+        "'toy-letters' but the database uses 'bert-base-cased'",
+    ):
         evaluate(run_dir, other)
     wider = open_twin_database(write_twin_database(tmp_path / "wider", vocab_size=80))
     with pytest.raises(ValueError, match="64-token vocabulary but the database's tokenizer has 80"):
@@ -198,6 +204,7 @@ def test_tokenizer_and_chunking_mismatches_are_refused(trained, tmp_path):
 
 
 # ---- the time budget ----
+
 
 def test_time_budget_picks_the_steps_and_stops_with_a_checkpoint(db, tmp_path):
     run_dir = tmp_path / "run"
@@ -213,8 +220,9 @@ def test_time_budget_picks_the_steps_and_stops_with_a_checkpoint(db, tmp_path):
 
 
 def test_time_budget_callback_stops_at_the_budget(db, tmp_path):
-    result = train(db, tiny_model_config(), tmp_path / "run", max_steps=10_000, minutes=3 / 60,
-                   save_every=None, **FAST)
+    result = train(
+        db, tiny_model_config(), tmp_path / "run", max_steps=10_000, minutes=3 / 60, save_every=None, **FAST
+    )
     assert result.stop_reason == "time_budget" and result.global_step < 10_000
     assert 3.0 <= result.elapsed_s < 13.0  # 10_000 steps would take minutes
     assert latest_checkpoint(tmp_path / "run").name == f"checkpoint-{result.global_step}"
@@ -222,18 +230,25 @@ def test_time_budget_callback_stops_at_the_budget(db, tmp_path):
 
 # ---- bad input ----
 
-@pytest.mark.parametrize("options, message", [
-    (dict(minutes=0), "minutes .*must be positive, got 0"),
-    (dict(minutes=-1), "minutes .*must be positive"),
-    (dict(schedule="exponential"), "unknown schedule 'exponential'; choose one of cosine, linear, constant"),
-    (dict(max_steps=0), "max_steps must be positive"),
-    (dict(batch_size=0), "batch_size must be positive"),
-    (dict(train_fraction=0), r"train_fraction must be in \(0, 1\]"),
-    (dict(precision="fp8"), "unknown precision 'fp8'"),
-    (dict(resume="sometimes"), "resume must be 'auto', 'never' or a checkpoint directory"),
-    (dict(seq_len=20), "seq_len 20 must be a multiple of the database's chunk_size 8"),
-    (dict(seq_len=64), "seq_len 64 is longer than the model's max_seq_len 32"),
-])
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(minutes=0), "minutes .*must be positive, got 0"),
+        (dict(minutes=-1), "minutes .*must be positive"),
+        (
+            dict(schedule="exponential"),
+            "unknown schedule 'exponential'; choose one of cosine, linear, constant",
+        ),
+        (dict(max_steps=0), "max_steps must be positive"),
+        (dict(batch_size=0), "batch_size must be positive"),
+        (dict(train_fraction=0), r"train_fraction must be in \(0, 1\]"),
+        (dict(precision="fp8"), "unknown precision 'fp8'"),
+        (dict(resume="sometimes"), "resume must be 'auto', 'never' or a checkpoint directory"),
+        (dict(seq_len=20), "seq_len 20 must be a multiple of the database's chunk_size 8"),
+        (dict(seq_len=64), "seq_len 64 is longer than the model's max_seq_len 32"),
+    ],
+)
 def test_bad_training_options_are_refused(db, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         train(db, tiny_model_config(), tmp_path / "run", **{**FAST, **options})
@@ -278,12 +293,24 @@ def test_builtin_model_configs(db):
     assert {"retro-tiny", "retro-tiny-transformer", "retro-seed"} <= set(builtin_configs())
     tiny = read_model_config("retro-tiny")
     assert tiny["decoder"] == "retnet" and "chunk_size" not in tiny and "num_tokens" not in tiny
-    assert {**read_model_config("retro-tiny-transformer"), "decoder": "retnet"} == \
-        {k: v for k, v in tiny.items() if k != "retnet_v_dim"}
+    assert {**read_model_config("retro-tiny-transformer"), "decoder": "retnet"} == {
+        k: v for k, v in tiny.items() if k != "retnet_v_dim"
+    }
     # the seed README's usage example, as written there
     seed = RetroConfig(**read_model_config("retro-seed"))
-    names = ("chunk_size", "max_seq_len", "enc_dim", "enc_depth", "dec_dim", "dec_depth",
-             "dec_cross_attn_layers", "heads", "dim_head", "dec_attn_dropout", "dec_ff_dropout")
+    names = (
+        "chunk_size",
+        "max_seq_len",
+        "enc_dim",
+        "enc_depth",
+        "dec_dim",
+        "dec_depth",
+        "dec_cross_attn_layers",
+        "heads",
+        "dim_head",
+        "dec_attn_dropout",
+        "dec_ff_dropout",
+    )
     assert [getattr(seed, n) for n in names] == [64, 2048, 896, 2, 796, 12, [3, 6, 9, 12], 8, 64, 0.25, 0.25]
     # completed from the database: vocabulary, chunking, padding and length
     config, _ = build_config("retro-tiny", db, seq_len=32)
@@ -294,8 +321,9 @@ def test_builtin_model_configs(db):
 
 
 def test_bf16_autocast_on_cpu_trains(db, trained, tmp_path):
-    result = train(db, tiny_model_config(), tmp_path / "run", max_steps=3, precision="bf16", save_every=None,
-                   **FAST)
+    result = train(
+        db, tiny_model_config(), tmp_path / "run", max_steps=3, precision="bf16", save_every=None, **FAST
+    )
     run = json.loads((tmp_path / "run" / "retlm_run.json").read_text())
     assert run["options"]["precision"] == "bf16" and result.global_step == 3
     losses = [r["loss"] for r in read_metrics(result.metrics_file) if "loss" in r]
@@ -347,8 +375,9 @@ def test_unwritable_run_directory_is_refused_even_as_root(db, tmp_path, monkeypa
 
 def test_no_retrieval_baseline(db, tmp_path):
     run_dir = tmp_path / "baseline"
-    train(db, tiny_model_config(), run_dir, max_steps=3, eval_every=3, retrieval=False, save_every=None,
-          **FAST)
+    train(
+        db, tiny_model_config(), run_dir, max_steps=3, eval_every=3, retrieval=False, save_every=None, **FAST
+    )
     last_eval = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r][-1]
     assert "eval_loss_no_retrieval" not in last_eval  # its eval_loss is already without retrieval
     result = evaluate(run_dir, db, progress=False)
@@ -374,7 +403,7 @@ def test_hf_trainer_resume_never_unpickles_arbitrary_objects():
             depth += {"(": 1, ")": -1}.get(source[end], 0)
             if depth == 0:
                 break
-        assert "weights_only=True" in source[start:end], source[start:end + 1]
+        assert "weights_only=True" in source[start:end], source[start : end + 1]
 
 
 def test_a_kill_between_last_checkpoint_and_final_model_is_repaired(db, tmp_path):

@@ -37,8 +37,24 @@ def model_yaml(dbs):
 def run_dir(dbs, model_yaml):
     root, db = dbs
     out = root / "run"
-    code = main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out", str(out),
-                 "--max-steps", "6", "--eval-every", "3", "--save-every", "3", *TRAIN_FLAGS])
+    code = main(
+        [
+            "train",
+            "--db",
+            str(db.path),
+            "--model-config",
+            str(model_yaml),
+            "--out",
+            str(out),
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--save-every",
+            "3",
+            *TRAIN_FLAGS,
+        ]
+    )
     assert code == 0
     return out
 
@@ -67,8 +83,20 @@ def test_every_model_folder_holds_its_tokenizer(run_dir):
 
 def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
     _, db = dbs
-    assert main(["eval", str(run_dir), "--db", str(db.path), "--no-progress",
-                 "--output", str(tmp_path / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run_dir),
+                "--db",
+                str(db.path),
+                "--no-progress",
+                "--output",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "with retrieval" in table and "without retrieval" in table and "perplexity" in table
     assert main(["eval", str(run_dir / "checkpoint-6"), "--db", str(db.path), "--json", "--no-progress"]) == 0
@@ -82,24 +110,56 @@ def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
 def test_train_options_from_a_yaml_config_file(dbs, model_yaml, tmp_path, capsys):
     _, db = dbs
     options = tmp_path / "train.yaml"
-    options.write_text(yaml.safe_dump({"max-steps": 2, "batch_size": 4, "save_every": 0,
-                                       "no_progress": True}))
+    options.write_text(
+        yaml.safe_dump({"max-steps": 2, "batch_size": 4, "save_every": 0, "no_progress": True})
+    )
     out = tmp_path / "run"
-    assert main(["train", "--config", str(options), "--db", str(db.path), "--model-config", str(model_yaml),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(options),
+                "--db",
+                str(db.path),
+                "--model-config",
+                str(model_yaml),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "trained 2/2 steps" in capsys.readouterr().out
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # the end is always saved
-    assert main(["train", "--config", str(options), "--db", str(db.path), "--model-config", str(model_yaml),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(options),
+                "--db",
+                str(db.path),
+                "--model-config",
+                str(model_yaml),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "already finished (2 steps); nothing to do" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--minutes", "0"], "minutes (the time budget) must be positive, got 0.0"),
-    (["--schedule", "step"], "argument --schedule: invalid choice: 'step'"),
-    (["--max-steps", "-3"], "max_steps must be positive, got -3"),
-    (["--train-fraction", "1.5"], "train_fraction must be in (0, 1], got 1.5"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--minutes", "0"], "minutes (the time budget) must be positive, got 0.0"),
+        (["--schedule", "step"], "argument --schedule: invalid choice: 'step'"),
+        (["--max-steps", "-3"], "max_steps must be positive, got -3"),
+        (["--train-fraction", "1.5"], "train_fraction must be in (0, 1], got 1.5"),
+    ],
+)
 def test_bad_train_usage_exits_2_without_traceback(dbs, tmp_path, capsys, flags, message):
     _, db = dbs
     with pytest.raises(SystemExit) as exit_info:
@@ -110,8 +170,10 @@ def test_bad_train_usage_exits_2_without_traceback(dbs, tmp_path, capsys, flags,
 
 
 def test_missing_database_and_checkpoint_are_usage_errors(tmp_path, capsys):
-    for argv in (["train", "--db", str(tmp_path / "nope"), "--out", str(tmp_path / "run")],
-                 ["eval", str(tmp_path / "nope"), "--db", str(tmp_path)]):
+    for argv in (
+        ["train", "--db", str(tmp_path / "nope"), "--out", str(tmp_path / "run")],
+        ["eval", str(tmp_path / "nope"), "--db", str(tmp_path)],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
@@ -122,16 +184,29 @@ def test_missing_database_and_checkpoint_are_usage_errors(tmp_path, capsys):
 def test_failures_exit_1_with_one_line(dbs, run_dir, model_yaml, tmp_path, capsys):
     root, db = dbs
     (tmp_path / "file").write_text("")
-    code = main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out",
-                 str(tmp_path / "file"), "--max-steps", "1", *TRAIN_FLAGS])
+    code = main(
+        [
+            "train",
+            "--db",
+            str(db.path),
+            "--model-config",
+            str(model_yaml),
+            "--out",
+            str(tmp_path / "file"),
+            "--max-steps",
+            "1",
+            *TRAIN_FLAGS,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "exists and is not a directory" in err and len(err.strip().splitlines()) == 1
 
     # a database built with another LM tokenizer (the seed's WordPiece) is refused
     assert main(["eval", str(run_dir), "--db", str(bert_db(root).path), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "tokenizer mismatch: the model was trained with tokenizer 'gpt2' but the database uses 'bert'" \
-        in err
+    assert (
+        "tokenizer mismatch: the model was trained with tokenizer 'gpt2' but the database uses 'bert'" in err
+    )
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -149,8 +224,23 @@ def test_a_bert_database_still_trains_and_evaluates(dbs, model_yaml, capsys):
     db = bert_db(root)
     assert (db.pad_id, db.eos_id, db.manifest["tokenizer"]["vocab_size"]) == (0, 102, 30522)
     out = root / "bert-run"
-    assert main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out", str(out),
-                 "--max-steps", "2", *TRAIN_FLAGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--db",
+                str(db.path),
+                "--model-config",
+                str(model_yaml),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                *TRAIN_FLAGS,
+            ]
+        )
+        == 0
+    )
     assert "trained 2/2 steps" in capsys.readouterr().out
     assert main(["eval", str(out), "--db", str(db.path), "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -164,8 +254,23 @@ def test_read_only_out_dir_exits_1(dbs, model_yaml, tmp_path, capsys):
     out.mkdir()
     out.chmod(0o500)
     try:
-        assert main(["train", "--db", str(db.path), "--model-config", str(model_yaml), "--out", str(out),
-                     "--max-steps", "1", *TRAIN_FLAGS]) == 1
+        assert (
+            main(
+                [
+                    "train",
+                    "--db",
+                    str(db.path),
+                    "--model-config",
+                    str(model_yaml),
+                    "--out",
+                    str(out),
+                    "--max-steps",
+                    "1",
+                    *TRAIN_FLAGS,
+                ]
+            )
+            == 1
+        )
         assert "is not writable" in capsys.readouterr().err
     finally:
         out.chmod(0o700)
@@ -173,8 +278,21 @@ def test_read_only_out_dir_exits_1(dbs, model_yaml, tmp_path, capsys):
 
 def test_generate_command_shows_each_neighbour_under_its_document(dbs, run_dir, capsys):
     _, db = dbs
-    assert main(["generate", str(run_dir), "--db", str(db.path), "The with statement", "--max-new-tokens",
-                 "20", "--show-neighbours"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--db",
+                str(db.path),
+                "The with statement",
+                "--max-new-tokens",
+                "20",
+                "--show-neighbours",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("The with statement")
     assert "chunk 0: (generated)" in out and "chunk 1: (generated)" in out

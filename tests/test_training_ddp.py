@@ -21,13 +21,40 @@ def test_torchrun_two_processes_train_and_evaluate_consistently(tmp_path):
     model_yaml.write_text(yaml.safe_dump({k: v for k, v in tiny_model_config().items() if k != "num_tokens"}))
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "retlm", "train", "--db", str(db.path), "--model-config", str(model_yaml), "--out",
-           str(run_dir), "--max-steps", "6", "--eval-every", "3", "--save-every", "3",
-           "--eval-sequences", "0", "--batch-size", "4", "--lr", "3e-3", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "retlm",
+        "train",
+        "--db",
+        str(db.path),
+        "--model-config",
+        str(model_yaml),
+        "--out",
+        str(run_dir),
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "3",
+        "--eval-sequences",
+        "0",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--no-progress",
+    ]
     # A session of its own, so that a hang can be ended together with the workers torchrun started.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

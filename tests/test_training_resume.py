@@ -33,15 +33,24 @@ def _env() -> dict[str, str]:
 
 
 def _run(db: Path, run_dir: Path, *extra: str) -> None:
-    subprocess.run([sys.executable, str(CHILD), str(db), str(run_dir), str(MAX_STEPS), *extra],
-                   check=True, env=_env(), timeout=300, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(CHILD), str(db), str(run_dir), str(MAX_STEPS), *extra],
+        check=True,
+        env=_env(),
+        timeout=300,
+        capture_output=True,
+    )
 
 
 def _run_and_kill(db: Path, run_dir: Path, *hang: str) -> None:
     """Start a run that blocks at a chosen point, wait until it gets there, SIGKILL it."""
     marker = Path(str(run_dir) + ".hung")
-    proc = subprocess.Popen([sys.executable, str(CHILD), str(db), str(run_dir), str(MAX_STEPS), *hang],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), str(db), str(run_dir), str(MAX_STEPS), *hang],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 300
     while not marker.exists():
         if proc.poll() is not None:

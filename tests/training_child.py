@@ -62,8 +62,19 @@ def main() -> None:
 
         trainer_module.ckpt.commit_dir = commit_dir
 
-    train(db, config, args.run_dir, max_steps=args.max_steps, save_every=4, eval_every=4, batch_size=4,
-          lr=3e-3, log_every=1, eval_sequences=args.eval_sequences, progress=False)
+    train(
+        db,
+        config,
+        args.run_dir,
+        max_steps=args.max_steps,
+        save_every=4,
+        eval_every=4,
+        batch_size=4,
+        lr=3e-3,
+        log_every=1,
+        eval_sequences=args.eval_sequences,
+        progress=False,
+    )
 
 
 if __name__ == "__main__":

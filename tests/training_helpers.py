@@ -33,21 +33,32 @@ class ToyTokenizer:
         return self.vocab_size
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
-        return ["".join(chr(ord("a") + (t - FIRST_WORD) % 26) for t in seq if t >= FIRST_WORD)
-                for seq in sequences]
+        return [
+            "".join(chr(ord("a") + (t - FIRST_WORD) % 26) for t in seq if t >= FIRST_WORD)
+            for seq in sequences
+        ]
 
 
-def write_twin_database(path: Path, *, n_pairs: int = 12, chunks_per_doc: int = 8, chunk_size: int = 8,
-                        seq_len: int = 32, vocab_size: int = 64, num_neighbors: int = 2,
-                        seed: int = 0) -> Path:
+def write_twin_database(
+    path: Path,
+    *,
+    n_pairs: int = 12,
+    chunks_per_doc: int = 8,
+    chunk_size: int = 8,
+    seq_len: int = 32,
+    vocab_size: int = 64,
+    num_neighbors: int = 2,
+    seed: int = 0,
+) -> Path:
     """A database directory in the seed's layout (chunks, doc_ids, seqs, knn memmaps + manifest)."""
     rng = np.random.default_rng(seed)
     c = chunk_size
     docs = []
     for _ in range(n_pairs):
         weights = 1.0 / np.arange(1, vocab_size - FIRST_WORD + 1)  # Zipf: a learnable unigram signal
-        tokens = rng.choice(np.arange(FIRST_WORD, vocab_size), size=chunks_per_doc * c - 1,
-                            p=weights / weights.sum())
+        tokens = rng.choice(
+            np.arange(FIRST_WORD, vocab_size), size=chunks_per_doc * c - 1, p=weights / weights.sum()
+        )
         doc = np.concatenate([tokens, [EOS]]).astype(np.int32)
         docs += [doc, doc.copy()]
     rows, doc_ids, seqs = [], [], []
@@ -70,14 +81,30 @@ def write_twin_database(path: Path, *, n_pairs: int = 12, chunks_per_doc: int = 
             others = np.flatnonzero((doc_ids != d) & (doc_ids != twin))
             knn[i, 1:] = rng.choice(others, size=num_neighbors - 1, replace=False)
     path.mkdir(parents=True, exist_ok=True)
-    for name, array in (("chunks", chunks), ("doc_ids", doc_ids), ("seqs", np.asarray(seqs, np.int32)),
-                        ("knn", knn)):
+    for name, array in (
+        ("chunks", chunks),
+        ("doc_ids", doc_ids),
+        ("seqs", np.asarray(seqs, np.int32)),
+        ("knn", knn),
+    ):
         array.tofile(path / f"{name}.dat")
-    manifest = {"tokenizer": {"name": ToyTokenizer.name_or_path, "vocab_size": vocab_size},
-                "chunk_size": c, "num_neighbors": num_neighbors, "seq_len": seq_len, "pad_id": PAD,
-                "eos_id": EOS, "num_chunks": len(chunks), "num_seqs": len(seqs), "num_docs": len(docs),
-                "shapes": {"chunks": list(chunks.shape), "knn": list(knn.shape), "doc_ids": [len(doc_ids)],
-                           "seqs": [len(seqs)]}}
+    manifest = {
+        "tokenizer": {"name": ToyTokenizer.name_or_path, "vocab_size": vocab_size},
+        "chunk_size": c,
+        "num_neighbors": num_neighbors,
+        "seq_len": seq_len,
+        "pad_id": PAD,
+        "eos_id": EOS,
+        "num_chunks": len(chunks),
+        "num_seqs": len(seqs),
+        "num_docs": len(docs),
+        "shapes": {
+            "chunks": list(chunks.shape),
+            "knn": list(knn.shape),
+            "doc_ids": [len(doc_ids)],
+            "seqs": [len(seqs)],
+        },
+    }
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 
@@ -90,17 +117,45 @@ def open_twin_database(path: Path) -> SimpleNamespace:
     def load(name: str) -> np.ndarray:
         return np.memmap(Path(path) / f"{name}.dat", dtype=np.int32, mode="r", shape=tuple(m["shapes"][name]))
 
-    return SimpleNamespace(path=Path(path), manifest=m, chunks=load("chunks"), doc_ids=load("doc_ids"),
-                           seqs=load("seqs"), knn=load("knn"), chunk_size=m["chunk_size"],
-                           num_neighbors=m["num_neighbors"], seq_len=m["seq_len"], pad_id=m["pad_id"],
-                           eos_id=m["eos_id"], tokenizer=ToyTokenizer(m["tokenizer"]["vocab_size"]))
+    return SimpleNamespace(
+        path=Path(path),
+        manifest=m,
+        chunks=load("chunks"),
+        doc_ids=load("doc_ids"),
+        seqs=load("seqs"),
+        knn=load("knn"),
+        chunk_size=m["chunk_size"],
+        num_neighbors=m["num_neighbors"],
+        seq_len=m["seq_len"],
+        pad_id=m["pad_id"],
+        eos_id=m["eos_id"],
+        tokenizer=ToyTokenizer(m["tokenizer"]["vocab_size"]),
+    )
 
 
-def tiny_model_config(vocab_size: int = 64, chunk_size: int = 8, seq_len: int = 32, decoder: str = "retnet",
-                      dropout: float = 0.0) -> dict:
-    return dict(num_tokens=vocab_size, max_seq_len=seq_len, chunk_size=chunk_size, enc_dim=32, enc_depth=1,
-                dec_dim=32, dec_depth=2, dec_cross_attn_layers=[2], heads=2, dim_head=16, decoder=decoder,
-                dec_attn_dropout=dropout, dec_ff_dropout=dropout, enc_ff_dropout=dropout)
+def tiny_model_config(
+    vocab_size: int = 64,
+    chunk_size: int = 8,
+    seq_len: int = 32,
+    decoder: str = "retnet",
+    dropout: float = 0.0,
+) -> dict:
+    return dict(
+        num_tokens=vocab_size,
+        max_seq_len=seq_len,
+        chunk_size=chunk_size,
+        enc_dim=32,
+        enc_depth=1,
+        dec_dim=32,
+        dec_depth=2,
+        dec_cross_attn_layers=[2],
+        heads=2,
+        dim_head=16,
+        decoder=decoder,
+        dec_attn_dropout=dropout,
+        dec_ff_dropout=dropout,
+        enc_ff_dropout=dropout,
+    )
 
 
 def tiny_bert_embedder(folder: Path, *, layers: int = 1, max_positions: int = 64) -> Path:
@@ -113,8 +168,14 @@ def tiny_bert_embedder(folder: Path, *, layers: int = 1, max_positions: int = 64
     from retlm.retrieval.embedding import load_tokenizer
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=max_positions)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+    )
     BertModel(config).save_pretrained(folder)
     load_tokenizer().save_pretrained(folder)
     return folder
@@ -127,12 +188,27 @@ def python_doc_texts(n_docs: int = 40, max_chars: int = 1200) -> list[str]:
     return [text[:max_chars] for _, text in list(pydoc_topics())[:n_docs]]
 
 
-def build_real_database(path: Path, embedder: Path, *, chunk_size: int = 8, seq_len: int = 32,
-                        n_docs: int = 40, tokenizer: str = "gpt2"):
+def build_real_database(
+    path: Path,
+    embedder: Path,
+    *,
+    chunk_size: int = 8,
+    seq_len: int = 32,
+    n_docs: int = 40,
+    tokenizer: str = "gpt2",
+):
     """A real ``RetrievalDatabase`` (GPT-2 or the seed's WordPiece LM tokenizer, tiny random embedder with
     MiniLM's tokenizer, exact index)."""
     from retlm.retrieval import RetrievalDatabase
 
-    return RetrievalDatabase.build(python_doc_texts(n_docs), path, chunk_size=chunk_size, seq_len=seq_len,
-                                   num_neighbors=2, tokenizer=tokenizer, embedder=str(embedder),
-                                   batch_size=64, progress=False)
+    return RetrievalDatabase.build(
+        python_doc_texts(n_docs),
+        path,
+        chunk_size=chunk_size,
+        seq_len=seq_len,
+        num_neighbors=2,
+        tokenizer=tokenizer,
+        embedder=str(embedder),
+        batch_size=64,
+        progress=False,
+    )

@@ -14,5 +14,14 @@ from retlm.training.evaluate import evaluate, format_table
 from retlm.training.plot import plot_loss_curves
 from retlm.training.trainer import TrainResult, train
 
-__all__ = ["TrainOptions", "TrainResult", "builtin_configs", "evaluate", "format_table", "load_model",
-           "plot_loss_curves", "read_metrics", "train"]
+__all__ = [
+    "TrainOptions",
+    "TrainResult",
+    "builtin_configs",
+    "evaluate",
+    "format_table",
+    "load_model",
+    "plot_loss_curves",
+    "read_metrics",
+    "train",
+]

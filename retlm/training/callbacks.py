@@ -127,8 +127,16 @@ class StepPlanner(TrainerCallback):
     reached: ``train`` puts it first in the callback list.
     """
 
-    def __init__(self, clock: RunClock, schedule: PlannedSchedule, cap: int, *, eval_s: float = 0.0,
-                 save_s: float = 0.0, evaluates: bool = False):
+    def __init__(
+        self,
+        clock: RunClock,
+        schedule: PlannedSchedule,
+        cap: int,
+        *,
+        eval_s: float = 0.0,
+        save_s: float = 0.0,
+        evaluates: bool = False,
+    ):
         if clock.budget_s is None:
             raise ValueError("the step planner needs a time budget")
         self.clock, self.schedule, self.cap = clock, schedule, int(cap)
@@ -185,8 +193,11 @@ class JsonlMetrics(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch,
-                  "elapsed_s": round(self.clock.elapsed(), 3)}
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "elapsed_s": round(self.clock.elapsed(), 3),
+        }
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float) and math.isfinite(v)})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -196,8 +207,11 @@ class JsonlMetrics(TrainerCallback):
         """Drop records after ``last_step``: the steps a killed run logged after its last checkpoint."""
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step
+        ]
         atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
@@ -215,8 +229,13 @@ class ProgressBar(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

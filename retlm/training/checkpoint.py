@@ -28,8 +28,15 @@ METRICS_FILE = "metrics.jsonl"
 STAGING_DIR = ".staging"
 FINAL_STEP_FILE = "retlm_step.json"  # in model/: the step its weights come from
 # what a checkpoint holds besides the training state: weights, config, the LM tokenizer
-MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def commit_dir(staging: Path, final: Path) -> None:
@@ -74,6 +81,7 @@ def seal_model_dir(folder: Path) -> None:
 
 
 # ---- which tokenizer and layout a database has, and whether a model fits it ----
+
 
 def _tokenizer_name(db: Any) -> str | None:
     manifest = getattr(db, "manifest", None) or {}
@@ -123,20 +131,30 @@ def check_model_fits_database(config: Any, db: Any, signature: dict[str, Any] | 
     data = database_signature(db) if signature is None else signature
     trained = getattr(config, "retlm_data", None) or {}
     if trained.get("tokenizer") and data["tokenizer"] and trained["tokenizer"] != data["tokenizer"]:
-        raise ValueError(f"tokenizer mismatch: the model was trained with tokenizer {trained['tokenizer']!r} "
-                         f"but the database uses {data['tokenizer']!r}; use a database built with the "
-                         "model's tokenizer")
+        raise ValueError(
+            f"tokenizer mismatch: the model was trained with tokenizer {trained['tokenizer']!r} "
+            f"but the database uses {data['tokenizer']!r}; use a database built with the "
+            "model's tokenizer"
+        )
     trained_sha, data_sha = trained.get("tokenizer_sha256"), data["tokenizer_sha256"]
     if trained_sha and data_sha and trained_sha != data_sha:
-        raise ValueError(f"tokenizer mismatch: the model was trained with a {trained['tokenizer']!r} "
-                         f"vocabulary (sha256 {trained_sha[:12]}...) but the database's "
-                         f"{data['tokenizer']!r} vocabulary differs (sha256 {data_sha[:12]}...)")
+        raise ValueError(
+            f"tokenizer mismatch: the model was trained with a {trained['tokenizer']!r} "
+            f"vocabulary (sha256 {trained_sha[:12]}...) but the database's "
+            f"{data['tokenizer']!r} vocabulary differs (sha256 {data_sha[:12]}...)"
+        )
     if trained.get("vocab_size") and int(trained["vocab_size"]) != data["vocab_size"]:
-        raise ValueError(f"tokenizer mismatch: the model was trained on a {trained['vocab_size']}-token "
-                         f"vocabulary but the database's tokenizer has {data['vocab_size']} tokens")
+        raise ValueError(
+            f"tokenizer mismatch: the model was trained on a {trained['vocab_size']}-token "
+            f"vocabulary but the database's tokenizer has {data['vocab_size']} tokens"
+        )
     if model_vocab_size(config) < data["vocab_size"]:
-        raise ValueError(f"tokenizer mismatch: the model has {model_vocab_size(config)} token embeddings but "
-                         f"the database's tokenizer ({data['tokenizer']}) has {data['vocab_size']} tokens")
+        raise ValueError(
+            f"tokenizer mismatch: the model has {model_vocab_size(config)} token embeddings but "
+            f"the database's tokenizer ({data['tokenizer']}) has {data['vocab_size']} tokens"
+        )
     if int(config.chunk_size) != data["chunk_size"]:
-        raise ValueError(f"chunk size mismatch: the model uses chunk_size={config.chunk_size} but the "
-                         f"database was chunked with chunk_size={data['chunk_size']}")
+        raise ValueError(
+            f"chunk size mismatch: the model uses chunk_size={config.chunk_size} but the "
+            f"database was chunked with chunk_size={data['chunk_size']}"
+        )

@@ -72,16 +72,18 @@ class Score:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits (batch, seq, vocab)`` against already shifted ``labels (batch, seq)``."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
 
 
 def _shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
 
 
-def _batches(dataset: Dataset, batch_size: int, collate: RetroCollator, rank: int, world_size: int,
-             desc: str | None) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    dataset: Dataset, batch_size: int, collate: RetroCollator, rank: int, world_size: int, desc: str | None
+) -> Iterator[dict[str, torch.Tensor]]:
     loader = DataLoader(_shard(dataset, rank, world_size), batch_size=batch_size, collate_fn=collate)
     return iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True) if desc else loader)
 
@@ -95,9 +97,20 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, retrieval: bool, batch_size: int = 8,
-          device: torch.device | str = "cpu", autocast: Any = None, rank: int = 0, world_size: int = 1,
-          desc: str | None = None, eos_id: int | None = None) -> Score:
+def score(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    pad_id: int,
+    retrieval: bool,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    autocast: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+    desc: str | None = None,
+    eos_id: int | None = None,
+) -> Score:
     """Summed NLL and token count of ``model`` over ``dataset`` (``(seq, retrieved)`` items).
 
     Under DDP each rank scores every ``world_size``-th sequence and the sums are all-reduced.
@@ -120,8 +133,17 @@ def score(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, retrieval: b
     return Score(nll=nll, tokens=int(tokens))
 
 
-def count_bytes(dataset: Dataset, tokenizer: Any, *, pad_id: int, batch_size: int = 64, rank: int = 0,
-                world_size: int = 1, device: torch.device | str = "cpu", eos_id: int | None = None) -> int:
+def count_bytes(
+    dataset: Dataset,
+    tokenizer: Any,
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    eos_id: int | None = None,
+) -> int:
     """UTF-8 bytes of the scored targets: exact for a byte-level BPE, else of their decoding (see the
     module docstring)."""
     from retlm.tokenization import token_byte_lengths
@@ -140,18 +162,43 @@ def count_bytes(dataset: Dataset, tokenizer: Any, *, pad_id: int, batch_size: in
     return int(_all_reduce_sum([float(total)], torch.device(device))[0])
 
 
-def compare_retrieval(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, tokenizer: Any = None,
-                      batch_size: int = 8, device: torch.device | str = "cpu", autocast: Any = None,
-                      rank: int = 0, world_size: int = 1, progress: bool = False,
-                      eos_id: int | None = None) -> dict[str, Any]:
+def compare_retrieval(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    pad_id: int,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    autocast: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+    eos_id: int | None = None,
+) -> dict[str, Any]:
     """Scores of the same model on the same tokens with retrieval and with retrieval switched off."""
-    n_bytes = 0 if tokenizer is None else count_bytes(dataset, tokenizer, pad_id=pad_id, rank=rank,
-                                                      world_size=world_size, device=device, eos_id=eos_id)
+    n_bytes = (
+        0
+        if tokenizer is None
+        else count_bytes(
+            dataset, tokenizer, pad_id=pad_id, rank=rank, world_size=world_size, device=device, eos_id=eos_id
+        )
+    )
     runs = {}
     for name, retrieval in (("with_retrieval", True), ("without_retrieval", False)):
-        result = score(model, dataset, pad_id=pad_id, retrieval=retrieval, batch_size=batch_size,
-                       device=device, autocast=autocast, rank=rank, world_size=world_size,
-                       desc=f"eval {name.replace('_', ' ')}" if progress else None, eos_id=eos_id)
+        result = score(
+            model,
+            dataset,
+            pad_id=pad_id,
+            retrieval=retrieval,
+            batch_size=batch_size,
+            device=device,
+            autocast=autocast,
+            rank=rank,
+            world_size=world_size,
+            desc=f"eval {name.replace('_', ' ')}" if progress else None,
+            eos_id=eos_id,
+        )
         result.bytes = n_bytes
         runs[name] = result
     with_r, without_r = runs["with_retrieval"], runs["without_retrieval"]
@@ -166,6 +213,7 @@ def compare_retrieval(model: torch.nn.Module, dataset: Dataset, *, pad_id: int, 
 
 
 # ---- the `retlm eval` entry point ----
+
 
 def _eos_id(db: Any) -> int | None:
     eos = getattr(db, "eos_id", None)
@@ -191,13 +239,17 @@ def select_split(split: str, dataset: Dataset, db: Any, trained: dict[str, Any])
         return SplitSequences(dataset, db, np.arange(len(dataset)))
     recorded = trained.get("split")
     if not recorded:
-        raise ValueError("the checkpoint records no training split (it was not trained by `retlm train`); "
-                         "evaluate with split='all' (`--split all`)")
+        raise ValueError(
+            "the checkpoint records no training split (it was not trained by `retlm train`); "
+            "evaluate with split='all' (`--split all`)"
+        )
     doc_split = DocumentSplit.make(db.doc_ids, recorded["train_fraction"], recorded["seed"])
     expected = recorded.get("heldout_docs")
     if expected is not None and doc_split.heldout_docs.tolist() != expected:
-        raise ValueError("this database's documents differ from the one the model was trained on, so its "
-                         "held-out split is not the model's; evaluate with split='all' (`--split all`)")
+        raise ValueError(
+            "this database's documents differ from the one the model was trained on, so its "
+            "held-out split is not the model's; evaluate with split='all' (`--split all`)"
+        )
     train_set, heldout_set = split_datasets(dataset, db, doc_split, hide_heldout=False)
     chosen = heldout_set if split == "heldout" else train_set
     if len(chosen) == 0:
@@ -205,10 +257,19 @@ def select_split(split: str, dataset: Dataset, db: Any, trained: dict[str, Any])
     return chosen
 
 
-def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_size: int = 8,
-             max_sequences: int | None = None, device: str | None = None, precision: str = "fp32",
-             progress: bool = True, by_overlap: bool = True, max_overlap: float | None = None
-             ) -> dict[str, Any]:
+def evaluate(
+    checkpoint: str | Path,
+    db: Any,
+    *,
+    split: str = "heldout",
+    batch_size: int = 8,
+    max_sequences: int | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+    by_overlap: bool = True,
+    max_overlap: float | None = None,
+) -> dict[str, Any]:
     """Perplexity and bits per byte of a trained model with and without retrieval.
 
     ``checkpoint`` is a run dir, a model dir or a ``checkpoint-N`` dir; ``db`` a database or its path.
@@ -240,22 +301,36 @@ def evaluate(checkpoint: str | Path, db: Any, *, split: str = "heldout", batch_s
     chosen = spread_subset(select_split(split, dataset, db, trained), max_sequences)
     check_training_memory(model.config, min(batch_size, max(len(chosen), 1)), dataset.seq_len, training=False)
     n_docs = len(np.unique(sequence_doc_ids(db)[chosen.indices]))
-    common = dict(pad_id=int(db.pad_id), tokenizer=_tokenizer_of(db), batch_size=batch_size, device=device,
-                  autocast=autocast_for(precision, device), progress=progress, eos_id=_eos_id(db))
+    common = dict(
+        pad_id=int(db.pad_id),
+        tokenizer=_tokenizer_of(db),
+        batch_size=batch_size,
+        device=device,
+        autocast=autocast_for(precision, device),
+        progress=progress,
+        eos_id=_eos_id(db),
+    )
     if by_overlap or max_overlap is not None:
         from retlm.training.leakage import score_by_overlap
 
-        result = score_by_overlap(model, chosen, chunk_size=int(db.chunk_size), max_overlap=max_overlap,
-                                  **common)
+        result = score_by_overlap(
+            model, chosen, chunk_size=int(db.chunk_size), max_overlap=max_overlap, **common
+        )
     else:
         result = compare_retrieval(model, chosen, **common)
-    result.update(split=split, documents=n_docs, checkpoint=str(model_dir), precision=precision,
-                  trained_with_retrieval=trained.get("retrieval"))
+    result.update(
+        split=split,
+        documents=n_docs,
+        checkpoint=str(model_dir),
+        precision=precision,
+        trained_with_retrieval=trained.get("retrieval"),
+    )
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The result of ``evaluate`` as a small text table."""
+
     def cell(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
@@ -264,6 +339,7 @@ def format_table(result: dict[str, Any]) -> str:
         r = result[key]
         rows.append((key.replace("_", " "), cell(r["loss"]), cell(r["perplexity"]), cell(r["bits_per_byte"])))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
+
     def line(row: tuple[str, ...]) -> str:
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         return "  ".join(cells)
@@ -272,9 +348,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"perplexity without / with retrieval: {result['perplexity_ratio']:.3f}")
     if result.get("trained_with_retrieval") is False:
-        lines.append("note: this model was trained without retrieval (the baseline): read its "
-                     "'without retrieval' row")
-    lines.append(f"{result.get('split', '?')} split: {result['sequences']} sequences"
-                 + (f" from {result['documents']} documents" if "documents" in result else "")
-                 + f", {result['tokens']} scored tokens, {result['bytes']} bytes")
+        lines.append(
+            "note: this model was trained without retrieval (the baseline): read its 'without retrieval' row"
+        )
+    lines.append(
+        f"{result.get('split', '?')} split: {result['sequences']} sequences"
+        + (f" from {result['documents']} documents" if "documents" in result else "")
+        + f", {result['tokens']} scored tokens, {result['bytes']} bytes"
+    )
     return "\n".join(lines)

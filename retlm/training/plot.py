@@ -12,13 +12,19 @@ from retlm.utils import atomic_write
 CURVES = (  # metrics.jsonl key, label, matplotlib style
     ("loss", "training loss", dict(color="tab:blue", alpha=0.6, linewidth=1)),
     ("eval_loss", "held-out loss", dict(color="tab:green", marker="o", linewidth=2)),
-    ("eval_loss_no_retrieval", "held-out loss, retrieval off", dict(color="tab:red", marker="s", linewidth=2,
-                                                                    linestyle="--")),
+    (
+        "eval_loss_no_retrieval",
+        "held-out loss, retrieval off",
+        dict(color="tab:red", marker="s", linewidth=2, linestyle="--"),
+    ),
 )
 
 
-def plot_loss_curves(metrics_file: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
-                     png: str | os.PathLike[str], title: str | None = None) -> Path:
+def plot_loss_curves(
+    metrics_file: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
+    png: str | os.PathLike[str],
+    title: str | None = None,
+) -> Path:
     """Draw the curves logged in ``metrics_file`` (a run's ``metrics.jsonl``) into ``png``; returns it.
 
     ``metrics_file`` may also map run labels to metrics files, to compare runs in one plot (each run
@@ -39,8 +45,9 @@ def plot_loss_curves(metrics_file: str | os.PathLike[str] | Mapping[str, str | o
             if points:
                 if number:
                     style = {**style, "linestyle": ":", "linewidth": 1.5}
-                ax.plot(*zip(*points, strict=True), label=f"{run_label}: {label}" if run_label else label,
-                        **style)
+                ax.plot(
+                    *zip(*points, strict=True), label=f"{run_label}: {label}" if run_label else label, **style
+                )
                 drawn += 1
     if not drawn:
         plt.close(fig)
@@ -74,9 +81,10 @@ def plot_overlap_buckets(result: Mapping, png: str | os.PathLike[str], title: st
     x = range(len(rows))
     metrics = (("loss", "loss (nats per token)"), ("bits_per_byte", "bits per byte"))
     for ax, (metric, unit) in zip(axes[0], metrics, strict=False):
-        for key, label, style in (("with_retrieval", "retrieval on", dict(color="tab:green", marker="o")),
-                                  ("without_retrieval", "retrieval off", dict(color="tab:red", marker="s",
-                                                                              linestyle="--"))):
+        for key, label, style in (
+            ("with_retrieval", "retrieval on", dict(color="tab:green", marker="o")),
+            ("without_retrieval", "retrieval off", dict(color="tab:red", marker="s", linestyle="--")),
+        ):
             ax.plot(x, [r[key][metric] for r in rows], label=label, linewidth=2, **style)
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_xlabel("share of the chunk's tokens in its neighbours' longest common spans")

@@ -67,14 +67,22 @@ from retlm.utils import ensure_writable_dir
 
 # ---- the Trainer ----
 
+
 class RetroTrainer(Trainer):
     """HF ``Trainer`` on the model's own loss, with retrieval-aware evaluation and atomic checkpoints."""
 
     # compute_loss returns the mean over one micro-batch; Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, pad_id: int, eval_variants: Mapping[str, bool] | None = None,
-                 eos_id: int | None = None, schedule: PlannedSchedule | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        pad_id: int,
+        eval_variants: Mapping[str, bool] | None = None,
+        eos_id: int | None = None,
+        schedule: PlannedSchedule | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.pad_id, self.eos_id = pad_id, eos_id
         # metric-name suffix -> whether that evaluation pass retrieves
@@ -87,8 +95,9 @@ class RetroTrainer(Trainer):
         if self.planned_schedule is None:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
-                                                                  self.planned_schedule)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, self.planned_schedule
+            )
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -97,17 +106,26 @@ class RetroTrainer(Trainer):
         outputs = model(**inputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys: Any = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Dataset | None = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """Token-level loss and perplexity on the evaluation set, with retrieval (``eval_loss``) and,
         for a retrieval-trained model, without it (``eval_loss_no_retrieval``)."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         start = time.monotonic()
         metrics = {}
         for suffix, retrieval in self.eval_variants.items():
-            result = score(self.model, dataset, pad_id=self.pad_id, retrieval=retrieval,
-                           batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                           rank=self.args.process_index, world_size=self.args.world_size, eos_id=self.eos_id)
+            result = score(
+                self.model,
+                dataset,
+                pad_id=self.pad_id,
+                retrieval=retrieval,
+                batch_size=self.args.per_device_eval_batch_size,
+                device=self.args.device,
+                rank=self.args.process_index,
+                world_size=self.args.world_size,
+                eos_id=self.eos_id,
+            )
             metrics[f"{metric_key_prefix}_loss{suffix}"] = result.loss
             metrics[f"{metric_key_prefix}_perplexity{suffix}"] = result.perplexity
         metrics[f"{metric_key_prefix}_runtime"] = round(time.monotonic() - start, 4)
@@ -160,6 +178,7 @@ def _barrier() -> None:
 
 # ---- what a run is made of ----
 
+
 @dataclass
 class TrainResult:
     """What ``train`` did: where the model is, how far it got and why it stopped."""
@@ -176,6 +195,7 @@ class TrainResult:
 
 
 # ---- the entry point ----
+
 
 @dataclass
 class PreparedData:
@@ -202,26 +222,33 @@ class PreparedData:
         return self.signature["eos_id"]
 
 
-def prepare(db: Any, model_config: Any, opts: TrainOptions, *, model: torch.nn.Module | None = None
-            ) -> PreparedData:
+def prepare(
+    db: Any, model_config: Any, opts: TrainOptions, *, model: torch.nn.Module | None = None
+) -> PreparedData:
     """Open ``db`` (a ``RetrievalDatabase`` or its path), complete and check the model config against it,
     split its documents and build the model (a fresh one from the config, seeded, unless ``model``)."""
     db = open_database(db)
     seq_len = int(opts.seq_len or db.seq_len)
     if seq_len % int(db.chunk_size):
-        raise OptionError(f"seq_len {seq_len} must be a multiple of the database's chunk_size "
-                          f"{db.chunk_size}")
+        raise OptionError(
+            f"seq_len {seq_len} must be a multiple of the database's chunk_size {db.chunk_size}"
+        )
     signature = ckpt.database_signature(db)
-    config, config_mapping = build_config(model.config if model is not None else model_config, db, seq_len,
-                                          signature=signature)
+    config, config_mapping = build_config(
+        model.config if model is not None else model_config, db, seq_len, signature=signature
+    )
     if model is None:  # the bound reads RetroConfig's fields; a given model (a retrofit) is already built
         check_training_memory(config, opts.batch_size, seq_len)
     split = DocumentSplit.make(db.doc_ids, opts.train_fraction, opts.seed)
     dataset = RETRODataset.from_database(db, seq_len=seq_len)
     train_set, heldout_set = split_datasets(dataset, db, split, hide_heldout=True)
 
-    config.retlm_data = {**signature, "seq_len": seq_len, "retrieval": opts.retrieval,
-                         "split": split.to_json()}
+    config.retlm_data = {
+        **signature,
+        "seq_len": seq_len,
+        "retrieval": opts.retrieval,
+        "split": split.to_json(),
+    }
     tokenizer = getattr(db, "tokenizer", None)
     for name in ("eos_token_id", "bos_token_id"):  # as HF Trainer would align them to the tokenizer
         if getattr(tokenizer, name, None) is not None:
@@ -233,14 +260,28 @@ def prepare(db: Any, model_config: Any, opts: TrainOptions, *, model: torch.nn.M
         model.config.retlm_data = config.retlm_data
         for name in ("eos_token_id", "bos_token_id"):
             setattr(model.config, name, getattr(config, name, None))
-    return PreparedData(model=model, config_mapping=config_mapping, split=split, train_set=train_set,
-                        heldout_set=heldout_set, seq_len=seq_len, signature=signature,
-                        num_chunks=int(len(db.chunks)), database_path=str(getattr(db, "path", "")),
-                        tokenizer=tokenizer)
+    return PreparedData(
+        model=model,
+        config_mapping=config_mapping,
+        split=split,
+        train_set=train_set,
+        heldout_set=heldout_set,
+        seq_len=seq_len,
+        signature=signature,
+        num_chunks=int(len(db.chunks)),
+        database_path=str(getattr(db, "path", "")),
+        tokenizer=tokenizer,
+    )
 
 
-def train(db: Any, model_config: Any, out_dir: str | os.PathLike[str], *,
-          model: torch.nn.Module | None = None, **options: Any) -> TrainResult:
+def train(
+    db: Any,
+    model_config: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module | None = None,
+    **options: Any,
+) -> TrainResult:
     """Train a RETRO model on ``db`` (a ``RetrievalDatabase`` or its path) into ``out_dir``.
 
     ``model_config``: a yaml path, a built-in name (``retro-tiny``, ``retro-seed``), a mapping of
@@ -278,32 +319,54 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
     eval_set = spread_subset(data.heldout_set, opts.eval_sequences) if len(data.heldout_set) else None
     args = _training_arguments(opts, out_dir, precision, device, has_eval=eval_set is not None)
     if len(data.train_set) < opts.batch_size * args.world_size:
-        raise ValueError(f"only {len(data.train_set)} training sequences, fewer than one batch "
-                         f"({opts.batch_size} x {args.world_size} processes); lower batch_size or use a "
-                         "larger database")
-    fixed = {**opts.fixed(), "model_config": data.config_mapping, "database": data.signature,
-             "seq_len": data.seq_len, "world_size": args.world_size, "num_chunks": data.num_chunks}
+        raise ValueError(
+            f"only {len(data.train_set)} training sequences, fewer than one batch "
+            f"({opts.batch_size} x {args.world_size} processes); lower batch_size or use a "
+            "larger database"
+        )
+    fixed = {
+        **opts.fixed(),
+        "model_config": data.config_mapping,
+        "database": data.signature,
+        "seq_len": data.seq_len,
+        "world_size": args.world_size,
+        "num_chunks": data.num_chunks,
+    }
     run_file = out_dir / ckpt.RUN_FILE
     previous = ckpt.read_json(run_file) if run_file.is_file() else None
     resume_from = _resume_point(opts.resume, out_dir, previous, fixed)
     elapsed_before = RunClock.elapsed_in(resume_from) if resume_from else 0.0
 
     collate = RetroCollator(data.pad_id, retrieval=opts.retrieval, eos_id=data.eos_id)
-    plan = planning.choose_max_steps(opts, args, previous, elapsed_before, data.model, data.train_set,
-                                     eval_set, collate, device, precision)
+    plan = planning.choose_max_steps(
+        opts, args, previous, elapsed_before, data.model, data.train_set, eval_set, collate, device, precision
+    )
     args.max_steps = plan.cap
     set_seed(opts.seed)
     if resume_from and planning.already_finished(opts, plan, previous, resume_from, elapsed_before):
-        return _finish_without_training(out_dir, resume_from, plan.steps, elapsed_before,
-                                        is_main=args.should_save)
+        return _finish_without_training(
+            out_dir, resume_from, plan.steps, elapsed_before, is_main=args.should_save
+        )
     if args.should_save:
         first_plan = (previous or {}).get("max_steps_first_plan", plan.steps) if resume_from else plan.steps
-        _start_run_files(out_dir, resume_from, {
-            "version": 1, "status": "running", "fixed": fixed, "max_steps": plan.steps,
-            "max_steps_first_plan": first_plan, "max_steps_cap": plan.cap, "max_steps_source": plan.source,
-            "options": {**asdict(opts), "precision": precision}, "database_path": data.database_path,
-            "split": data.split.to_json(), "train_sequences": len(data.train_set),
-            "heldout_sequences": len(data.heldout_set)})
+        _start_run_files(
+            out_dir,
+            resume_from,
+            {
+                "version": 1,
+                "status": "running",
+                "fixed": fixed,
+                "max_steps": plan.steps,
+                "max_steps_first_plan": first_plan,
+                "max_steps_cap": plan.cap,
+                "max_steps_source": plan.source,
+                "options": {**asdict(opts), "precision": precision},
+                "database_path": data.database_path,
+                "split": data.split.to_json(),
+                "train_sequences": len(data.train_set),
+                "heldout_sequences": len(data.heldout_set),
+            },
+        )
     _barrier()
 
     clock = RunClock(opts.budget_s, elapsed_before)
@@ -311,37 +374,69 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     stopped_by_budget = clock.stopped_by_budget or plan.source == "time_budget"
-    result = TrainResult(run_dir=out_dir, model_dir=_save_final(trainer, out_dir),
-                         global_step=trainer.state.global_step, max_steps=int(trainer.state.max_steps),
-                         stop_reason="time_budget" if stopped_by_budget else "max_steps",
-                         elapsed_s=clock.elapsed(), metrics_file=out_dir / ckpt.METRICS_FILE)
+    result = TrainResult(
+        run_dir=out_dir,
+        model_dir=_save_final(trainer, out_dir),
+        global_step=trainer.state.global_step,
+        max_steps=int(trainer.state.max_steps),
+        stop_reason="time_budget" if stopped_by_budget else "max_steps",
+        elapsed_s=clock.elapsed(),
+        metrics_file=out_dir / ckpt.METRICS_FILE,
+    )
     _fill_last_metrics(result)
     if args.should_save:
         run = ckpt.read_json(run_file)
-        run.update(status="finished", stop_reason=result.stop_reason, global_step=result.global_step,
-                   elapsed_s=result.elapsed_s, max_steps=result.max_steps)
+        run.update(
+            status="finished",
+            stop_reason=result.stop_reason,
+            global_step=result.global_step,
+            elapsed_s=result.elapsed_s,
+            max_steps=result.max_steps,
+        )
         ckpt.write_json(run_file, run)
     _barrier()
     return result
 
 
-def _make_trainer(data: PreparedData, opts: TrainOptions, args: TrainingArguments, plan: planning.StepsPlan,
-                  clock: RunClock, eval_set: Dataset | None, collate: RetroCollator, out_dir: Path
-                  ) -> RetroTrainer:
+def _make_trainer(
+    data: PreparedData,
+    opts: TrainOptions,
+    args: TrainingArguments,
+    plan: planning.StepsPlan,
+    clock: RunClock,
+    eval_set: Dataset | None,
+    collate: RetroCollator,
+    out_dir: Path,
+) -> RetroTrainer:
     """The ``RetroTrainer`` with retlm's callbacks (clock, metrics file, progress bar, step planner)."""
     callbacks: list[Any] = [clock, JsonlMetrics(out_dir / ckpt.METRICS_FILE, clock)]
     callbacks += [ProgressBar()] * opts.progress
     schedule = planner = None
     if plan.source == "time_budget":
         schedule = PlannedSchedule(opts.schedule, opts.warmup, plan.steps)
-        planner = StepPlanner(clock, schedule, plan.cap, eval_s=plan.eval_s, save_s=plan.save_s,
-                              evaluates=args.eval_strategy != "no")
+        planner = StepPlanner(
+            clock,
+            schedule,
+            plan.cap,
+            eval_s=plan.eval_s,
+            save_s=plan.save_s,
+            evaluates=args.eval_strategy != "no",
+        )
     variants = {"": True, "_no_retrieval": False} if opts.retrieval else {"": False}
     tokenizer = data.tokenizer
-    trainer = RetroTrainer(model=data.model, args=args, train_dataset=data.train_set, eval_dataset=eval_set,
-                           data_collator=collate, callbacks=callbacks, pad_id=data.pad_id,
-                           eval_variants=variants, eos_id=data.eos_id, schedule=schedule,
-                           processing_class=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+    trainer = RetroTrainer(
+        model=data.model,
+        args=args,
+        train_dataset=data.train_set,
+        eval_dataset=eval_set,
+        data_collator=collate,
+        callbacks=callbacks,
+        pad_id=data.pad_id,
+        eval_variants=variants,
+        eos_id=data.eos_id,
+        schedule=schedule,
+        processing_class=tokenizer if hasattr(tokenizer, "save_pretrained") else None,
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if planner is not None:  # before DefaultFlowCallback, which stops at state.max_steps
@@ -349,23 +444,40 @@ def _make_trainer(data: PreparedData, opts: TrainOptions, args: TrainingArgument
     return trainer
 
 
-def _training_arguments(opts: TrainOptions, out_dir: Path, precision: str, device: torch.device,
-                        has_eval: bool) -> TrainingArguments:
+def _training_arguments(
+    opts: TrainOptions, out_dir: Path, precision: str, device: torch.device, has_eval: bool
+) -> TrainingArguments:
     cpu = device.type == "cpu"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun / accelerate launch
     return TrainingArguments(
-        output_dir=str(out_dir), max_steps=opts.max_steps or 1, per_device_train_batch_size=opts.batch_size,
-        per_device_eval_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
-        learning_rate=opts.lr, warmup_steps=opts.warmup, weight_decay=opts.weight_decay,
+        output_dir=str(out_dir),
+        max_steps=opts.max_steps or 1,
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=opts.lr,
+        warmup_steps=opts.warmup,
+        weight_decay=opts.weight_decay,
         lr_scheduler_type="constant_with_warmup" if opts.schedule == "constant" else opts.schedule,
-        max_grad_norm=opts.max_grad_norm or 0.0, bf16=precision == "bf16", fp16=precision == "fp16",
-        use_cpu=cpu, ddp_backend="gloo" if cpu and distributed else None,
+        max_grad_norm=opts.max_grad_norm or 0.0,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu and distributed else None,
         ddp_find_unused_parameters=not opts.retrieval,  # the encoder and CCA sit idle without neighbours
-        logging_strategy="steps", logging_steps=opts.log_every,
-        eval_strategy="steps" if opts.eval_every and has_eval else "no", eval_steps=opts.eval_every,
-        save_strategy="steps" if opts.save_every else "no", save_steps=opts.save_every or 1,
-        save_total_limit=opts.save_total_limit, seed=opts.seed, data_seed=opts.seed, report_to="none",
-        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        logging_strategy="steps",
+        logging_steps=opts.log_every,
+        eval_strategy="steps" if opts.eval_every and has_eval else "no",
+        eval_steps=opts.eval_every,
+        save_strategy="steps" if opts.save_every else "no",
+        save_steps=opts.save_every or 1,
+        save_total_limit=opts.save_total_limit,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
     )
 
 
@@ -384,8 +496,10 @@ def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict
     """The checkpoint to continue from, after checking that the run's fixed settings are unchanged."""
     if resume == "never":
         if previous is not None or latest_checkpoint(out_dir) is not None:
-            raise FileExistsError(f"{out_dir} already holds a training run; continue it with resume='auto' "
-                                  "(`--resume auto`) or choose another output directory")
+            raise FileExistsError(
+                f"{out_dir} already holds a training run; continue it with resume='auto' "
+                "(`--resume auto`) or choose another output directory"
+            )
         return None
     checkpoint = latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
     if checkpoint is None:
@@ -396,10 +510,13 @@ def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict
     if previous is not None:
         changed = [key for key in fixed if previous["fixed"].get(key) != _jsonable(fixed[key])]
         if changed:
-            details = "; ".join(f"{key}: was {previous['fixed'].get(key)!r}, now {_jsonable(fixed[key])!r}"
-                                for key in changed)
-            raise ValueError(f"cannot resume the run in {out_dir}: settings changed ({details}). "
-                             "Use the run's settings, or a new output directory")
+            details = "; ".join(
+                f"{key}: was {previous['fixed'].get(key)!r}, now {_jsonable(fixed[key])!r}" for key in changed
+            )
+            raise ValueError(
+                f"cannot resume the run in {out_dir}: settings changed ({details}). "
+                "Use the run's settings, or a new output directory"
+            )
     return checkpoint
 
 
@@ -424,8 +541,9 @@ def _save_final(trainer: RetroTrainer, out_dir: Path) -> Path:
     return final
 
 
-def _finish_without_training(out_dir: Path, checkpoint: Path, steps: int, elapsed: float,
-                             is_main: bool) -> TrainResult:
+def _finish_without_training(
+    out_dir: Path, checkpoint: Path, steps: int, elapsed: float, is_main: bool
+) -> TrainResult:
     """The run already reached its step count or time budget: make sure ``model/`` holds its last
     checkpoint (a kill can fall between the two) and that the run file says it finished."""
     final, step = out_dir / ckpt.FINAL_DIR, ckpt.checkpoint_step(checkpoint)
@@ -443,13 +561,20 @@ def _finish_without_training(out_dir: Path, checkpoint: Path, steps: int, elapse
     if is_main and (out_dir / ckpt.RUN_FILE).is_file():
         run = ckpt.read_json(out_dir / ckpt.RUN_FILE)
         if run.get("status") != "finished":
-            run.update(status="finished", stop_reason="resumed_after_end", global_step=step,
-                       elapsed_s=elapsed)
+            run.update(
+                status="finished", stop_reason="resumed_after_end", global_step=step, elapsed_s=elapsed
+            )
             ckpt.write_json(out_dir / ckpt.RUN_FILE, run)
     _barrier()
-    result = TrainResult(run_dir=out_dir, model_dir=final, global_step=step, max_steps=steps,
-                         stop_reason="already_finished", elapsed_s=elapsed,
-                         metrics_file=out_dir / ckpt.METRICS_FILE)
+    result = TrainResult(
+        run_dir=out_dir,
+        model_dir=final,
+        global_step=step,
+        max_steps=steps,
+        stop_reason="already_finished",
+        elapsed_s=elapsed,
+        metrics_file=out_dir / ckpt.METRICS_FILE,
+    )
     _fill_last_metrics(result)
     return result
 
