@@ -20,24 +20,19 @@ scheduler, RNG states and the data order). What this module adds:
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
-from transformers.utils import logging as hf_logging
 
 from retlm.data import (
     DocumentSplit,
@@ -48,7 +43,7 @@ from retlm.data import (
     spread_subset,
 )
 from retlm.errors import OptionError
-from retlm.models.auto import CHECKPOINT_PREFIX, latest_checkpoint, verify_model_dir
+from retlm.models.auto import CHECKPOINT_PREFIX
 from retlm.training import checkpoint as ckpt
 from retlm.training import planning
 from retlm.training.callbacks import (
@@ -57,12 +52,21 @@ from retlm.training.callbacks import (
     ProgressBar,
     RunClock,
     StepPlanner,
-    read_metrics,
 )
 from retlm.training.config import TrainOptions, build_config
 from retlm.training.evaluate import score
 from retlm.training.precision import resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
+from retlm.training.run_files import (
+    TrainResult,
+    _barrier,
+    _fill_last_metrics,
+    _finish_without_training,
+    _resume_point,
+    _save_final,
+    _start_run_files,
+    quiet_saving,
+)
 from retlm.utils import ensure_writable_dir
 
 # ---- the Trainer ----
@@ -159,39 +163,7 @@ class RetroTrainer(Trainer):
         _barrier()
 
 
-@contextmanager
-def quiet_saving() -> Iterator[None]:
-    """No per-shard progress bar from ``save_pretrained`` in the middle of the training bar."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 # ---- what a run is made of ----
-
-
-@dataclass
-class TrainResult:
-    """What ``train`` did: where the model is, how far it got and why it stopped."""
-
-    run_dir: Path
-    model_dir: Path
-    global_step: int
-    max_steps: int
-    stop_reason: str  # "max_steps" | "time_budget" | "already_finished"
-    elapsed_s: float
-    metrics_file: Path
-    last_train_loss: float | None = None
-    last_eval: dict[str, float] = field(default_factory=dict)
 
 
 # ---- the entry point ----
@@ -479,111 +451,3 @@ def _training_arguments(
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-
-
-def _start_run_files(out_dir: Path, resume_from: Path | None, run: dict[str, Any]) -> None:
-    """Write ``retlm_run.json``; start ``metrics.jsonl`` afresh, or cut it back to the resumed step."""
-    metrics = out_dir / ckpt.METRICS_FILE
-    if resume_from is None:
-        metrics.unlink(missing_ok=True)
-    else:
-        JsonlMetrics.truncate(metrics, ckpt.checkpoint_step(resume_from))
-    shutil.rmtree(out_dir / ckpt.STAGING_DIR, ignore_errors=True)
-    ckpt.write_json(out_dir / ckpt.RUN_FILE, run)
-
-
-def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict) -> Path | None:
-    """The checkpoint to continue from, after checking that the run's fixed settings are unchanged."""
-    if resume == "never":
-        if previous is not None or latest_checkpoint(out_dir) is not None:
-            raise FileExistsError(
-                f"{out_dir} already holds a training run; continue it with resume='auto' "
-                "(`--resume auto`) or choose another output directory"
-            )
-        return None
-    checkpoint = latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
-    if checkpoint is None:
-        return None
-    if not (checkpoint / "trainer_state.json").is_file():
-        raise ValueError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
-    verify_model_dir(checkpoint)  # weights, optimizer and RNG state as they were saved
-    if previous is not None:
-        changed = [key for key in fixed if previous["fixed"].get(key) != _jsonable(fixed[key])]
-        if changed:
-            details = "; ".join(
-                f"{key}: was {previous['fixed'].get(key)!r}, now {_jsonable(fixed[key])!r}" for key in changed
-            )
-            raise ValueError(
-                f"cannot resume the run in {out_dir}: settings changed ({details}). "
-                "Use the run's settings, or a new output directory"
-            )
-    return checkpoint
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
-def _save_final(trainer: RetroTrainer, out_dir: Path) -> Path:
-    """The final weights as ``<run>/model`` (safetensors + config), committed by rename."""
-    final = out_dir / ckpt.FINAL_DIR
-    staging = out_dir / ckpt.STAGING_DIR / ckpt.FINAL_DIR
-    with quiet_saving():
-        trainer.save_model(str(staging))
-    _barrier()
-    if trainer.args.should_save:
-        (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
-        ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": trainer.state.global_step})
-        ckpt.seal_model_dir(staging)
-        ckpt.commit_dir(staging, final)
-        shutil.rmtree(out_dir / ckpt.STAGING_DIR, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def _finish_without_training(
-    out_dir: Path, checkpoint: Path, steps: int, elapsed: float, is_main: bool
-) -> TrainResult:
-    """The run already reached its step count or time budget: make sure ``model/`` holds its last
-    checkpoint (a kill can fall between the two) and that the run file says it finished."""
-    final, step = out_dir / ckpt.FINAL_DIR, ckpt.checkpoint_step(checkpoint)
-    if is_main and ckpt.final_model_step(out_dir) != step:
-        verify_model_dir(checkpoint)
-        staging = out_dir / ckpt.STAGING_DIR / ckpt.FINAL_DIR
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name in ckpt.MODEL_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, staging / name)
-        ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": step})
-        ckpt.seal_model_dir(staging)
-        ckpt.commit_dir(staging, final)
-    if is_main and (out_dir / ckpt.RUN_FILE).is_file():
-        run = ckpt.read_json(out_dir / ckpt.RUN_FILE)
-        if run.get("status") != "finished":
-            run.update(
-                status="finished", stop_reason="resumed_after_end", global_step=step, elapsed_s=elapsed
-            )
-            ckpt.write_json(out_dir / ckpt.RUN_FILE, run)
-    _barrier()
-    result = TrainResult(
-        run_dir=out_dir,
-        model_dir=final,
-        global_step=step,
-        max_steps=steps,
-        stop_reason="already_finished",
-        elapsed_s=elapsed,
-        metrics_file=out_dir / ckpt.METRICS_FILE,
-    )
-    _fill_last_metrics(result)
-    return result
-
-
-def _fill_last_metrics(result: TrainResult) -> None:
-    if not result.metrics_file.is_file():
-        return
-    for record in read_metrics(result.metrics_file):
-        if "loss" in record:
-            result.last_train_loss = record["loss"]
-        if "eval_loss" in record:
-            result.last_eval = {k: v for k, v in record.items() if k.startswith("eval_")}
