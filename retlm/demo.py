@@ -1,6 +1,6 @@
 """`retlm demo`: the whole workflow on the bundled corpus (or a folder of your own text), on a CPU.
 
-1. build the retrieval database (GPT-2 byte-level BPE chunks by default; ``tokenizer="bert"``: the seed's
+1. build the retrieval database (GPT-2 byte-level BPE chunks by default; ``tokenizer="bert"``: retro-pytorch's
    single WordPiece vocabulary);
 2. train a small RETRO with the RetNet decoder on ~90% of the documents, within a time budget;
    (with ``baseline=True``: also the same model trained with no retrieval at all, the paper's control);
@@ -41,7 +41,7 @@ class DemoOptions:
     )
     tokenizer: str = option(
         "gpt2",
-        help="LM tokenizer: gpt2 (cased, lossless byte-level BPE), bert (the seed's way: the "
+        help="LM tokenizer: gpt2 (cased, lossless byte-level BPE), bert (retro-pytorch's way: the "
         "embedder's uncased WordPiece for both) or a tokenizer folder",
     )
     minutes: float = option(5.0, help="training time budget per model")

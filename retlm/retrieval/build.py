@@ -134,7 +134,7 @@ def build_database(
     """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
 
     ``tokenizer``: the LM tokenizer, ``"gpt2"`` (GPT-2's byte-level BPE, the default), ``"bert"`` (the
-    embedder's WordPiece for both, the seed's way) or a tokenizer folder. ``embedder``: the encoder
+    embedder's WordPiece for both, retro-pytorch's way) or a tokenizer folder. ``embedder``: the encoder
     that embeds each chunk (the bundled all-MiniLM-L6-v2 by default).
 
     Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one

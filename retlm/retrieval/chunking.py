@@ -1,6 +1,6 @@
 """Documents -> fixed-size token chunks, streamed to int32 memmaps.
 
-Layout (the seed's, see docs/retrieval.md):
+Layout (retro-pytorch's, see docs/retrieval.md):
 - ``chunks``  int32 ``(num_chunks, chunk_size + 1)``: each document's tokens followed by its end-of-document
   token, cut into rows of ``chunk_size``; the last row of a document is padded with ``pad_id``. The extra
   column holds the first token of the next chunk of the same document (``pad_id`` if none), so a training

@@ -6,9 +6,9 @@ The staged build is ``retlm.retrieval.build`` (``RetrievalDatabase.build``), add
 
 Two tokenizers are involved, and the manifest records both (name, vocabulary size, vocabulary sha256):
 the LM tokenizer, whose ids the chunks hold (GPT-2's byte-level BPE by default; ``tokenizer="bert"``: the
-embedder's WordPiece, the seed's way), and the embedder's own tokenizer, which re-tokenizes each chunk's
+embedder's WordPiece, retro-pytorch's way), and the embedder's own tokenizer, which re-tokenizes each chunk's
 text before embedding (``embedder_input="text"``). When both are the same vocabulary the embedder reads
-the ids directly (``embedder_input="tokens"``), as the seed does.
+the ids directly (``embedder_input="tokens"``), as retro-pytorch does.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Index keys and queries are embedded the same way, from one of two inputs:
   truncates; the database manifest counts such chunks. Rows are padded to their own length rounded up to a
   multiple of 16 and batched with rows of the same width, so a chunk's vector depends on its text only,
   not on its neighbours in the batch.
-- **tokens** (the seed's way, ``--tokenizer bert``: the LM reads the embedder's vocabulary): the chunk's
+- **tokens** (retro-pytorch's way, ``--tokenizer bert``: the LM reads the embedder's vocabulary): the chunk's
   ids without padding, wrapped as ``[CLS] chunk [SEP]``, padded to the fixed width ``chunk_size + 2``.
 
 Either way builds are reproducible and ``add()`` agrees with a full rebuild.
@@ -145,7 +145,7 @@ class Embedder:
             out[rows] = torch.nn.functional.normalize(vectors, dim=-1).cpu().numpy()
         return out
 
-    # ---- token input (the seed's way: the LM reads the embedder's vocabulary) ----
+    # ---- token input (retro-pytorch's way: the LM reads the embedder's vocabulary) ----
 
     def encoder_inputs(self, chunks: np.ndarray, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(batch, chunk_size)`` chunks -> ``input_ids, attention_mask`` of ``(batch, chunk_size + 2)``.
@@ -282,7 +282,7 @@ def bert_embed(
     """The seed's ``bert_embed``: ``(batch, seq)`` ids (with [CLS]/[SEP]) -> ``(batch, dim)`` vectors.
 
     Masked mean over every attended token (how MiniLM was trained), or the [CLS] vector. Not normalised.
-    ``mask`` defaults to ``token_ids != pad_id``; the seed's positional ``bert_embed(ids, True)`` still
+    ``mask`` defaults to ``token_ids != pad_id``; retro-pytorch's positional ``bert_embed(ids, True)`` still
     means ``return_cls_repr=True``.
     """
     if isinstance(mask, bool):

@@ -1,7 +1,7 @@
 """k nearest neighbours that exclude a document: for queries, and precomputed for every chunk.
 
-Like the seed, a search asks faiss for ``k + extra`` results and drops those of the excluded document.
-Unlike the seed, a row that still has fewer than ``k`` after dropping (a long document whose own chunks
+Like retro-pytorch, a search asks faiss for ``k + extra`` results and drops those of the excluded document.
+Unlike retro-pytorch, a row that still has fewer than ``k`` after dropping (a long document whose own chunks
 crowd the top of the list) is searched again with four times as many results, until it has ``k`` or the
 index has no more.
 """

@@ -42,6 +42,6 @@ class RETRO(RetroForCausalLM):
             return super().forward(input_ids=kwargs.pop("input_ids", seq), retrieved=retrieved, **kwargs)
         if not return_loss:
             return super().forward(input_ids=seq, retrieved=retrieved).logits
-        # the seed's loss is the model's, with its targets mapped onto HF's: pad_id targets are ignored
+        # retro-pytorch's loss is the model's, with its targets mapped onto HF's: pad_id targets are ignored
         targets = seq[:, 1:].long().masked_fill(seq[:, 1:] == self.config.pad_id, -100)
         return super().forward(input_ids=seq[:, :-1], retrieved=retrieved, shift_labels=targets).loss

@@ -39,7 +39,7 @@ def check_retrieved(
         return None
     c = chunk_size
     _, num_new = chunks_completed(start, seq_len, c)
-    if retrieved.dim() == 3:  # one chunk's k neighbours (decoding), or the seed's single neighbour
+    if retrieved.dim() == 3:  # one chunk's k neighbours (decoding), or retro-pytorch's single neighbour
         retrieved = retrieved[:, None] if incremental else retrieved[:, :, None]
     where = f"positions {start}..{start + seq_len - 1}" if incremental else f"sequence length {seq_len}"
     expected = f"(batch={batch}, num_chunks={num_new}, num_neighbours, {2 * c})"
