@@ -372,8 +372,12 @@ def _merge_into(merged: faiss.Index, part: faiss.Index) -> None:
         merged.ntotal = merged.base_index.ntotal
     elif isinstance(merged, faiss.IndexIVF):
         merged.merge_from(part, merged.ntotal)  # the shard's ids 0.. become ntotal..
-    elif part.ntotal:  # flat codes: the shard's codes are appended (ids are positions)
+    elif part.ntotal and hasattr(merged, "add_sa_codes"):  # flat codes: appended (ids are positions)
         merged.add_sa_codes(faiss.vector_to_array(part.codes).reshape(part.ntotal, part.code_size))
+    elif part.ntotal:  # older faiss (1.9) has no add_sa_codes on flat indexes: append the code bytes
+        codes = np.concatenate((faiss.vector_to_array(merged.codes), faiss.vector_to_array(part.codes)))
+        faiss.copy_array_to_vector(codes, merged.codes)
+        merged.ntotal += part.ntotal
 
 
 def _restore(merged: faiss.Index, trained: faiss.Index) -> faiss.Index:
