@@ -81,9 +81,10 @@ def _shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
 
 
-def _batches(
+def scoring_batches(
     dataset: Dataset, batch_size: int, collate: RetroCollator, rank: int, world_size: int, desc: str | None
 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of this rank's share of ``dataset``, with a progress bar when ``desc`` is set."""
     loader = DataLoader(_shard(dataset, rank, world_size), batch_size=batch_size, collate_fn=collate)
     return iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True) if desc else loader)
 
@@ -120,7 +121,7 @@ def score(
     nll, tokens = 0.0, 0
     collate = RetroCollator(pad_id, retrieval=retrieval, eos_id=eos_id)
     try:
-        for batch in _batches(dataset, batch_size, collate, rank, world_size, desc):
+        for batch in scoring_batches(dataset, batch_size, collate, rank, world_size, desc):
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("shift_labels")
             with autocast or nullcontext():
@@ -151,7 +152,7 @@ def count_bytes(
     lengths = token_byte_lengths(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else None
     total = 0
     collate = RetroCollator(pad_id, retrieval=False, eos_id=eos_id)
-    for batch in _batches(dataset, batch_size, collate, rank, world_size, None):
+    for batch in scoring_batches(dataset, batch_size, collate, rank, world_size, None):
         if lengths is not None:
             labels = batch["shift_labels"]
             total += int(lengths[labels[labels != IGNORE_INDEX].numpy()].sum())

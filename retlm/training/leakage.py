@@ -17,17 +17,16 @@ start, which telescopes to the decoded sequence's length.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from retlm.data import IGNORE_INDEX, RetroCollator
-from retlm.training.evaluate import Score, causal_lm_loss
+from retlm.training.evaluate import Score, causal_lm_loss, scoring_batches
 from retlm.training.overlap import (
     BUCKET_NAMES,
     UNBUCKETED,
@@ -101,11 +100,8 @@ def token_nll(
     model.eval()
     losses, labels = [], []
     collate = RetroCollator(pad_id, retrieval=retrieval, eos_id=eos_id)
-    loader: Iterator = iter(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
-    if desc:
-        loader = iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True))
     try:
-        for batch in loader:
+        for batch in scoring_batches(dataset, batch_size, collate, 0, 1, desc):
             batch = {k: v.to(device) for k, v in batch.items()}
             target = batch.pop("shift_labels")
             with autocast or nullcontext():
