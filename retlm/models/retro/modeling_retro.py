@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
-from retlm.layers.attention import Attention, ChunkedCrossAttention
+from retlm.layers.attention import Attention
 from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
 from retlm.models.retro.encoder import RetroEncoder, RetroEncoderLayer  # noqa: F401  (importable here)
@@ -52,6 +52,7 @@ from retlm.models.retro.neighbours import (
 from retlm.models.retro.sublayers import (  # noqa: F401  (GatedScaledL2Norm, final_norm: importable here)
     GatedScaledL2Norm,
     Residual,
+    chunked_cross_attention,
     feed_forward,
     final_norm,
 )
@@ -92,19 +93,7 @@ class RetroDecoderLayer(nn.Module):
                 rotary_dim=config.rotary_dim,
             )
         self.self_attn_norm = Residual(dim, config, scale)
-        self.cca = (
-            ChunkedCrossAttention(
-                dim,
-                config.chunk_size,
-                heads=config.heads,
-                dim_head=config.dim_head,
-                dropout=config.dec_attn_dropout,
-                rotary_dim=config.rotary_dim,
-                query_positions=config.cca_query_positions,
-            )
-            if has_cca
-            else None
-        )
+        self.cca = chunked_cross_attention(dim, config) if has_cca else None
         self.cca_norm = Residual(dim, config, scale) if has_cca else None
         if self.cca is not None and config.zero_init_cca:
             self.cca.attn.to_out.zero_init = True  # read by RetroPreTrainedModel._init_weights

@@ -1,16 +1,17 @@
 """The sub-layers RETRO's encoder and decoder layers are built from, as the config sets them: the residual
 wrapper with its norm (pre-norm, or DeepNet post-norm; retro-pytorch's scaled L2 norm, its gated variant,
-or LayerNorm for DeepNet), the final norm, and the feed-forward."""
+or LayerNorm for DeepNet), the final norm, the decoder's chunked cross-attention, and the feed-forward."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from retlm.layers.attention import ChunkedCrossAttention
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import GatedScaledL2Norm, ScaledL2Norm
 from retlm.models.retro.configuration_retro import RetroConfig
 
-__all__ = ["GatedScaledL2Norm", "Residual", "feed_forward", "final_norm"]
+__all__ = ["GatedScaledL2Norm", "Residual", "chunked_cross_attention", "feed_forward", "final_norm"]
 
 
 class Residual(nn.Module):
@@ -44,4 +45,17 @@ def final_norm(dim: int, config: RetroConfig) -> nn.Module:
 def feed_forward(dim: int, config: RetroConfig, dropout: float) -> FeedForward:
     return FeedForward(
         dim, int(config.ff_mult * dim), activation="gelu", bias=True, activation_dropout=dropout
+    )
+
+
+def chunked_cross_attention(dim: int, config: RetroConfig) -> ChunkedCrossAttention:
+    """A decoder's CCA over ``dim``-wide hidden states (RETRO's decoder layers and a RETRO-fitted base's)."""
+    return ChunkedCrossAttention(
+        dim,
+        config.chunk_size,
+        heads=config.heads,
+        dim_head=config.dim_head,
+        dropout=config.dec_attn_dropout,
+        rotary_dim=config.rotary_dim,
+        query_positions=config.cca_query_positions,
     )

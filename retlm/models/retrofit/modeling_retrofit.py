@@ -44,7 +44,6 @@ from torch.nn.modules.module import _IncompatibleKeys
 from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import CausalLMOutputWithCache, cache_kwargs, output_cache, resolve_cache
-from retlm.layers.attention import ChunkedCrossAttention
 from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
 from retlm.models.retro.encoder import RetroEncoder
@@ -55,7 +54,7 @@ from retlm.models.retro.neighbours import (
     encode_neighbours,
     neighbours_for_call,
 )
-from retlm.models.retro.sublayers import Residual
+from retlm.models.retro.sublayers import Residual, chunked_cross_attention
 from retlm.models.retro.weights import init_retro_module
 from retlm.models.retrofit.base import (  # noqa: F401  (LAYER_PATHS, SUPPORTED: importable here)
     LAYER_PATHS,
@@ -84,15 +83,7 @@ class RetroFitBlock(nn.Module):
     def __init__(self, retro: RetroConfig) -> None:
         super().__init__()
         self.cca_norm = Residual(retro.dec_dim, retro, None)
-        self.cca = ChunkedCrossAttention(
-            retro.dec_dim,
-            retro.chunk_size,
-            heads=retro.heads,
-            dim_head=retro.dim_head,
-            dropout=retro.dec_attn_dropout,
-            rotary_dim=retro.rotary_dim,
-            query_positions=retro.cca_query_positions,
-        )
+        self.cca = chunked_cross_attention(retro.dec_dim, retro)
         self.cca.attn.to_out.zero_init = True  # read by init_retro_module
 
     def forward(self, x: Tensor, start: int, neighbours: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
