@@ -28,11 +28,11 @@ from retlm.retrieval import integrity, preflight
 from retlm.retrieval._storage import CorruptDatabaseError, open_memmap, read_json
 from retlm.retrieval.add import _Adder
 from retlm.retrieval.build import build_database
-from retlm.retrieval.embedding import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.retrieval.embedding import Embedder, embed_token_chunks
 from retlm.retrieval.layout import neighbour_tokens
 from retlm.retrieval.manifest import FORMAT_VERSION, LOCK_FILE
 from retlm.retrieval.neighbors import search_excluding
+from retlm.tokenization import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 from retlm.tokenization import vocabulary_sha256
 

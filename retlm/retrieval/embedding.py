@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import ResumableRows, is_complete
-from retlm.tokenization import _DEFAULT_ALIASES, DEFAULT_EMBEDDER, resolve_model_path  # noqa: F401 (re-exported)
+from retlm.tokenization import DEFAULT_EMBEDDER, resolve_model_path
 from retlm.tokenization import load_embedder_tokenizer as load_tokenizer
 
 POOLINGS = ("mean", "cls")

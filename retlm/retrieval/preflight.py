@@ -78,7 +78,7 @@ def resolve_local_model(name: str, what: str = "embedder") -> str:
 
     Raises ``OptionError`` for anything else: nothing is downloaded.
     """
-    from retlm.retrieval.embedding import _DEFAULT_ALIASES, resolve_model_path
+    from retlm.tokenization import _DEFAULT_ALIASES, resolve_model_path
 
     if not isinstance(name, str) or not name:
         raise OptionError(f"{what} must be a model name or folder, got {name!r}")
