@@ -222,30 +222,49 @@ def measure_decoding(model, context: int, batch: int, steps: int, is_retnet: boo
     )
 
 
-def bench_decode(retnet, llama, contexts: list[int], batch: int, steps: int, repeats: int) -> None:
+def bench_decode(
+    retnet, llama, contexts: list[int], batch: int, steps: int, repeats: int, compiled: bool = False
+) -> None:
+    """The decode table; with ``compiled``, RetNet is measured twice per context, eager and with
+    ``compile_decoding()`` (Llama is always eager), and the compilation time is printed."""
     print(f"\n### decode: {steps} greedy tokens after a prompt of `context` tokens, batch {batch}")
     print(f"(one prompt is prefilled, its cache copied to every row; fastest of {repeats} runs)\n")
-    # An untimed round first, so that one-time costs (allocator growth, lazily built constants) are not
-    # charged to the first row of the table.
+    # An untimed round first, so that one-time costs (allocator growth, lazily built constants, the
+    # compilation) are not charged to the first row of the table.
     for model, is_retnet in ((retnet, True), (llama, False)):
         measure_decoding(model, min(contexts), batch, 2, is_retnet, 1)
+    variants = [("RetNet", False)]
+    if compiled:
+        retnet.model.compile_decoding()
+        start = time.perf_counter()
+        measure_decoding(retnet, min(contexts), batch, 2, True, 1)
+        seconds = time.perf_counter() - start
+        print(f"RetNet compile_decoding(): the first steps took {seconds:.1f} s (compilation)\n")
+        retnet.model.compile_decoding(False)
+        variants.append(("RetNet compiled", True))
     print(
-        "| context | RetNet tok/s | Llama tok/s | speed ratio | RetNet ms/step | Llama ms/step "
-        "| RetNet cache MiB | Llama cache MiB | RetNet peak MiB | Llama peak MiB | peak ratio |"
+        "| context | model | tok/s | Llama tok/s | speed ratio | ms/step | Llama ms/step "
+        "| cache MiB | Llama cache MiB | peak MiB | Llama peak MiB | peak ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for context in contexts:
-        ours = measure_decoding(retnet, context, batch, steps, is_retnet=True, repeats=repeats)
+        results = []
+        for label, use_compiled in variants:
+            if use_compiled:
+                retnet.model.compile_decoding()  # the compiled function is cached by torch: no new compile
+            results.append((label, measure_decoding(retnet, context, batch, steps, True, repeats)))
+            retnet.model.compile_decoding(False)
         theirs = measure_decoding(llama, context, batch, steps, is_retnet=False, repeats=repeats)
-        print(
-            f"| {context} | {ours['tokens_per_s']:.1f} | {theirs['tokens_per_s']:.1f} "
-            f"| {ours['tokens_per_s'] / theirs['tokens_per_s']:.1f}x "
-            f"| {ours['ms_per_step']:.2f} | {theirs['ms_per_step']:.2f} "
-            f"| {ours['cache'] / MiB:.2f} | {theirs['cache'] / MiB:.1f} "
-            f"| {ours['peak'] / MiB:.1f} | {theirs['peak'] / MiB:.1f} "
-            f"| {theirs['peak'] / max(ours['peak'], 1):.1f}x |",
-            flush=True,
-        )
+        for label, ours in results:
+            print(
+                f"| {context} | {label} | {ours['tokens_per_s']:.1f} | {theirs['tokens_per_s']:.1f} "
+                f"| {ours['tokens_per_s'] / theirs['tokens_per_s']:.1f}x "
+                f"| {ours['ms_per_step']:.2f} | {theirs['ms_per_step']:.2f} "
+                f"| {ours['cache'] / MiB:.2f} | {theirs['cache'] / MiB:.1f} "
+                f"| {ours['peak'] / MiB:.1f} | {theirs['peak'] / MiB:.1f} "
+                f"| {theirs['peak'] / max(ours['peak'], 1):.1f}x |",
+                flush=True,
+            )
 
 
 def random_kv_cache(llama: LlamaForCausalLM, context: int) -> DynamicCache:
@@ -318,6 +337,11 @@ def main() -> None:
         "--parts", default="ops,train,decode", help="comma-separated subset of ops,train,decode,curve,profile"
     )
     parser.add_argument("--contexts", default=None, help="decode contexts, comma-separated (1k,4k,8k)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode: also RetNet with compile_decoding() (torch.compile, inductor); Llama stays eager",
+    )
     parser.add_argument("--curve-contexts", default="1024,2048,4096,8192,16384,32768")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -345,7 +369,8 @@ def main() -> None:
         bench_train(retnet, lengths, args.chunk_size, repeats)
     if "decode" in parts:
         for batch in map(int, args.batches.split(",")):
-            bench_decode(retnet, llama, contexts, batch, args.steps, 1 if args.quick else args.decode_repeats)
+            repeats = 1 if args.quick else args.decode_repeats
+            bench_decode(retnet, llama, contexts, batch, args.steps, repeats, args.compile)
     if "curve" in parts:
         curve = [int(c) for c in args.curve_contexts.split(",")]
         bench_curve(retnet, llama, curve, args.steps, 1 if args.quick else args.decode_repeats)

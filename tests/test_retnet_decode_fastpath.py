@@ -1,6 +1,7 @@
 """The one-token decoding fast path (ops.recurrent_step, MultiScaleRetention's decode step) computes
 exactly what the general recurrent path computes, and does not break training or half precision."""
 
+import pytest
 import torch
 
 from retlm import RetNetConfig, RetNetForCausalLM
@@ -29,16 +30,10 @@ def test_recurrent_step_equals_recurrent_retention_bit_for_bit():
 
 def tiny(**overrides):
     torch.manual_seed(0)
-    config = RetNetConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_heads=2,
-        qk_dim=32,
-        v_dim=64,
-        ffn_proj_size=64,
-        vocab_size=50,
-        **overrides,
+    fields = dict(
+        num_layers=2, hidden_size=32, num_heads=2, qk_dim=32, v_dim=64, ffn_proj_size=64, vocab_size=50
     )
+    config = RetNetConfig(**{**fields, **overrides})
     return RetNetForCausalLM(config)
 
 
@@ -63,3 +58,109 @@ def test_bf16_left_padded_batch_runs_and_matches_float32_loosely():
     assert torch.isfinite(half).all()
     real = mask.bool()
     assert (half[real] - ref[real]).norm() / ref[real].norm() < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoding step without autograd: fused projections (retlm.layers.fused_linear), q and k rotated
+# together, the blocks' step functions. It must give the bits of the general path, which runs when
+# autograd is on (every module called on its own, nothing fused).
+
+
+def decode_tokens(model, ids, steps: int, *, grad: bool):
+    """Prompt ``ids[:, :-steps]`` in parallel, then ``steps`` recurrent tokens: (logits, last cache)."""
+    prompt, tail = ids[:, :-steps], ids[:, -steps:]
+    with torch.set_grad_enabled(grad):
+        out = model(prompt, use_cache=True)
+        cache, logits = out.past_key_values, [out.logits]
+        for t in range(steps):
+            out = model(tail[:, t : t + 1], past_key_values=cache, use_cache=True, forward_impl="recurrent")
+            cache = out.past_key_values
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1).detach(), cache
+
+
+def assert_same_bits(fast, slow) -> None:
+    (fast_logits, fast_cache), (slow_logits, slow_cache) = fast, slow
+    assert torch.equal(fast_logits, slow_logits), (fast_logits - slow_logits).abs().max()
+    for idx in range(len(fast_cache.layers)):
+        for a, b in zip(fast_cache.get_state(idx), slow_cache.get_state(idx), strict=True):
+            assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"position_encoding": "xpos"},
+        {"use_bias_in_msr": True, "use_bias_in_mlp": True, "use_bias_in_msr_out": True},
+        {"qk_dim": 48, "num_heads": 4, "v_dim": 64},  # key_dim 12: k's scale 12^-1/2 is not a power of 2
+        {"use_glu": False, "norm_type": "layernorm", "activation": "swish"},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_decoding_without_autograd_gives_the_bits_of_the_general_path(overrides, dtype) -> None:
+    model = tiny(**overrides).eval().to(dtype)
+    ids = torch.randint(0, 50, (3, 14), generator=torch.Generator().manual_seed(1))
+    fast = decode_tokens(model, ids, 5, grad=False)
+    slow = decode_tokens(model, ids, 5, grad=True)
+    assert_same_bits(fast, slow)
+
+
+def test_fused_projections_follow_parameter_updates_and_replaced_modules() -> None:
+    model = tiny().eval()
+    ids = torch.randint(0, 50, (1, 10), generator=torch.Generator().manual_seed(2))
+    decode_tokens(model, ids, 3, grad=False)  # builds the fused copies
+    retention, ffn = model.model.layers[0].retention, model.model.layers[1].ffn
+    with torch.no_grad():  # an in-place update (as an optimizer step or load_state_dict does)
+        retention.k_proj.weight.mul_(-1.5)
+        ffn.gate.weight.add_(0.25)
+    assert_same_bits(decode_tokens(model, ids, 3, grad=False), decode_tokens(model, ids, 3, grad=True))
+
+    model.to(torch.float64)  # new storage, new dtype
+    assert_same_bits(decode_tokens(model, ids, 3, grad=False), decode_tokens(model, ids, 3, grad=True))
+
+    class Shifted(torch.nn.Linear):  # stands for an adapter that wraps or replaces a projection
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    shifted = Shifted(32, 64, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        shifted.weight.copy_(retention.g_proj.weight)
+    retention.g_proj = shifted
+    calls = []
+    ffn.fc1.register_forward_hook(lambda module, args, output: calls.append(1))
+    fast = decode_tokens(model, ids, 3, grad=False)
+    assert_same_bits(fast, decode_tokens(model, ids, 3, grad=True))
+    assert len(calls) == 2 * 4  # the hooked fc1 ran in every call, fast path included
+    model.model.layers[0].retention.g_proj = torch.nn.Linear(32, 64, bias=False, dtype=torch.float64)
+    changed = decode_tokens(model, ids, 3, grad=False)
+    assert not torch.equal(changed[0], fast[0])  # the replaced module is used, not a stale copy
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager_within_float32_rounding() -> None:
+    """``compile_decoding()`` (torch.compile, inductor on CPU) against the eager step, float32. The
+    compiler fuses and reorders elementwise arithmetic, so the logits agree to rounding, not bits:
+    per step each value passes about 10 rounded operations per block, 2 blocks, relative unit
+    roundoff 2^-24 = 6e-8; 1e-5 relative leaves a margin of ~10x for error growth over the steps,
+    and a real difference (a decay, a position, a missing gate) moves them by 1e-2 or more."""
+    model = tiny().eval()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
+    eager_logits, eager_cache = decode_tokens(model, ids, 6, grad=False)
+    model.model.compile_decoding()
+    compiled = model.model._compiled_layer_steps
+    used = []
+
+    def counted(*args):
+        used.append(1)
+        return compiled(*args)
+
+    model.model._compiled_layer_steps = counted
+    logits, cache = decode_tokens(model, ids, 6, grad=False)
+    assert len(used) == 6  # every recurrent step ran compiled (the prompt ran in parallel mode)
+    rel = (logits - eager_logits).norm() / eager_logits.norm()
+    assert rel < 1e-5, rel
+    kv, eager_kv = cache.get_state(1)[0], eager_cache.get_state(1)[0]
+    assert (kv - eager_kv).norm() / eager_kv.norm() < 1e-5
+    model.model.compile_decoding(False)
+    assert torch.equal(decode_tokens(model, ids, 6, grad=False)[0], eager_logits)

@@ -21,7 +21,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
-from retlm.layers.retention import MultiScaleRetention, RetentionState
+from retlm.layers.retention import MultiScaleRetention, RetentionState, StepTables, step_dtype
 from retlm.models.retnet.cache import RetNetCache
 from retlm.models.retnet.configuration_retnet import RetNetConfig
 from retlm.ops.retention import RETENTION_MODES
@@ -91,6 +91,17 @@ class RetNetDecoderLayer(nn.Module):
         hidden_states = hidden_states + self.ffn(self.final_layer_norm(hidden_states))
         return hidden_states, new_state
 
+    def step(
+        self, hidden_states: Tensor, tables: StepTables, state: RetentionState | None
+    ) -> tuple[Tensor, RetentionState]:
+        """One decoding step in eval, ``hidden_states (batch, 1, hidden)`` -> ``(hidden_states, new_state)``,
+        given the step's position tables (:meth:`MultiScaleRetention.step_tables`): :meth:`forward` in
+        recurrent mode without padding, bit for bit."""
+        mixed, new_state = self.retention.step(self.retention_layer_norm(hidden_states), tables, state)
+        hidden_states = hidden_states + mixed
+        hidden_states = hidden_states + self.ffn(self.final_layer_norm(hidden_states))
+        return hidden_states, new_state
+
 
 class RetNetPreTrainedModel(PreTrainedModel):
     config: RetNetConfig
@@ -125,6 +136,7 @@ class RetNetModel(RetNetPreTrainedModel):
         # Per-layer state shape (heads, key_dim, head_value_dim), checked at every call: kept here because
         # reading a config attribute costs microseconds on transformers >= 5.24, at every decoding step.
         self.state_shape = (config.num_heads, config.key_dim, config.head_value_dim)
+        self._compiled_layer_steps = None  # see compile_decoding
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -259,7 +271,13 @@ class RetNetModel(RetNetPreTrainedModel):
         all_hidden = [hidden] if output_hidden_states else None
         cache = past_key_values if past_key_values is not None else RetNetCache(len(self.layers))
         step_memo: dict = {}  # per-position tables shared by the layers (one-token recurrent steps)
-        for idx, layer in enumerate(self.layers):
+        one_step = (
+            mode == "recurrent" and seq_len == 1 and mask is None and not output_hidden_states
+            and not self.training and not torch.is_grad_enabled()
+        )  # fmt: skip
+        if one_step:  # decoding: the layers' step functions, compiled if asked for (same results)
+            hidden = self.decode_step_layers(hidden, position_offset, cache, use_cache)
+        for idx, layer in enumerate(() if one_step else self.layers):
             state = cache.get_state(idx)
             if checkpointing:
                 hidden, _ = self._gradient_checkpointing_func(
@@ -283,6 +301,50 @@ class RetNetModel(RetNetPreTrainedModel):
             **cache_kwargs(cache if use_cache else None),
         )
         return out if return_dict else out.to_tuple()
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def decode_step_layers(
+        self, hidden: Tensor, position_offset: int | Tensor, cache: RetNetCache, use_cache: bool
+    ) -> Tensor:
+        """All blocks for one token without padding, in eval without autograd: ``hidden (batch, 1, hidden)``
+        -> the last block's output; the cache's states are replaced when ``use_cache``.
+
+        The position tables are built once (every layer has the same retention shape); the blocks then
+        run :meth:`layer_steps`, or its compiled version after :meth:`compile_decoding`."""
+        retention = self.layers[0].retention
+        tables = retention.step_tables(position_offset, hidden.device, step_dtype(hidden.dtype), None)
+        states = [cache.get_state(idx) for idx in range(len(self.layers))]
+        run = self.layer_steps
+        if self._compiled_layer_steps is not None and all(state is not None for state in states):
+            run = self._compiled_layer_steps
+        hidden, new_states = run(hidden, tables, states)
+        if use_cache:
+            for idx, state in enumerate(new_states):
+                cache.set_state(idx, state)
+        return hidden
+
+    def layer_steps(
+        self, hidden: Tensor, tables: StepTables, states: list[RetentionState | None]
+    ) -> tuple[Tensor, list[RetentionState]]:
+        """:meth:`RetNetDecoderLayer.step` of every block in turn -> ``(hidden (batch, 1, hidden), states)``.
+        This is the function :meth:`compile_decoding` compiles."""
+        new_states = []
+        for layer, state in zip(self.layers, states, strict=True):
+            hidden, new_state = layer.step(hidden, tables, state)
+            new_states.append(new_state)
+        return hidden, new_states
+
+    def compile_decoding(self, enabled: bool = True, **compile_kwargs) -> None:
+        """Run the blocks of every later one-token recurrent step (``generate``'s decoding steps) through
+        ``torch.compile(self.layer_steps, **compile_kwargs)`` (default: the inductor backend, which fuses the
+        small elementwise ops of a step into a few kernels); ``enabled=False`` goes back to eager.
+
+        Opt-in: the first steps pay the compilation (tens of seconds on CPU; again for each new batch
+        size or dtype), and the results equal the eager step's within float32 rounding, not bit for bit
+        (the compiler fuses and reorders elementwise arithmetic). Steps with padding, autograd, hidden
+        states or no cache yet stay eager. The compiled function is not saved with the model.
+        """
+        self._compiled_layer_steps = torch.compile(self.layer_steps, **compile_kwargs) if enabled else None
 
     def scale_embeddings(self, inputs_embeds: Tensor) -> Tensor:
         """Token embeddings -> first block input: scale, optional norm, dropout."""
