@@ -58,8 +58,22 @@ def interleaved_rotation(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Te
     """``(cos, signed_sin)`` in ``dtype`` for float64 ``angles (..., head_dim)`` that hold each pair's angle
     twice (``positions * inv_freq.repeat_interleave(2)``): with pairs (x0, x1) and angle a,
     x0' = x0 cos a - x1 sin a and x1' = x1 cos a + x0 sin a."""
-    sign = torch.tensor([-1.0, 1.0], dtype=angles.dtype, device=angles.device).repeat(angles.shape[-1] // 2)
+    sign = pair_signs(angles.shape[-1], angles.dtype, angles.device)
     return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
+
+
+_PAIR_SIGNS: dict[tuple, Tensor] = {}
+
+
+def pair_signs(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(-1, 1, -1, 1, ...)`` of length ``width`` (a constant, built once per width, dtype and device)."""
+    key = (width, dtype, device)
+    sign = _PAIR_SIGNS.get(key)
+    if sign is None:
+        with torch.inference_mode(False):  # usable inside and outside inference mode
+            sign = torch.tensor([-1.0, 1.0], dtype=dtype, device=device).repeat(width // 2)
+        _PAIR_SIGNS[key] = sign
+    return sign
 
 
 def apply_interleaved_rotation(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:

@@ -158,9 +158,13 @@ class RetNetModel(RetNetPreTrainedModel):
 
     def check_input_ids(self, input_ids: Tensor) -> None:
         vocab = self.embed_tokens.num_embeddings  # the truth, also after resize_token_embeddings
-        if not input_ids.numel():
+        count = input_ids.numel()
+        if not count:
             return
-        low, high = (int(x) for x in torch.aminmax(input_ids))  # one pass: this runs at every decoding step
+        if count == 1:  # one token of one row (decoding at batch 1): one read
+            low = high = int(input_ids.item())
+        else:
+            low, high = (int(x) for x in torch.aminmax(input_ids))  # one pass: runs at every decoding step
         if low < 0 or high >= vocab:
             raise ValueError(
                 f"input_ids outside the vocabulary: found ids in [{low}, {high}], "
@@ -295,12 +299,13 @@ class RetNetModel(RetNetPreTrainedModel):
         if use_cache:
             cache.advance(offsets + seq_len, seq_len)
 
-        out = BaseModelOutputWithCache(
-            last_hidden_state=hidden,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            **cache_kwargs(cache if use_cache else None),
+        all_hidden = tuple(all_hidden) if output_hidden_states else None
+        cache = cache if use_cache else None
+        if not return_dict:  # what ModelOutput.to_tuple() gives, without building the ModelOutput
+            return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
+        return BaseModelOutputWithCache(
+            last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(cache)
         )
-        return out if return_dict else out.to_tuple()
 
     # -- decoding ---------------------------------------------------------------------------------
     def decode_step_layers(
@@ -348,7 +353,8 @@ class RetNetModel(RetNetPreTrainedModel):
 
     def scale_embeddings(self, inputs_embeds: Tensor) -> Tensor:
         """Token embeddings -> first block input: scale, optional norm, dropout."""
-        hidden = inputs_embeds * self.embed_scale
+        # x * 1.0 is x, bit for bit: the (default) unscaled embedding skips the call
+        hidden = inputs_embeds if self.embed_scale == 1.0 else inputs_embeds * self.embed_scale
         if self.layernorm_embedding is not None:
             hidden = self.layernorm_embedding(hidden)
         return self.dropout(hidden) if self.training else hidden
@@ -412,9 +418,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             chunk_size=chunk_size,
             sequence_offset=sequence_offset,
             output_hidden_states=output_hidden_states,
-            return_dict=True,
+            return_dict=False,  # a tuple: one ModelOutput less per decoding step
         )
-        hidden = outputs.last_hidden_state
+        hidden = outputs[0]
+        cache = next((x for x in outputs[1:] if isinstance(x, RetNetCache)), None)
+        all_hidden = next((x for x in outputs[1:] if isinstance(x, tuple)), None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -424,8 +432,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithCache(
             loss=loss,
             logits=logits,
-            hidden_states=outputs.hidden_states,
-            **cache_kwargs(outputs.past_key_values),
+            hidden_states=all_hidden,
+            **cache_kwargs(cache),
         )
         return out if return_dict else out.to_tuple()
 
