@@ -35,14 +35,16 @@ class FusedLinear:
 
     def __init__(self, *names: str) -> None:
         self.names = names
-        self._key: tuple | None = None
-        self._weight: Tensor | None = None
-        self._bias: Tensor | None = None
-        self.split_sizes: tuple[int, ...] = ()
+        self.clear()
 
     def clear(self) -> None:
         """Drop the concatenated copy (it is rebuilt on next use)."""
-        self._key, self._weight, self._bias = None, None, None
+        self._weight: Tensor | None = None
+        self._bias: Tensor | None = None
+        # What the copy was built from: per module (module, weight, bias, versions, data pointers);
+        # _held keeps the source storages alive so that their addresses cannot be reused meanwhile.
+        self._sources: tuple = ()
+        self._held: tuple = ()
 
     def __call__(self, owner: nn.Module, x: Tensor) -> Tensor | None:
         """``x (..., in_features)`` -> ``(..., sum of out_features)``, the outputs in ``names`` order; or None
@@ -54,24 +56,24 @@ class FusedLinear:
             return None  # hooks on every module: they must see each projection
         modules = owner._modules
         linears = [modules[name] for name in self.names]
-        key = self._key
-        if key is None or not self._is_current(linears, key):
-            if not self._rebuild(linears):
-                return None
+        if not self._is_current(linears) and not self._rebuild(linears):
+            return None
         return torch.nn.functional.linear(x, self._weight, self._bias)
 
-    @staticmethod
-    def _is_current(linears: list[nn.Module], key: tuple) -> bool:
-        for linear, (module, entries) in zip(linears, key, strict=True):
+    def _is_current(self, linears: list[nn.Module]) -> bool:
+        sources = self._sources
+        if len(sources) != len(linears):
+            return False
+        for linear, (module, weight, bias, versions, pointers) in zip(linears, sources, strict=True):
             if linear is not module or linear._forward_hooks or linear._forward_pre_hooks:
                 return False
             params = linear._parameters
-            for param, (held, version) in zip((params["weight"], params["bias"]), entries, strict=True):
-                if param is None:
-                    if held is not None:
-                        return False
-                elif held is None or param._version != version or param.data_ptr() != held.data_ptr():
-                    return False
+            if params["weight"] is not weight or params["bias"] is not bias:
+                return False
+            if (weight._version, weight.data_ptr()) != (versions[0], pointers[0]):
+                return False
+            if bias is not None and (bias._version, bias.data_ptr()) != (versions[1], pointers[1]):
+                return False
         return True
 
     def _rebuild(self, linears: list[nn.Module]) -> bool:
@@ -85,14 +87,15 @@ class FusedLinear:
         with torch.inference_mode(False), torch.no_grad():
             weight = torch.cat([m.weight for m in linears])
             bias = torch.cat([m.bias for m in linears]) if has_bias == {True} else None
-        key = []
+        sources, held = [], []
         for m in linears:
-            entries = tuple(
-                (None, None) if p is None else (p.detach(), p._version) for p in (m.weight, m.bias)
-            )
-            key.append((m, entries))
-        self._weight, self._bias, self._key = weight, bias, tuple(key)
-        self.split_sizes = tuple(m.out_features for m in linears)
+            params = [p for p in (m.weight, m.bias) if p is not None]
+            versions = tuple(p._version for p in params)
+            pointers = tuple(p.data_ptr() for p in params)
+            sources.append((m, m.weight, m.bias, versions, pointers))
+            held.extend(p.detach() for p in params)
+        self._weight, self._bias = weight, bias
+        self._sources, self._held = tuple(sources), tuple(held)
         return True
 
 
