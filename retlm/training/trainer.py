@@ -53,8 +53,9 @@ from retlm.training.callbacks import (
     RunClock,
     StepPlanner,
 )
-from retlm.training.config import TrainOptions, build_config
+from retlm.training.config import build_config
 from retlm.training.evaluate import score
+from retlm.training.options import TrainOptions
 from retlm.training.precision import resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
 from retlm.training.run_files import (
