@@ -277,7 +277,7 @@ class RetNetModel(RetNetPreTrainedModel):
         step_memo: dict = {}  # per-position tables shared by the layers (one-token recurrent steps)
         one_step = (
             mode == "recurrent" and seq_len == 1 and mask is None and not output_hidden_states
-            and not self.training and not torch.is_grad_enabled()
+            and not self.training and not torch.is_grad_enabled() and len(self.layers) > 0
         )  # fmt: skip
         if one_step:  # decoding: the layers' step functions, compiled if asked for (same results)
             hidden = self.decode_step_layers(hidden, position_offset, cache, use_cache)
