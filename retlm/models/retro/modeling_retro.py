@@ -26,6 +26,10 @@ A call must receive, in ``retrieved``, the neighbours of every chunk whose LAST 
 call because all of chunk u's tokens are then known. ``retrieved=None`` means "no retrieval" for those
 chunks (their groups skip cross-attention). Token-by-token decoding gives the same logits as one full
 forward with the same neighbours (tested).
+
+Left padding (``attention_mask`` of zeros, then ones) batches prompts of different lengths: each row's
+positions, chunks and neighbours are counted from its first real token, as if it ran alone
+(:mod:`retlm.models.retro.padding`, :func:`retlm.models.retro.neighbours.row_neighbours_for_call`).
 """
 
 from __future__ import annotations
