@@ -350,7 +350,9 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         """HF ``generate``, or, with ``retrieval_database=db``, generation that retrieves from ``db`` at
         every chunk boundary (see :func:`retlm.models.retro.generation.generate_with_retrieval`, whose
         keyword options it takes: ``max_new_tokens, do_sample, temperature, top_k, top_p, ...``); it then
-        returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbours used per chunk."""
+        returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbours used per chunk.
+        Either way, a left-padded ``attention_mask`` batches prompts of different lengths (each row as if
+        alone, retrieving at its own chunk boundaries)."""
         if retrieval_database is None:
             return super().generate(*args, **kwargs)
         from retlm.models.retro.generation import generate_with_retrieval
