@@ -6,7 +6,8 @@
    (with ``baseline=True``: also the same model trained with no retrieval at all, the paper's control);
 3. evaluate held-out perplexity and bits per byte with retrieval and with retrieval switched off (same
    weights, same tokens);
-4. generate from prompts taken from held-out documents (the first chunk of each; or ``prompt``),
+4. generate from prompts taken from held-out documents (the first chunk of each, cut back to its last
+   sentence end; or ``prompt``),
    retrieving at chunk boundaries with the prompt's own document excluded, and show every neighbour
    read, with the name of its source document;
 5. write ``loss.png`` (training and validation curves) and ``report.json`` (scores and generations).
@@ -18,6 +19,7 @@ evaluations in the work directory instead of redoing them.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,12 @@ import numpy as np
 
 from retlm.options import option, zero_is_none
 from retlm.utils import atomic_write, ensure_writable_dir, quoted
+
+# Decoding defaults of the demo's generations (measured in docs/benchmarks.md, "Demo generations"): a
+# model trained for minutes puts most of its mass on whitespace and on " the"; without a penalty its samples
+# are runs of spaces and newlines.
+REPETITION_PENALTY = 1.3
+NO_REPEAT_NGRAM_SIZE = 3
 
 
 @dataclass
@@ -70,6 +78,13 @@ class DemoOptions:
     )
     temperature: float = option(0.8, cli=False, help="sampling temperature of the generations")
     top_k: int = option(40, cli=False, help="generations sample among the k most likely tokens")
+    repetition_penalty: float = option(
+        REPETITION_PENALTY,
+        help="generations: divide the positive logits of tokens already in the text by this (1: off)",
+    )
+    no_repeat_ngram_size: int = option(
+        NO_REPEAT_NGRAM_SIZE, help="generations never repeat an n-gram of this many tokens (0: off)"
+    )
     seed: int = option(0, help="seed of initialisation, data order, split")
     progress: bool = option(True, negate=True, help="hide progress bars")
 
@@ -175,7 +190,8 @@ def train_model(opts: DemoOptions, db: Any, *, retrieval: bool, max_steps: int |
 
 
 def evaluate_model(opts: DemoOptions, db: Any, trained: Any) -> dict[str, Any]:
-    from retlm.training import evaluate
+    # from its home: once the trainer is loaded, ``retlm.training.evaluate`` is the submodule of that name
+    from retlm.training.evaluate import evaluate
 
     key = {"step": trained.global_step, "model": str(trained.model_dir), "sequences": opts.eval_sequences}
     return _cached(
@@ -185,9 +201,24 @@ def evaluate_model(opts: DemoOptions, db: Any, trained: Any) -> dict[str, Any]:
     )
 
 
+_SENTENCE_END = re.compile(r"[.!?](?=\s)")
+
+
+def prose_prompt(chunk: str) -> str | None:
+    """``chunk`` cut back to the end of its last sentence (``.``, ``!`` or ``?`` followed by whitespace),
+    when that keeps at least half of it; None when it has no such sentence end (a chunk that ends in a
+    table, a grammar rule, a code example or a list of headings, where a minutes-old model writes junk)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(chunk)]
+    if not ends or ends[-1] < len(chunk) // 2:
+        return None
+    return chunk[: ends[-1]]
+
+
 def held_out_prompts(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, Any]]:
-    """``num_prompts`` prompts, each the first chunk of a held-out document (cut back to its last line end
-    when that keeps at least half of it), from documents of at least two chunks; or ``opts.prompt``."""
+    """``num_prompts`` prompts from held-out documents of at least two chunks, each the document's first
+    chunk cut back to its last sentence end (:func:`prose_prompt`); documents whose first chunk has none
+    are skipped, unless no held-out document has one (then the first chunk is cut back to its last line
+    end when that keeps at least half of it). Or ``opts.prompt``."""
     if opts.prompt is not None:
         return [{"doc_id": None, "document": None, "prompt": opts.prompt}]
     split = (getattr(model.config, "retlm_data", None) or {}).get("split") or {}
@@ -199,14 +230,20 @@ def held_out_prompts(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
     heldout = [d for d in split.get("heldout_docs", []) if chunks_of.get(d, 0) >= 2]
     if not heldout:
         heldout = [d for d in first_chunk if chunks_of[d] >= 2] or list(first_chunk)
+    texts = {d: db.chunk_text(first_chunk[d]) for d in heldout}
+    prose = {d: prose_prompt(texts[d]) for d in heldout}
+    if any(p is not None for p in prose.values()):
+        heldout = [d for d in heldout if prose[d] is not None]
     rng = np.random.default_rng(opts.seed)
     picked = sorted(rng.choice(heldout, size=min(opts.num_prompts, len(heldout)), replace=False).tolist())
     prompts = []
     for doc in picked:
-        text = db.chunk_text(first_chunk[doc])
-        cut = text.rfind("\n")
-        if cut >= len(text) // 2:
-            text = text[: cut + 1]
+        text = prose[doc]
+        if text is None:
+            text = texts[doc]
+            cut = text.rfind("\n")
+            if cut >= len(text) // 2:
+                text = text[: cut + 1]
         prompts.append({"doc_id": int(doc), "document": db.doc_name(int(doc)), "prompt": text})
     return prompts
 
@@ -216,10 +253,15 @@ def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
     from retlm.generation import generate_text, print_neighbours
 
     prompts = held_out_prompts(opts, db, model)
-    source = "the first chunk of a held-out document" if opts.prompt is None else "--prompt"
+    source = (
+        "the first chunk of a held-out document, to its last sentence end"
+        if opts.prompt is None
+        else "--prompt"
+    )
     _say(
         f"[4/5] generation: {len(prompts)} prompt(s), each {source}; {opts.max_new_tokens} new tokens "
-        f"sampled (temperature {opts.temperature}, top-k {opts.top_k}), retrieving at every "
+        f"sampled (temperature {opts.temperature}, top-k {opts.top_k}, repetition penalty "
+        f"{opts.repetition_penalty}, no repeated {opts.no_repeat_ngram_size}-gram), retrieving at every "
         f"{db.chunk_size}-token chunk boundary"
         + (", the prompt's own document excluded" if opts.prompt is None else "")
     )
@@ -234,6 +276,8 @@ def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
             do_sample=True,
             temperature=opts.temperature,
             top_k=opts.top_k,
+            repetition_penalty=opts.repetition_penalty,
+            no_repeat_ngram_size=opts.no_repeat_ngram_size,
             exclude_doc_id=p["doc_id"],
             eos_token_id=int(db.eos_id),
         )

@@ -36,6 +36,8 @@ def check_options(opts: Any) -> None:
 
     _positive("--minutes", opts.minutes)
     _positive("--lr", opts.lr)
+    _positive("--repetition-penalty", opts.repetition_penalty)
+    _integer("--no-repeat-ngram-size", opts.no_repeat_ngram_size, low=0)
     for name, value in (
         ("--seq-len", opts.seq_len),
         ("--chunk-size", opts.chunk_size),

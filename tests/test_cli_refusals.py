@@ -344,3 +344,21 @@ def test_help_texts_show_each_default_once_and_no_doubled_percent():
         for block in re.split(r"\n  (?=-)", text):
             assert block.count("(default") <= 1, (name, " ".join(block.split()))
     assert "~90% of the documents" in " ".join(commands["demo"].format_help().split())
+
+
+def test_decoding_penalties_out_of_range_are_usage_errors(robust, tmp_path):
+    generate = ("generate", robust.model, "The assert statement", "--db", robust.db)
+    assert_usage(
+        cli(*generate, "--repetition-penalty", "0"), "--repetition-penalty must be a finite number > 0"
+    )
+    assert_usage(cli(*generate, "--repetition-penalty", "nan"), "--repetition-penalty must be a finite")
+    assert_usage(cli(*generate, "--no-repeat-ngram-size", "0"), "--no-repeat-ngram-size must be >= 1")
+    work = tmp_path / "work"
+    demo = ("demo", "--work-dir", work, "--corpus", robust.corpus, "--no-progress")
+    assert_usage(cli(*demo, "--repetition-penalty", "-1"), "--repetition-penalty must be a positive number")
+    assert_usage(cli(*demo, "--no-repeat-ngram-size", "-1"), "--no-repeat-ngram-size must be an integer >= 0")
+    assert not work.exists()
+    result = cli(
+        *generate, "--max-new-tokens", "4", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "3"
+    )
+    assert result.code == 0, result.err

@@ -172,3 +172,14 @@ def test_demo_empty_corpus_is_usage_and_read_only_work_dir_fails_with_one_line(t
     assert result.returncode == 1, result.stderr
     assert "is not writable" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prose_prompt_cuts_at_the_last_sentence_end_and_skips_chunks_without_one():
+    from retlm.demo import prose_prompt
+
+    prose = "Open a gzip file.  The mode is 'rb' by default (e.g. binary).\nThe filename argument can be"
+    assert prose_prompt(prose) == "Open a gzip file.  The mode is 'rb' by default (e.g. binary)."
+    assert prose_prompt("A heading\n=========\n+----+\n| ID |\n+----+\n") is None  # a table: no sentence
+    # a sentence end that would keep less than half of the chunk is not a prompt either
+    assert prose_prompt("Notes. " + "x" * 40) is None
+    assert prose_prompt("Version 3.12 is out! Then") == "Version 3.12 is out!"  # "3.12": not an end

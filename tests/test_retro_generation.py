@@ -110,6 +110,57 @@ def test_sampling_is_reproducible_and_respects_top_k():
     assert torch.equal(a, b)
 
 
+def model_favouring(token: int, margin: float = 3.0) -> RETRO:
+    """A model whose logits put ``token`` ahead of every other by ~``margin`` at every position."""
+    model = model_for("transformer")
+    with torch.no_grad():
+        model.to_logits.bias[token] += margin
+    return model
+
+
+@pytest.mark.parametrize(
+    "penalties", [{"repetition_penalty": 20.0}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.5}]
+)
+def test_repetition_penalties_match_hf_generate_and_break_a_favoured_repeat(penalties):
+    model = model_favouring(7)
+    prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    plain = generate_with_retrieval(model, None, prompt, max_new_tokens=10).sequences
+    assert (plain[:, 6:] == 7).all()  # unpenalised, greedy repeats the favoured token
+    ours = generate_with_retrieval(model, None, prompt, max_new_tokens=10, **penalties).sequences
+    # the reference: HF's own generate, with the same processors it builds from the same options
+    reference = model.generate(prompt, max_new_tokens=10, do_sample=False, **penalties)
+    assert torch.equal(ours, reference)
+    if penalties.get("repetition_penalty", 1.0) > 10 or "no_repeat_ngram_size" in penalties:
+        assert not torch.equal(ours, plain)  # strong enough to change the text (1.5 is not, here)
+    if "no_repeat_ngram_size" in penalties:
+        for row in ours.tolist():
+            bigrams = list(zip(row, row[1:], strict=False))
+            assert len(bigrams) == len(set(bigrams))
+    if "repetition_penalty" in penalties and penalties["repetition_penalty"] > 10:
+        assert (ours[:, 6] == 7).all() and (ours[:, 7] != 7).all()  # once produced, 7 is divided down
+
+
+def test_repetition_penalty_applies_before_sampling_warpers():
+    """With top_k=1 sampling is greedy over the penalised logits, so it must avoid the repeat too."""
+    model = model_favouring(7)
+    prompt = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    sampled = generate_with_retrieval(
+        model,
+        None,
+        prompt,
+        max_new_tokens=10,
+        do_sample=True,
+        top_k=1,
+        repetition_penalty=20.0,
+        generator=torch.Generator().manual_seed(0),
+    ).sequences
+    greedy = generate_with_retrieval(
+        model, None, prompt, max_new_tokens=10, repetition_penalty=20.0
+    ).sequences
+    assert torch.equal(sampled, greedy)
+    assert sampled[0, 6] == 7 and sampled[0, 7] != 7
+
+
 def test_without_database_no_retrieval_and_eos_stops():
     model = model_for("transformer")
     prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -132,6 +183,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="temperature"):
         generate_with_retrieval(
             model, None, torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, do_sample=True, temperature=0
+        )
+    with pytest.raises(ValueError, match="penalty"):
+        generate_with_retrieval(
+            model, None, torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, repetition_penalty=0.0
         )
 
 

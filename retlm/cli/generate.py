@@ -31,6 +31,14 @@ class GenerateOptions:
     temperature: float = option(1.0, help="sampling temperature (> 0)")
     top_k: int | None = option(None, help="sample among the k most likely tokens")
     top_p: float | None = option(None, help="nucleus sampling mass (0, 1]")
+    repetition_penalty: float | None = option(
+        None,
+        help="divide the positive logits (multiply the negative ones) of every token already in the text "
+        "by this (> 1 discourages repeats; HF's RepetitionPenaltyLogitsProcessor; greedy or sampled)",
+    )
+    no_repeat_ngram_size: int | None = option(
+        None, help="never produce an n-gram of this many tokens twice (HF's NoRepeatNGramLogitsProcessor)"
+    )
     seed: int = option(0, help="sampling seed")
     num_neighbors: int | None = option(
         None,
@@ -69,6 +77,10 @@ def validate(args: GenerateOptions) -> None:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.repetition_penalty is not None and not 0 < args.repetition_penalty < float("inf"):
+        raise UsageError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
+    if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 1:
+        raise UsageError(f"--no-repeat-ngram-size must be >= 1, got {args.no_repeat_ngram_size}")
     if args.num_neighbors is not None and args.num_neighbors < 1:
         raise UsageError(f"--neighbors must be >= 1, got {args.num_neighbors}")
     if not args.prompt.strip():
@@ -99,7 +111,9 @@ def run_generate(args: argparse.Namespace) -> int:
         temperature=opts.temperature,
         top_k=opts.top_k,
         top_p=opts.top_p,
-        num_neighbours=opts.num_neighbors,
+        repetition_penalty=opts.repetition_penalty,
+        no_repeat_ngram_size=opts.no_repeat_ngram_size,
+        num_neighbors=opts.num_neighbors,
     )
     print_generation(result, opts.show_neighbors)
     return 0

@@ -76,7 +76,7 @@ def generate_text(
 ) -> GeneratedText:
     """Continue ``prompt`` with ``model``, retrieving from ``database`` (unless ``retrieval=False``).
 
-    ``sampling``: ``do_sample, temperature, top_k, top_p, num_neighbours, eos_token_id`` as in
+    ``sampling``: ``do_sample, temperature, top_k, top_p, num_neighbors, eos_token_id`` as in
     :func:`generate_with_retrieval`. ``seed`` makes sampling reproducible. ``exclude_doc_id``: a document
     never retrieved from (the prompt's own, so the model cannot read the true continuation).
     """

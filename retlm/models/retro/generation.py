@@ -11,8 +11,9 @@ The database is duck-typed (this module imports nothing from ``retlm.retrieval``
 returning an object with ``tokens (..., k, 2 * chunk_size)``, ``chunk_ids``, ``doc_ids`` and
 ``scores`` (numpy) works; :class:`retlm.retrieval.RetrievalDatabase` is one.
 
-Sampling reuses transformers' logits processors (temperature, top-k, top-p), so the options mean
-what they mean in ``GenerationMixin.generate``.
+Decoding reuses transformers' logits processors (repetition penalty, no-repeat n-gram size, then
+temperature, top-k, top-p when sampling), so the options mean what they mean in
+``GenerationMixin.generate``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 from torch import Tensor
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -67,8 +70,23 @@ class RetrievalGenerateOutput:
     retrievals: list[list[ChunkRetrieval]] = field(default_factory=list)
 
 
-def _logits_processors(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+def _logits_processors(
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+) -> LogitsProcessorList:
+    """HF's processors in ``GenerationMixin.generate``'s order: the penalties (greedy or sampled), then,
+    when sampling, the warpers (temperature, top-k, top-p)."""
     processors = LogitsProcessorList()
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))  # raises if <= 0
+    if no_repeat_ngram_size is not None and no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    if not do_sample:
+        return processors
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if temperature != 1.0:
@@ -128,7 +146,9 @@ def generate_with_retrieval(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    num_neighbours: int | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    num_neighbors: int | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     retnet_mode: str | None = None,
@@ -142,6 +162,8 @@ def generate_with_retrieval(
     The prompt runs in one forward pass (its completed chunks retrieved first); then one token per
     step with the model's cache (KV cache for the transformer decoder, constant-size recurrent state
     for the RetNet decoder). Rows stop independently at ``eos_token_id`` (then padded with it).
+    ``repetition_penalty`` and ``no_repeat_ngram_size`` apply to greedy and sampled decoding alike, over
+    the whole sequence (prompt included), as in HF's ``generate``.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -164,7 +186,7 @@ def generate_with_retrieval(
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
             f"exceeds the model's max_seq_len={config.max_seq_len}"
         )
-    k = num_neighbours or (database.num_neighbors if database is not None else 0)
+    k = num_neighbors or (database.num_neighbors if database is not None else 0)
     batch, prompt_len = input_ids.shape
     padding = torch.zeros(batch, dtype=torch.long)
     if attention_mask is not None:
@@ -173,7 +195,9 @@ def generate_with_retrieval(
         found_padding = left_padding(attention_mask, None, 0, prompt_len, decoding=True)  # validates
         padding = found_padding.cpu() if found_padding is not None else padding
     retrieve = _Retriever(database, k, padding) if database is not None else None
-    processors = _logits_processors(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+    processors = _logits_processors(
+        do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size
+    )
     mask = {"attention_mask": attention_mask} if bool(padding.any()) else {}
     lengths = (prompt_len - padding).tolist()  # real tokens per row
 
