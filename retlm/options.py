@@ -271,6 +271,12 @@ def options_from(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:
     """The ``cls`` instance that the parsed command line (``--config`` included) describes.
 
     Fields the parser does not carry keep their dataclass defaults; ``overrides`` win over both."""
+    return cls(**option_values(args, cls), **overrides)
+
+
+def option_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values, by field name, that the parsed command line gives the fields of ``cls`` (converted
+    by each field's ``to_value``), without building ``cls``: a command may complete them first."""
     values: dict[str, Any] = {}
     for f in cli_fields(cls):
         if not hasattr(args, _dest(f)):
@@ -280,8 +286,7 @@ def options_from(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:
             value = not value
         convert = f.metadata.get("to_value")
         values[f.name] = convert(value) if convert is not None else value
-    values.update(overrides)
-    return cls(**values)
+    return values
 
 
 def zero_is_none(value: Any) -> Any:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import typing
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -15,16 +16,17 @@ from retlm.cli.db import BuildOptions
 from retlm.cli.generate import GenerateOptions
 from retlm.cli.main import _apply_config, build_parser
 from retlm.cli.retrofit import RetrofitOptions
-from retlm.cli.train import EvalOptions, TrainCommandOptions
+from retlm.cli.train import EvalOptions
 from retlm.demo import DemoOptions
 from retlm.options import cli_fields, options_from
+from retlm.training.options import TrainOptions
 
 COMMANDS = {
     "build-db": (BuildOptions, ["TEXT", "--out", "DB"]),
     "generate": (GenerateOptions, ["CKPT", "a prompt", "--db", "DB"]),
     "demo": (DemoOptions, []),
     "retrofit": (RetrofitOptions, ["--base", "gpt2", "--db", "DB", "--out", "RUN"]),
-    "train": (TrainCommandOptions, ["--db", "DB", "--out", "RUN"]),
+    "train": (TrainOptions, ["--db", "DB", "--out", "RUN"]),
     "eval": (EvalOptions, ["CKPT", "--db", "DB"]),
 }
 
@@ -138,22 +140,30 @@ def test_eval_options_are_keywords_of_evaluate():
     assert opts.max_overlap == 0.125 and opts.progress is False and opts.plot is None
 
 
-def test_train_command_options_mirror_train_options():
-    """``TrainCommandOptions`` must carry exactly ``TrainOptions``'s fields, types and defaults (it exists
-    only because ``TrainOptions`` lives in a module importing torch; see its docstring)."""
-    from retlm.training.config import TrainOptions
+def test_train_options_are_the_train_commands_arguments():
+    """`retlm train` derives its arguments from ``TrainOptions`` itself (one definition), and its
+    command-line conversions (``0`` -> None, ``--no-retrieval``) give the ``TrainOptions`` they mean."""
+    from retlm.cli.train import training_options
 
-    ours = {f.name: f.default for f in dataclasses.fields(TrainCommandOptions)}
-    theirs = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
-    assert ours == theirs
-    assert typing.get_type_hints(TrainCommandOptions) == typing.get_type_hints(TrainOptions)
-    parsed = options_from(_parse(["train", "--db", "DB", "--out", "RUN"]), TrainCommandOptions)
-    assert TrainOptions(**dataclasses.asdict(parsed)) == TrainOptions()
+    parsed = training_options(_parse(["train", "--db", "DB", "--out", "RUN"]))
+    assert TrainOptions(**parsed) == TrainOptions()
     zeros = ["--max-grad-norm", "0", "--eval-sequences", "0", "--save-every", "0", "--no-retrieval"]
-    parsed = options_from(_parse(["train", "--db", "DB", "--out", "RUN", *zeros]), TrainCommandOptions)
-    assert TrainOptions(**dataclasses.asdict(parsed)) == TrainOptions(
+    parsed = training_options(_parse(["train", "--db", "DB", "--out", "RUN", *zeros]))
+    assert TrainOptions(**parsed) == TrainOptions(
         max_grad_norm=None, eval_sequences=None, save_every=None, retrieval=False
     )
+    offered = {a.dest for a in _sub("train")._actions}
+    for f in dataclasses.fields(TrainOptions):
+        assert (f"no_{f.name}" if f.metadata.get("negate") else f.name) in offered, f.name
+
+
+def test_building_the_parsers_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys; from retlm.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
 
 
 def test_retrofit_offers_no_no_retrieval_and_keeps_its_base_defaults():

@@ -222,8 +222,8 @@ def test_bad_input_is_refused_with_the_expected_shape():
             RetroConfig(**{**SMALL, "dec_cross_attn_layers": layers})
     with pytest.raises(ValueError, match="decoder"):
         RetroConfig(**SMALL, decoder="lstm")
-    with pytest.raises(ValueError, match="right padding"):
-        model(input_ids=seq[:, :4], attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="hole"):
+        model(input_ids=seq[:, :4], attention_mask=torch.tensor([[0, 1, 0, 1], [1, 1, 1, 1]]))
 
 
 def test_save_and_load_round_trip(tmp_path, monkeypatch):

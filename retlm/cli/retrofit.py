@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from retlm.cli.main import UsageError
-from retlm.cli.train import _options, add_training_arguments, print_training_result
+from retlm.cli.train import add_training_arguments, print_training_result, training_options
 from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
@@ -83,18 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_retrofit(args: argparse.Namespace) -> int:
-    from retlm.training.config import TrainOptions
-    from retlm.training.precision import PRECISIONS
     from retlm.training.retrofit import retrofit
 
-    options = _options(args)
-    probe = {**options, "seed": options["seed"] or 0, "train_fraction": options["train_fraction"] or 0.9}
-    try:
-        TrainOptions(**probe)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if args.precision not in PRECISIONS:
-        raise UsageError(f"unknown --precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    # seed and train_fraction stay None (the base's) until retrofit() reads the base
+    options = training_options(args, seed=args.seed or 0, train_fraction=args.train_fraction or 0.9)
     for name in ("enc_dim", "enc_depth", "heads", "dim_head"):
         value = getattr(args, name)
         if value is not None and value <= 0:

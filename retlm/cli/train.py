@@ -9,12 +9,13 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retlm.cli.main import UsageError
-from retlm.options import add_dataclass_arguments, option, options_from, zero_is_none
+from retlm.options import add_dataclass_arguments, option, option_values, options_from
+from retlm.training.options import PRECISIONS, TrainOptions
 
 TRAIN_DESCRIPTION = (
     "Train a RETRO model on the sequences of a retrieval database (see `retlm build-db`), with the "
@@ -91,9 +92,7 @@ class EvalOptions:
         None, help="evaluate at most this many sequences, spread evenly over the split"
     )
     device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    precision: str = option(
-        "fp32", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision of the forward passes"
-    )
+    precision: str = option("fp32", choices=PRECISIONS, help="numeric precision of the forward passes")
     json: bool = option(False, help="print the result as json instead of a table")
     output: Path | None = option(None, metavar="FILE.json", help="also write the result to this json file")
     max_overlap: float | None = option(
@@ -116,101 +115,29 @@ class EvalOptions:
         return {name: getattr(self, name) for name in names}
 
 
-LENGTH = "length (with neither: one epoch)"
-OPTIM = "optimisation"
-DATA = "data"
-RUNS = "evaluation, checkpoints, logging"
-
-
-@dataclass
-class TrainCommandOptions:
-    """The command-line face of :class:`retlm.training.trainer.TrainOptions`: the same field names,
-    types and defaults (``tests/test_cli_options.py`` checks that they agree), plus each option's help
-    text, group and command-line conversion (``0`` -> None).
-
-    It exists only because ``TrainOptions`` lives in a module that imports torch and transformers,
-    which `retlm --help` must not pay for; once ``TrainOptions`` moves to a torch-free module and
-    carries this metadata itself, the command derives its arguments from it and this class goes."""
-
-    max_steps: int | None = option(None, group=LENGTH, help="optimizer steps")
-    minutes: float | None = option(
-        None,
-        group=LENGTH,
-        help="wall-clock training budget, counted across resumes; without --max-steps the "
-        "number of steps is chosen from a timing of the first steps",
-    )
-    lr: float = option(1e-3, group=OPTIM, help="peak learning rate (AdamW)")
-    schedule: str = option(
-        "cosine",
-        choices=("cosine", "linear", "constant"),
-        group=OPTIM,
-        help="learning-rate schedule after warmup",
-    )
-    warmup: float = option(0.05, group=OPTIM, help="warmup steps, or a fraction of the run when below 1")
-    grad_accum: int = option(1, group=OPTIM, help="micro-batches per optimizer step")
-    max_grad_norm: float | None = option(
-        1.0, to_value=zero_is_none, group=OPTIM, help="gradient clipping norm; 0: off"
-    )
-    batch_size: int = option(8, group=OPTIM, help="sequences per process per micro-batch")
-    weight_decay: float = option(0.01, group=OPTIM, help="AdamW weight decay")
-    eval_every: int | None = option(None, group=RUNS, help="steps between held-out evaluations")
-    eval_sequences: int | None = option(
-        64, to_value=zero_is_none, group=RUNS, help="held-out sequences used by those evaluations (0: all)"
-    )
-    save_every: int | None = option(
-        100, to_value=zero_is_none, group=RUNS, help="steps between checkpoints (0: only the end of the run)"
-    )
-    save_total_limit: int | None = option(2, group=RUNS, help="checkpoints kept")
-    log_every: int = option(1, group=RUNS, help="steps between metrics.jsonl records")
-    precision: str = option(
-        "auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        group=OPTIM,
-        help="auto: bf16 (or fp16) on CUDA, fp32 on CPU",
-    )
-    seed: int = option(0, group=OPTIM, help="seed of the initialisation, data order and split")
-    train_fraction: float = option(
-        0.9, group=DATA, help="fraction of the documents trained on; the rest are held out"
-    )
-    retrieval: bool = option(
-        True,
-        negate=True,
-        group=DATA,
-        help="train without neighbours: the no-retrieval baseline of the same model",
-    )
-    seq_len: int | None = option(None, group=DATA, help="tokens per sequence; None: the database's")
-    resume: str = option(
-        "auto",
-        group=RUNS,
-        help="auto: continue RUN_DIR's newest checkpoint; never: refuse a used RUN_DIR; "
-        "or a checkpoint folder",
-    )
-    progress: bool = option(True, negate=True, group=RUNS, help="hide the progress bar")
-
-
 def add_training_arguments(parser: argparse.ArgumentParser, *, baseline: bool = True) -> None:
-    """The options of :class:`~retlm.training.TrainOptions` (length, optimisation, data, evaluation and
-    checkpoints), shared by `retlm train` and `retlm retrofit`; ``baseline``: offer --no-retrieval."""
-    add_dataclass_arguments(parser, TrainCommandOptions, skip=() if baseline else ("retrieval",))
+    """The options of :class:`~retlm.training.options.TrainOptions` (length, optimisation, data,
+    evaluation and checkpoints), shared by `retlm train` and `retlm retrofit`; ``baseline``: offer
+    --no-retrieval."""
+    add_dataclass_arguments(parser, TrainOptions, skip=() if baseline else ("retrieval",))
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keywords of ``TrainOptions`` (and so of ``train`` and ``retrofit``) the command line gives."""
-    return asdict(options_from(args, TrainCommandOptions))
+def training_options(args: argparse.Namespace, **completed: Any) -> dict[str, Any]:
+    """The keywords of ``TrainOptions`` (and so of ``train`` and ``retrofit``) the command line gives,
+    checked by building ``TrainOptions`` from them (with ``completed`` values in place of the ones the
+    command fills in later); a bad value is a usage error."""
+    values = option_values(args, TrainOptions)
+    try:
+        TrainOptions(**{**values, **completed})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return values
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from retlm.training.config import TrainOptions
-    from retlm.training.precision import PRECISIONS
     from retlm.training.trainer import train
 
-    options = _options(args)
-    try:
-        TrainOptions(**options)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if args.precision not in PRECISIONS:
-        raise UsageError(f"unknown --precision {args.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    options = training_options(args)
     if not args.db.exists():
         raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
     from retlm.training.config import read_model_config

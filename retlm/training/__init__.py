@@ -5,23 +5,38 @@
 - ``evaluate(checkpoint, db)``: held-out perplexity with and without retrieval, and bits per byte.
 - ``read_metrics(path)``: the loss curves a run logged to ``metrics.jsonl``;
   ``plot_loss_curves(path, png)`` draws them.
+
+The names load on first use (PEP 562): the command line imports ``retlm.training.options`` to build
+its parsers, and that must not import torch and transformers.
 """
 
-from retlm.models.auto import load_model
-from retlm.training.callbacks import read_metrics
-from retlm.training.config import TrainOptions, builtin_configs
-from retlm.training.evaluate import evaluate, format_table
-from retlm.training.plot import plot_loss_curves
-from retlm.training.trainer import TrainResult, train
+from __future__ import annotations
 
-__all__ = [
-    "TrainOptions",
-    "TrainResult",
-    "builtin_configs",
-    "evaluate",
-    "format_table",
-    "load_model",
-    "plot_loss_curves",
-    "read_metrics",
-    "train",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "TrainOptions": "retlm.training.options",
+    "TrainResult": "retlm.training.trainer",
+    "train": "retlm.training.trainer",
+    "builtin_configs": "retlm.training.config",
+    "evaluate": "retlm.training.evaluate",
+    "format_table": "retlm.training.evaluate",
+    "load_model": "retlm.models.auto",
+    "plot_loss_curves": "retlm.training.plot",
+    "read_metrics": "retlm.training.callbacks",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'retlm.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

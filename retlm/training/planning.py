@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from retlm.data import RetroCollator
 from retlm.training import checkpoint as ckpt
-from retlm.training.config import TrainOptions
+from retlm.training.options import TrainOptions
 from retlm.training.precision import autocast_for
 
 

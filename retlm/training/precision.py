@@ -7,8 +7,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from retlm.errors import OptionError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from retlm.training.options import PRECISIONS
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

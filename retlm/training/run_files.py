@@ -33,7 +33,7 @@ def quiet_saving() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -53,7 +53,7 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def _start_run_files(out_dir: Path, resume_from: Path | None, run: dict[str, Any]) -> None:
+def start_run_files(out_dir: Path, resume_from: Path | None, run: dict[str, Any]) -> None:
     """Write ``retlm_run.json``; start ``metrics.jsonl`` afresh, or cut it back to the resumed step."""
     metrics = out_dir / ckpt.METRICS_FILE
     if resume_from is None:
@@ -64,7 +64,7 @@ def _start_run_files(out_dir: Path, resume_from: Path | None, run: dict[str, Any
     ckpt.write_json(out_dir / ckpt.RUN_FILE, run)
 
 
-def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict) -> Path | None:
+def resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict) -> Path | None:
     """The checkpoint to continue from, after checking that the run's fixed settings are unchanged."""
     if resume == "never":
         if previous is not None or latest_checkpoint(out_dir) is not None:
@@ -80,10 +80,10 @@ def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict
         raise ValueError(f"{checkpoint} is not a training checkpoint (no trainer_state.json)")
     verify_model_dir(checkpoint)  # weights, optimizer and RNG state as they were saved
     if previous is not None:
-        changed = [key for key in fixed if previous["fixed"].get(key) != _jsonable(fixed[key])]
+        changed = [key for key in fixed if previous["fixed"].get(key) != jsonable(fixed[key])]
         if changed:
             details = "; ".join(
-                f"{key}: was {previous['fixed'].get(key)!r}, now {_jsonable(fixed[key])!r}" for key in changed
+                f"{key}: was {previous['fixed'].get(key)!r}, now {jsonable(fixed[key])!r}" for key in changed
             )
             raise ValueError(
                 f"cannot resume the run in {out_dir}: settings changed ({details}). "
@@ -92,28 +92,28 @@ def _resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict
     return checkpoint
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _save_final(trainer: Any, out_dir: Path) -> Path:
+def save_final(trainer: Any, out_dir: Path) -> Path:
     """The final weights as ``<run>/model`` (safetensors + config), committed by rename."""
     final = out_dir / ckpt.FINAL_DIR
     staging = out_dir / ckpt.STAGING_DIR / ckpt.FINAL_DIR
     with quiet_saving():
         trainer.save_model(str(staging))
-    _barrier()
+    barrier()
     if trainer.args.should_save:
         (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
         ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": trainer.state.global_step})
         ckpt.seal_model_dir(staging)
         ckpt.commit_dir(staging, final)
         shutil.rmtree(out_dir / ckpt.STAGING_DIR, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
-def _finish_without_training(
+def finish_without_training(
     out_dir: Path, checkpoint: Path, steps: int, elapsed: float, is_main: bool
 ) -> TrainResult:
     """The run already reached its step count or time budget: make sure ``model/`` holds its last
@@ -137,7 +137,7 @@ def _finish_without_training(
                 status="finished", stop_reason="resumed_after_end", global_step=step, elapsed_s=elapsed
             )
             ckpt.write_json(out_dir / ckpt.RUN_FILE, run)
-    _barrier()
+    barrier()
     result = TrainResult(
         run_dir=out_dir,
         model_dir=final,
@@ -147,11 +147,11 @@ def _finish_without_training(
         elapsed_s=elapsed,
         metrics_file=out_dir / ckpt.METRICS_FILE,
     )
-    _fill_last_metrics(result)
+    fill_last_metrics(result)
     return result
 
 
-def _fill_last_metrics(result: TrainResult) -> None:
+def fill_last_metrics(result: TrainResult) -> None:
     if not result.metrics_file.is_file():
         return
     for record in read_metrics(result.metrics_file):

@@ -53,19 +53,20 @@ from retlm.training.callbacks import (
     RunClock,
     StepPlanner,
 )
-from retlm.training.config import TrainOptions, build_config
+from retlm.training.config import build_config
 from retlm.training.evaluate import score
+from retlm.training.options import TrainOptions
 from retlm.training.precision import resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
 from retlm.training.run_files import (
     TrainResult,
-    _barrier,
-    _fill_last_metrics,
-    _finish_without_training,
-    _resume_point,
-    _save_final,
-    _start_run_files,
+    barrier,
+    fill_last_metrics,
+    finish_without_training,
     quiet_saving,
+    resume_point,
+    save_final,
+    start_run_files,
 )
 from retlm.utils import ensure_writable_dir
 
@@ -153,14 +154,14 @@ class RetroTrainer(Trainer):
                 super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
-        _barrier()
+        barrier()
         if self.args.should_save:
             staged = run_dir / ckpt.STAGING_DIR / name
             (staged / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # a pickle nothing reads back
             ckpt.seal_model_dir(staged)
             ckpt.commit_dir(staged, run_dir / name)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit)
-        _barrier()
+        barrier()
 
 
 # ---- what a run is made of ----
@@ -306,7 +307,7 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
     }
     run_file = out_dir / ckpt.RUN_FILE
     previous = ckpt.read_json(run_file) if run_file.is_file() else None
-    resume_from = _resume_point(opts.resume, out_dir, previous, fixed)
+    resume_from = resume_point(opts.resume, out_dir, previous, fixed)
     elapsed_before = RunClock.elapsed_in(resume_from) if resume_from else 0.0
 
     collate = RetroCollator(data.pad_id, retrieval=opts.retrieval, eos_id=data.eos_id)
@@ -316,12 +317,12 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
     args.max_steps = plan.cap
     set_seed(opts.seed)
     if resume_from and planning.already_finished(opts, plan, previous, resume_from, elapsed_before):
-        return _finish_without_training(
+        return finish_without_training(
             out_dir, resume_from, plan.steps, elapsed_before, is_main=args.should_save
         )
     if args.should_save:
         first_plan = (previous or {}).get("max_steps_first_plan", plan.steps) if resume_from else plan.steps
-        _start_run_files(
+        start_run_files(
             out_dir,
             resume_from,
             {
@@ -339,7 +340,7 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
                 "heldout_sequences": len(data.heldout_set),
             },
         )
-    _barrier()
+    barrier()
 
     clock = RunClock(opts.budget_s, elapsed_before)
     trainer = _make_trainer(data, opts, args, plan, clock, eval_set, collate, out_dir)
@@ -348,14 +349,14 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
     stopped_by_budget = clock.stopped_by_budget or plan.source == "time_budget"
     result = TrainResult(
         run_dir=out_dir,
-        model_dir=_save_final(trainer, out_dir),
+        model_dir=save_final(trainer, out_dir),
         global_step=trainer.state.global_step,
         max_steps=int(trainer.state.max_steps),
         stop_reason="time_budget" if stopped_by_budget else "max_steps",
         elapsed_s=clock.elapsed(),
         metrics_file=out_dir / ckpt.METRICS_FILE,
     )
-    _fill_last_metrics(result)
+    fill_last_metrics(result)
     if args.should_save:
         run = ckpt.read_json(run_file)
         run.update(
@@ -366,7 +367,7 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
             max_steps=result.max_steps,
         )
         ckpt.write_json(run_file, run)
-    _barrier()
+    barrier()
     return result
 
 

@@ -12,7 +12,7 @@ from retlm.layers.attention import KVCache
 
 @dataclass
 class RetroCache:
-    """Decoding state of a RETRO model (all rows of the batch share one position).
+    """Decoding state of a RETRO model (all rows of the batch share one column position).
 
     Attributes:
         position: number of tokens processed so far (absolute position of the next token).
@@ -24,6 +24,11 @@ class RetroCache:
         neighbours: ``(batch, k, r, dec_dim)`` encoded neighbours of the last completed chunk (read by the
             tokens up to the end of the following chunk), or None when that chunk had no retrieval.
         neighbour_mask: ``(batch, k, r)`` bool, True = real neighbour token.
+        padding: ``(batch,)`` leading padding columns of each row when the prompt was left-padded, else
+            None. Row ``i``'s token at column ``t`` then sits at position ``t - padding[i]``, its chunks
+            are counted from its first real token, and (left-padded mode only) ``context`` holds the
+            states of the last ``chunk_size - 1`` columns, ``neighbours`` each row's own last completed
+            chunk's encoded neighbours, ``neighbour_valid (batch,)`` whether that chunk had retrieval.
     """
 
     position: int = 0
@@ -31,6 +36,8 @@ class RetroCache:
     context: Tensor | None = None
     neighbours: Tensor | None = None
     neighbour_mask: Tensor | None = None
+    padding: Tensor | None = None
+    neighbour_valid: Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
@@ -47,7 +54,7 @@ class RetroCache:
                 return next((n for n in map(rows, value) if n is not None), None)
             return None
 
-        return rows([self.context, self.neighbours, self.layers])
+        return rows([self.context, self.neighbours, self.padding, self.layers])
 
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keep (or reorder, e.g. for beam search) the batch rows ``indices``."""
@@ -67,5 +74,6 @@ class RetroCache:
             select(self.neighbours),
             select(self.neighbour_mask),
         )
+        self.padding, self.neighbour_valid = select(self.padding), select(self.neighbour_valid)
 
     reorder_cache = batch_select_indices

@@ -81,33 +81,39 @@ def _logits_processors(temperature: float, top_k: int | None, top_p: float | Non
 
 
 class _Retriever:
-    """Searches the database for completed chunks and remembers what it found, per row."""
+    """Searches the database for completed chunks and remembers what it found, per row.
 
-    def __init__(self, database: SearchableDatabase, k: int, batch: int) -> None:
+    ``padding (batch,)``: each row's leading padding columns; row i's chunk u is its columns
+    ``padding[i] + u*c .. padding[i] + u*c + c - 1`` (chunks are counted from the row's first real token).
+    """
+
+    def __init__(self, database: SearchableDatabase, k: int, padding: Tensor) -> None:
         self.database = database
         self.k = k
-        self.log: list[list[ChunkRetrieval]] = [[] for _ in range(batch)]
+        self.padding = padding.tolist()
+        self.log: list[list[ChunkRetrieval]] = [[] for _ in self.padding]
 
-    def __call__(self, sequence: Tensor, chunks: range) -> Tensor | None:
-        """Neighbours of ``chunks`` of ``sequence (batch, n)``: ``(batch, len(chunks), k, 2c)`` or None."""
-        if len(chunks) == 0:
+    def __call__(self, sequence: Tensor, chunks: list[range]) -> Tensor | None:
+        """Neighbours of row i's ``chunks[i]`` of ``sequence (batch, n)``: ``(batch, m, k, 2c)`` with ``m``
+        the longest list (a shorter row's extra entries are -1: missing), or None when none is asked."""
+        width = max(len(u) for u in chunks)
+        if width == 0:
             return None
         c = self.database.chunk_size
-        queries = torch.stack([sequence[:, u * c : (u + 1) * c] for u in chunks], dim=1).cpu().numpy()
+        wanted = [(row, j, u) for row, us in enumerate(chunks) for j, u in enumerate(us)]
+        rows = sequence.cpu().numpy()
+        queries = np.stack([rows[row, self.padding[row] + u * c :][:c] for row, _, u in wanted])
         found = self.database.search(queries, self.k)
-        for row, log in enumerate(self.log):
-            for j, u in enumerate(chunks):
-                log.append(
-                    ChunkRetrieval(
-                        u,
-                        queries[row, j],
-                        found.chunk_ids[row, j],
-                        found.doc_ids[row, j],
-                        found.scores[row, j],
-                        found.tokens[row, j],
-                    )
+        tokens = np.asarray(found.tokens)
+        out = np.full((len(chunks), width, *tokens.shape[1:]), -1, dtype=np.int64)
+        for n, (row, j, u) in enumerate(wanted):
+            out[row, j] = tokens[n]
+            self.log[row].append(
+                ChunkRetrieval(
+                    u, queries[n], found.chunk_ids[n], found.doc_ids[n], found.scores[n], tokens[n]
                 )
-        return torch.as_tensor(np.asarray(found.tokens), dtype=torch.long, device=sequence.device)
+            )
+        return torch.as_tensor(out, dtype=torch.long, device=sequence.device)
 
 
 @torch.no_grad()
@@ -116,6 +122,7 @@ def generate_with_retrieval(
     database: SearchableDatabase | None,
     input_ids: Tensor,
     *,
+    attention_mask: Tensor | None = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -128,6 +135,9 @@ def generate_with_retrieval(
 ) -> RetrievalGenerateOutput:
     """Continue ``input_ids (batch, prompt_len)`` by up to ``max_new_tokens``, retrieving from
     ``database`` at every chunk boundary (``database=None``: no retrieval).
+
+    ``attention_mask (batch, prompt_len)``: left padding (zeros, then ones) batches prompts of different
+    lengths; each row is then generated, and retrieves at its own chunk boundaries, as if alone.
 
     The prompt runs in one forward pass (its completed chunks retrieved first); then one token per
     step with the model's cache (KV cache for the transformer decoder, constant-size recurrent state
@@ -155,14 +165,27 @@ def generate_with_retrieval(
             f"exceeds the model's max_seq_len={config.max_seq_len}"
         )
     k = num_neighbours or (database.num_neighbors if database is not None else 0)
-    retrieve = _Retriever(database, k, input_ids.shape[0]) if database is not None else None
+    batch, prompt_len = input_ids.shape
+    padding = torch.zeros(batch, dtype=torch.long)
+    if attention_mask is not None:
+        from retlm.models.retro.modeling_retro import left_padding
+
+        found_padding = left_padding(attention_mask, None, 0, prompt_len, decoding=True)  # validates
+        padding = found_padding.cpu() if found_padding is not None else padding
+    retrieve = _Retriever(database, k, padding) if database is not None else None
     processors = _logits_processors(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+    mask = {"attention_mask": attention_mask} if bool(padding.any()) else {}
+    lengths = (prompt_len - padding).tolist()  # real tokens per row
 
     sequence = input_ids
-    prompt_len = input_ids.shape[1]
-    retrieved = retrieve(sequence, range(prompt_len // c)) if retrieve else None
+    retrieved = retrieve(sequence, [range(n // c) for n in lengths]) if retrieve else None
     out = model(
-        input_ids=sequence, retrieved=retrieved, use_cache=True, retnet_mode=retnet_mode, logits_to_keep=1
+        input_ids=sequence,
+        retrieved=retrieved,
+        use_cache=True,
+        retnet_mode=retnet_mode,
+        logits_to_keep=1,
+        **mask,
     )
     cache = output_cache(out)
     finished = torch.zeros(sequence.shape[0], dtype=torch.bool, device=sequence.device)
@@ -179,11 +202,12 @@ def generate_with_retrieval(
         sequence = torch.cat((sequence, next_token[:, None]), dim=1)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        position = sequence.shape[1] - 1  # the token about to be fed
         retrieved = None
-        if retrieve and (position + 1) % c == 0:  # this token completes chunk position // c
-            retrieved = retrieve(sequence, range(position // c, position // c + 1))
-            retrieved = retrieved[:, 0]  # (batch, k, 2c): one chunk, as the incremental API expects
+        if retrieve:  # row i's token about to be fed sits at its position n; it completes chunk n // c
+            positions = [n + step for n in lengths]
+            retrieved = retrieve(sequence, [range(n // c, (n + 1) // c) for n in positions])
+            if retrieved is not None:
+                retrieved = retrieved[:, 0]  # (batch, k, 2c): one chunk, as the incremental API expects
         out = model(
             input_ids=sequence[:, -1:],
             retrieved=retrieved,

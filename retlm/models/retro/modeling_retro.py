@@ -26,6 +26,10 @@ A call must receive, in ``retrieved``, the neighbours of every chunk whose LAST 
 call because all of chunk u's tokens are then known. ``retrieved=None`` means "no retrieval" for those
 chunks (their groups skip cross-attention). Token-by-token decoding gives the same logits as one full
 forward with the same neighbours (tested).
+
+Left padding (``attention_mask`` of zeros, then ones) batches prompts of different lengths: each row's
+positions, chunks and neighbours are counted from its first real token, as if it ran alone
+(:mod:`retlm.models.retro.padding`, :func:`retlm.models.retro.neighbours.row_neighbours_for_call`).
 """
 
 from __future__ import annotations
@@ -39,21 +43,25 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
-from retlm.layers.attention import Attention
 from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
+from retlm.models.retro.decoder import RetroDecoderLayer, cross_and_feed_forward, mix_only
 from retlm.models.retro.encoder import RetroEncoder, RetroEncoderLayer  # noqa: F401  (importable here)
 from retlm.models.retro.neighbours import (
     check_retrieved,
-    cross_attend,
     encode_neighbours,
     neighbours_for_call,
+    row_neighbours_for_call,
 )
-from retlm.models.retro.sublayers import (  # noqa: F401  (GatedScaledL2Norm, final_norm: importable here)
+from retlm.models.retro.padding import (  # noqa: F401  (check_right_padding: importable here)
+    RowPadding,
+    check_right_padding,
+    left_padding,
+    row_padding,
+)
+from retlm.models.retro.sublayers import (  # noqa: F401  (GatedScaledL2Norm, Residual: importable here)
     GatedScaledL2Norm,
     Residual,
-    chunked_cross_attention,
-    feed_forward,
     final_norm,
 )
 from retlm.models.retro.weights import (  # noqa: F401  (config_difference: importable here)
@@ -62,90 +70,6 @@ from retlm.models.retro.weights import (  # noqa: F401  (config_difference: impo
     init_retro_module,
 )
 from retlm.ops.retention import RETENTION_MODES
-
-# -- building blocks ----------------------------------------------------------------------------------
-
-
-class RetroDecoderLayer(nn.Module):
-    """Self-attention (or retention), optional chunked cross-attention, feed-forward; each residual."""
-
-    def __init__(self, config: RetroConfig, has_cca: bool) -> None:
-        super().__init__()
-        dim, scale = config.dec_dim, config.dec_scale_residual
-        self.is_retnet = config.decoder_type == "retnet"
-        if self.is_retnet:
-            from retlm.layers.retention import MultiScaleRetention  # the RetNet decoder only
-
-            self.self_attn: nn.Module = MultiScaleRetention(
-                dim,
-                config.retnet_heads,
-                config.retnet_qk_dim,
-                config.retnet_v_dim,
-                use_default_gamma=config.retnet_use_default_gamma,
-            )
-        else:
-            self.self_attn = Attention(
-                dim,
-                heads=config.heads,
-                dim_head=config.dim_head,
-                causal=True,
-                dropout=config.dec_attn_dropout,
-                rotary_dim=config.rotary_dim,
-            )
-        self.self_attn_norm = Residual(dim, config, scale)
-        self.cca = chunked_cross_attention(dim, config) if has_cca else None
-        self.cca_norm = Residual(dim, config, scale) if has_cca else None
-        if self.cca is not None and config.zero_init_cca:
-            self.cca.attn.to_out.zero_init = True  # read by RetroPreTrainedModel._init_weights
-        self.ff = feed_forward(dim, config, config.dec_ff_dropout)
-        self.ff_norm = Residual(dim, config, scale)
-
-    def mix(
-        self, x: Tensor, start: int, state: Any, *, keep_state: bool, mode: str, retnet_chunk_size: int
-    ) -> tuple[Tensor, Any]:
-        """Self-attention / retention sub-layer for positions ``start ..``; returns ``(x, new_state)``."""
-        h = self.self_attn_norm.pre(x)
-        if self.is_retnet:
-            h, state = self.self_attn(
-                h, start, None, state, mode=mode, chunk_size=retnet_chunk_size, return_state=keep_state
-            )
-        else:
-            positions = torch.arange(start, start + x.shape[1], device=x.device)
-            h, state = self.self_attn(h, q_positions=positions, kv_cache=state, return_kv=keep_state)
-        return self.self_attn_norm.post(x, h), state
-
-    def cross(self, x: Tensor, start: int, neighbours: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
-        return cross_attend(self.cca, self.cca_norm, x, start, neighbours)
-
-    def feed_forward(self, x: Tensor) -> Tensor:
-        return self.ff_norm.post(x, self.ff(self.ff_norm.pre(x)))
-
-    def forward(
-        self,
-        x: Tensor,
-        start: int,
-        state: Any,
-        *,
-        keep_state: bool,
-        mode: str,
-        retnet_chunk_size: int,
-        neighbours: Any = None,
-    ) -> tuple[Tensor, Any]:
-        """One decoder layer for positions ``start ..``: ``x (batch, seq, dec_dim)`` -> ``(x, new_state)``.
-
-        ``neighbours``: the encoded neighbours of the groups these positions touch (see
-        :meth:`RetroModel.neighbours_for_call`), or a callable that computes them from this layer's
-        post-attention states (the first CCA layer conditions the encoder on them), or None.
-        """
-        x, state = self.mix(
-            x, start, state, keep_state=keep_state, mode=mode, retnet_chunk_size=retnet_chunk_size
-        )
-        if callable(neighbours):
-            neighbours = neighbours(x)
-        if self.cca is not None and neighbours is not None:
-            x = self.cross(x, start, neighbours)
-        return self.feed_forward(x), state
-
 
 # -- models -------------------------------------------------------------------------------------------
 
@@ -168,38 +92,6 @@ class RetroPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
 def at_least_float32(logits: Tensor) -> Tensor:
     """Half-precision logits are upcast for the loss; float64 stays float64."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def check_right_padding(attention_mask: Tensor | None) -> None:
-    """Only right padding is supported: a causal model never looks at the padding after a row's end."""
-    if attention_mask is None:
-        return
-    mask = attention_mask.bool()
-    if (mask[:, 1:] & ~mask[:, :-1]).any():
-        raise ValueError(
-            "RETRO supports right padding only (attention_mask of ones followed by zeros); "
-            "left-padded rows would shift positions and chunk boundaries"
-        )
-
-
-def _mix_only(layer: RetroDecoderLayer, x: Tensor, start: int, mode: str, chunk_size: int) -> Tensor:
-    """A decoder layer's self-attention / retention sub-layer without a cache ``(batch, seq, dim)``."""
-    return layer.mix(x, start, None, keep_state=False, mode=mode, retnet_chunk_size=chunk_size)[0]
-
-
-def _cross_and_feed_forward(
-    layer: RetroDecoderLayer,
-    x: Tensor,
-    start: int,
-    encoded: Tensor | None,
-    mask: Tensor | None,
-    group_valid: Tensor | None,
-) -> Tensor:
-    """A decoder layer's chunked cross-attention (when it has one and there are neighbours: ``encoded
-    (batch, groups, k, r, dim)``, ``mask (batch, groups, k, r)``) and its feed-forward."""
-    if layer.cca is not None and encoded is not None:
-        x = layer.cross(x, start, (encoded, mask, group_valid))
-    return layer.feed_forward(x)
 
 
 class RetroModel(RetroPreTrainedModel):
@@ -233,10 +125,18 @@ class RetroModel(RetroPreTrainedModel):
     # -- input checks ---------------------------------------------------------------------------------
 
     def check_retrieved(
-        self, retrieved: Tensor | None, batch: int, start: int, seq_len: int, incremental: bool
+        self,
+        retrieved: Tensor | None,
+        batch: int,
+        start: int,
+        seq_len: int,
+        incremental: bool,
+        row_starts: Tensor | None = None,
     ) -> Tensor | None:
         """Validate ``retrieved`` and return it as ``(batch, completed_chunks, k, r)``."""
-        return check_retrieved(retrieved, self.config.chunk_size, batch, start, seq_len, incremental)
+        return check_retrieved(
+            retrieved, self.config.chunk_size, batch, start, seq_len, incremental, row_starts
+        )
 
     def check_cache(self, cache: RetroCache, batch: int) -> None:
         """Refuse a cache of another type, depth or batch size than this call's ``(batch, seq)`` input."""
@@ -259,10 +159,15 @@ class RetroModel(RetroPreTrainedModel):
 
     # -- pieces ---------------------------------------------------------------------------------------
 
-    def embed(self, input_ids: Tensor, start: int) -> Tensor:
+    def embed(self, input_ids: Tensor, start: int, padding: RowPadding | None = None) -> Tensor:
+        """``input_ids (batch, seq)`` at columns ``start ..`` -> ``(batch, seq, dec_dim)``; a left-padded
+        row's absolute positions start at its first real token (its padding columns take position 0)."""
         x = self.token_emb(input_ids)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + input_ids.shape[1], device=x.device))
+            positions = torch.arange(start, start + input_ids.shape[1], device=x.device)
+            if padding is not None:
+                positions = (positions[None] - padding.padding.to(x.device)[:, None]).clamp(min=0)
+            x = x + self.pos_emb(positions)
         return self.to_decoder_model_dim(x)
 
     def encode_neighbours(self, retrieved: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -271,10 +176,18 @@ class RetroModel(RetroPreTrainedModel):
         return encode_neighbours(self.token_emb, self.encoder, self.config.pad_id, retrieved, context)
 
     def neighbours_for_call(
-        self, x: Tensor, retrieved: Tensor | None, start: int, cache: RetroCache | None
-    ) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """See :func:`neighbours_for_call`."""
-        return neighbours_for_call(x, retrieved, start, cache, self.config.chunk_size, self.encode_neighbours)
+        self,
+        x: Tensor,
+        retrieved: Tensor | None,
+        start: int,
+        cache: RetroCache | None,
+        padding: RowPadding | None = None,
+    ) -> Any:
+        """See :func:`neighbours_for_call`, and :func:`row_neighbours_for_call` for a left-padded batch."""
+        c = self.config.chunk_size
+        if padding is not None:
+            return row_neighbours_for_call(x, retrieved, padding.row_starts, cache, c, self.encode_neighbours)
+        return neighbours_for_call(x, retrieved, start, cache, c, self.encode_neighbours)
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -297,7 +210,13 @@ class RetroModel(RetroPreTrainedModel):
                 ``(batch, num_chunks, k, 2 * chunk_size)`` (without a cache: ``num_chunks = seq //
                 chunk_size``; a 3-D tensor is ``(batch, num_chunks, r)``, one neighbour), or with a cache
                 ``(batch, k, r)`` for one chunk. ``pad_id`` and -1 tokens are masked. None = no retrieval.
-            attention_mask: ``(batch, seq)``; only right padding is accepted (and needs no masking).
+            attention_mask: ``(batch, seq)``, or ``(batch, past + seq)`` with a cache (generate's growing
+                mask); 1 = token, 0 = padding. Left padding (zeros, then ones) batches prompts of different
+                lengths: each row's positions, chunks and neighbours are then counted from its first real
+                token, as if it ran alone, and ``retrieved[i, u]`` holds the neighbours of row i's u-th
+                chunk (``num_chunks`` = the most chunks a row completes; extra entries of shorter rows are
+                ignored). Right padding is accepted without a cache only (it needs no masking); holes are
+                refused.
             past_key_values: a :class:`RetroCache` from an earlier call, continued in place (or
                 ``cache=``, transformers >= 5.24's name).
             use_cache: return a cache (always True when ``past_key_values`` is given: it is continued).
@@ -307,18 +226,27 @@ class RetroModel(RetroPreTrainedModel):
         config = self.config
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
-        check_right_padding(attention_mask)
         batch, seq_len = input_ids.shape
         cache = resolve_cache(past_key_values, kwargs)
         if cache is not None:
             self.check_cache(cache, batch)
         start = cache.position if cache is not None else 0
+        pad = left_padding(attention_mask, cache, start, seq_len, cache is not None or bool(use_cache))
+        dtype = self.token_emb.weight.dtype
+        padding = None if pad is None else row_padding(pad.to(input_ids.device), start, seq_len, dtype)
         if start + seq_len > config.max_seq_len:
             raise ValueError(
                 f"sequence length {start + seq_len} exceeds max_seq_len={config.max_seq_len}; "
                 f"expected at most (batch, {config.max_seq_len}) tokens in all"
             )
-        retrieved = self.check_retrieved(retrieved, batch, start, seq_len, incremental=cache is not None)
+        retrieved = self.check_retrieved(
+            retrieved,
+            batch,
+            start,
+            seq_len,
+            incremental=cache is not None,
+            row_starts=None if padding is None else padding.row_starts,
+        )
         mode = retnet_mode or config.retnet_mode
         if mode not in RETENTION_MODES:
             raise ValueError(f"unknown retnet_mode {mode!r}; expected one of {RETENTION_MODES}")
@@ -327,19 +255,22 @@ class RetroModel(RetroPreTrainedModel):
             cache = RetroCache()
         if cache is not None and not cache.layers:
             cache.layers = [None] * len(self.layers)
+        if cache is not None and padding is not None:
+            cache.padding = padding.padding
         keep = cache if use_cache else None
 
-        x = self.embed(input_ids, start)
+        x = self.embed(input_ids, start, padding)
         hidden_states = [x] if output_hidden_states else None
         found: dict[str, Any] = {}  # the encoded neighbours, once the first CCA layer has computed them
 
-        def encode_at_context_layer(h: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
-            found["neighbours"] = self.neighbours_for_call(h, retrieved, start, keep)
+        def encode_at_context_layer(h: Tensor) -> Any:
+            found["neighbours"] = self.neighbours_for_call(h, retrieved, start, keep, padding)
             return found["neighbours"]
 
         # Gradient checkpointing (training without a cache): each layer's sublayers, and the encoder run,
         # keep only their inputs and are recomputed in backward (dropout replays the same masks).
-        checkpointing = self.gradient_checkpointing and self.training and keep is None
+        # (a left-padded batch, for generation, runs without it)
+        checkpointing = self.gradient_checkpointing and self.training and keep is None and padding is None
         neighbours = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
@@ -354,10 +285,11 @@ class RetroModel(RetroPreTrainedModel):
                     neighbours=encode_at_context_layer
                     if i == self.context_layer
                     else found.get("neighbours"),
+                    padding=padding,
                 )
             else:
                 x = self._gradient_checkpointing_func(
-                    _mix_only, layer, x, start, mode, config.retnet_chunk_size
+                    mix_only, layer, x, start, mode, config.retnet_chunk_size
                 )
                 if i == self.context_layer and retrieved is not None:
                     neighbours = self._gradient_checkpointing_func(
@@ -365,7 +297,7 @@ class RetroModel(RetroPreTrainedModel):
                     )
                 # the neighbours go in as separate tensors: a reentrant checkpoint tracks only top-level ones
                 parts = neighbours if neighbours is not None else (None, None, None)
-                x = self._gradient_checkpointing_func(_cross_and_feed_forward, layer, x, start, *parts)
+                x = self._gradient_checkpointing_func(cross_and_feed_forward, layer, x, start, *parts)
             if keep is not None:
                 keep.layers[i] = state
             if hidden_states is not None:
@@ -418,13 +350,14 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         """HF ``generate``, or, with ``retrieval_database=db``, generation that retrieves from ``db`` at
         every chunk boundary (see :func:`retlm.models.retro.generation.generate_with_retrieval`, whose
         keyword options it takes: ``max_new_tokens, do_sample, temperature, top_k, top_p, ...``); it then
-        returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbours used per chunk."""
+        returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbours used per chunk.
+        Either way, a left-padded ``attention_mask`` batches prompts of different lengths (each row as if
+        alone, retrieving at its own chunk boundaries)."""
         if retrieval_database is None:
             return super().generate(*args, **kwargs)
         from retlm.models.retro.generation import generate_with_retrieval
 
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
-        kwargs.pop("attention_mask", None)
         return generate_with_retrieval(self, retrieval_database, input_ids, **kwargs)
 
     def forward(
