@@ -108,3 +108,19 @@ def test_the_experiment_runs_end_to_end(tmp_path, monkeypatch):
         assert rows[-1]["bits_per_byte"]["base"] == control_bpb
         assert all(math.isfinite(v) for v in rows[-1]["bits_per_byte"].values())
     assert "all" in fitted["trend_of_gain"]
+
+    # scoring the saved checkpoints again without training (--score-only), retrieval off checked at the
+    # last one only (--check-base-once), gives the same figures; a step with no checkpoint is refused
+    again = work / "again.json"
+    retrofit.main(
+        ["--work-dir", str(work), "--steps", "1,2", "--batch-size", "2", "--quiet", "--score-only"]
+        + ["--check-base-once", "--out", str(again)]
+    )
+    rescored = json.loads(again.read_text())
+    assert rescored["retrofit"] == fitted["retrofit"] and rescored["trend_of_gain"] == fitted["trend_of_gain"]
+    try:
+        retrofit.main(["--work-dir", str(work), "--steps", "1,3", "--quiet", "--score-only"])
+    except SystemExit as err:
+        assert "no checkpoint of step(s) [3]" in str(err)
+    else:
+        raise AssertionError("--score-only scored a checkpoint that does not exist")
