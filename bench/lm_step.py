@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from retlm.models.retro import RetroConfig, RetroForCausalLM
-from retlm.training.evaluate import causal_lm_loss
+from retlm.training.evaluation import causal_lm_loss
 
 VARIANTS = {"wordpiece-30522": (30522, False), "gpt2-50257": (50257, False), "gpt2-50257-tied": (50257, True)}
 

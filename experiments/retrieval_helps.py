@@ -37,7 +37,7 @@ from retlm.data import IGNORE_INDEX, RetroCollator
 from retlm.demo import DemoOptions, build_database
 from retlm.training import load_model, train
 from retlm.training.config import read_model_config
-from retlm.training.evaluate import causal_lm_loss, count_bytes, select_split
+from retlm.training.evaluation import causal_lm_loss, count_bytes, select_split
 
 
 def train_variant(

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from retlm.data import IGNORE_INDEX, RetroCollator
 from retlm.retrieval import RetrievalDatabase
 from retlm.training import load_model
-from retlm.training.evaluate import select_split
+from retlm.training.evaluation import select_split
 from retlm.training.leakage import (
     UNBUCKETED_NAME,
     OverlapView,

@@ -190,8 +190,7 @@ def train_model(opts: DemoOptions, db: Any, *, retrieval: bool, max_steps: int |
 
 
 def evaluate_model(opts: DemoOptions, db: Any, trained: Any) -> dict[str, Any]:
-    # from its home: once the trainer is loaded, ``retlm.training.evaluate`` is the submodule of that name
-    from retlm.training.evaluate import evaluate
+    from retlm.training import evaluate
 
     key = {"step": trained.global_step, "model": str(trained.model_dir), "sequences": opts.eval_sequences}
     return _cached(

@@ -131,7 +131,7 @@ def test_build_options_are_keywords_of_the_database_build():
 
 
 def test_eval_options_are_keywords_of_evaluate():
-    from retlm.training.evaluate import evaluate
+    from retlm.training.evaluation import evaluate
 
     params = inspect.signature(evaluate).parameters
     args = _parse(["eval", "CKPT", "--db", "DB", "--max-overlap", "12.5%", "--no-progress"])
@@ -161,6 +161,18 @@ def test_building_the_parsers_imports_neither_torch_nor_transformers():
     code = (
         "import sys; from retlm.cli.main import build_parser; build_parser(); "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_the_lazy_training_names_stay_functions_after_their_modules_load():
+    # A submodule named like one of the package's names would replace it on the package once imported
+    # (the trainer imports its evaluation module), and `from retlm.training import evaluate` would then
+    # return a module: every lazy name must differ from the submodules of retlm.training.
+    code = (
+        "import inspect, retlm.training as t, retlm.training.trainer, retlm.training.evaluation; "
+        "print(sorted(n for n in t.__all__ if inspect.ismodule(getattr(t, n))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr

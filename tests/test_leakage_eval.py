@@ -19,7 +19,7 @@ from training_helpers import open_twin_database, tiny_model_config, write_twin_d
 
 from retlm.data import RETRODataset
 from retlm.training import evaluate, load_model, train
-from retlm.training.evaluate import compare_retrieval, count_bytes, select_split
+from retlm.training.evaluation import compare_retrieval, count_bytes, select_split
 from retlm.training.leakage import UNBUCKETED_NAME, OverlapView, format_overlap_table, score_by_overlap
 from retlm.training.overlap import BUCKET_EDGES, BUCKET_NAMES, sequence_overlaps
 from retlm.training.plot import plot_overlap_buckets

@@ -78,7 +78,7 @@ def parse_fraction(text: str) -> float:
 @dataclass
 class EvalOptions:
     """The options of `retlm eval`; ``evaluate_kwargs()`` are the keywords of
-    ``retlm.training.evaluate.evaluate(checkpoint, db, **kwargs)``."""
+    ``retlm.training.evaluation.evaluate(checkpoint, db, **kwargs)``."""
 
     checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="run, model or checkpoint dir")
     db: Path = option(metavar="DB", help="the retrieval database the model was trained on")
@@ -177,7 +177,7 @@ def print_training_result(result: Any, out: Path) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from retlm.training.evaluate import SPLITS, evaluate, format_table
+    from retlm.training.evaluation import SPLITS, evaluate, format_table
 
     if args.split not in SPLITS:
         raise UsageError(f"unknown --split {args.split!r}; choose one of {', '.join(SPLITS)}")

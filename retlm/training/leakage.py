@@ -9,7 +9,7 @@ the database rewards. The buckets show where a gain comes from; the filtered eva
 gives without the leaked text.
 
 Bits per byte per bucket: each target chunk's bytes are counted by :func:`target_chunk_bytes`, the way
-:func:`retlm.training.evaluate.count_bytes` counts a sequence's, so the buckets' bytes add up to the
+:func:`retlm.training.evaluation.count_bytes` counts a sequence's, so the buckets' bytes add up to the
 overall figure: exactly, token by token, for a byte-level BPE (GPT-2's); for other tokenizers as the
 difference between the UTF-8 lengths of the decoded scored targets up to the chunk's end and up to its
 start, which telescopes to the decoded sequence's length.
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from retlm.data import IGNORE_INDEX, RetroCollator
-from retlm.training.evaluate import Score, causal_lm_loss, scoring_batches
+from retlm.training.evaluation import Score, causal_lm_loss, scoring_batches
 from retlm.training.overlap import (
     BUCKET_NAMES,
     UNBUCKETED,
@@ -166,7 +166,7 @@ def score_by_overlap(
 ) -> dict[str, Any]:
     """Loss and bits per byte, overall and per overlap bucket, with retrieval on and off.
 
-    Returns the keys of :func:`retlm.training.evaluate.compare_retrieval` (``with_retrieval``,
+    Returns the keys of :func:`retlm.training.evaluation.compare_retrieval` (``with_retrieval``,
     ``without_retrieval``, ``perplexity_ratio``, ``tokens``, ``bytes``, ``sequences``; with ``max_overlap``
     the retrieval numbers are those of the filtered neighbours) plus ``overlap``: ``{"max_overlap",
     "neighbours", "dropped_neighbours", "buckets": [{"bucket", "chunks", "tokens", "bytes",

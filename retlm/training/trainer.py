@@ -54,7 +54,7 @@ from retlm.training.callbacks import (
     StepPlanner,
 )
 from retlm.training.config import build_config
-from retlm.training.evaluate import score
+from retlm.training.evaluation import score
 from retlm.training.options import TrainOptions
 from retlm.training.precision import resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
