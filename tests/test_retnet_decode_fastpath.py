@@ -137,6 +137,35 @@ def test_fused_projections_follow_parameter_updates_and_replaced_modules() -> No
     assert not torch.equal(changed[0], fast[0])  # the replaced module is used, not a stale copy
 
 
+def test_a_wrapped_or_hooked_block_is_called_in_every_decoding_step() -> None:
+    # The one-token path calls each block's step directly; a block that is wrapped (RETRO-fitting's CCA)
+    # or hooked must still run as a module, or its wrapper is silently skipped while decoding.
+    model = tiny(num_layers=3).eval()
+    ids = torch.randint(0, 50, (1, 10), generator=torch.Generator().manual_seed(3))
+    plain = decode_tokens(model, ids, 4, grad=False)
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, *args, **kwargs):
+            hidden, state = self.layer(*args, **kwargs)
+            return hidden + 0.5, state
+
+        def step(self, *args, **kwargs):  # what a wrapper reading through to its layer exposes
+            return self.layer.step(*args, **kwargs)
+
+    layers = model.model.layers
+    layers[1] = Shifted(layers[1])
+    calls = []
+    layers[2].register_forward_pre_hook(lambda module, args: calls.append(1))
+    fast = decode_tokens(model, ids, 4, grad=False)
+    assert_same_bits(fast, decode_tokens(model, ids, 4, grad=True))
+    assert not torch.equal(fast[0], plain[0])
+    assert len(calls) == 2 * 5  # prompt + 4 one-token steps, in each of the two decodings
+
+
 @pytest.mark.slow
 def test_compiled_decoding_matches_eager_within_float32_rounding() -> None:
     """``compile_decoding()`` (torch.compile, inductor on CPU) against the eager step, float32. The

@@ -277,7 +277,7 @@ class RetNetModel(RetNetPreTrainedModel):
         step_memo: dict = {}  # per-position tables shared by the layers (one-token recurrent steps)
         one_step = (
             mode == "recurrent" and seq_len == 1 and mask is None and not output_hidden_states
-            and not self.training and not torch.is_grad_enabled() and len(self.layers) > 0
+            and not self.training and not torch.is_grad_enabled() and self.blocks_run_as_steps()
         )  # fmt: skip
         if one_step:  # decoding: the layers' step functions, compiled if asked for (same results)
             hidden = self.decode_step_layers(hidden, position_offset, cache, use_cache)
@@ -327,6 +327,16 @@ class RetNetModel(RetNetPreTrainedModel):
             for idx, state in enumerate(new_states):
                 cache.set_state(idx, state)
         return hidden
+
+    def blocks_run_as_steps(self) -> bool:
+        """Whether calling every block's ``step`` does what calling the block would: the one-token path
+        bypasses ``nn.Module.__call__``, so a wrapped block (RETRO-fitting puts its CCA after chosen
+        blocks), a subclass with its own ``forward``, or a block with forward hooks takes the general path."""
+        return len(self.layers) > 0 and all(
+            type(layer).forward is RetNetDecoderLayer.forward
+            and not (layer._forward_hooks or layer._forward_pre_hooks)
+            for layer in self.layers
+        )
 
     def layer_steps(
         self, hidden: Tensor, tables: StepTables, states: list[RetentionState | None]
