@@ -14,6 +14,9 @@ Three parts, each run in this one process and printed as markdown tables with ra
            filled with random keys and values of the right size: a step's cost depends on the cache's
            size, not its contents, and a real 32k prefill would take minutes of quadratic attention).
 5. profile: cProfile of RetNet decoding steps at 8k context, the top entries by own time.
+6. floor:  the matrix-vector products of one decoding step alone, over each model's own weight
+           matrices (RetNet's and Llama's, batch 1, fastest of 30): the time no step can go below while
+           it reads every weight from memory once, and the speed ratio that bound allows.
 
 Memory on CPU: tracemalloc does not see torch's allocations, so we report (i) the exact bytes of the
 cache tensors and (ii) the process's peak resident memory during the decoding steps above its level
@@ -24,6 +27,7 @@ just before decoding starts. Large tensors are mmap'ed and unmapped on free, so 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -319,6 +323,39 @@ def profile_decode(retnet, context: int, steps: int, top: int = 15) -> None:
     print("```\n" + "\n".join(line for line in out.getvalue().splitlines() if line.strip()) + "\n```")
 
 
+def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every weight a one-token step multiplies by (the LM head included; the embedding is a lookup)."""
+    return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def products_ms(weights: list[torch.Tensor], repeats: int = 30) -> float:
+    """Fastest time (ms) of one matrix-vector product per weight, in order, batch 1."""
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def bench_floor(retnet: RetNetForCausalLM, llama: LlamaForCausalLM) -> None:
+    print("\n### floor: one step's matrix-vector products alone (batch 1, fastest of 30)\n")
+    print("| model | weight MB | products ms | GB/s |")
+    print("|---|---|---|---|")
+    for name, model in (("RetNet", retnet), ("Llama", llama)):
+        weights = weight_matrices(model)
+        mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
+        ms = products_ms(weights)
+        print(f"| {name} | {mb:.1f} | {ms:.2f} | {mb / ms:.1f} |")
+    print(
+        "\nA RetNet step reads these weights (plus a 0.5 MiB state); dividing a measured Llama ms/step by"
+        " RetNet's products ms gives the highest speed ratio any RetNet step could reach here."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short lengths and contexts (smoke run)")
@@ -334,7 +371,9 @@ def main() -> None:
         "--decode-repeats", type=int, default=3, help="timed decoding runs per context; the fastest is kept"
     )
     parser.add_argument(
-        "--parts", default="ops,train,decode", help="comma-separated subset of ops,train,decode,curve,profile"
+        "--parts",
+        default="ops,train,decode",
+        help="comma-separated subset of ops,train,decode,curve,profile,floor",
     )
     parser.add_argument("--contexts", default=None, help="decode contexts, comma-separated (1k,4k,8k)")
     parser.add_argument(
@@ -376,6 +415,8 @@ def main() -> None:
         bench_curve(retnet, llama, curve, args.steps, 1 if args.quick else args.decode_repeats)
     if "profile" in parts:
         profile_decode(retnet, 8192, 4 * args.steps)
+    if "floor" in parts:
+        bench_floor(retnet, llama)
 
 
 if __name__ == "__main__":
