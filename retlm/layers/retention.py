@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from retlm.layers.fused_linear import FusedLinear, contiguous
 from retlm.ops import retention as retention_ops
-from retlm.ops.retention import USE_DEFAULT_GAMMA, RetentionState
+from retlm.ops.retention import USE_DEFAULT_GAMMA, RetentionState, token_positions
 from retlm.ops.rotary import (
     apply_interleaved_rotation,
     interleaved_rotation,
@@ -29,14 +29,6 @@ from retlm.ops.rotary import (
 )
 
 POSITION_ENCODINGS = ("rotary", "xpos")
-
-
-def absolute_positions(position_offset: int | Tensor, seq_len: int, device: torch.device) -> Tensor:
-    """Positions of a call's tokens: ``(seq,)`` for an int offset, ``(batch, seq)`` for a per-row one."""
-    steps = torch.arange(seq_len, device=device)
-    if isinstance(position_offset, Tensor):
-        return position_offset.to(device)[:, None] + steps
-    return steps + position_offset
 
 
 class MultiScaleRetention(nn.Module):
@@ -152,7 +144,7 @@ class MultiScaleRetention(nn.Module):
         xpos = None
         if self.position_encoding == "xpos":
             if not isinstance(positions, Tensor):
-                positions = absolute_positions(positions, 1, device)
+                positions = token_positions(positions, 1, device)
             xpos = xpos_scale(positions, self.key_dim, self.xpos_scale_base, dtype)
         return Rotation(*interleaved_rotation(angles, dtype), xpos)
 
@@ -226,7 +218,7 @@ class MultiScaleRetention(nn.Module):
             return out, (new_state if return_state else None)
         log_gamma, _ = self.constants(hidden_states.device)
         q, k, v = self.project(hidden_states)
-        positions = absolute_positions(position_offset, seq_len, hidden_states.device)
+        positions = token_positions(position_offset, seq_len, hidden_states.device)
         q, k = self.rotate(q, k, self.rotation_tables(positions, q.device, q.dtype))
         k, v = mask_padding(k, v, attention_mask)
         out, new_state = retention_ops.run_retention(

@@ -132,11 +132,12 @@ def retention_chunks(
 
 
 def token_positions(position_offset: int | Tensor, seq_len: int, device: torch.device) -> Tensor:
-    """Absolute positions ``(1, 1, seq)`` for an int offset, ``(batch, 1, seq)`` for a per-row one."""
+    """Absolute positions of a call's tokens: ``(seq,)`` for an int offset, ``(batch, seq)`` for a per-row
+    ``(batch,)`` one (left padding puts a row's pads at negative positions)."""
     steps = torch.arange(seq_len, device=device)
     if isinstance(position_offset, Tensor):
-        return (position_offset.to(device).reshape(-1, 1) + steps)[:, None, :]
-    return (steps + position_offset)[None, None, :]
+        return position_offset.to(device)[:, None] + steps
+    return steps + position_offset
 
 
 def inv_sqrt_rowsum(log_gamma: Tensor, log_one_minus_gamma: Tensor, n: Tensor | int) -> Tensor:
@@ -158,11 +159,11 @@ def apply_normaliser(numerator: Tensor, denominator: Tensor, inv_sqrt_rowsum: Te
 def normalise(numerator: Tensor, denominator: Tensor, log_gamma: Tensor, positions: Tensor) -> Tensor:
     """out = (num / sqrt(S_n)) / max(|den| / sqrt(S_n), 1), with S_n = (1 - gamma^(n+1)) / (1 - gamma).
 
-    ``numerator (b, h, T, dv)``, ``denominator (b, h, T)``, ``positions (b or 1, 1, T)``. Padding sits at
+    ``numerator (b, h, T, dv)``, ``denominator (b, h, T)``, ``positions (T,)`` or ``(b, T)``. Padding sits at
     negative positions; there S is taken at n = 0 (those outputs are don't-care, but stay finite).
     """
-    log_gamma = log_gamma.to(torch.float64)[:, None]
-    n = positions.clamp(min=0).to(torch.float64)
+    log_gamma = log_gamma.to(torch.float64)[:, None]  # (h, 1)
+    n = positions.clamp(min=0).to(torch.float64)[..., None, :]  # (1, T) or (b, 1, T)
     inverse = inv_sqrt_rowsum(log_gamma, torch.log(-torch.expm1(log_gamma)), n)
     return apply_normaliser(numerator, denominator, inverse.to(numerator.dtype))
 
