@@ -109,9 +109,9 @@ def train_base(db: Any, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.base_batch_size,
         "seq_len": seq_len,
         "tokens": steps * args.base_batch_size * seq_len,
-        "training_minutes": round(float(result.elapsed_s) / 60, 2),
+        "training_minutes": round(float(run["elapsed_s"]) / 60, 2),
         "wall_minutes_this_call": round((time.perf_counter() - start) / 60, 2),
-        "stop_reason": result.stop_reason,
+        "stop_reason": run["stop_reason"],  # the run's own (a rerun reuses it: "already_finished")
         "lr": args.base_lr,
         "last_train_loss": result.last_train_loss,
         "train_sequences": run["train_sequences"],

@@ -89,6 +89,11 @@ class Buckets:
         self.scored = labels != IGNORE_INDEX
         self.bytes = np.stack([(chunk_bytes * (chunk_bucket == b)).sum(1) for b in BUCKETS], axis=1)  # (N, B)
         self.tokens = np.stack([(self.scored & (self.targets == b)).sum(1) for b in BUCKETS], axis=1)
+        # target chunks with a scored target (the extra target counts as one, not bucketed), per bucket
+        has = np.zeros_like(chunk_bucket, dtype=bool)
+        rows, cols = np.nonzero(self.scored)
+        has[rows, (cols + 1) // c] = True
+        self.chunks = [int((has & (chunk_bucket == b)).sum()) for b in BUCKETS]
 
     def bits(self, nll: np.ndarray) -> np.ndarray:
         """``(N, B)`` summed bits per sequence and bucket of per-target nats ``nll (N, L)``."""
@@ -104,7 +109,9 @@ class Buckets:
         for j, name in [*enumerate(NAMES), (None, "all")]:
             pick = (lambda a: a.sum(1)) if j is None else (lambda a, j=j: a[:, j])
             n_bytes, n_tokens = pick(self.bytes), pick(self.tokens)
-            row: dict[str, Any] = {"bucket": name, "tokens": int(n_tokens.sum()), "bytes": int(n_bytes.sum())}
+            chunks = sum(self.chunks) if j is None else self.chunks[j]
+            row: dict[str, Any] = {"bucket": name, "chunks": chunks, "tokens": int(n_tokens.sum())}
+            row["bytes"] = int(n_bytes.sum())
             if n_bytes.sum() == 0:
                 rows.append(row)
                 continue
@@ -250,14 +257,15 @@ def retrofit_and_score(
         "lr": args.lr,
         "batch_size": args.batch_size,
     }
-    for j, name in [*enumerate(NAMES), (len(NAMES), "all")]:
-        rows = [report["retrofit"][s]["buckets"][j] for s in steps]
-        if all("base_minus_real" in r for r in rows):
-            gains = [r["base_minus_real"]["mean"] for r in rows]
-            halves = [(r["base_minus_real"]["ci95"][1] - r["base_minus_real"]["ci95"][0]) / 2 for r in rows]
-            report.setdefault("trend_of_gain", {})[name] = trend(
-                steps, gains, halves, report["tokens_per_step"]
-            )
+    # the gain over the base, and (trend_of_neighbour_gain) over the same model reading another
+    # sequence's neighbours: what the neighbours' text itself gives, without the adapter's extra capacity
+    for key, pair in (("trend_of_gain", "base_minus_real"), ("trend_of_neighbour_gain", "other_minus_real")):
+        for j, name in [*enumerate(NAMES), (len(NAMES), "all")]:
+            rows = [report["retrofit"][s]["buckets"][j] for s in steps]
+            if all(pair in r for r in rows):
+                gains = [r[pair]["mean"] for r in rows]
+                halves = [(r[pair]["ci95"][1] - r[pair]["ci95"][0]) / 2 for r in rows]
+                report.setdefault(key, {})[name] = trend(steps, gains, halves, report["tokens_per_step"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,6 +205,8 @@ def test_gpt2_trained_from_scratch_then_retrofitted(tmp_path, monkeypatch):
         assert [r["bucket"] for r in rows] == [*retrofit.NAMES, "all"]
         assert rows[-1]["bytes"] == n_bytes and rows[-1]["tokens"] == int((labels != -100).sum())
         assert sum(r["tokens"] for r in rows[:-1]) == rows[-1]["tokens"]
+        assert sum(r["chunks"] for r in rows[:-1]) == rows[-1]["chunks"]
+        assert all((r["chunks"] > 0) == (r["tokens"] > 0) for r in rows)
         assert math.isclose(
             rows[-1]["bits_per_byte"]["base"], plain.sum() / math.log(2) / n_bytes, rel_tol=1e-12
         )
@@ -215,7 +217,8 @@ def test_gpt2_trained_from_scratch_then_retrofitted(tmp_path, monkeypatch):
             for pair in ("base_minus_real", "other_minus_real"):
                 low, high = row[pair]["ci95"]
                 assert low <= row[pair]["mean"] <= high
-    assert "all" in report["trend_of_gain"] and report["tokens_per_step"] == 2 * 64
+    assert "all" in report["trend_of_gain"] and "all" in report["trend_of_neighbour_gain"]
+    assert report["tokens_per_step"] == 2 * 64
 
     # `retlm retrofit --base` takes the run directory as it is
     code = cli(
