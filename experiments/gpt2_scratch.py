@@ -14,7 +14,7 @@ with another held-out sequence's neighbours, and with retrieval off, which must 
 exactly (checked), in bits per byte by overlap bucket with paired bootstrap 95% intervals, and the gain's
 trend with steps is extrapolated to the run that would resolve it (``retrofit.trend``).
 
-    cd experiments && python gpt2_scratch.py --db DB --work-dir /tmp/gpt2rf --minutes 10 --steps 40,120,360
+    cd experiments && python gpt2_scratch.py --db DB --work-dir /tmp/gpt2rf --minutes 10 --steps 15,45,135
 """
 
 from __future__ import annotations
