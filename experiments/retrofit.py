@@ -89,6 +89,11 @@ class Buckets:
         self.scored = labels != IGNORE_INDEX
         self.bytes = np.stack([(chunk_bytes * (chunk_bucket == b)).sum(1) for b in BUCKETS], axis=1)  # (N, B)
         self.tokens = np.stack([(self.scored & (self.targets == b)).sum(1) for b in BUCKETS], axis=1)
+        # target chunks with a scored target (the extra target counts as one, not bucketed), per bucket
+        has = np.zeros_like(chunk_bucket, dtype=bool)
+        rows, cols = np.nonzero(self.scored)
+        has[rows, (cols + 1) // c] = True
+        self.chunks = [int((has & (chunk_bucket == b)).sum()) for b in BUCKETS]
 
     def bits(self, nll: np.ndarray) -> np.ndarray:
         """``(N, B)`` summed bits per sequence and bucket of per-target nats ``nll (N, L)``."""
@@ -104,7 +109,9 @@ class Buckets:
         for j, name in [*enumerate(NAMES), (None, "all")]:
             pick = (lambda a: a.sum(1)) if j is None else (lambda a, j=j: a[:, j])
             n_bytes, n_tokens = pick(self.bytes), pick(self.tokens)
-            row: dict[str, Any] = {"bucket": name, "tokens": int(n_tokens.sum()), "bytes": int(n_bytes.sum())}
+            chunks = sum(self.chunks) if j is None else self.chunks[j]
+            row: dict[str, Any] = {"bucket": name, "chunks": chunks, "tokens": int(n_tokens.sum())}
+            row["bytes"] = int(n_bytes.sum())
             if n_bytes.sum() == 0:
                 rows.append(row)
                 continue
@@ -172,16 +179,13 @@ def trend(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, required=True, help="a work dir of retrieval_helps.py")
-    parser.add_argument("--seed", type=int, default=0, help="which control-seed{N} to retrofit")
+def add_retrofit_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the retrofitting run and its scoring (also ``gpt2_scratch.py``'s)."""
     parser.add_argument("--steps", default="100,300,900", help="checkpoints of one retrofitting run to score")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cca-layers", default=None, help="e.g. 2,4 (default: retlm retrofit's)")
     parser.add_argument("--enc-depth", type=int, default=1)
-    parser.add_argument("--max-overlap", type=float, default=0.125, help="of the filtered evaluation")
     parser.add_argument(
         "--check-base-once",
         action="store_true",
@@ -193,15 +197,90 @@ def main(argv: list[str] | None = None) -> None:
         help="train nothing: score the --steps checkpoints an earlier (e.g. interrupted) run saved",
     )
     parser.add_argument("--quiet", action="store_true")
+
+
+def parse_steps(text: str) -> list[int]:
+    return sorted({int(s) for s in text.split(",")})
+
+
+def check_checkpoints(run_dir: Path, steps: list[int], score_only: bool) -> None:
+    missing = [s for s in steps if not (run_dir / f"checkpoint-{s}").is_dir()]
+    if score_only and missing:
+        raise SystemExit(f"--score-only: {run_dir} has no checkpoint of step(s) {missing}")
+
+
+def retrofit_and_score(
+    base_dir: Path,
+    db: Any,
+    run_dir: Path,
+    heldout: Any,
+    buckets: Buckets,
+    base_nll: np.ndarray,
+    args: argparse.Namespace,
+    report: dict[str, Any],
+) -> None:
+    """RETRO-fit the base in ``base_dir`` into ``run_dir`` (unless ``args.score_only``), score its
+    ``args.steps`` checkpoints against the base's per-target NLL ``base_nll``, fit the trend of the gain,
+    and add it all to ``report``."""
+    steps = parse_steps(args.steps)
+    pad, eos = int(db.pad_id), eos_of(db)
+    options = dict(
+        max_steps=steps[-1],
+        lr=args.lr,
+        batch_size=args.batch_size,
+        save_total_limit=None,
+        save_every=reduce(math.gcd, steps),
+        eval_every=None,
+        progress=not args.quiet,
+    )
+    cca_layers = [int(x) for x in args.cca_layers.split(",")] if args.cca_layers else None
+    if args.score_only:  # an interrupted run: score the checkpoints it saved, train nothing
+        last_model = run_dir / f"checkpoint-{steps[-1]}"
+    else:
+        start = time.perf_counter()
+        adapter = dict(cca_layers=cca_layers, enc_depth=args.enc_depth)
+        result = retrofit(base_dir, db, run_dir, **adapter, **options)
+        report["retrofit_minutes"] = round((time.perf_counter() - start) / 60, 1)
+        last_model = result.model_dir
+    seq_len = len(heldout[0][0]) - 1  # the base's, at which the held-out sequences were cut
+    report["tokens_per_step"] = args.batch_size * seq_len
+    report["retrofit"] = {}
+    for step in steps:
+        model = load_model(run_dir / f"checkpoint-{step}")
+        # retrieval off is the frozen base at every step: checked once, at the last checkpoint
+        check = step == steps[-1] or not args.check_base_once
+        report["retrofit"][step] = score_retrofit(model, heldout, buckets, base_nll, pad, eos, check)
+        print(json.dumps({step: report["retrofit"][step]["buckets"][-1]}, indent=2), flush=True)
+    report["retrofit_config"] = {
+        "cca_layers": load_model(last_model).config.cca_layers,
+        "enc_depth": args.enc_depth,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+    }
+    # the gain over the base, and (trend_of_neighbour_gain) over the same model reading another
+    # sequence's neighbours: what the neighbours' text itself gives, without the adapter's extra capacity
+    for key, pair in (("trend_of_gain", "base_minus_real"), ("trend_of_neighbour_gain", "other_minus_real")):
+        for j, name in [*enumerate(NAMES), (len(NAMES), "all")]:
+            rows = [report["retrofit"][s]["buckets"][j] for s in steps]
+            if all(pair in r for r in rows):
+                gains = [r[pair]["mean"] for r in rows]
+                halves = [(r[pair]["ci95"][1] - r[pair]["ci95"][0]) / 2 for r in rows]
+                report.setdefault(key, {})[name] = trend(steps, gains, halves, report["tokens_per_step"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", type=Path, required=True, help="a work dir of retrieval_helps.py")
+    parser.add_argument("--seed", type=int, default=0, help="which control-seed{N} to retrofit")
+    parser.add_argument("--max-overlap", type=float, default=0.125, help="of the filtered evaluation")
+    add_retrofit_options(parser)
     parser.add_argument("--out", type=Path, default=None, help="default: WORK_DIR/retrofit-seed{N}.json")
     args = parser.parse_args(argv)
 
-    steps = sorted({int(s) for s in args.steps.split(",")})
+    steps = parse_steps(args.steps)
     work = args.work_dir
     run_dir = work / f"retrofit-seed{args.seed}"
-    missing = [s for s in steps if not (run_dir / f"checkpoint-{s}").is_dir()]
-    if args.score_only and missing:
-        raise SystemExit(f"--score-only: {run_dir} has no checkpoint of step(s) {missing}")
+    check_checkpoints(run_dir, steps, args.score_only)
     db = RetrievalDatabase.open(work / "db")
     control_dir = work / f"control-seed{args.seed}" / "model"
     control = load_model(control_dir)
@@ -234,47 +313,7 @@ def main(argv: list[str] | None = None) -> None:
             },
         )
 
-    options = dict(
-        max_steps=steps[-1],
-        lr=args.lr,
-        batch_size=args.batch_size,
-        save_total_limit=None,
-        save_every=reduce(math.gcd, steps),
-        eval_every=None,
-        progress=not args.quiet,
-    )
-    cca_layers = [int(x) for x in args.cca_layers.split(",")] if args.cca_layers else None
-    if args.score_only:  # an interrupted run: score the checkpoints it saved, train nothing
-        last_model = run_dir / f"checkpoint-{steps[-1]}"
-    else:
-        start = time.perf_counter()
-        adapter = dict(cca_layers=cca_layers, enc_depth=args.enc_depth)
-        result = retrofit(control_dir, db, run_dir, **adapter, **options)
-        report["retrofit_minutes"] = round((time.perf_counter() - start) / 60, 1)
-        last_model = result.model_dir
-    seq_len = int(control.config.retlm_data["seq_len"])
-    report["tokens_per_step"] = args.batch_size * seq_len
-    report["retrofit"] = {}
-    for step in steps:
-        model = load_model(run_dir / f"checkpoint-{step}")
-        # retrieval off is the frozen base at every step: checked once, at the last checkpoint
-        check = step == steps[-1] or not args.check_base_once
-        report["retrofit"][step] = score_retrofit(model, heldout, buckets, control_nll, pad, eos, check)
-        print(json.dumps({step: report["retrofit"][step]["buckets"][-1]}, indent=2), flush=True)
-    report["retrofit_config"] = {
-        "cca_layers": load_model(last_model).config.cca_layers,
-        "enc_depth": args.enc_depth,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-    }
-    for j, name in [*enumerate(NAMES), (len(NAMES), "all")]:
-        rows = [report["retrofit"][s]["buckets"][j] for s in steps]
-        if all("base_minus_real" in r for r in rows):
-            gains = [r["base_minus_real"]["mean"] for r in rows]
-            halves = [(r["base_minus_real"]["ci95"][1] - r["base_minus_real"]["ci95"][0]) / 2 for r in rows]
-            report.setdefault("trend_of_gain", {})[name] = trend(
-                steps, gains, halves, report["tokens_per_step"]
-            )
+    retrofit_and_score(control_dir, db, run_dir, heldout, buckets, control_nll, args, report)
     out = args.out or work / f"retrofit-seed{args.seed}.json"
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report.get("trend_of_gain"), indent=2))

@@ -124,3 +124,105 @@ def test_the_experiment_runs_end_to_end(tmp_path, monkeypatch):
         assert "no checkpoint of step(s) [3]" in str(err)
     else:
         raise AssertionError("--score-only scored a checkpoint that does not exist")
+
+
+def test_gpt2_trained_from_scratch_then_retrofitted(tmp_path, monkeypatch):
+    """experiments/gpt2_scratch.py on a tiny database: the GPT-2 base never trains on a held-out document,
+    `retlm retrofit --base` takes its folder, retrieval off is the base exactly, and the report has every
+    bucket with paired intervals at every checkpoint."""
+    from retlm.cli.main import main as cli
+    from retlm.data import sequence_doc_ids
+    from retlm.demo import DemoOptions, build_database
+    from retlm.training import load_model
+    from retlm.training.evaluation import count_bytes, select_split
+    from retlm.training.leakage import token_nll
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    gpt2_scratch = importlib.import_module("gpt2_scratch")
+    retrofit = importlib.import_module("retrofit")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        topic = ["rivers", "stars", "bread"][i % 3]
+        (corpus / f"d{i}.txt").write_text(
+            " ".join(f"Note {i}.{j} is about {topic} in May." for j in range(16))
+        )
+    db = build_database(
+        DemoOptions(
+            work_dir=tmp_path, corpus=corpus, seq_len=64, chunk_size=16, tokenizer="gpt2", progress=False
+        )
+    )
+    work = tmp_path / "work"
+    tiny = ["--layers", "2", "--width", "32", "--heads", "2", "--base-batch-size", "2", "--batch-size", "2"]
+    gpt2_scratch.main(
+        [
+            "--db",
+            str(db.path),
+            "--work-dir",
+            str(work),
+            "--base-steps",
+            "3",
+            "--steps",
+            "1,2",
+            "--quiet",
+            *tiny,
+        ]
+    )
+    report = json.loads((work / "report.json").read_text())
+
+    # the base: a plain GPT2LMHeadModel in safetensors, trained 3 steps on the training documents only
+    base_dir = work / "gpt2" / "model"
+    assert (base_dir / "model.safetensors").is_file()
+    base = load_model(base_dir)
+    assert type(base).__name__ == "GPT2LMHeadModel" and base.config.n_layer == 2
+    assert report["base"]["steps"] == 3 and report["base"]["tokens"] == 3 * 2 * 64
+    heldout_docs = report["base"]["split"]["heldout_docs"]
+    assert heldout_docs and base.config.retlm_data["split"]["heldout_docs"] == heldout_docs
+    seq_docs = sequence_doc_ids(db)
+    held = np.isin(seq_docs, heldout_docs)
+    assert (
+        report["base"]["train_sequences"] == int((~held).sum()) and report["heldout_sequences"] == held.sum()
+    )
+    assert report["base"]["train_documents"] + len(heldout_docs) == len(np.unique(seq_docs))
+    # the retrofit kept the base's split, so it trains on the same sequences
+    fitted = load_model(work / "retrofit" / "checkpoint-2")
+    assert fitted.config.retlm_data["split"] == report["base"]["split"]
+    assert report["retrofit_train_sequences"] == report["base"]["train_sequences"]
+
+    # retrieval off gives the plain GPT-2's per-target losses exactly, and the report's base bpb is its own
+    heldout = select_split(
+        "heldout", retrieval_helps.database_sequences(db, base), db, base.config.retlm_data
+    )
+    pad, eos = int(db.pad_id), int(db.eos_id)
+    plain, labels = token_nll(base, heldout, pad_id=pad, retrieval=False, eos_id=eos)
+    off, _ = token_nll(fitted, heldout, pad_id=pad, retrieval=False, eos_id=eos)
+    on, _ = token_nll(fitted, heldout, pad_id=pad, retrieval=True, eos_id=eos)
+    assert np.array_equal(off, plain) and not np.array_equal(on, plain)
+    n_bytes = count_bytes(heldout, db.tokenizer, pad_id=pad, eos_id=eos)
+    for step in ("1", "2"):
+        rows = report["retrofit"][step]["buckets"]
+        assert [r["bucket"] for r in rows] == [*retrofit.NAMES, "all"]
+        assert rows[-1]["bytes"] == n_bytes and rows[-1]["tokens"] == int((labels != -100).sum())
+        assert sum(r["tokens"] for r in rows[:-1]) == rows[-1]["tokens"]
+        assert sum(r["chunks"] for r in rows[:-1]) == rows[-1]["chunks"]
+        assert all((r["chunks"] > 0) == (r["tokens"] > 0) for r in rows)
+        assert math.isclose(
+            rows[-1]["bits_per_byte"]["base"], plain.sum() / math.log(2) / n_bytes, rel_tol=1e-12
+        )
+        for row in rows:
+            if "bits_per_byte" not in row:
+                continue  # a bucket with no chunk
+            assert set(row["bits_per_byte"]) == {"real_neighbours", "other_neighbours", "base"}
+            for pair in ("base_minus_real", "other_minus_real"):
+                low, high = row[pair]["ci95"]
+                assert low <= row[pair]["mean"] <= high
+    assert "all" in report["trend_of_gain"] and "all" in report["trend_of_neighbour_gain"]
+    assert report["tokens_per_step"] == 2 * 64
+
+    # `retlm retrofit --base` takes the run directory as it is
+    code = cli(
+        ["retrofit", "--base", str(work / "gpt2"), "--db", str(db.path), "--out", str(tmp_path / "cli-run")]
+        + ["--max-steps", "1", "--batch-size", "2", "--no-progress", "--save-every", "0"]
+    )
+    assert code in (0, None) and (tmp_path / "cli-run" / "model" / "model.safetensors").is_file()
