@@ -122,8 +122,10 @@ def test_a_real_run_uses_its_budget_when_the_first_timing_is_wrong(tmp_path, mon
     assert run["max_steps_source"] == "time_budget" and result.stop_reason == "time_budget"
     assert result.global_step == result.max_steps == run["max_steps"]  # the run file records the final plan
     # without re-planning the run would stop after about a fifth of its budget (on an idle machine: on a
-    # busy one steps slow down and the clock, too, stops it at the budget); loose bounds: shared cores
-    assert 0.8 * budget_s <= result.elapsed_s <= budget_s + 5.0
+    # busy one steps slow down and the clock, too, stops it at the budget). The lower bound is 3x that:
+    # in an 8 s run the reserve for the final evaluation and checkpoint, estimated before either has run,
+    # weighs heavily, and runs on the project's 2-core box ended at 6.3 s (idle) and 5.7 s (load 12)
+    assert 0.6 * budget_s <= result.elapsed_s <= budget_s + 5.0
     again = train(
         db,
         tiny_model_config(),
