@@ -9,8 +9,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from retlm.layers.fused_linear import FusedLinear, contiguous
-
 
 class FeedForward(nn.Module):
     """``fc2(act(fc1 x) [* gate x])`` with dropout.
@@ -39,18 +37,11 @@ class FeedForward(nn.Module):
         self.act = ACT2FN[activation]
         self.activation_dropout = nn.Dropout(activation_dropout)
         self.dropout = nn.Dropout(dropout)
-        # One token at a time (decoding), fc1 and gate are one matrix-vector product.
-        self._fused_fc1_gate = FusedLinear("fc1", "gate")
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = self._fused_fc1_gate(self, x) if self.gate is not None and x.shape[-2:-1] == (1,) else None
-        if fused is not None:  # one token, no autograd: fc1 and gate as one product (bit for bit the same)
-            width = fused.shape[-1] // 2
-            hidden = self.act(contiguous(fused.narrow(-1, 0, width))) * fused.narrow(-1, width, width)
-        else:
-            hidden = self.act(self.fc1(x))
-            if self.gate is not None:
-                hidden = hidden * self.gate(x)
+        hidden = self.act(self.fc1(x))
+        if self.gate is not None:
+            hidden = hidden * self.gate(x)
         if not self.training:  # both dropouts are the identity; decoding skips the calls
             return self.fc2(hidden)
         return self.dropout(self.fc2(self.activation_dropout(hidden)))

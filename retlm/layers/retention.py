@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retlm.layers.fused_linear import FusedLinear, contiguous
 from retlm.ops import retention as retention_ops
 from retlm.ops.retention import USE_DEFAULT_GAMMA, RetentionState, token_positions
 from retlm.ops.rotary import (
@@ -89,8 +88,6 @@ class MultiScaleRetention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, v_dim, bias=bias)
         self.g_proj = nn.Linear(hidden_size, v_dim, bias=bias)
         self.out_proj = nn.Linear(v_dim, hidden_size, bias=out_bias)
-        # One token at a time, q/k/v/g are one matrix-vector product (see retlm.layers.fused_linear).
-        self._fused_qkvg = FusedLinear("q_proj", "k_proj", "v_proj", "g_proj")
         # Decays and frequencies are derived from the config, never trained or saved: kept as plain
         # float64 tensors (not buffers) so that model.half() cannot round them and meta-device
         # construction in from_pretrained cannot leave them empty.
@@ -265,50 +262,16 @@ class MultiScaleRetention(nn.Module):
         """:meth:`decode_step` given the position tables of the step (:meth:`step_tables`, for compute dtype
         :func:`step_dtype` of ``hidden_states (batch, 1, hidden_size)``): ``(output, new_state)``.
 
-        Without autograd the q/k/v/g projections are one product (:class:`FusedLinear`) and q, k are
-        rotated together; with autograd, or inside ``torch.compile`` (which fuses on its own), they are
-        the separate modules of :meth:`forward`. Both give the same bits.
+        The projections are the modules of :meth:`forward`; ``torch.compile`` (:meth:`compile_decoding`)
+        fuses the step's small ops on its own.
         """
-        fused = self._fused_qkvg(self, hidden_states)
-        if fused is None:
-            q, k, v = self.project(hidden_states)
-            q, k = self.rotate(q, k, tables.rotation)
-            gate = self.g_proj(hidden_states)
-        else:
-            qk, v, gate = self.split_fused_step(fused)
-            q, k = self.rotate_step(qk, tables.rotation)
+        q, k, v = self.project(hidden_states)
+        q, k = self.rotate(q, k, tables.rotation)
+        gate = self.g_proj(hidden_states)
         k, v = mask_padding(k, v, attention_mask)
         decay = self.step_constants(q.device, q.dtype).decay
         out, new_state = retention_ops.recurrent_step(q, k, v, decay, inverse=tables.inverse, state=state)
         return self.gate_and_project(out, hidden_states, gate), new_state
-
-    def split_fused_step(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The fused q/k/v/g product of one token ``(batch, 1, 2 qk_dim + 2 v_dim)`` -> q and k together as
-        ``qk (batch, 2 heads, 1, key_dim)`` (q's heads first, k scaled by key_dim^-1/2, float32 for half
-        precision), v ``(batch, heads, 1, head_value_dim)`` and the gate input ``(batch, 1, v_dim)``: the
-        values :meth:`project` and ``g_proj`` give, bit for bit.
-
-        ``fused`` is a fresh tensor of :class:`FusedLinear`, used without autograd: k is scaled in place."""
-        batch, heads = fused.shape[0], self.num_heads
-        qk_width = 2 * heads * self.key_dim
-        v_width = heads * self.head_value_dim
-        qk = fused.narrow(-1, 0, qk_width).view(batch, 2 * heads, 1, self.key_dim)
-        v = fused.narrow(-1, qk_width, v_width).view(batch, heads, 1, self.head_value_dim)
-        qk.narrow(1, heads, heads).mul_(self.key_dim**-0.5)  # the same scalar product as in project()
-        if qk.dtype in (torch.float16, torch.bfloat16):
-            qk = qk.float()
-        gate = fused.narrow(-1, qk_width + v_width, v_width)
-        return qk, v, contiguous(gate)  # for silu: see contiguous()
-
-    def rotate_step(self, qk: Tensor, rotation: Rotation) -> tuple[Tensor, Tensor]:
-        """:meth:`rotate` of q and k held together in ``qk (batch, 2 heads, 1, key_dim)``: one rotation
-        for both (they share the tables), the same values."""
-        qk = apply_interleaved_rotation(qk, rotation.cos, rotation.signed_sin)
-        heads = self.num_heads
-        q, k = qk.narrow(1, 0, heads), qk.narrow(1, heads, heads)
-        if rotation.xpos is not None:
-            q, k = q * rotation.xpos, k / rotation.xpos
-        return q, k
 
     def project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``hidden_states (batch, seq, hidden_size)`` -> q, k ``(batch, heads, seq, key_dim)`` (k scaled by
