@@ -27,7 +27,6 @@ just before decoding starts. Large tensors are mmap'ed and unmapped on free, so 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import time
@@ -331,14 +330,13 @@ def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
 def products_ms(weights: list[torch.Tensor], repeats: int = 30) -> float:
     """Fastest time (ms) of one matrix-vector product per weight, in order, batch 1."""
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
-    best = math.inf
+
+    def products() -> None:
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
     with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
-            best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        return best_time(products, repeats) * 1e3
 
 
 def bench_floor(retnet: RetNetForCausalLM, llama: LlamaForCausalLM) -> None:
@@ -347,7 +345,7 @@ def bench_floor(retnet: RetNetForCausalLM, llama: LlamaForCausalLM) -> None:
     print("|---|---|---|---|")
     for name, model in (("RetNet", retnet), ("Llama", llama)):
         weights = weight_matrices(model)
-        mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
+        mb = tensor_bytes(weights) / 1e6
         ms = products_ms(weights)
         print(f"| {name} | {mb:.1f} | {ms:.2f} | {mb / ms:.1f} |")
     print(

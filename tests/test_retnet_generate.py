@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from training_helpers import left_pad
 
 from retlm import RetNetConfig, RetNetForCausalLM
 from retlm.compat import cache_kwargs, output_cache
@@ -33,16 +34,6 @@ def tiny_model(seed: int = 0, **overrides) -> RetNetForCausalLM:
 
 def prompt(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
-    return ids, mask
 
 
 def argmax_decode(model: RetNetForCausalLM, ids: torch.Tensor, steps: int) -> torch.Tensor:

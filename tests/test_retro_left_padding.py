@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_decode_steps import CallLog, FakeDatabase, assert_incremental, retro_model
-from training_helpers import build_real_database, tiny_bert_embedder
+from training_helpers import build_real_database, left_pad, tiny_bert_embedder
 
 from retlm import RETRO
 from retlm.models.retro.generation import generate_with_retrieval
@@ -39,17 +39,6 @@ def small_config(**extra) -> dict:
         chunk_size=C,
         **extra,
     )
-
-
-def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``(batch, longest)``, each prompt at the right end."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = p
-        mask[i, width - len(p) :] = 1
-    return ids, mask
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Test support for the training tests: a small synthetic retrieval database on disk.
+"""Test support for the training tests: a small synthetic retrieval database on disk (and ``left_pad``,
+which batches prompts of different lengths).
 
 Its memmaps and manifest follow the real database's layout, so the real ``RETRODataset`` reads it; only
 the database object is a stand-in (no embeddings or faiss index are needed to train).
@@ -16,9 +17,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 PAD, EOS = 0, 2
 FIRST_WORD = 4  # ids below are special tokens (pad, unk, eos, ...)
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(batch, longest)``, each prompt at the right end."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
 
 
 class ToyTokenizer:
