@@ -161,3 +161,50 @@ def test_compiled_decoding_matches_eager_within_float32_rounding() -> None:
     assert (kv - eager_kv).norm() / eager_kv.norm() < 1e-5
     model.model.compile_decoding(False)
     assert torch.equal(decode_tokens(model, ids, 6, grad=False)[0], eager_logits)
+
+
+def scale_weights_in_place(model, factor: float) -> None:
+    """What an optimizer step or ``load_state_dict`` does: new values, same tensors."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.retention.v_proj.weight.mul_(factor)
+            layer.ffn.fc2.weight.mul_(factor)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_follows_weights_changed_in_place() -> None:
+    """The compiled step freezes the weights into its code (inductor ``freezing``, packed GEMM
+    weights). After an in-place change it must decode with the new values, not the frozen copies:
+    compared with the eager step of the changed model (1e-5 relative, the float32 bound of the test
+    above), while the change itself moves the logits by far more than that."""
+    model = tiny().eval()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(4))
+    model.model.compile_decoding()
+    before, _ = decode_tokens(model, ids, 4, grad=False)  # compiled with the weights as they are
+    scale_weights_in_place(model, 1.7)
+    after, _ = decode_tokens(model, ids, 4, grad=False)
+    model.model.compile_decoding(False)
+    eager_after, _ = decode_tokens(model, ids, 4, grad=False)
+    assert (before - eager_after).norm() / eager_after.norm() > 1e-2  # the change matters
+    assert (after - eager_after).norm() / eager_after.norm() < 1e-5
+    assert model.model._frozen_step.compilations == 2
+
+
+def test_frozen_step_compiles_again_only_when_a_weight_changes() -> None:
+    """The bookkeeping of the frozen step, with torch's "eager" backend (no inductor, so fast): one
+    compilation for any number of steps, one more after an in-place weight change, and
+    ``compile_decoding(False)`` then ``compile_decoding()`` reuses the step."""
+    model = tiny().eval()
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(5))
+    model.model.compile_decoding(backend="eager")
+    step = model.model._frozen_step
+    expected, _ = decode_tokens(model, ids, 4, grad=False)
+    assert step.compilations == 1
+    model.model.compile_decoding(False)
+    model.model.compile_decoding(backend="eager")
+    assert model.model._frozen_step is step
+    assert torch.equal(decode_tokens(model, ids, 4, grad=False)[0], expected)
+    assert step.compilations == 1
+    scale_weights_in_place(model, 0.5)
+    decode_tokens(model, ids, 4, grad=False)
+    assert step.compilations == 2

@@ -23,6 +23,7 @@ from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
 from retlm.layers.retention import MultiScaleRetention, RetentionState, StepTables, step_dtype
 from retlm.models.retnet.cache import RetNetCache
+from retlm.models.retnet.compiled_decoding import FrozenWeightsStep
 from retlm.models.retnet.configuration_retnet import RetNetConfig
 from retlm.ops.retention import RETENTION_MODES
 
@@ -136,7 +137,7 @@ class RetNetModel(RetNetPreTrainedModel):
         # Per-layer state shape (heads, key_dim, head_value_dim), checked at every call: kept here because
         # reading a config attribute costs microseconds on transformers >= 5.24, at every decoding step.
         self.state_shape = (config.num_heads, config.key_dim, config.head_value_dim)
-        self._compiled_layer_steps = None  # see compile_decoding
+        self._compiled_layer_steps = self._frozen_step = None  # see compile_decoding
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -313,7 +314,6 @@ class RetNetModel(RetNetPreTrainedModel):
     ) -> Tensor:
         """All blocks for one token without padding, in eval without autograd: ``hidden (batch, 1, hidden)``
         -> the last block's output; the cache's states are replaced when ``use_cache``.
-
         The position tables are built once (every layer has the same retention shape); the blocks then
         run :meth:`layer_steps`, or its compiled version after :meth:`compile_decoding`."""
         retention = self.layers[0].retention
@@ -351,15 +351,15 @@ class RetNetModel(RetNetPreTrainedModel):
 
     def compile_decoding(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the blocks of every later one-token recurrent step (``generate``'s decoding steps) through
-        ``torch.compile(self.layer_steps, **compile_kwargs)`` (default: the inductor backend, which fuses the
-        small elementwise ops of a step into a few kernels); ``enabled=False`` goes back to eager.
-
-        Opt-in: the first steps pay the compilation (tens of seconds on CPU; again for each new batch
-        size or dtype), and the results equal the eager step's within float32 rounding, not bit for bit
-        (the compiler fuses and reorders elementwise arithmetic). Steps with padding, autograd, hidden
-        states or no cache yet stay eager. The compiled function is not saved with the model.
-        """
-        self._compiled_layer_steps = torch.compile(self.layer_steps, **compile_kwargs) if enabled else None
+        ``torch.compile(self.layer_steps, **compile_kwargs)``, weights frozen into the compiled code
+        (:class:`~retlm.models.retnet.compiled_decoding.FrozenWeightsStep`); ``enabled=False``: eager.
+        Opt-in: the first steps pay the compilation (tens of seconds on CPU; again per batch size or
+        dtype), packed weights add about one copy of the weight matrices to memory, and results equal
+        the eager step's within float32 rounding. Padded, autograd and first steps stay eager.
+        ``compile_decoding(False)`` then ``compile_decoding()`` with the same arguments reuses the code."""
+        if enabled and (self._frozen_step is None or self._frozen_step.arguments != compile_kwargs):
+            self._frozen_step = FrozenWeightsStep(self.layer_steps, self, **compile_kwargs)  # reused below
+        self._compiled_layer_steps = self._frozen_step if enabled else None
 
     def scale_embeddings(self, inputs_embeds: Tensor) -> Tensor:
         """Token embeddings -> first block input: scale, optional norm, dropout."""
