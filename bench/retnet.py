@@ -15,8 +15,9 @@ Three parts, each run in this one process and printed as markdown tables with ra
            size, not its contents, and a real 32k prefill would take minutes of quadratic attention).
 5. profile: cProfile of RetNet decoding steps at 8k context, the top entries by own time.
 6. floor:  the matrix-vector products of one decoding step alone, over each model's own weight
-           matrices (RetNet's and Llama's, batch 1, fastest of 30): the time no step can go below while
-           it reads every weight from memory once, and the speed ratio that bound allows.
+           matrices (RetNet's and Llama's, batch 1, fastest of 30): the time no step made of those
+           products can go below, and the speed ratio that bound allows; RetNet's also as
+           compile_decoding() runs them (frozen, packed weights, inductor's CPU GEMM kernels).
 
 Memory on CPU: tracemalloc does not see torch's allocations, so we report (i) the exact bytes of the
 cache tensors and (ii) the process's peak resident memory during the decoding steps above its level
@@ -38,6 +39,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from retlm import RetNetConfig, RetNetForCausalLM
 from retlm.compat import cache_kwargs, output_cache
+from retlm.models.retnet.compiled_decoding import FrozenWeightsStep
 from retlm.ops.retention import decay_gammas, retention
 
 MiB = 2**20
@@ -281,28 +283,34 @@ def random_kv_cache(llama: LlamaForCausalLM, context: int) -> DynamicCache:
     return cache
 
 
-def bench_curve(retnet, llama, contexts: list[int], steps: int, repeats: int) -> None:
+def bench_curve(retnet, llama, contexts: list[int], steps: int, repeats: int, compiled: bool = False) -> None:
+    """ms per step against the context; with ``compiled``, RetNet also with ``compile_decoding()``."""
     print(f"\n### decode cost against context length: {steps} greedy tokens, batch 1, fastest of {repeats}")
     print("(RetNet: a real chunkwise prefill; Llama: a KV cache of random keys and values)\n")
-    print("| context | RetNet ms/step | Llama ms/step | speed ratio |")
-    print("|---|---|---|---|")
+    variants = [("RetNet", False)] + ([("RetNet compiled", True)] if compiled else [])
+    print("| context | " + " | ".join(f"{label} ms/step" for label, _ in variants) + " | Llama ms/step | "
+          + " | ".join(f"{label} speed ratio" for label, _ in variants) + " |")  # fmt: skip
+    print("|---" * (2 + 2 * len(variants)) + "|")
+    token = torch.randint(0, retnet.config.vocab_size, (1, 1))
+
+    def step_seconds(model, cache, is_retnet: bool) -> float:
+        decode(model, cache, token, 2, is_retnet)  # warm-up (and the compilation, once per batch size)
+        return min(decode(model, cache, token, steps, is_retnet) for _ in range(repeats)) / steps
+
     for context in contexts:
-        token = torch.randint(0, retnet.config.vocab_size, (1, 1))
-        times = []
-        for model, is_retnet in ((retnet, True), (llama, False)):
-            release_free_memory()
-            if is_retnet:
-                cache = prefill(model, torch.randint(0, model.config.vocab_size, (1, context)), True)
-            else:
-                cache = random_kv_cache(model, context)
-            decode(model, cache, token, 2, is_retnet)  # warm-up
-            times.append(min(decode(model, cache, token, steps, is_retnet) for _ in range(repeats)) / steps)
-            del cache
-        print(f"| {context} | {1e3 * times[0]:.2f} | {1e3 * times[1]:.2f} | {times[1] / times[0]:.1f}x |",
-              flush=True)  # fmt: skip
+        release_free_memory()
+        prompt = torch.randint(0, retnet.config.vocab_size, (1, context))
+        ours = []
+        for _, use_compiled in variants:
+            retnet.model.compile_decoding(use_compiled)  # reuses the compiled step after the first context
+            ours.append(step_seconds(retnet, prefill(retnet, prompt, True), True))
+        retnet.model.compile_decoding(False)
+        theirs = step_seconds(llama, random_kv_cache(llama, context), False)
+        print(f"| {context} | " + " | ".join(f"{1e3 * t:.2f}" for t in ours) + f" | {1e3 * theirs:.2f} | "
+              + " | ".join(f"{theirs / t:.1f}x" for t in ours) + " |", flush=True)  # fmt: skip
 
 
-def profile_decode(retnet, context: int, steps: int, top: int = 15) -> None:
+def profile_decode(retnet, context: int, steps: int, label: str = "", top: int = 15) -> None:
     """cProfile of ``steps`` decoding steps after a ``context``-token prompt; top entries by own time."""
     import cProfile
     import io
@@ -315,7 +323,7 @@ def profile_decode(retnet, context: int, steps: int, top: int = 15) -> None:
     profiler.enable()
     seconds = decode(retnet, cache, token, steps, True)
     profiler.disable()
-    print(f"\n### profile: {steps} RetNet decoding steps at context {context} "
+    print(f"\n### profile: {steps} {label}RetNet decoding steps at context {context} "
           f"({1e3 * seconds / steps:.2f} ms/step under the profiler)\n")  # fmt: skip
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
@@ -327,30 +335,42 @@ def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
     return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def products_ms(weights: list[torch.Tensor], repeats: int = 30) -> float:
-    """Fastest time (ms) of one matrix-vector product per weight, in order, batch 1."""
+class Products(torch.nn.Module):
+    """One matrix-vector product per weight, in order: the floor's "step", as a module to compile."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
+
+    def forward(self, inputs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in self.weights]
+
+
+def products_ms(weights: list[torch.Tensor], repeats: int = 30, frozen: bool = False) -> float:
+    """Fastest time (ms) of one matrix-vector product per weight, in order, batch 1; ``frozen``: compiled
+    as ``compile_decoding()`` compiles a step (weights frozen and packed, the GEMM kernels autotuned)."""
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
-
-    def products() -> None:
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
-
+    module = Products(weights)
+    run = FrozenWeightsStep(module.forward, module) if frozen else module
     with torch.no_grad():
-        return best_time(products, repeats) * 1e3
+        run(inputs)  # the compilation, when frozen
+        return best_time(lambda: run(inputs), repeats) * 1e3
 
 
 def bench_floor(retnet: RetNetForCausalLM, llama: LlamaForCausalLM) -> None:
     print("\n### floor: one step's matrix-vector products alone (batch 1, fastest of 30)\n")
-    print("| model | weight MB | products ms | GB/s |")
-    print("|---|---|---|---|")
-    for name, model in (("RetNet", retnet), ("Llama", llama)):
+    print("| model | products | weight MB | products ms | GB/s |")
+    print("|---|---|---|---|---|")
+    rows = (("RetNet", retnet, False), ("RetNet", retnet, True), ("Llama", llama, False))
+    for name, model, frozen in rows:
         weights = weight_matrices(model)
         mb = tensor_bytes(weights) / 1e6
-        ms = products_ms(weights)
-        print(f"| {name} | {mb:.1f} | {ms:.2f} | {mb / ms:.1f} |")
+        ms = products_ms(weights, frozen=frozen)
+        kind = "frozen, packed (compile_decoding's)" if frozen else "eager (ATen/MKL)"
+        print(f"| {name} | {kind} | {mb:.1f} | {ms:.2f} | {mb / ms:.1f} |")
     print(
         "\nA RetNet step reads these weights (plus a 0.5 MiB state); dividing a measured Llama ms/step by"
-        " RetNet's products ms gives the highest speed ratio any RetNet step could reach here."
+        " RetNet's products ms gives the highest speed ratio a RetNet step with those products could reach."
     )
 
 
@@ -377,7 +397,8 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="decode: also RetNet with compile_decoding() (torch.compile, inductor); Llama stays eager",
+        help="decode, curve: also RetNet with compile_decoding() (torch.compile, inductor, frozen "
+        "weights); Llama stays eager",
     )
     parser.add_argument("--curve-contexts", default="1024,2048,4096,8192,16384,32768")
     args = parser.parse_args()
@@ -410,9 +431,12 @@ def main() -> None:
             bench_decode(retnet, llama, contexts, batch, args.steps, repeats, args.compile)
     if "curve" in parts:
         curve = [int(c) for c in args.curve_contexts.split(",")]
-        bench_curve(retnet, llama, curve, args.steps, 1 if args.quick else args.decode_repeats)
+        bench_curve(retnet, llama, curve, args.steps, 1 if args.quick else args.decode_repeats, args.compile)
     if "profile" in parts:
-        profile_decode(retnet, 8192, 4 * args.steps)
+        for use_compiled in (False, True) if args.compile else (False,):
+            retnet.model.compile_decoding(use_compiled)
+            profile_decode(retnet, 8192, 4 * args.steps, "compiled " if use_compiled else "")
+        retnet.model.compile_decoding(False)
     if "floor" in parts:
         bench_floor(retnet, llama)
 
