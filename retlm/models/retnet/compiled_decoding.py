@@ -73,6 +73,20 @@ class FrozenWeightsStep:
         elif self.current_versions() != self.versions:
             logger.info("the weights changed since the decoding step was compiled: compiling it again")
             self.compile()
+        try:
+            return self.call_frozen(*args)
+        except torch._dynamo.exc.BackendCompilerFailed:
+            if not self.drop_gemm_template():
+                raise
+            # Seen with torch 2.6, whose template emits C++ that does not compile on this box.
+            logger.warning(
+                "inductor's CPU GEMM template failed to compile here; compiling the decoding step "
+                "without it (frozen weights, ATen's matrix products)"
+            )
+            self.compile()
+            return self.call_frozen(*args)
+
+    def call_frozen(self, *args: Any) -> Any:
         # Read by Dynamo while tracing and by inductor while compiling, i.e. inside this call; set only
         # for its length so that the caller's other compilations are not frozen.
         frozen = inductor_config.freezing
@@ -81,3 +95,12 @@ class FrozenWeightsStep:
             return self.compiled(*args)
         finally:
             inductor_config.freezing = frozen
+
+    def drop_gemm_template(self) -> bool:
+        """Leave out the options this class added (not the caller's); whether there were any."""
+        options = self.compile_kwargs["options"]
+        given = self.arguments.get("options", {})
+        ours = [key for key in FROZEN_STEP_OPTIONS if key in options and key not in given]
+        for key in ours:
+            del options[key]
+        return bool(ours)
