@@ -43,12 +43,16 @@ class FrozenWeightsStep:
         self.step = step
         self.module = module
         self.arguments = compile_kwargs  # as given
-        self.compile_kwargs = {**compile_kwargs}
-        self.compile_kwargs["options"] = {**FROZEN_STEP_OPTIONS, **self.compile_kwargs.get("options", {})}
+        self.gemm_template = True  # FROZEN_STEP_OPTIONS on; off once the template failed to compile
         self.compiled: Callable[..., Any] | None = None
         self.tensors: list[torch.Tensor] = []
         self.versions: list[int] = []
         self.compilations = 0
+
+    def torch_compile_arguments(self) -> dict[str, Any]:
+        """The caller's arguments, with this class's options under the caller's own."""
+        ours = FROZEN_STEP_OPTIONS if self.gemm_template else {}
+        return {**self.arguments, "options": {**ours, **self.arguments.get("options", {})}}
 
     def current_versions(self) -> list[int]:
         return [tensor._version for tensor in self.tensors]
@@ -62,7 +66,7 @@ class FrozenWeightsStep:
         code = getattr(self.step, "__code__", None)
         if reset_code is not None and code is not None:
             reset_code(code)
-        self.compiled = torch.compile(self.step, **self.compile_kwargs)
+        self.compiled = torch.compile(self.step, **self.torch_compile_arguments())
         self.tensors = [*self.module.parameters(), *self.module.buffers()]
         self.versions = self.current_versions()
         self.compilations += 1
@@ -76,8 +80,10 @@ class FrozenWeightsStep:
         try:
             return self.call_frozen(*args)
         except torch._dynamo.exc.BackendCompilerFailed:
-            if not self.drop_gemm_template():
-                raise
+            given = self.arguments.get("options", {})
+            if not (self.gemm_template and any(key not in given for key in FROZEN_STEP_OPTIONS)):
+                raise  # nothing of ours to leave out
+            self.gemm_template = False
             # Seen with torch 2.6, whose template emits C++ that does not compile on this box.
             logger.warning(
                 "inductor's CPU GEMM template failed to compile here; compiling the decoding step "
@@ -95,12 +101,3 @@ class FrozenWeightsStep:
             return self.compiled(*args)
         finally:
             inductor_config.freezing = frozen
-
-    def drop_gemm_template(self) -> bool:
-        """Leave out the options this class added (not the caller's); whether there were any."""
-        options = self.compile_kwargs["options"]
-        given = self.arguments.get("options", {})
-        ours = [key for key in FROZEN_STEP_OPTIONS if key in options and key not in given]
-        for key in ours:
-            del options[key]
-        return bool(ours)
