@@ -54,9 +54,9 @@ def conversions(monkeypatch):
     done: list[Path] = []
     real = gguf_cache.convert_gguf
 
-    def counting(gguf_file, out):
+    def counting(gguf_file, out, *args):
         done.append(gguf_file)
-        return real(gguf_file, out)
+        return real(gguf_file, out, *args)
 
     monkeypatch.setattr(gguf_cache, "convert_gguf", counting)
     return done
@@ -100,9 +100,19 @@ def test_the_converted_folder_gives_the_logits_of_a_direct_gguf_load(tiny, quant
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain Auto classes, no retlm involved
     tokenizer = AutoTokenizer.from_pretrained(folder)
     direct = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    direct_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    assert tokenizer.encode(PROMPT) == direct_tokenizer.encode(PROMPT) == tiny[1].encode(PROMPT)
+    assert tokenizer.get_vocab() == tiny[1].get_vocab()  # the tokenizer the GGUF was written from
+    assert tokenizer.encode(PROMPT) == tiny[1].encode(PROMPT)
     assert tokenizer.decode(tokenizer.encode(PROMPT)) == PROMPT
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.model_max_length) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        256,
+    )
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.generation_config.eos_token_id) == (
+        1,
+        2,
+        2,
+    )
     ours = logits(model, tokenizer)
     assert torch.equal(ours, logits(direct, tokenizer))
     reference = logits(original, tokenizer)  # the HF model the GGUF was written from
@@ -246,12 +256,12 @@ def test_a_killed_conversion_leaves_nothing_and_its_leftovers_are_cleared(known,
     real = gguf_cache.convert_gguf
     calls = []
 
-    def killed_once(gguf_file, out):
+    def killed_once(gguf_file, out, *args):
         calls.append(out)
         if len(calls) == 1:
             (out / "model.safetensors").write_bytes(b"half")
             raise KeyboardInterrupt
-        return real(gguf_file, out)
+        return real(gguf_file, out, *args)
 
     monkeypatch.setattr(gguf_cache, "convert_gguf", killed_once)
     with pytest.raises(KeyboardInterrupt):
@@ -324,7 +334,17 @@ def test_smollm2_converts_and_matches_its_gguf(home):
     entry = pretrained.KNOWN["smollm2-135m"]
     gguf_file = entry.file()
     direct = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    assert (tokenizer.bos_token, tokenizer.bos_token_id, tokenizer.eos_token, tokenizer.eos_token_id) == (
+        "<|im_start|>",
+        1,
+        "<|im_end|>",
+        2,
+    )
+    assert len(tokenizer) == 49_152 and tokenizer.model_max_length == 8192
+    text = "Déjà vu:\r\n  naïve café, 東京 – ok\t\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level BPE: lossless, no BOS added
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert ids[0, 0] != tokenizer.bos_token_id
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
