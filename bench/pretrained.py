@@ -1,7 +1,8 @@
 """What a pretrained name costs: the first conversion of a GGUF into retlm's cache, and every later open,
 against loading the GGUF directly with transformers (the peer: what a user does without the cache).
 
-In a fresh cache folder (``--home``, default a temporary one), for ``--name`` (default ``smollm2-135m``):
+In a fresh cache folder (``--home``; default: a temporary one, deleted at the end), for ``--name``
+(default ``smollm2-135m``):
 
 - ``first pretrained_path``: the conversion (read and dequantize the GGUF, build the tokenizer, save the
   float32 folder, hash it), once;
@@ -23,6 +24,7 @@ import argparse
 import os
 import platform
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -45,6 +47,14 @@ def main() -> None:
     args = parser.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="retlm-bench-home-"))
     os.environ["RETLM_HOME"] = str(home)
+    try:
+        run(args, home)
+    finally:
+        if args.home is None:
+            shutil.rmtree(home, ignore_errors=True)  # 538 MB for SmolLM2
+
+
+def run(args: argparse.Namespace, home: Path) -> None:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
