@@ -137,7 +137,7 @@ def test_the_cache_is_reused_and_python_names_it(tiny, known, conversions):
     assert by_path != first and by_path == pretrained_path(known) and len(conversions) == 2
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "checksums"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "checksums", "format"])
 def test_a_damaged_cache_entry_is_named_in_one_line_and_rebuilt(tiny, known, conversions, damage, capsys):
     folder = pretrained_path(FAKE)
     capsys.readouterr()
@@ -150,16 +150,21 @@ def test_a_damaged_cache_entry_is_named_in_one_line_and_rebuilt(tiny, known, con
         weights.write_bytes(weights.read_bytes()[:-100])
     elif damage == "delete":
         (folder / "tokenizer.json").unlink()
-    else:
+    elif damage == "checksums":
         (folder / CHECKSUM_FILE).unlink()
+    else:  # an entry written by an older retlm, intact
+        record = json.loads((folder / "retlm_source.json").read_text())
+        (folder / "retlm_source.json").write_text(json.dumps({**record, "format": 1}))
+        gguf_cache.write_folder_checksums(folder)
     assert pretrained_path(FAKE) == folder and len(conversions) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     rebuilt = [line for line in lines if "rebuilding" in line]
     assert len(rebuilt) == 1, lines
-    named = (
-        "tokenizer.json" if damage == "delete" else CHECKSUM_FILE if damage == "checksums" else weights.name
+    named = {"delete": "tokenizer.json", "checksums": CHECKSUM_FILE, "format": "format 1, not"}
+    assert named.get(damage, weights.name) in rebuilt[0]
+    assert all(
+        (folder / name).stat().st_mode & 0o044 == 0o044 for name in ("model.safetensors", "config.json")
     )
-    assert named in rebuilt[0]
     model, tokenizer = load_causal_lm(FAKE)
     assert torch.equal(logits(model, tokenizer), logits(tiny[0], tokenizer))
     assert len(conversions) == 2

@@ -47,12 +47,12 @@ from retlm.integrity import (
 )
 from retlm.locking import writer_lock
 from retlm.models.auto import quiet_hf_progress
-from retlm.utils import available_memory_bytes, current_umask, free_disk_bytes
+from retlm.utils import available_memory_bytes, current_umask, file_mode, free_disk_bytes
 
 HOME_ENV = "RETLM_HOME"
 CACHE_FOLDER = "pretrained"
 SOURCE_FILE = "retlm_source.json"
-FORMAT = 1  # of an entry; an entry of another format is rebuilt
+FORMAT = 2  # of an entry; an entry of another format is rebuilt (2: the special tokens as the GGUF states)
 FLOAT32_BYTES = 4
 
 Say = Callable[[str], None]
@@ -190,7 +190,11 @@ def verify_entry(folder: Path, *, weights: bool = True) -> dict[str, Any]:
 
 def _check_entry(folder: Path, source: Source, weights: bool) -> None:
     record = verify_entry(folder, weights=weights)
-    if record.get("format") != FORMAT or not source.matches(record.get("source") or {}):
+    if record.get("format") != FORMAT:
+        raise CorruptFileError(
+            f"{folder} was converted by another retlm (format {record.get('format')}, not {FORMAT})"
+        )
+    if not source.matches(record.get("source") or {}):
         raise CorruptFileError(f"{folder} was converted from another file than {source.entry}'s (outdated)")
 
 
@@ -250,6 +254,8 @@ def _convert_into(gguf_file: Path, folder: Path, source: dict[str, Any], say: Sa
         record["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         write_folder_checksums(tmp)
+        for file in tmp.iterdir():  # some writers create their files 0600: the cache may be shared
+            os.chmod(file, file_mode())
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the entry from other users
         if folder.exists():  # a bad entry: moved aside, replaced, then deleted
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=parent))
