@@ -2,15 +2,18 @@
 
 1. build the retrieval database (GPT-2 byte-level BPE chunks by default; ``tokenizer="bert"``: retro-pytorch's
    single WordPiece vocabulary);
-2. train a small RETRO with the RetNet decoder on ~90% of the documents, within a time budget;
-   (with ``baseline=True``: also the same model trained with no retrieval at all, the paper's control);
-3. evaluate held-out perplexity and bits per byte with retrieval and with retrieval switched off (same
-   weights, same tokens);
-4. generate from prompts taken from held-out documents (the first chunk of each, cut back to its last
-   sentence end; or ``prompt``),
-   retrieving at chunk boundaries with the prompt's own document excluded, and show every neighbour
-   read, with the name of its source document;
-5. write ``loss.png`` (training and validation curves) and ``report.json`` (scores and generations).
+2. a pretrained LM (``pretrained``, SmolLM2-135M by default, offline), frozen: held-out bits per byte
+   without retrieval, with in-context retrieval and with unrelated neighbors
+   (:mod:`retlm.demo_pretrained`);
+3. its continuations of prompts taken from held-out documents (the first chunk of each, cut back to its
+   last sentence end; or ``prompt``), with the passages it read and their sources;
+4. train a small RETRO with the RetNet decoder from scratch on ~90% of the documents (the same split),
+   within a time budget (with ``baseline=True``: also the same model trained with no retrieval at all, the
+   paper's control); evaluate held-out perplexity and bits per byte with retrieval and with it switched off;
+5. generate from the same prompts with it, retrieving at chunk boundaries with the prompt's own document
+   excluded, and show every neighbor read, with the name of its source document;
+6. write ``loss.png`` (training and validation curves) and ``report.json`` (scores and generations), and
+   end with both models' held-out figures side by side.
 
 Every step resumes: a second run (or a run after a kill) reuses the finished database, checkpoints and
 evaluations in the work directory instead of redoing them.
@@ -52,7 +55,15 @@ class DemoOptions:
         help="LM tokenizer: gpt2 (cased, lossless byte-level BPE), bert (retro-pytorch's way: the "
         "embedder's uncased WordPiece for both) or a tokenizer folder",
     )
-    minutes: float = option(5.0, help="training time budget per model")
+    pretrained: str = option(
+        "smollm2-135m",
+        help="pretrained LM shown reading retrieved passages in its context: a name (smollm2-135m), a model "
+        "folder or a .gguf file; 'none' skips it",
+    )
+    pretrained_tokens: int = option(
+        2048, help="held-out tokens the pretrained LM scores (each three ways: without, with, unrelated)"
+    )
+    minutes: float = option(3.0, help="training time budget of the RETRO trained from scratch")
     baseline: bool = option(
         False, help="also train the same model with no retrieval at all (the paper's control)"
     )
@@ -133,7 +144,7 @@ def build_database(opts: DemoOptions) -> Any:
             raise ValueError(
                 f"{db_dir} was built with tokenizer {db.tokenizer_name!r}, not {opts.tokenizer!r}{hint}"
             )
-        _say(f"[1/5] database: reusing {db_dir} ({db.num_chunks} chunks, tokenizer {db.tokenizer_name})")
+        _say(f"[1/6] database: reusing {db_dir} ({db.num_chunks} chunks, tokenizer {db.tokenizer_name})")
         return db
     corpus, glob = opts.corpus, "**/*"  # a user's folder: every text file (binary ones are skipped)
     if corpus is None:
@@ -150,7 +161,7 @@ def build_database(opts: DemoOptions) -> Any:
         progress=opts.progress,
     )
     _say(
-        f"[1/5] database: {db.num_chunks} chunks of {db.chunk_size} {db.tokenizer_name} tokens from "
+        f"[1/6] database: {db.num_chunks} chunks of {db.chunk_size} {db.tokenizer_name} tokens from "
         f"{db.num_docs} documents of {corpus} in {time.perf_counter() - start:.0f} s -> {db_dir}"
     )
     return db
@@ -183,7 +194,7 @@ def train_model(opts: DemoOptions, db: Any, *, retrieval: bool, max_steps: int |
     verb = "reused" if result.stop_reason == "already_finished" else "trained"
     loss = f", last training loss {result.last_train_loss:.3f}" if result.last_train_loss is not None else ""
     _say(
-        f"[2/5] model {what}: {verb} {result.global_step} steps in {result.elapsed_s / 60:.1f} min{loss} "
+        f"[4/6] model {what}: {verb} {result.global_step} steps in {result.elapsed_s / 60:.1f} min{loss} "
         f"-> {result.model_dir}"
     )
     return result
@@ -213,20 +224,24 @@ def prose_prompt(chunk: str) -> str | None:
     return chunk[: ends[-1]]
 
 
-def held_out_prompts(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, Any]]:
-    """``num_prompts`` prompts from held-out documents of at least two chunks, each the document's first
-    chunk cut back to its last sentence end (:func:`prose_prompt`); documents whose first chunk has none
-    are skipped, unless no held-out document has one (then the first chunk is cut back to its last line
-    end when that keeps at least half of it). Or ``opts.prompt``."""
+def held_out_prompts(opts: DemoOptions, db: Any) -> list[dict[str, Any]]:
+    """``num_prompts`` prompts from held-out documents of at least two chunks (the documents the demo's
+    RETRO holds out: training's default split with ``opts.seed``), each the document's first chunk cut back
+    to its last sentence end (:func:`prose_prompt`); documents whose first chunk has none are skipped,
+    unless no held-out document has one (then the first chunk is cut back to its last line end when that
+    keeps at least half of it). Or ``opts.prompt``."""
+    from retlm.data import DocumentSplit
+    from retlm.training.options import TrainOptions
+
     if opts.prompt is not None:
         return [{"doc_id": None, "document": None, "prompt": opts.prompt}]
-    split = (getattr(model.config, "retlm_data", None) or {}).get("split") or {}
     doc_ids = np.asarray(db.doc_ids)
+    split = DocumentSplit.make(doc_ids, TrainOptions().train_fraction, opts.seed)
     starts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])
     lengths = np.diff(np.r_[starts, len(doc_ids)])
     first_chunk = dict(zip(doc_ids[starts].tolist(), starts.tolist(), strict=True))
     chunks_of = dict(zip(doc_ids[starts].tolist(), lengths.tolist(), strict=True))
-    heldout = [d for d in split.get("heldout_docs", []) if chunks_of.get(d, 0) >= 2]
+    heldout = [d for d in split.heldout_docs.tolist() if chunks_of.get(d, 0) >= 2]
     if not heldout:
         heldout = [d for d in first_chunk if chunks_of[d] >= 2] or list(first_chunk)
     texts = {d: db.chunk_text(first_chunk[d]) for d in heldout}
@@ -247,18 +262,19 @@ def held_out_prompts(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, A
     return prompts
 
 
-def generate_samples(opts: DemoOptions, db: Any, model: Any) -> list[dict[str, Any]]:
+def generate_samples(
+    opts: DemoOptions, db: Any, model: Any, prompts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Generate from each prompt and print it readably; the records of ``report.json``'s generations."""
     from retlm.generation import generate_text, print_neighbours
 
-    prompts = held_out_prompts(opts, db, model)
     source = (
         "the first chunk of a held-out document, to its last sentence end"
         if opts.prompt is None
         else "--prompt"
     )
     _say(
-        f"[4/5] generation: {len(prompts)} prompt(s), each {source}; {opts.max_new_tokens} new tokens "
+        f"[5/6] generation: {len(prompts)} prompt(s), each {source}; {opts.max_new_tokens} new tokens "
         f"sampled (temperature {opts.temperature}, top-k {opts.top_k}, repetition penalty "
         f"{opts.repetition_penalty}, no repeated {opts.no_repeat_ngram_size}-gram), retrieving at every "
         f"{db.chunk_size}-token chunk boundary"
@@ -307,7 +323,7 @@ def _scores_line(scores: dict[str, Any]) -> str:
 
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
-    """Run the five steps (see the module docstring); returns the report also written to report.json."""
+    """Run the six steps (see the module docstring); returns the report also written to report.json."""
     from retlm.demo_checks import check_options
 
     check_options(opts)  # every option, before the first step
@@ -315,6 +331,12 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     opts.work_dir = Path(opts.work_dir)
     ensure_writable_dir(opts.work_dir, "work directory", "; pass --work-dir DIR with a writable folder")
     db = build_database(opts)
+    prompts = held_out_prompts(opts, db)
+    pretrained = None
+    if opts.pretrained.lower() != "none":
+        from retlm.demo_pretrained import run_pretrained
+
+        pretrained = run_pretrained(opts, db, prompts, _cached)
 
     trained = train_model(opts, db, retrieval=True)
     control = None
@@ -324,7 +346,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     scores = evaluate_model(opts, db, trained)
     with_r, without_r = scores["with_retrieval"], scores["without_retrieval"]
     _say(
-        f"[3/5] held-out ({scores['documents']} documents, {scores['tokens']} tokens, {scores['bytes']} "
+        f"[4/6] held-out ({scores['documents']} documents, {scores['tokens']} tokens, {scores['bytes']} "
         f"bytes): perplexity {_scores_line(with_r)} with retrieval, {_scores_line(without_r)} without"
     )
     control_scores = evaluate_model(opts, db, control) if control is not None else None
@@ -337,7 +359,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from retlm.training import load_model, plot_loss_curves
 
     model = load_model(trained.model_dir)
-    generations = generate_samples(opts, db, model)
+    generations = generate_samples(opts, db, model, prompts)
 
     runs = {"RETRO": trained.metrics_file}
     if control is not None:
@@ -360,14 +382,43 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         },
         "heldout": scores,
         "control_no_retrieval_training": control_scores,
+        "pretrained": pretrained,
         "generations": generations,
         "loss_png": str(png),
     }
     report_file = opts.work_dir / "report.json"
     atomic_write(report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    _say(f"[5/5] loss curves -> {png}; report -> {report_file}")
-    ratio = without_r["perplexity"] / with_r["perplexity"]
-    _say(f"held-out perplexity with retrieval:    {_scores_line(with_r)}")
-    _say(f"held-out perplexity without retrieval: {_scores_line(without_r)}")
-    _say(f"ratio (without / with): {ratio:.3f}")
+    _say(f"[6/6] loss curves -> {png}; report -> {report_file}")
+    for line in side_by_side(opts, pretrained, trained, scores):
+        _say(line)
     return report
+
+
+def side_by_side(
+    opts: DemoOptions, pretrained: dict[str, Any] | None, trained: Any, scores: dict[str, Any]
+) -> list[str]:
+    """The demo's last lines: held-out bits per byte of both models, without and with retrieval (and, for
+    the pretrained LM, with unrelated neighbors), then the RETRO's perplexities and their ratio."""
+
+    def cell(value: float | None, base: float | None = None) -> str:
+        if value is None:
+            return "-"
+        change = f" ({100 * (value / base - 1):+.1f}%)" if base else ""
+        return f"{value:.4f}{change}"
+
+    rows = [("held-out bits per byte", "without retrieval", "with retrieval", "unrelated neighbors")]
+    if pretrained is not None:
+        r = pretrained["heldout"]
+        off, on, other = (
+            r[v]["bits_per_byte"] for v in ("without_retrieval", "with_retrieval", "unrelated_neighbors")
+        )
+        rows.append((f"{opts.pretrained} (pretrained, frozen)", cell(off), cell(on, off), cell(other, off)))
+    off, on = scores["without_retrieval"]["bits_per_byte"], scores["with_retrieval"]["bits_per_byte"]
+    rows.append((f"RETRO trained here ({trained.global_step} steps)", cell(off), cell(on, off), "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(text.ljust(w) for text, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    with_r, without_r = scores["with_retrieval"], scores["without_retrieval"]
+    lines.append(f"held-out perplexity with retrieval:    {_scores_line(with_r)}")
+    lines.append(f"held-out perplexity without retrieval: {_scores_line(without_r)}")
+    lines.append(f"ratio (without / with): {without_r['perplexity'] / with_r['perplexity']:.3f}")
+    return lines

@@ -35,6 +35,7 @@ def check_options(opts: Any) -> None:
     from retlm.retrieval.preflight import embedder_shape, scan_source
 
     _positive("--minutes", opts.minutes)
+    _check_pretrained(opts)
     _positive("--lr", opts.lr)
     _positive("--repetition-penalty", opts.repetition_penalty)
     _integer("--no-repeat-ngram-size", opts.no_repeat_ngram_size, low=0)
@@ -110,3 +111,18 @@ def _check_model(opts: Any, shape: Any) -> None:
             f"(--model-config {opts.model_config})"
         )
     check_training_memory(config, opts.batch_size, opts.seq_len)
+
+
+def _check_pretrained(opts: Any) -> None:
+    """--pretrained names a model retlm can resolve (nothing is loaded or converted here), or 'none'."""
+    name = getattr(opts, "pretrained", "none")
+    if str(name).lower() == "none":
+        return
+    from retlm.models.pretrained import model_kind
+
+    try:
+        model_kind(name)
+    except FileNotFoundError as err:
+        raise OptionError(f"--pretrained: {err}") from None
+    _integer("--pretrained-tokens", opts.pretrained_tokens)
+

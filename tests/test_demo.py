@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def demo_args(corpus, work, model_yaml, minutes="0.05", prompt=()):
+def demo_args(corpus, work, model_yaml, minutes="0.05", prompt=(), pretrained="none"):
     return [
         "demo",
         "--corpus",
@@ -59,6 +59,10 @@ def demo_args(corpus, work, model_yaml, minutes="0.05", prompt=()):
         "--max-new-tokens",
         "40",
         *prompt,
+        "--pretrained",
+        str(pretrained),
+        "--pretrained-tokens",
+        "96",
         "--no-progress",
     ]
 
@@ -71,15 +75,31 @@ def run_cli(args, **kwargs):
 
 
 @pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny random GPT-2 with GPT-2's tokenizer, saved as an HF folder: the demo's pretrained LM in tests
+    (SmolLM2 itself takes minutes on 2 cores)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from retlm.tokenization import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = load_tokenizer("gpt2")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def model_yaml(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.yaml"
     path.write_text(TINY_MODEL)
     return path
 
 
-def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_yaml, tmp_path):
+def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_yaml, tiny_lm, tmp_path):
     work = tmp_path / "work"
-    first = run_cli(demo_args(corpus, work, model_yaml))
+    first = run_cli(demo_args(corpus, work, model_yaml, pretrained=tiny_lm))
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     heldout = report["heldout"]
@@ -104,6 +124,23 @@ def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_y
         assert all(n["doc_id"] != g["doc_id"] for n in neighbours)  # the prompt's own document is excluded
     assert "chunk 0: (of the prompt)" in first.stdout and "  neighbour 1: doc" in first.stdout
     assert "    | Note " in first.stdout
+    # the pretrained LM first: held-out bits per byte three ways, then its continuations with sources
+    pretrained = report["pretrained"]
+    scores = pretrained["heldout"]
+    for variant in ("without_retrieval", "with_retrieval", "unrelated_neighbors"):
+        assert scores[variant]["bits_per_byte"] > 0 and scores[variant]["tokens"] > 0
+    assert first.stdout.index("[2/6] pretrained LM") < first.stdout.index("[4/6] model with retrieval")
+    assert len(pretrained["generations"]) == 2
+    for g in pretrained["generations"]:
+        read = [n for step in g["retrievals"] for n in step["neighbors"]]
+        assert read and all(n["doc_id"] != g["doc_id"] for n in read)
+    assert [g["prompt"] for g in pretrained["generations"]] == [g["prompt"] for g in generations]
+    # the last lines: both models side by side
+    table = lines[-6:-3]
+    header = "held-out bits per byte  without retrieval  with retrieval  unrelated neighbors"
+    assert table[0].split() == header.split()
+    assert table[1].startswith(f"{tiny_lm} (pretrained, frozen)")
+    assert table[2].startswith("RETRO trained here")
 
     second = run_cli(demo_args(corpus, work, model_yaml, prompt=["--prompt", "Note 3.1 tells of"]))
     assert second.returncode == 0, second.stderr[-3000:]

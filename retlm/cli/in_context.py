@@ -23,25 +23,15 @@ DEFAULT_HELDOUT_FRACTION = 0.1
 
 
 def load_causal_lm(name: str | Path, *, dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of a causal LM: through ``retlm.models.pretrained`` where this build has it
-    (model names such as ``smollm2-135m``, folders, .gguf files, Hub names), else a local HF folder read
-    with the Auto classes."""
-    try:
-        from retlm.models.pretrained import load_causal_lm as load
-    except ImportError:
-        load = None
-    if load is not None:
-        return load(str(name), dtype=dtype, device=device)
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"MODEL: {str(name)[:200]} is not a folder holding a causal LM (config.json)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` of a causal LM named as :func:`retlm.pretrained_path` takes it
+    (``smollm2-135m``, a folder, a run directory, a .gguf file, a Hub name); an unknown one is a usage
+    error."""
+    from retlm.models.pretrained import load_causal_lm as load
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), **({"dtype": dtype} if dtype is not None else {}))
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
+    try:
+        return load(str(name), dtype=dtype, device=device)
+    except FileNotFoundError as err:
+        raise UsageError(f"MODEL: {err}") from None
 
 
 def check_options(opts: Any, only_in_context: tuple[str, ...]) -> None:
