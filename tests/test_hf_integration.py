@@ -1,8 +1,9 @@
 """The HF idioms users already know (issue #21): after a bare ``import retlm`` in a fresh process,
 ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` load all three retlm model types from a run
-folder and from its ``model/`` folder, with the logits of retlm's own loader; ``pipeline("text-generation")``
-works for RetNet and for a RETRO-fit run (retrieval off), with the tokens of a direct greedy
-``generate``; every run's ``model/`` carries a Hub model card whose figures are the run's.
+folder and from its ``model/`` folder, with the logits of retlm's own loader (and loading another
+model type imports no retlm model code); ``pipeline("text-generation")`` works for a RetNet folder and a
+RETRO-fit run (retrieval off), with the tokens of a direct greedy ``generate``; every run's ``model/``
+carries a Hub model card whose figures are the run's.
 
 Runs are tiny and real: RETRO and a RETRO-fit of a small GPT-2 trained 2 steps on the synthetic twin
 database (tests/training_helpers.py), with a 64-word tokenizer so that the folders hold one.
@@ -11,6 +12,7 @@ database (tests/training_helpers.py), with a 64-word tokenizer so that the folde
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -72,10 +74,11 @@ CHILD = textwrap.dedent(
     import json, sys
     import numpy as np, torch
     import retlm  # nothing else from retlm: the Auto classes must know its types now
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     runs, out, ids = json.loads(sys.argv[1]), sys.argv[2], torch.tensor([json.loads(sys.argv[3])])
-    report = {}
+    AutoConfig.from_pretrained(sys.argv[4])  # another model type: no retlm model code is imported
+    report = {"model code for gpt2": [m for m in sys.modules if m.startswith("retlm.models.")]}
     for name, run in runs.items():
         for where in (run, run + "/model"):
             config = AutoConfig.from_pretrained(where)
@@ -85,26 +88,23 @@ CHILD = textwrap.dedent(
             report[f"{name} {where == run}"] = [type(config).__name__, type(model).__name__]
         if name != "retrofit":
             report[f"{name} AutoModel"] = type(AutoModel.from_pretrained(run)).__name__
-    for name in ("retnet", "retrofit"):
-        generate = pipeline("text-generation", model=runs[name])
-        out = generate("w5 w9 w17 w4", max_new_tokens=6, do_sample=False, return_tensors=True)
-        report[f"{name} pipeline"] = [int(i) for i in out[0]["generated_token_ids"]]
     print(json.dumps(report))
     """
 )
 
 
-def test_auto_classes_and_pipeline_after_a_bare_import_in_a_fresh_process(runs, tmp_path):
+def test_auto_classes_after_a_bare_import_in_a_fresh_process(runs, tmp_path):
     child = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps({k: str(v) for k, v in runs.items()}), str(tmp_path)]
-        + [json.dumps(PROMPT_IDS)],
+        + [json.dumps(PROMPT_IDS), str(runs["retro"].parent / "gpt2")],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
     )
     assert child.returncode == 0, child.stderr[-3000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert sorted(report.pop("model code for gpt2")) == ["retlm.models.registration"]
     classes = {
         "retnet": ["RetNetConfig", "RetNetForCausalLM"],
         "retro": ["RetroConfig", "RetroForCausalLM"],
@@ -112,22 +112,38 @@ def test_auto_classes_and_pipeline_after_a_bare_import_in_a_fresh_process(runs, 
     }
     ids = torch.tensor([PROMPT_IDS])
     for name, run in runs.items():
+        with torch.no_grad():  # retlm's own loader (checksums verified) gives the reference
+            expected = load_model(run).eval()(ids).logits.double().numpy()
         for from_run in (True, False):
             assert report[f"{name} {from_run}"] == classes[name], (name, from_run)
-            reference = load_model(run).eval()  # retlm's loader, checksums verified
-            with torch.no_grad():
-                expected = reference(ids).logits.double().numpy()
             got = np.load(tmp_path / f"{name}-{from_run}.npy")
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=name)
     assert report["retnet AutoModel"] == "RetNetModel" and report["retro AutoModel"] == "RetroModel"
 
+
+def test_pipeline_text_generation_for_retnet_and_a_retrofit_run_without_retrieval(runs):
+    """From the folders' own tokenizers; the tokens are those of a direct greedy ``generate``."""
+    from transformers import pipeline
+
     prompt = word_tokenizer()("w5 w9 w17 w4", return_tensors="pt")["input_ids"]
-    for name in ("retnet", "retrofit"):
+    assert prompt[0].tolist() == [5, 9, 17, 4]
+    for name, where in (("retnet", runs["retnet"] / "model"), ("retrofit", runs["retrofit"])):
+        generate = pipeline("text-generation", model=str(where))
+        out = generate("w5 w9 w17 w4", max_new_tokens=6, do_sample=False, return_tensors=True)
         model = load_model(runs[name]).eval()
         with torch.no_grad():
             tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)[0]
-        assert len(tokens) == prompt.shape[1] + 6 and prompt[0].tolist() == [5, 9, 17, 4]
-        assert report[f"{name} pipeline"] == tokens.tolist(), name
+        assert len(tokens) == prompt.shape[1] + 6
+        assert [int(i) for i in out[0]["generated_token_ids"]] == tokens.tolist(), name
+        text = generate("w5 w9 w17 w4", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+        assert text.startswith("w5 w9 w17 w4") and len(text.split()) >= 4
+
+
+def test_the_registered_types_are_the_config_classes():
+    from retlm import RetNetConfig, RetroConfig, RetroFitConfig
+    from retlm.models.registration import MODEL_TYPES
+
+    assert MODEL_TYPES == tuple(c.model_type for c in (RetNetConfig, RetroConfig, RetroFitConfig))
 
 
 def test_a_run_folder_is_taken_where_a_model_folder_is(runs):

@@ -6,9 +6,12 @@ docs/sources.md). So nothing is registered at ``import retlm``: :func:`install` 
 the program uses the Auto classes, retlm's types are there:
 
 - ``AutoConfig.from_pretrained`` / ``for_model``, and ``from_pretrained`` / ``from_config`` of every
-  ``AutoModel...`` class, first import ``retlm.models.retnet``, ``retro`` and ``retrofit``, whose
-  ``__init__`` registers ``"retnet"``, ``"retro"`` and ``"retrofit"`` (``AutoConfig``, ``AutoModel`` for
-  the first two, ``AutoModelForCausalLM``);
+  ``AutoModel...`` class, called for a retlm model type (a local folder's ``config.json`` says which,
+  or transformers fails on a type it does not know and the call is retried), first import
+  ``retlm.models.retnet``, ``retro`` and ``retrofit``, whose ``__init__`` registers ``"retnet"``,
+  ``"retro"`` and ``"retrofit"`` (``AutoConfig``, ``AutoModel`` for the first two,
+  ``AutoModelForCausalLM``). Loading any other model (the database's embedder, a GPT-2) imports no
+  retlm model code;
 - those and ``AutoTokenizer.from_pretrained`` take a retlm run folder where they take a model folder, as
   ``retlm eval RUN`` does: the run's ``model/`` (or its newest checkpoint, see ``resolve_model_dir``).
   A folder with its own ``config.json``, a Hub name or a model object is passed on unchanged.
@@ -31,6 +34,7 @@ from typing import Any
 
 # Nothing heavier than the above at import time (not pathlib, importlib.abc): `import retlm` runs this.
 MODEL_PACKAGES = ("retlm.models.retnet", "retlm.models.retro", "retlm.models.retrofit")
+MODEL_TYPES = ("retnet", "retro", "retrofit")  # their configs' model_type
 _registered = False
 
 
@@ -48,28 +52,57 @@ def local_model_dir(path: Any) -> Any:
     weights; any other argument unchanged."""
     if not isinstance(path, str | os.PathLike) or not os.path.isdir(path):
         return path
-    from retlm.models.auto import CHECKPOINT_PREFIX, FINAL_DIR, resolve_model_dir
-
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
+    from retlm.models.auto import CHECKPOINT_PREFIX, FINAL_DIR, resolve_model_dir
+
     names = os.listdir(path)
     if FINAL_DIR in names or any(name.startswith(CHECKPOINT_PREFIX) for name in names):
         return str(resolve_model_dir(path))
     return path
 
 
+def _model_type(args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """The model type a call is about: a config's, a model type given by name, or a local folder's
+    ``config.json``'s; None when unknown without loading (a Hub name)."""
+    config = kwargs.get("config", args[0] if args else None)
+    if isinstance(getattr(config, "model_type", None), str):
+        return config.model_type
+    if not args or not isinstance(args[0], str | os.PathLike):
+        return None
+    if not os.path.isdir(args[0]):
+        return str(args[0]) if str(args[0]) in MODEL_TYPES else None  # for_model("retro")
+    import json
+
+    try:
+        with open(os.path.join(args[0], "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _wrap(cls: type, name: str, *, register: bool, takes_path: bool) -> None:
-    """Replace classmethod ``cls.name`` by one that registers retlm's types and/or maps a run folder."""
+    """Replace classmethod ``cls.name`` by one that maps a run folder to its model folder and registers
+    retlm's types when the call needs them: a retlm ``model_type``, or one transformers did not know."""
     original = cls.__dict__[name].__func__
     if getattr(original, "_retlm_wrapped", False):
         return
 
     @functools.wraps(original)
     def wrapper(klass: type, *args: Any, **kwargs: Any) -> Any:
-        if register:
-            register_all()
         if takes_path and args:
             args = (local_model_dir(args[0]), *args[1:])
+        if not register or _registered:
+            return original(klass, *args, **kwargs)
+        kind = _model_type(args, kwargs)
+        if kind in MODEL_TYPES:
+            register_all()
+        try:
+            return original(klass, *args, **kwargs)
+        except (ValueError, KeyError) as err:  # a Hub model of a type transformers does not know
+            if kind is not None or not any(t in str(err) for t in MODEL_TYPES):
+                raise
+        register_all()
         return original(klass, *args, **kwargs)
 
     wrapper._retlm_wrapped = True  # type: ignore[attr-defined]

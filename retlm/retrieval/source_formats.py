@@ -9,6 +9,7 @@ that the file's schema lacks, raises ``SourceError``.
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import gzip
 import io
@@ -157,6 +158,9 @@ def _jsonl_records(part: Part, options: SourceOptions) -> Iterator[tuple[int, An
         for line in f:
             if part.stop is not None and offset >= part.stop:
                 break
+            if offset == 0 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :]  # a byte-order mark is no JSON
+                offset += len(codecs.BOM_UTF8)
             offset += len(line)
             if line.strip():
                 yield number, _parse_line(line, part, number)
@@ -282,7 +286,7 @@ def _check_text_type(label: str, kind: Any, field: str) -> None:
 
 def _csv_records(part: Part, options: SourceOptions) -> Iterator[tuple[int, Any]]:
     csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # one document a field
-    with io.TextIOWrapper(open_binary(Path(part.location)), encoding="utf-8", newline="") as text:
+    with io.TextIOWrapper(open_binary(Path(part.location)), encoding="utf-8-sig", newline="") as text:
         reader = csv.reader(text, strict=True)
         try:
             header = next(reader, None)
@@ -386,7 +390,7 @@ def _dataset_records(part: Part, options: SourceOptions, dataset: Any) -> Iterat
     names = getattr(ds, "column_names", None)
     if names:
         _check_columns(part.label, list(names), options)
-    if part.format == "hf-hub":
+    if part.format == "hf-hub" or not hasattr(ds, "__len__"):  # streamed: an IterableDataset
         for row, record in enumerate(ds):
             if row == 0 and not names:
                 _check_columns(part.label, list(record), options)

@@ -46,7 +46,8 @@ from retlm.retrieval.source_formats import (
 )
 
 DEFAULT_GLOB = "**/*.txt"
-RECORD_GLOBS = ("**/*.jsonl*", "**/*.ndjson*", "**/*.parquet", "**/*.csv*")
+RECORD_GLOBS = ("**/*.jsonl*", "**/*.ndjson*", "**/*.json*", "**/*.parquet", "**/*.csv*")
+RECORD_FILES = "**/*.{jsonl,ndjson,json,parquet,csv}[.gz|.zst|...]"  # default_glob's name for record_files
 
 __all__ = [
     "BadRecordError",
@@ -111,7 +112,8 @@ class Source:
         self.parts: list[Part] = []
         if formats.is_dataset_object(given):
             self.kind, self.dataset = "hf-dataset", formats.select_split(given, options.split, "the dataset")
-            self.parts = [Part("hf-object", "", "dataset", size=0, stop=len(self.dataset))]
+            rows = len(self.dataset) if hasattr(self.dataset, "__len__") else None
+            self.parts = [Part("hf-object", "", "dataset", size=0, stop=rows)]
         elif not isinstance(given, str | os.PathLike):
             self.kind, self.strings = "python", given
         else:
@@ -127,7 +129,7 @@ class Source:
                 return
             self.kind = "folder"
             self.glob = self.options.glob or default_glob(path)
-            files = matching_files(path, self.glob)
+            files = record_files(path) if self.glob == RECORD_FILES else matching_files(path, self.glob)
             self.parts = [_file_part(f, f.relative_to(path).as_posix()) for f in files]
             return
         if path.is_file():
@@ -270,13 +272,17 @@ def _bad(message: str, options: SourceOptions, report: SkipReport) -> None:
 
 
 def default_glob(root: Path) -> str:
-    """``**/*.txt``, unless the folder has no ``.txt`` file but has JSONL, Parquet or CSV files."""
+    """``**/*.txt``, unless the folder has no ``.txt`` file but has JSONL, Parquet or CSV files: then
+    those (``RECORD_FILES``; not the other files beside them, such as Spark's ``_SUCCESS`` markers)."""
     if next((p for p in root.glob(DEFAULT_GLOB) if p.is_file()), None) is not None:
         return DEFAULT_GLOB
-    for pattern in RECORD_GLOBS:
-        if any(p.is_file() and detect_format(p) != "text" for p in root.glob(pattern)):
-            return "**/*"  # every file; record files by their format, the rest as text
-    return DEFAULT_GLOB
+    return RECORD_FILES if record_files(root) else DEFAULT_GLOB
+
+
+def record_files(root: Path) -> list[Path]:
+    """The JSONL, Parquet and CSV files of folder ``root`` (at any depth), sorted by path."""
+    found = {p for pattern in RECORD_GLOBS for p in root.glob(pattern) if p.is_file()}
+    return sorted(p for p in found if detect_format(p) != "text")
 
 
 def matching_files(root: Path, glob: str) -> list[Path]:
