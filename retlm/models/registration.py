@@ -1,9 +1,10 @@
 """``import retlm`` teaches transformers' Auto classes retlm's model types, without importing transformers.
 
-``import retlm`` takes about 0.1 s; importing transformers' Auto classes takes 5 s or more (torch
-included), and retlm's three model packages add about 0.2 s on top of that (measured in
-docs/sources.md). So nothing is registered at ``import retlm``: :func:`install` only arranges that, once
-the program uses the Auto classes, retlm's types are there:
+``import retlm`` takes about 4 ms (this module 0.5 ms of it; ``python -X importtime``, docs/training.md);
+importing transformers' Auto classes takes 5 s or more (torch included), and retlm's three model
+packages 0.2 s more once transformers' modeling code is loaded. So nothing is registered at ``import
+retlm``: :func:`install` only arranges that, once the program uses the Auto classes for a retlm model,
+retlm's types are there:
 
 - ``AutoConfig.from_pretrained`` / ``for_model``, and ``from_pretrained`` / ``from_config`` of every
   ``AutoModel...`` class, called for a retlm model type (a local folder's ``config.json`` says which,
