@@ -37,8 +37,9 @@ def bench_embed(num_chunks: int, batch_size: int, rounds: int) -> dict:
     import torch
 
     from retlm.corpus import pydoc_topics
-    from retlm.retrieval.chunking import iter_documents, write_chunks
+    from retlm.retrieval.chunking import write_chunks
     from retlm.retrieval.embedding import Embedder, embed_rows
+    from retlm.retrieval.sources import iter_documents
 
     torch.manual_seed(0)
     embedder = Embedder()
@@ -393,8 +394,9 @@ def child_scale(args) -> dict:
 def chunk_rate() -> dict:
     """Chunk-stage throughput on the bundled corpus (MiniLM's tokenizer, chunk 64): chunks per second."""
     from retlm.corpus import pydoc_topics
-    from retlm.retrieval.chunking import iter_documents, write_chunks
+    from retlm.retrieval.chunking import write_chunks
     from retlm.retrieval.embedding import load_tokenizer
+    from retlm.retrieval.sources import iter_documents
 
     tokenizer = load_tokenizer()
     texts = [t for _, t in pydoc_topics()]

@@ -1,13 +1,17 @@
 """retlm: RETRO and RetNet language models, and RETRO with a RetNet decoder.
 
 The public names are imported lazily so that `import retlm` stays cheap and so that a user
-of the retrieval database does not pay for the model code (and vice versa).
+of the retrieval database does not pay for the model code (and vice versa). Importing retlm also
+arranges that transformers' Auto classes know retlm's model types (``retnet``, ``retro``,
+``retrofit``) and accept a retlm run folder, from their first use (``retlm.models.registration``).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from retlm.models.registration import install as _install_auto_classes
 
 __version__ = "0.1.0"
 
@@ -31,6 +35,8 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [*_LAZY, "__version__"]
+
+_install_auto_classes()
 
 
 def __getattr__(name: str) -> Any:

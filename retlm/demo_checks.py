@@ -32,7 +32,8 @@ def check_options(opts: Any) -> None:
     """See the module docstring; ``opts`` is a ``DemoOptions``."""
     from retlm.retrieval.chunking import EmptySourceError
     from retlm.retrieval.embedding import DEFAULT_EMBEDDER
-    from retlm.retrieval.preflight import embedder_shape, scan_source
+    from retlm.retrieval.preflight import embedder_shape
+    from retlm.retrieval.sources import scan_source
 
     _positive("--minutes", opts.minutes)
     _check_pretrained(opts)

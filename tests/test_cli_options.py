@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from retlm.cli.db import BuildOptions
+from retlm.cli.db import AddOptions, BuildOptions
 from retlm.cli.generate import GenerateOptions
 from retlm.cli.main import _apply_config, build_parser
 from retlm.cli.retrofit import RetrofitOptions
@@ -23,6 +23,7 @@ from retlm.training.options import TrainOptions
 
 COMMANDS = {
     "build-db": (BuildOptions, ["TEXT", "--out", "DB"]),
+    "add": (AddOptions, ["DB", "TEXT"]),
     "generate": (GenerateOptions, ["CKPT", "a prompt", "--db", "DB"]),
     "demo": (DemoOptions, []),
     "retrofit": (RetrofitOptions, ["--base", "gpt2", "--db", "DB", "--out", "RUN"]),
@@ -100,7 +101,7 @@ def test_yaml_config_and_flags_give_the_same_options(tmp_path):
         assert by_yaml == by_flags, spelling
     assert by_flags.num_neighbors == 3 and by_flags.chunk_size == 32
     assert by_flags.progress is False and by_flags.wait is False
-    assert by_flags != BuildOptions(text_dir=by_flags.text_dir, out=by_flags.out)
+    assert by_flags != BuildOptions(source=by_flags.source, out=by_flags.out)
 
 
 def test_command_line_wins_over_config_and_zero_means_none(tmp_path):
@@ -124,9 +125,9 @@ def test_build_options_are_keywords_of_the_database_build():
     from retlm.retrieval import RetrievalDatabase
 
     params = inspect.signature(RetrievalDatabase.build).parameters
-    kwargs = BuildOptions(text_dir="T", out="D").build_kwargs()
+    kwargs = BuildOptions(source="T", out="D").build_kwargs()
     assert set(kwargs) <= set(params), set(kwargs) - set(params)
-    ray = BuildOptions(text_dir="T", out="D", engine="ray", shards=3).build_kwargs()
+    ray = BuildOptions(source="T", out="D", engine="ray", shards=3).build_kwargs()
     assert ray["engine"] == "ray" and ray["num_shards"] == 3 and set(ray) <= set(params)
 
 

@@ -16,10 +16,10 @@ from retlm.retrieval.chunking import (
     chunk_document,
     chunk_mask,
     document_token_ids,
-    iter_documents,
     write_chunks,
 )
 from retlm.retrieval.embedding import load_tokenizer
+from retlm.retrieval.sources import SourceError, iter_documents
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PAD, SEP = 0, 102
@@ -110,7 +110,7 @@ def test_empty_folder_and_no_match_fail_before_work(tmp_path):
     (tmp_path / "a.md").write_text("hello")
     with pytest.raises(EmptySourceError, match=r"\*\*/\*\.txt"):
         iter_documents(tmp_path)
-    with pytest.raises(EmptySourceError, match="does not exist"):
+    with pytest.raises(SourceError, match="no such file or folder"):
         iter_documents(tmp_path / "missing")
 
 

@@ -117,6 +117,42 @@ def test_a_killed_worker_is_retried_and_its_shard_resumes(ray_cluster, tmp_path)
         assert ray[name] == local[name], name
 
 
+@pytest.mark.ray
+def test_ray_build_of_jsonl_and_parquet_sources_equals_the_single_process_build(
+    ray_cluster, tiny_encoder, tmp_path
+):
+    """A plain JSONL cut into line-aligned byte ranges and a Parquet file cut into row ranges (3 shards),
+    one record malformed and skipped: every file equals the single-process build's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"body": text[:900], "key": name} for name, text in list(pydoc_topics())[:24]]
+    lines = [json.dumps(row) for row in rows]
+    lines[7] = '{"body": broken'
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus.parquet", row_group_size=4)
+    options = dict(chunk_size=16, seq_len=64, embedder=tiny_encoder, batch_size=32, progress=False)
+    source = dict(text_field="body", id_field="key", skip_bad_records=True)
+    for name in ("corpus.jsonl", "corpus.parquet"):
+        with pytest.warns(UserWarning, match="skipped 1 bad record") if name.endswith("l") else _no_warning():
+            RetrievalDatabase.build(tmp_path / name, tmp_path / f"{name}-local", **options, **source)
+            ray = RetrievalDatabase.build(
+                tmp_path / name, tmp_path / f"{name}-ray", engine="ray", num_shards=3, **options, **source
+            )
+        local, built = files_of(tmp_path / f"{name}-local"), files_of(tmp_path / f"{name}-ray")
+        assert list(built) == list(local)
+        for file in local:
+            assert built[file] == local[file], (name, file)
+        expected = 23 if name.endswith("l") else 24
+        assert ray.num_docs == expected and ray.manifest["sources"][0]["documents"] == expected
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def test_missing_ray_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'retlm\[ray\]'"):

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import retlm
 from retlm import tokenization
 from retlm.corpus import pydoc_topics, stdlib_docstrings
-from retlm.retrieval.chunking import Document, SkipReport, document_token_ids, iter_documents, write_chunks
+from retlm.retrieval.chunking import Document, SkipReport, document_token_ids, write_chunks
+from retlm.retrieval.sources import iter_documents
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EOS = 50256

@@ -1,4 +1,5 @@
-"""`retlm build-db`, `retlm search`, `retlm db-info`: the retrieval database from the command line."""
+"""`retlm build-db`, `retlm add`, `retlm search`, `retlm db-info`: the retrieval database from the command
+line."""
 
 from __future__ import annotations
 
@@ -14,20 +15,57 @@ from retlm.options import add_dataclass_arguments, option, options_from
 from retlm.utils import quoted
 
 STAGE_HELP = (
-    "run one build stage only: chunk (tokenize TEXT_DIR), embed (shardable), index (merges embedding "
+    "run one build stage only: chunk (read and tokenize SOURCE), embed (shardable), index (merges embedding "
     "shards, trains, tunes nprobe and k_factor), neighbors (shardable), finalize (merges knn shards, writes "
     "manifest.json). Default: all, in order"
 )
 
 
-@dataclass
-class BuildOptions:
+SOURCE_HELP = (
+    "where the documents are: a folder of text files (see --glob), a .jsonl file (plain, .gz or .zst), a "
+    ".parquet or .csv file, a folder of such files, a Hugging Face dataset folder (save_to_disk) or a Hub "
+    "dataset name owner/name (online; see --split)"
+)
+SOURCE_FIELDS = ("glob", "text_field", "id_field", "split", "skip_bad_records")
+
+
+@dataclass(kw_only=True)
+class SourceReading:
+    """How SOURCE is read: the options `retlm build-db` and `retlm add` share
+    (``retlm.retrieval.sources``)."""
+
+    glob: str | None = option(
+        None,
+        help="which files of a SOURCE folder are documents (default: **/*.txt, or, in a folder without "
+        ".txt files, its .jsonl, .parquet and .csv files)",
+    )
+    text_field: str = option("text", help="the field (column) of a record that holds its text")
+    id_field: str | None = option(
+        None,
+        help="the field that names a record (shown beside its neighbours); default: the file name and the "
+        "record's line (JSONL) or row number",
+    )
+    split: str | None = option(
+        None, help="the split of a Hugging Face dataset (a Hub dataset: default train)"
+    )
+    skip_bad_records: bool = option(
+        False,
+        help="count malformed records (bad JSON, a missing or non-text field) and go on, instead of "
+        "stopping at the first one",
+    )
+
+    def source_kwargs(self) -> dict[str, Any]:
+        """The source-reading keywords of ``RetrievalDatabase.build`` and ``RetrievalDatabase.add``."""
+        return {name: getattr(self, name) for name in SOURCE_FIELDS}
+
+
+@dataclass(kw_only=True)
+class BuildOptions(SourceReading):
     """The options of `retlm build-db`: each is a keyword of ``RetrievalDatabase.build`` (bar the Ray
     ones, which become ``engine="ray", address=..., num_shards=...``)."""
 
-    text_dir: Path = option(positional=True, metavar="TEXT_DIR", help="folder of UTF-8 text files")
+    source: str = option(positional=True, metavar="SOURCE", help=SOURCE_HELP)
     out: Path = option(metavar="DB", help="database folder to write")
-    glob: str = option("**/*.txt", help="which files of TEXT_DIR are documents")
     chunk_size: int = option(64, help="tokens per chunk")
     num_neighbors: int = option(
         2, flag="--neighbors", aliases=("--neighbours",), help="neighbours precomputed per chunk"
@@ -102,22 +140,38 @@ class BuildOptions:
     )
 
     def build_kwargs(self) -> dict[str, Any]:
-        """The keywords of ``RetrievalDatabase.build(text_dir, out, **kwargs)``."""
+        """The keywords of ``RetrievalDatabase.build(source, out, **kwargs)``."""
         kwargs = {
-            k: v
-            for k, v in asdict(self).items()
-            if k not in ("text_dir", "out", "engine", "address", "shards")
+            k: v for k, v in asdict(self).items() if k not in ("source", "out", "engine", "address", "shards")
         }
         if self.engine == "ray":
             kwargs.update(engine="ray", address=self.address, num_shards=self.shards)
         return kwargs
 
 
+@dataclass(kw_only=True)
+class AddOptions(SourceReading):
+    """The options of `retlm add`: ``RetrievalDatabase.open(db).add(source, **kwargs)``."""
+
+    db: Path = option(positional=True, metavar="DB", help="the database folder to add to")
+    source: str = option(positional=True, metavar="SOURCE", help=SOURCE_HELP)
+    progress: bool = option(True, negate=True, help="hide progress bars")
+    wait: bool = option(
+        True,
+        negate=True,
+        help="fail at once if another build or add holds the database's lock (default: wait for it)",
+    )
+
+    def add_kwargs(self) -> dict[str, Any]:
+        return {**self.source_kwargs(), "progress": self.progress, "wait": self.wait}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     build = subparsers.add_parser(
         "build-db",
-        help="build a retrieval database from a folder of text files",
-        description="Tokenize every file of TEXT_DIR matching --glob, cut the documents into chunks, embed "
+        help="build a retrieval database from a folder of text, JSONL, Parquet, CSV or a HF dataset",
+        description="Read the documents of SOURCE (a folder's files matching --glob, or the records of a "
+        "JSONL, Parquet or CSV file or a Hugging Face dataset, streamed), cut them into chunks, embed "
         "them with a frozen encoder, index them with faiss and precompute each chunk's nearest neighbours "
         "from other documents. Re-running a killed build resumes it. For builds spread over many jobs, "
         "run --stage chunk, then --stage embed --shard i/n for every i, --stage index, --stage neighbors "
@@ -126,6 +180,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_dataclass_arguments(build, BuildOptions)
     build.set_defaults(func=run_build)
+
+    add = subparsers.add_parser(
+        "add",
+        help="add the documents of a source to a database",
+        description="Append the documents of SOURCE (any source build-db reads, with the same options) to "
+        "the database DB: only the new chunks are embedded, the index is extended and the neighbours "
+        "updated; one rename of manifest.json publishes the result, so a reader (or a kill) sees the old "
+        "database or the new one. A second writer waits for the first (--no-wait: fails naming its PID).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_arguments(add, AddOptions)
+    add.set_defaults(func=run_add)
 
     search = subparsers.add_parser(
         "search",
@@ -159,8 +225,6 @@ def run_build(args: argparse.Namespace) -> int:
     from retlm.retrieval import RetrievalDatabase
     from retlm.retrieval.chunking import EmptySourceError
 
-    if args.stage in ("all", "chunk") and not args.text_dir.is_dir():
-        raise UsageError(f"TEXT_DIR is not a folder: {args.text_dir}")
     if args.engine == "ray" and (args.stage != "all" or args.shard):
         raise UsageError("--engine ray runs every stage itself: drop --stage / --shard")
     if args.engine != "ray" and (args.address or args.shards):
@@ -169,7 +233,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError(f"--shards must be a positive integer, got {args.shards}")
     opts = options_from(args, BuildOptions)
     try:
-        db = RetrievalDatabase.build(opts.text_dir, opts.out, **opts.build_kwargs())
+        db = RetrievalDatabase.build(opts.source, opts.out, **opts.build_kwargs())
     except (EmptySourceError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     except ValueError as err:
@@ -180,6 +244,26 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"stage {args.stage}{' shard ' + args.shard if args.shard else ''} done: {args.out}")
     else:
         print(f"built {db!r}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from retlm.retrieval import RetrievalDatabase
+    from retlm.retrieval.chunking import EmptySourceError
+
+    opts = options_from(args, AddOptions)
+    if not (opts.db / "manifest.json").is_file():
+        raise UsageError(f"DB: no retrieval database at {opts.db} (build one with `retlm build-db`)")
+    db = RetrievalDatabase.open(opts.db, verify=False)
+    before = (db.num_docs, db.num_chunks)
+    try:
+        db.add(opts.source, **opts.add_kwargs())
+    except (EmptySourceError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    print(
+        f"added {db.num_docs - before[0]} documents ({db.num_chunks - before[1]} chunks) to {opts.db}: "
+        f"now {db.num_docs} documents, {db.num_chunks} chunks"
+    )
     return 0
 
 
@@ -273,6 +357,7 @@ def run_info(args: argparse.Namespace) -> int:
             if m["recall_queries"]
             else "1.0 (exact index)",
         ),
+        *source_lines(m),
         ("size on disk", f"{size / 2**20:.1f} MiB"),
         (
             "checksums",
@@ -285,3 +370,34 @@ def run_info(args: argparse.Namespace) -> int:
     for name, value in lines:
         print(f"{name:<{width}}  {value}")
     return 0
+
+
+def source_lines(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """db-info's lines on where the documents came from (the manifest's ``sources``, one per build or
+    add): the source, its format and fields, its documents and what was skipped."""
+    sources = manifest.get("sources")
+    if not sources:
+        return [("sources", "not recorded (built by an older retlm)")]
+    lines = []
+    for i, entry in enumerate(sources, 1):
+        how = [entry.get("format", "?")]
+        if entry.get("glob"):
+            how.append(f"glob {entry['glob']}, {entry.get('files', '?')} files")
+        if entry.get("file_formats") and entry["file_formats"] != ["txt"]:
+            how.append("formats " + "/".join(entry["file_formats"]))
+        if entry.get("text_field"):
+            how.append(f"text field {entry['text_field']!r}")
+            how.append(f"id field {entry['id_field']!r}" if entry.get("id_field") else "named file:line/row")
+        if entry.get("split"):
+            how.append(f"split {entry['split']}")
+        counts = [f"{entry.get('documents', 0)} documents"]
+        for key, what in (
+            ("bad_records", "bad records skipped"),
+            ("empty_documents", "empty skipped"),
+            ("unreadable_files", "unreadable files skipped"),
+        ):
+            if entry.get(key):
+                counts.append(f"{entry[key]} {what}")
+        name = "sources" if i == 1 else ""
+        lines.append((name, f"{i}. {entry.get('source', '?')} ({'; '.join(how)}): {', '.join(counts)}"))
+    return lines

@@ -14,11 +14,12 @@ import numpy as np
 
 from retlm.retrieval import integrity
 from retlm.retrieval._storage import open_memmap
-from retlm.retrieval.chunking import SkipReport, iter_documents, write_chunks
+from retlm.retrieval.chunking import SkipReport, write_chunks
 from retlm.retrieval.embedding import count_truncated_chunks, embed_rows
 from retlm.retrieval.index import tune_search, write_index
 from retlm.retrieval.manifest import CHUNK_FILES, DATA_FILES, tuning_info, write_manifest
 from retlm.retrieval.neighbors import compute_neighbors, merge_new_neighbors
+from retlm.retrieval.sources import Source, provenance
 
 if TYPE_CHECKING:
     from retlm.retrieval.database import RetrievalDatabase
@@ -31,14 +32,14 @@ class _Adder:
         self.db, self.progress = db, progress
         self.stage = db.path / ".add"
 
-    def run(self, docs, glob: str) -> None:
+    def run(self, source: Source) -> None:
         db, m = self.db, self.db.manifest
         shutil.rmtree(self.stage, ignore_errors=True)
         _remove_unreferenced(db.path, m)  # what an add() killed before or after its manifest swap left
         self.stage.mkdir()
         old_n = db.num_chunks
         report = SkipReport()
-        counts = self._append_chunks(iter_documents(docs, glob, report, first_index=db.num_docs), report)
+        counts = self._append_chunks(source.documents(report, first_index=db.num_docs), report)
         report.warn()
         if counts.num_chunks == 0:
             shutil.rmtree(self.stage)
@@ -111,6 +112,7 @@ class _Adder:
             "embedder_input": m["embedder_input"],
             "embedder_truncated_chunks": truncated,
             "skipped_files": m.get("skipped_files", []) + report.unreadable,
+            "sources": m.get("sources", []) + [provenance(source, report, counts.num_docs)],
         }
         new = write_manifest(
             db.path,

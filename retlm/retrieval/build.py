@@ -32,7 +32,7 @@ from retlm.errors import OptionError
 from retlm.locking import writer_lock
 from retlm.retrieval import preflight
 from retlm.retrieval._storage import is_complete, open_memmap, read_json, write_json
-from retlm.retrieval.chunking import Document, SkipReport, iter_documents, validate_sizes, write_chunks
+from retlm.retrieval.chunking import Document, SkipReport, validate_sizes, write_chunks
 from retlm.retrieval.embedding import (
     DEFAULT_EMBEDDER,
     POOLINGS,
@@ -55,6 +55,7 @@ from retlm.retrieval.integrity import EMBEDDING_DTYPES
 from retlm.retrieval.manifest import CHUNK_FILES, LOCK_FILE, tuning_info, write_manifest
 from retlm.retrieval.neighbors import compute_neighbors
 from retlm.retrieval.shards import _merge_shards, _shard_file, parse_shard, shard_rows
+from retlm.retrieval.sources import Source, SourceOptions, empty_error, provenance
 from retlm.tokenization import GPT2, describe, special_ids
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 
@@ -122,7 +123,11 @@ def build_database(
     exact_threshold: int = EXACT_THRESHOLD,
     target_recall: float = 0.95,
     extra_neighbors: int = 10,
-    glob: str = "**/*.txt",
+    glob: str | None = None,
+    text_field: str = "text",
+    id_field: str | None = None,
+    split: str | None = None,
+    skip_bad_records: bool = False,
     stage: str = "all",
     shard: str | tuple[int, int] | None = None,
     progress: bool = True,
@@ -131,7 +136,9 @@ def build_database(
     address: str | None = None,
     num_shards: int | None = None,
 ) -> RetrievalDatabase | None:
-    """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
+    """Build a database at ``path`` from ``source``: a folder (its files matching ``glob``), a JSONL,
+    Parquet or CSV file, a Hugging Face dataset, or strings, read with ``text_field``, ``id_field``,
+    ``split`` and ``skip_bad_records`` (see ``retlm.retrieval.sources``).
 
     ``tokenizer``: the LM tokenizer, ``"gpt2"`` (GPT-2's byte-level BPE, the default), ``"bert"`` (the
     embedder's WordPiece for both, retro-pytorch's way), a pretrained model's (``"smollm2-135m"``, a .gguf
@@ -187,7 +194,10 @@ def build_database(
     if shard is not None and stage not in SHARDED_STAGES:
         raise OptionError(f"--shard applies to the stages {SHARDED_STAGES}, not {stage!r}")
     path = Path(path)
-    preflight.check_build(source, path, config, stage, glob)  # before anything is written
+    options = SourceOptions(
+        glob=glob, text_field=text_field, id_field=id_field, split=split, skip_bad_records=skip_bad_records
+    )
+    source = preflight.check_build(source, path, config, stage, options)  # before anything is written
     fresh = not path.exists() or not any(path.iterdir())
     if shard is None:
         lock, what = path / LOCK_FILE, f"database {path}"
@@ -199,7 +209,7 @@ def build_database(
             from retlm.retrieval.ray_build import build_with_ray
 
             return build_with_ray(
-                source, path, config, glob=glob, address=address, num_shards=num_shards, progress=progress
+                source, path, config, address=address, num_shards=num_shards, progress=progress
             )
         builder = _Builder(path, config, progress)
         if builder.finished():
@@ -209,8 +219,8 @@ def build_database(
             chunked_before = (path / "chunking.json").is_file()
             try:
                 if name == "chunk":
-                    builder.chunk(source, glob)
-                    builder.check_chunked(source, glob)
+                    builder.chunk(source)
+                    builder.check_chunked(source)
                 elif name in SHARDED_STAGES:
                     getattr(builder, name)(shard)
                 else:
@@ -268,18 +278,19 @@ class _Builder:
         )
 
     # ---- stage 1
-    def chunk(self, source, glob: str) -> None:
+    def chunk(self, source: Source | None) -> None:
         if (self.path / "chunking.json").is_file():
             return
         if source is None:
-            raise ValueError("the chunk stage needs a source (a folder or an iterable of strings)")
+            raise ValueError("the chunk stage needs a source (a folder, a file or an iterable of strings)")
         report = SkipReport()
-        docs = iter_documents(source, glob, report)  # raises on an empty folder before any work
-        self.write_chunk_files(docs, report)
+        self.write_chunk_files(source.documents(report), report, source)
 
-    def write_chunk_files(self, docs: Iterable[Document], report: SkipReport) -> None:
+    def write_chunk_files(
+        self, docs: Iterable[Document], report: SkipReport, source: Source | None = None
+    ) -> None:
         """Tokenize and chunk ``docs`` into chunks.dat, doc_ids.dat, seqs.dat, doc_names.jsonl, tokenizer/
-        and chunking.json."""
+        and chunking.json (with ``source``'s record, when given: a Ray shard's chunks have none)."""
         tokenizer = load_lm_tokenizer(self.config.tokenizer, embedder=self.config.embedder)
         tokenizers = _tokenizers_entry(self.config, tokenizer)
         self._lm_tokenizer = tokenizer
@@ -317,19 +328,17 @@ class _Builder:
                 **tokenizers,
                 "pad_id": int(pad_id),
                 "eos_id": int(eos_id),
-                "skipped_files": report.unreadable,
-                "skipped_empty_docs": report.empty,
+                **report.recorded(),
+                "sources": [] if source is None else [provenance(source, report, counts.num_docs)],
             },
         )
 
-    def check_chunked(self, source, glob: str) -> None:
-        """After chunking: a folder that gave no chunk is an error (naming what was skipped), and an IVF
+    def check_chunked(self, source: Source | None) -> None:
+        """After chunking: a source that gave no chunk is an error (naming what was skipped), and an IVF
         factory must have enough chunks to train on -- both before any embedding."""
         info = self.chunking()
-        if info["num_chunks"] == 0 and isinstance(source, str | os.PathLike):
-            raise preflight.empty_build_error(
-                Path(source), glob, info.get("skipped_files", []), info.get("skipped_empty_docs", 0)
-            )
+        if info["num_chunks"] == 0 and source is not None and source.kind != "python":
+            raise empty_error(source, SkipReport.from_record(info))
         preflight.check_index_fits(self.config.index_factory, info["num_chunks"], self.config.num_neighbors)
 
     # ---- stage 2

@@ -10,7 +10,8 @@ Layout (retro-pytorch's, see docs/retrieval.md):
   ``seq_len // chunk_size`` chunks within each document.
 
 - ``doc_names.jsonl``: one JSON string per line, the name of each document (its path relative to the source
-  folder, or ``doc-<i>`` for the i-th string of a list), so that neighbours can be shown with their source.
+  folder, its record's id or place, or ``doc-<i>`` for the i-th string of a list; see
+  ``retlm.retrieval.sources``), so that neighbours can be shown with their source.
 
 Nothing holds a whole document, let alone the corpus, in memory: files are read in bounded pieces, and each
 piece is tokenized on its own. A piece ends just before a whitespace character that follows a non-whitespace
@@ -23,11 +24,11 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,10 +57,32 @@ class Document:
 
 @dataclass
 class SkipReport:
-    """Files that could not be read as UTF-8 text, and the number of empty documents."""
+    """What reading a source skipped: files that could not be read as UTF-8 text, empty documents, and
+    malformed records (``skip_bad_records``; the first messages are kept in ``bad_examples``)."""
 
     unreadable: list[str] = field(default_factory=list)
     empty: int = 0
+    bad_records: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+    def recorded(self) -> dict[str, Any]:
+        """The report as chunking.json (and a Ray chunk shard) records it."""
+        return {
+            "skipped_files": self.unreadable,
+            "skipped_empty_docs": self.empty,
+            "bad_records": self.bad_records,
+            "bad_record_examples": self.bad_examples[:3],
+        }
+
+    @classmethod
+    def from_record(cls, info: dict[str, Any]) -> SkipReport:
+        """The report that ``recorded`` wrote into ``info``."""
+        return cls(
+            list(info.get("skipped_files", [])),
+            int(info.get("skipped_empty_docs", 0)),
+            int(info.get("bad_records", 0)),
+            list(info.get("bad_record_examples", []))[:3],
+        )
 
     def warn(self) -> None:
         if self.unreadable:
@@ -67,6 +90,9 @@ class SkipReport:
             warnings.warn(
                 f"skipped {len(self.unreadable)} non-UTF-8 or binary file(s): {shown}", stacklevel=3
             )
+        if self.bad_records:
+            first = self.bad_examples[0] if self.bad_examples else ""
+            warnings.warn(f"skipped {self.bad_records} bad record(s); the first: {first}", stacklevel=3)
 
 
 def _read_text_blocks(path: Path) -> Iterator[str]:
@@ -118,48 +144,6 @@ def _cut_point(text: str, start: int, end: int) -> int:
     while cut > start and _is_white_space(text[cut - 1]):
         cut -= 1
     return cut if cut > start else end
-
-
-def iter_documents(
-    source: str | os.PathLike | Iterable[str],
-    glob: str = "**/*.txt",
-    report: SkipReport | None = None,
-    first_index: int = 0,
-) -> Iterator[Document]:
-    """Documents from a folder (files matching ``glob``, sorted by path, named by their path relative to
-    it), or from an iterable of strings (named ``doc-<first_index + i>``).
-
-    Raises ``EmptySourceError`` before any work if a folder has no matching file. Non-UTF-8 or binary
-    files are skipped and recorded in ``report``.
-    """
-    report = report if report is not None else SkipReport()
-    if isinstance(source, str | os.PathLike):
-        root = Path(source)
-        if not root.is_dir():
-            raise EmptySourceError(
-                f"source folder does not exist: {root} (pass a list of strings to index text)"
-            )
-        return folder_documents(root, matching_files(root, glob), report)
-    return (Document(name=f"doc-{first_index + i}", text=text) for i, text in enumerate(source))
-
-
-def matching_files(root: Path, glob: str) -> list[Path]:
-    """The files of folder ``root`` matching ``glob``, in reading order (sorted by path); raises
-    ``EmptySourceError`` if there are none."""
-    paths = sorted(p for p in Path(root).glob(glob) if p.is_file())
-    if not paths:
-        raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
-    return paths
-
-
-def folder_documents(root: Path, paths: list[Path], report: SkipReport) -> Iterator[Document]:
-    """Documents of the given files of folder ``root``, in order, named by their path relative to it;
-    non-UTF-8 or binary files are skipped into ``report``."""
-    for path in paths:
-        if is_utf8_text(path):
-            yield Document(name=path.relative_to(root).as_posix(), path=path)
-        else:
-            report.unreadable.append(str(path))
 
 
 def document_token_ids(

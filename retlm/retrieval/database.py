@@ -32,6 +32,7 @@ from retlm.retrieval.embedding import Embedder, embed_token_chunks
 from retlm.retrieval.layout import neighbour_tokens
 from retlm.retrieval.manifest import FORMAT_VERSION, LOCK_FILE
 from retlm.retrieval.neighbors import search_excluding
+from retlm.retrieval.sources import SourceOptions, open_source
 from retlm.tokenization import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 from retlm.tokenization import vocabulary_sha256
@@ -370,11 +371,19 @@ class RetrievalDatabase:
         self,
         docs: str | os.PathLike | Iterable[str],
         *,
-        glob: str = "**/*.txt",
+        glob: str | None = None,
+        text_field: str = "text",
+        id_field: str | None = None,
+        split: str | None = None,
+        skip_bad_records: bool = False,
         progress: bool = False,
         wait: bool = True,
     ) -> RetrievalDatabase:
         """Append documents: embed only their chunks, add them to the index, update the neighbours.
+
+        ``docs``: any source ``build`` reads (a folder, a JSONL, Parquet or CSV file, a Hugging Face
+        dataset, strings), with the same options (``retlm.retrieval.sources``); the source is checked
+        before the lock is taken, and recorded in the manifest's ``sources``.
 
         With an exact index the result equals a full rebuild; with an IVF index the existing lists are
         kept (no retraining), ``nprobe`` is re-tuned and every chunk's neighbours are recomputed.
@@ -384,9 +393,18 @@ class RetrievalDatabase:
         ``manifest.json`` publishes them, so a reader (or a kill at any step) sees the old database or
         the new one, never a mix.
         """
+        options = SourceOptions(
+            glob=glob,
+            text_field=text_field,
+            id_field=id_field,
+            split=split,
+            skip_bad_records=skip_bad_records,
+        )
+        source = open_source(docs, options)
+        source.check()  # before the lock: a missing field or an empty source writes nothing
         with writer_lock(self.path / LOCK_FILE, what=f"database {self.path}", wait=wait):
             current = RetrievalDatabase.open(self.path, verify=False)  # another writer may have added
-            _Adder(current, progress).run(docs, glob)
+            _Adder(current, progress).run(source)
         fresh = RetrievalDatabase.open(self.path, verify=False)
         self.__dict__.update(fresh.__dict__)
         return self

@@ -82,6 +82,7 @@ def write_manifest(
             "embeddings.dat": [n, embedding_dim],
         },
         "skipped_files": chunking.get("skipped_files", []),
+        "sources": chunking.get("sources", []),  # where the documents came from (retrieval.sources)
         "build": settings,
         "checksums": {name: sha256_file(path / files[name]) for name in DATA_FILES},
         "files": files,

@@ -6,7 +6,9 @@
   faiss itself) -> ``OptionError`` (CLI exit code 2);
 - the embedder is a bundled name, a local folder or a model in the local Hugging Face cache (nothing is
   downloaded), and ``chunk_size + 2`` fits its position limit -> ``OptionError``;
-- the source folder has a matching file with some text -> ``EmptySourceError`` naming skipped files;
+- the source exists and has something to read: a folder has a matching file with some text, a record
+  file's schema (or first record) has the text field -> ``SourceError`` / ``EmptySourceError``
+  (``retlm.retrieval.sources``);
 - the disk space and memory the build needs (estimated from the source's size, lower bounds) are free
   -> ``ResourceError`` quoting both figures (exit code 1).
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from retlm.errors import OptionError, ResourceError, format_bytes
-from retlm.retrieval.chunking import EmptySourceError, _read_text_blocks
+from retlm.retrieval.sources import Source, SourceOptions, open_source
 from retlm.utils import available_memory_bytes, free_disk_bytes
 
 BYTES_PER_TOKEN_BOUND = 8  # English text averages ~4 bytes per BPE or WordPiece token; 8 keeps it a bound
@@ -93,54 +95,6 @@ def embedder_shape(name: str) -> EmbedderShape:
         max_positions=int(limit),
         heads=int(getattr(config, "num_attention_heads", 1) or 1),
         layers=int(getattr(config, "num_hidden_layers", 1) or 1),
-    )
-
-
-# ---- the source ----
-
-
-def _has_text(path: Path) -> bool:
-    """UTF-8, no NUL byte, and at least one non-space character (streams the file)."""
-    found = False
-    try:
-        for block in _read_text_blocks(path):
-            if "\x00" in block:
-                return False
-            found = found or bool(block.strip())
-    except (UnicodeDecodeError, OSError):
-        return False
-    return found
-
-
-def scan_source(root: Path, glob: str) -> list[Path]:
-    """The files of ``root`` matching ``glob``, after checking that at least one holds text.
-
-    Reads files in order only until the first one with text. Raises ``EmptySourceError`` naming the
-    skipped files when none has any.
-    """
-    if not root.is_dir():
-        raise EmptySourceError(f"source folder does not exist: {root} (pass a list of strings to index text)")
-    paths = sorted(p for p in root.glob(glob) if p.is_file())
-    if not paths:
-        raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
-    for path in paths:
-        if path.stat().st_size and _has_text(path):
-            return paths
-    shown = ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-    raise EmptySourceError(
-        f"no text to index in {root}: all {len(paths)} file(s) matching {glob!r} are empty, binary or "
-        f"not UTF-8, and were skipped: {shown}"
-    )
-
-
-def empty_build_error(root: Path, glob: str, skipped: list[str], empty_docs: int) -> EmptySourceError:
-    """The error of a folder whose files gave no chunk at all (found after the chunk stage)."""
-    shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-    parts = [f"{len(skipped)} binary or non-UTF-8 ({shown})"] if skipped else []
-    if empty_docs:
-        parts.append(f"{empty_docs} without a single token")
-    return EmptySourceError(
-        f"no text to index in {root}: every file matching {glob!r} was skipped: {'; '.join(parts)}"
     )
 
 
@@ -301,30 +255,27 @@ def check_tokenizer(config: Any) -> None:
         raise OptionError(f"tokenizer {config.tokenizer!r}: {' '.join(str(err).split())}") from None
 
 
-def check_build(source: Any, path: Path, config: Any, stage: str, glob: str) -> None:
-    """All checks of a build that can run before its first step (see the module docstring)."""
+def check_build(source: Any, path: Path, config: Any, stage: str, options: SourceOptions) -> Source | None:
+    """All checks of a build that can run before its first step (see the module docstring); returns the
+    resolved source (None when the chunk stage has run already, or is not run)."""
     shape = check_options(config)
-    if not isinstance(glob, str) or not glob or Path(glob).is_absolute() or "\x00" in glob:
-        raise OptionError(f"glob must be a non-empty pattern relative to the source folder, got {glob!r}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OptionError(f"output {path} exists and is not a folder")
     if (path / "manifest.json").is_file():
-        return
+        return None
     if stage not in ("all", "chunk"):
         if not (path / "chunking.json").is_file():
             raise OptionError(f"--stage {stage}: {path} has not been chunked; run --stage chunk first")
-        return
+        return None
     if (path / "chunking.json").is_file():
-        return  # chunked by an earlier run; the rest resumes
-    if isinstance(source, str | os.PathLike):
-        try:
-            paths = scan_source(Path(source), glob)
-        except (ValueError, NotImplementedError) as err:  # a pattern pathlib refuses
-            if isinstance(err, EmptySourceError):
-                raise
-            raise OptionError(f"glob {glob!r} is not a valid pattern: {err}") from None
-        n = chunks_lower_bound([p.stat().st_size for p in paths], config.chunk_size)
+        return None  # chunked by an earlier run; the rest resumes
+    if source is None:
+        raise OptionError("the chunk stage needs a source (a folder, a file or an iterable of strings)")
+    resolved = open_source(source, options)
+    resolved.check()
+    sizes = resolved.size_bytes()
+    if sizes:
+        n = chunks_lower_bound(sizes, config.chunk_size)
         check_resources(estimate_build(n, config, shape), path)
-    elif source is None:
-        raise OptionError("the chunk stage needs a source (a folder or an iterable of strings)")
+    return resolved

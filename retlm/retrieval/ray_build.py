@@ -3,8 +3,10 @@
 The stages and their tasks (``S`` shards; every task calls the stage functions of the single-process
 build, so both write the same database):
 
-    chunk      S tasks, each tokenizing a contiguous group of documents (in reading order) into
-               shards/chunk-i-of-S/; one task concatenates them, renumbering documents, chunks and
+    chunk      S tasks, each reading and tokenizing a contiguous group of the source (in reading order:
+               whole files, or row ranges of Parquet files and datasets and line-aligned byte ranges of
+               plain JSONL files, read by ``retlm.retrieval.sources`` as the local build reads them)
+               into shards/chunk-i-of-S/; one task concatenates them, renumbering documents, chunks and
                training sequences                      -> chunks, doc_ids, seqs, doc_names.jsonl
     embed      S tasks over row shards whose boundaries are multiples of batch_size, so each runs the
                batches the single-process build runs                        -> shards/embeddings-i
@@ -35,8 +37,12 @@ Memory per worker, for ``n`` chunks of ``dim`` dimensions (``B`` = batch_size):
 - neighbors: the whole index and one block of 4,096 queries, one such task per node at a time;
 - finalize: buffers of 16 MB.
 No task holds all the vectors: the embedding file is read through a memmap, block by block. Every
-worker needs the database folder on a filesystem shared by all nodes (and the source folder for the
-chunk stage).
+worker needs the database folder on a filesystem shared by all nodes (and the source's files for the
+chunk stage; a Hub dataset is streamed by one task).
+
+Ray Data's readers (``read_json``, ``read_parquet``) are not used: a record's name, its line or row
+number in errors, ``skip_bad_records`` and the order of documents must be the local build's, which
+holds only when both engines read through ``retlm.retrieval.sources``.
 """
 
 from __future__ import annotations
@@ -54,13 +60,7 @@ from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import read_json, write_json
 from retlm.retrieval.build import BuildConfig, _Builder
-from retlm.retrieval.chunking import (
-    Document,
-    SkipReport,
-    folder_documents,
-    iter_documents,
-    matching_files,
-)
+from retlm.retrieval.chunking import Document, SkipReport
 from retlm.retrieval.database import RetrievalDatabase
 from retlm.retrieval.index import (
     add_rows,
@@ -72,10 +72,11 @@ from retlm.retrieval.index import (
 )
 from retlm.retrieval.manifest import CHUNK_FILES
 from retlm.retrieval.shards import _merge_shards, shard_rows
+from retlm.retrieval.sources import Part, Source, SourceOptions, provenance, read_parts, split_part
 
 RAY_EXTRA = "pip install 'retlm[ray]'"
 MAX_RETRIES = 3
-SUMMED = ("num_chunks", "num_docs", "num_seqs", "skipped_empty_docs")
+SUMMED = ("num_chunks", "num_docs", "num_seqs", "skipped_empty_docs", "bad_records")
 
 
 class MissingExtraError(ImportError):
@@ -92,16 +93,17 @@ def require_ray():
 
 
 def build_with_ray(
-    source: str | os.PathLike | Iterable[str] | None,
+    source: Source | None,
     path: str | os.PathLike,
     config: BuildConfig,
     *,
-    glob: str = "**/*.txt",
     address: str | None = None,
     num_shards: int | None = None,
     progress: bool = True,
 ) -> RetrievalDatabase:
-    """Build the database of ``source`` (a folder, or a sequence of strings) at ``path`` with Ray.
+    """Build the database of ``source`` (resolved by ``retlm.retrieval.sources``; None once chunked) at
+    ``path`` with Ray. The chunk stage's tasks read the source's files, or row and byte ranges of them
+    (``_document_groups``).
 
     ``address``: a running cluster (``ray.init(address=...)``); without it, an already initialised Ray
     is used, else a local one is started (and stopped at the end). ``num_shards`` defaults to the
@@ -122,7 +124,7 @@ def build_with_ray(
         ray.init(address=address, log_to_driver=False)
     try:
         shards = num_shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        _Driver(ray, path, config, shards, progress).run(source, glob)
+        _Driver(ray, path, config, shards, progress).run(source)
     finally:
         if started:
             ray.shutdown()
@@ -167,20 +169,25 @@ class _Driver:
                     bar.update(1)
         return results
 
-    def run(self, source, glob: str) -> None:
+    def run(self, source: Source | None) -> None:
         path, opts, s = str(self.path), self.options, self.shards
         if not (self.path / "chunking.json").is_file():
-            groups = _document_groups(source, glob, s)
-            g = len(groups)
+            if source is None:
+                raise ValueError("the chunk stage needs a source (a folder, a file or a sequence of strings)")
+            groups = _document_groups(source, s)
+            g, reading = len(groups), (source.options, source.dataset)
             refs = [
-                self.submit(_chunk_task, path, opts, i, g, x, name=f"chunk {i}/{g}")
+                self.submit(_chunk_task, path, opts, i, g, x, reading, name=f"chunk {i}/{g}")
                 for i, x in enumerate(groups)
             ]
             self.wait(refs, "chunk")
-            refs = [self.submit(_merge_chunks_task, path, opts, g, name="chunk merge", whole_node=True)]
+            entry = source.describe()
+            refs = [
+                self.submit(_merge_chunks_task, path, opts, g, entry, name="chunk merge", whole_node=True)
+            ]
             SkipReport(*self.wait(refs, "chunk merge")[0]).warn()
-        # as the single-process build: no chunk from a folder, or too few for an IVF factory, stops here
-        _Builder(self.path, self.config, progress=False).check_chunked(source, glob)
+        # as the single-process build: no chunk from a source, or too few for an IVF factory, stops here
+        _Builder(self.path, self.config, progress=False).check_chunked(source)
         refs = [
             self.submit(_stage_task, path, opts, "embed", (i, s), name=f"embed {i}/{s}", gpu=True)
             for i in range(s)
@@ -210,29 +217,25 @@ class _Driver:
 
 
 # ---------------------------------------------------------------------------------------------- chunk
-def _document_groups(source, glob: str, shards: int) -> list[tuple[str, str | None, list]]:
-    """At most ``shards`` contiguous groups of the documents, of about equal size (bytes or characters):
-    ``("paths", root, [path, ...])`` (absolute paths, so workers need not share the driver's working
-    directory) or ``("texts", None, [(index, text), ...])``."""
-    if source is None:
-        raise ValueError("the chunk stage needs a source (a folder or a sequence of strings)")
-    root: str | None = None
-    if isinstance(source, str | os.PathLike):
-        iter_documents(source, glob)  # the same errors as the single-process build, before any work
-        root = os.path.abspath(source)
-        items: list = [str(p) for p in matching_files(Path(root), glob)]
-        sizes = [Path(p).stat().st_size for p in items]
-        kind = "paths"
-    else:
-        items = list(enumerate(source))
+def _document_groups(source: Source, shards: int) -> list[tuple[str, list]]:
+    """At most ``shards`` contiguous groups of the source, of about equal size in bytes (characters for
+    strings): ``("parts", [Part, ...])``, a file larger than a group's share cut into row or byte ranges
+    (``sources.split_part``), or ``("texts", [(index, text), ...])``."""
+    if source.strings is not None:
+        items: list = list(enumerate(source.strings))
         sizes = [len(text) for _, text in items]
         kind = "texts"
+    else:
+        share = max(1, sum(p.size for p in source.parts) // shards)
+        items = [piece for part in source.parts for piece in split_part(part, -(-part.size // share))]
+        sizes = [max(p.size, 1) for p in items]
+        kind = "parts"
     ends = np.cumsum(sizes, dtype=np.float64)
     total = ends[-1] if len(ends) else 0.0
     cuts = [0] + [int(np.searchsorted(ends, total * j / shards, side="left")) + 1 for j in range(1, shards)]
     cuts = sorted({min(c, len(items)) for c in cuts} | {len(items)})
-    groups = [(kind, root, items[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
-    return groups or [(kind, root, [])]
+    groups = [(kind, items[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+    return groups or [(kind, [])]
 
 
 def _chunk_dir(path: Path, shard: int, shards: int) -> Path:
@@ -240,7 +243,12 @@ def _chunk_dir(path: Path, shard: int, shards: int) -> Path:
 
 
 def _chunk_task(
-    path: str, options: dict[str, Any], shard: int, shards: int, group: tuple[str, str | None, list]
+    path: str,
+    options: dict[str, Any],
+    shard: int,
+    shards: int,
+    group: tuple[str, list],
+    reading: tuple[SourceOptions, Any],
 ) -> None:
     """Chunk one group of documents into its own folder, exactly as the single-process chunk stage."""
     folder = _chunk_dir(Path(path), shard, shards)
@@ -248,9 +256,11 @@ def _chunk_task(
         return
     builder = _Builder(folder, BuildConfig(**options), progress=False)
     report = SkipReport()
-    kind, root, items = group
-    if kind == "paths":  # named by their path relative to the source folder, as iter_documents names them
-        docs: Iterable[Document] = folder_documents(Path(root), [Path(p) for p in items], report)
+    kind, items = group
+    if kind == "parts":  # read as the single-process build reads them (retlm.retrieval.sources)
+        source_options, dataset = reading
+        parts: list[Part] = items
+        docs: Iterable[Document] = read_parts(parts, source_options, report, dataset=dataset)
     else:
         docs = (Document(name=f"doc-{i}", text=text) for i, text in items)
     with warnings.catch_warnings():  # the driver warns once for all shards
@@ -258,13 +268,15 @@ def _chunk_task(
         builder.write_chunk_files(docs, report)
 
 
-def _merge_chunks_task(path: str, options: dict[str, Any], shards: int) -> tuple[list[str], int]:
+def _merge_chunks_task(
+    path: str, options: dict[str, Any], shards: int, entry: dict[str, Any]
+) -> tuple[list[str], int, int, list[str]]:
     """Concatenate the chunk shards into the database's chunk files (documents, chunks and sequences
-    renumbered after the shards before), atomically; returns the skipped files and empty documents."""
+    renumbered after the shards before), atomically, with the source's ``entry`` and counts; returns what
+    was skipped (the fields of a ``SkipReport``)."""
     root = Path(path)
     if (root / "chunking.json").is_file():
-        info = read_json(root / "chunking.json")
-        return info.get("skipped_files", []), int(info.get("skipped_empty_docs", 0))
+        return _skipped(read_json(root / "chunking.json"))
     folders = [_chunk_dir(root, i, shards) for i in range(shards)]
     infos = [read_json(f / "chunking.json") for f in folders]
     tmp = {name: root / f".{name}.tmp" for name in CHUNK_FILES}
@@ -286,8 +298,16 @@ def _merge_chunks_task(path: str, options: dict[str, Any], shards: int) -> tuple
     for name, file in tmp.items():
         os.replace(file, root / name)
     merged = _merge_infos(infos)
+    report = SkipReport.from_record(merged)
+    merged.update(report.recorded(), sources=[provenance(entry, report, merged["num_docs"])])
     write_json(root / "chunking.json", merged)
-    return merged.get("skipped_files", []), int(merged.get("skipped_empty_docs", 0))
+    return _skipped(merged)
+
+
+def _skipped(info: dict[str, Any]) -> tuple[list[str], int, int, list[str]]:
+    """What was skipped, as the fields of a ``SkipReport`` (a Ray task's picklable result)."""
+    report = SkipReport.from_record(info)
+    return report.unreadable, report.empty, report.bad_records, report.bad_examples
 
 
 def _copy_offset(source: Path, out, offset: int, block: int = 1 << 22) -> None:

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from retlm.models.auto import latest_checkpoint, verify_model_dir
 from retlm.training import checkpoint as ckpt
 from retlm.training.callbacks import JsonlMetrics, read_metrics
+from retlm.training.model_card import write_model_card
 
 
 @contextmanager
@@ -97,7 +98,8 @@ def jsonable(value: Any) -> Any:
 
 
 def save_final(trainer: Any, out_dir: Path) -> Path:
-    """The final weights as ``<run>/model`` (safetensors + config), committed by rename."""
+    """The final weights as ``<run>/model`` (safetensors + config + the model card ``README.md``),
+    committed by rename."""
     final = out_dir / ckpt.FINAL_DIR
     staging = out_dir / ckpt.STAGING_DIR / ckpt.FINAL_DIR
     with quiet_saving():
@@ -106,6 +108,14 @@ def save_final(trainer: Any, out_dir: Path) -> Path:
     if trainer.args.should_save:
         (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
         ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": trainer.state.global_step})
+        model = trainer.model
+        write_model_card(
+            staging,
+            out_dir,
+            model.config,
+            global_step=trainer.state.global_step,
+            num_parameters=sum(p.numel() for p in model.parameters()),
+        )
         ckpt.seal_model_dir(staging)
         ckpt.commit_dir(staging, final)
         shutil.rmtree(out_dir / ckpt.STAGING_DIR, ignore_errors=True)
@@ -128,6 +138,9 @@ def finish_without_training(
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, staging / name)
         ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": step})
+        from transformers import AutoConfig
+
+        write_model_card(staging, out_dir, AutoConfig.from_pretrained(staging), global_step=step)
         ckpt.seal_model_dir(staging)
         ckpt.commit_dir(staging, final)
     if is_main and (out_dir / ckpt.RUN_FILE).is_file():

@@ -55,6 +55,7 @@ from retlm.training.callbacks import (
 )
 from retlm.training.config import build_config
 from retlm.training.evaluation import score
+from retlm.training.model_card import database_summary
 from retlm.training.options import TrainOptions
 from retlm.training.precision import resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
@@ -185,6 +186,7 @@ class PreparedData:
     num_chunks: int
     database_path: str = ""
     tokenizer: Any = None
+    database_summary: dict[str, Any] | None = None  # for the model card (model_card.database_summary)
 
     @property
     def pad_id(self) -> int:
@@ -244,6 +246,7 @@ def prepare(
         num_chunks=int(len(db.chunks)),
         database_path=str(getattr(db, "path", "")),
         tokenizer=tokenizer,
+        database_summary=database_summary(db),
     )
 
 
@@ -335,6 +338,7 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
                 "max_steps_source": plan.source,
                 "options": {**asdict(opts), "precision": precision},
                 "database_path": data.database_path,
+                "database_summary": data.database_summary,
                 "split": data.split.to_json(),
                 "train_sequences": len(data.train_set),
                 "heldout_sequences": len(data.heldout_set),

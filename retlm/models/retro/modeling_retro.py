@@ -97,6 +97,9 @@ def at_least_float32(logits: Tensor) -> Tensor:
 class RetroModel(RetroPreTrainedModel):
     """Embeddings, encoder, decoder and final norm. Returns decoder hidden states and the cache."""
 
+    # AutoModel.from_pretrained(a RetroForCausalLM folder): the head's weights are not this model's
+    _keys_to_ignore_on_load_unexpected = [r"^to_logits\."]
+
     def __init__(self, config: RetroConfig) -> None:
         super().__init__(config)
         self.token_emb = nn.Embedding(config.num_tokens, config.enc_dim)
