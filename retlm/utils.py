@@ -64,3 +64,12 @@ def ensure_writable_dir(path: str | os.PathLike[str], what: str, hint: str = "")
     except OSError as err:
         raise PermissionError(f"{what} {path} is not writable: {err.strerror or err}{hint}") from err
     return path
+
+
+RETLM_HOME_ENV = "RETLM_HOME"
+
+
+def retlm_home() -> Path:
+    """The folder where retlm caches what it builds once per machine (converted or exported models):
+    ``$RETLM_HOME``, default ``~/.cache/retlm``. Created on first use by whoever writes into it."""
+    return Path(os.environ.get(RETLM_HOME_ENV) or Path.home() / ".cache" / "retlm").expanduser()
