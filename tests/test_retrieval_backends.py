@@ -17,7 +17,7 @@ from retlm.retrieval.embedding import Embedder, chunk_texts
 from retlm.tokenization import load_tokenizer
 
 # Stated agreement with the float32 torch vectors (cosine of each vector):
-MIN_COSINE = {"onnx": 0.99999, "onnx-int8": 0.98}
+MIN_COSINE = {"onnx": 0.99999, "openvino": 0.99999, "onnx-int8": 0.98}
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def jaccard(a, b):
     return float(np.mean([len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a, b, strict=True)]))
 
 
-@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+@pytest.mark.parametrize("backend", ["openvino", "onnx", "onnx-int8"])
 def test_fast_backend_vectors_and_neighbors_agree_with_torch(backend, corpus, tiny_encoder):
     texts, doc_ids = corpus
     reference = Embedder(tiny_encoder, backend="torch").embed_texts(texts)
@@ -58,14 +58,16 @@ def test_fast_backend_vectors_and_neighbors_agree_with_torch(backend, corpus, ti
     assert jaccard(top2(fast, doc_ids), top2(reference, doc_ids)) >= 0.9
 
 
-def test_minilm_onnx_agrees_with_torch_on_real_text(corpus):
-    """The default backend with the real all-MiniLM-L6-v2 (exported once per cache): vectors and top-2
-    neighbor sets, against the float32 torch model."""
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_minilm_fast_backends_agree_with_torch_on_real_text(backend, corpus):
+    """The real all-MiniLM-L6-v2 (exported once per cache): vectors and top-2 neighbor sets, against the
+    float32 torch model."""
     texts, doc_ids = corpus
     texts, doc_ids = texts[:300], doc_ids[:300]
     reference = Embedder(backend="torch").embed_texts(texts)
-    fast = Embedder(backend="onnx").embed_texts(texts)
-    assert (reference * fast).sum(1).min() >= MIN_COSINE["onnx"]
+    fast = Embedder(backend=backend).embed_texts(texts)
+    assert (reference * fast).sum(1).min() >= MIN_COSINE[backend]
     assert jaccard(top2(fast, doc_ids), top2(reference, doc_ids)) >= 0.99
 
 
@@ -87,16 +89,17 @@ def test_the_export_is_cached_checked_and_rebuilt_when_corrupted(tiny_encoder):
 def test_database_records_its_backend_and_a_mismatch_is_caught(tiny_encoder, tmp_path):
     docs = [text[:800] for _, text in list(pydoc_topics())[:6]]
     options = dict(chunk_size=16, seq_len=64, embedder=tiny_encoder, progress=False)
-    db = RetrievalDatabase.build(docs, tmp_path / "db", embed_backend="onnx", **options)
-    assert db.manifest["embed_backend"] == "onnx" and db.embedder.backend == "onnx"
+    db = RetrievalDatabase.build(docs, tmp_path / "db", **options)  # the default on a CPU
+    assert db.manifest["embed_backend"] == "openvino" and db.embedder.backend == "openvino"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        RetrievalDatabase.open(db.path, embed_backend="onnx")  # the same: no warning
-    with pytest.warns(UserWarning, match="embedded with embed backend 'onnx'.*'torch'"):
+        RetrievalDatabase.open(db.path, embed_backend="openvino")  # the same: no warning
+    with pytest.warns(UserWarning, match="embedded with embed backend 'openvino'.*'torch'"):
         other = RetrievalDatabase.open(db.path, embed_backend="torch")
     assert other.embedder.backend == "torch"
-    np.testing.assert_array_equal(other.search(["for loops"], 2).chunk_ids, db.search(["for loops"], 2).chunk_ids)
+    query = ["for loops"]
+    np.testing.assert_array_equal(other.search(query, 2).chunk_ids, db.search(query, 2).chunk_ids)
     with pytest.raises(OptionError, match="embed backend must be one of"):
         RetrievalDatabase.open(db.path, embed_backend="tensorrt")
-    with pytest.raises(ValueError, match="embed_backend: 'onnx' -> 'torch'"):  # resuming with another one
+    with pytest.raises(ValueError, match="embed_backend: 'openvino' -> 'torch'"):  # resuming with another
         RetrievalDatabase.build(docs, tmp_path / "db", embed_backend="torch", **options)

@@ -90,7 +90,8 @@ def test_hybrid_fuses_the_two_rankings_by_reciprocal_rank(docs, tiny_encoder, tm
     query = "the for statement iterates over a sequence"
     result = hybrid.search([query], 4)
     fetch = 4 + hybrid.manifest["extra_neighbors"]
-    dense = hybrid.index.search(hybrid.embed_chunks(hybrid.query_chunks([query])).astype(np.float32), fetch)[1]
+    vectors = hybrid.embed_chunks(hybrid.query_chunks([query])).astype(np.float32)
+    dense = hybrid.index.search(vectors, fetch)[1]
     scores = bm25_reference(chunk_words(hybrid), bm25_words([query])[0])
     sparse = [i for i in np.argsort(-scores, kind="stable")[:fetch] if scores[i] > 0]
     fused: dict[int, float] = {}
@@ -99,7 +100,8 @@ def test_hybrid_fuses_the_two_rankings_by_reciprocal_rank(docs, tiny_encoder, tm
             fused[int(chunk)] = fused.get(int(chunk), 0) + 1 / (RRF_K + rank)
     expected = sorted(fused.values(), reverse=True)[:4]
     np.testing.assert_allclose(result.scores[0], expected, rtol=1e-6)
-    assert all(math.isclose(fused[int(i)], s, rel_tol=1e-6) for i, s in zip(result.chunk_ids[0], expected))
+    found = [fused[int(i)] for i in result.chunk_ids[0]]
+    np.testing.assert_allclose(found, expected, rtol=1e-6)
 
 
 def test_fuse_rankings_orders_and_pads():

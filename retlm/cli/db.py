@@ -63,7 +63,7 @@ class BuildOptions:
         None,
         choices=("torch", "onnx", "onnx-int8", "openvino"),
         help="what runs the embedder: torch (float32, the reference), onnx (ONNX Runtime, fused float32), "
-        "onnx-int8 (its attention products in int8), openvino. Default: onnx on a CPU, torch on a GPU. "
+        "onnx-int8 (its attention products in int8), openvino. Default: openvino on a CPU, torch on a GPU. "
         "The export is built once under $RETLM_HOME (default ~/.cache/retlm); queries use the same",
     )
     embedding_dtype: str = option(

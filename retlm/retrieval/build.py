@@ -102,7 +102,7 @@ def build_database(
     ``tokenizer``: the LM tokenizer, ``"gpt2"`` (GPT-2's byte-level BPE, the default), ``"bert"`` (the
     embedder's WordPiece for both, retro-pytorch's way) or a tokenizer folder. ``embedder``: the encoder
     that embeds each chunk (the bundled all-MiniLM-L6-v2 by default). ``embed_backend``: what runs it
-    (``retlm.retrieval.encoders``; default ``onnx`` on a CPU, ``torch`` on a GPU); the manifest records it
+    (``retlm.retrieval.encoders``; default ``openvino`` on a CPU, ``torch`` on a GPU); the manifest records it
     and queries go through it. ``retriever``: ``dense`` (the faiss index over the embeddings), ``bm25``
     (a BM25 index over the chunks' text: no embedding at all) or ``hybrid`` (both, rankings fused;
     ``retlm.retrieval.sparse``); neighbors, search, generation and evaluation all use it.

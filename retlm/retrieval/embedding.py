@@ -72,7 +72,8 @@ class Embedder:
     L2-normalised float32 vectors.
 
     ``backend`` (one of ``retlm.retrieval.encoders.EMBED_BACKENDS``) runs the forward pass: ``torch`` (the
-    reference), ``onnx`` or ``onnx-int8``; default: ``torch`` on a CUDA device, else ``onnx-int8``.
+    reference), ``openvino``, ``onnx`` or ``onnx-int8``; default: ``torch`` on a CUDA device, else
+    ``openvino``.
     """
 
     def __init__(

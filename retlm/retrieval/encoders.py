@@ -1,13 +1,15 @@
 """Embed backends: the encoder forward pass behind ``Embedder``, one per name of ``EMBED_BACKENDS``.
 
 - ``torch``: the HF model in float32 (on CUDA when there is one): the reference.
-- ``onnx``: the same model exported once to ONNX, its BERT graph fused by ONNX Runtime's transformer
-  optimizer (attention, layer norms, GELU), run by ONNX Runtime on the CPU. Same float32 numbers.
+- ``openvino`` (the default on a CPU): the model exported once to ONNX and compiled by OpenVINO for the
+  CPU, float32: the same vectors as torch (cosine >= 0.99999) and the fastest of these that keeps the
+  neighbors (docs/benchmarks.md).
+- ``onnx``: the exported model with its BERT graph fused by ONNX Runtime's transformer optimizer
+  (attention, layer norms, GELU), run by ONNX Runtime on the CPU. Same float32 numbers.
 - ``onnx-int8``: the fused graph with int8 dynamic quantisation (per-channel int8 weights, uint8
   activations quantised per batch) of the products listed in ``INT8_NODES``. Quantising every product
   moved MiniLM's top-2 neighbor sets too far from the float32 ones (mean Jaccard 0.81 on the bundled
   corpus); only the attention products stay within 0.9 (docs/benchmarks.md).
-- ``openvino``: the exported (unfused) graph compiled by OpenVINO for the CPU, float32.
 
 The exported model is built on first use from the local model folder (never fetched), checked against
 the torch model on probe sentences, and cached under ``$RETLM_HOME/embedders/`` (default
@@ -39,7 +41,7 @@ from retlm.tokenization import resolve_model_path
 from retlm.utils import retlm_home
 
 EMBED_BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
-CPU_DEFAULT_BACKEND = "onnx"
+CPU_DEFAULT_BACKEND = "openvino"
 RECIPE_VERSION = 1  # bump when the export or quantisation recipe changes: old cache entries are ignored
 MODEL_FILE = "model.onnx"
 INFO_FILE = "export.json"
