@@ -1,11 +1,13 @@
-"""Retrieval benchmarks: embedding throughput against a bare encoder forward pass, and the index on
+"""Retrieval benchmarks: the embed stage with each embed backend against the float32 torch reference
+(speed ratio and neighbor agreement), the chunk stage, and the index on
 synthetic embeddings: the previous default (IVF 4 sqrt(n), SQ8), the new one (fast-scan PQ with a
 float16 re-rank), variants (float32 re-rank, HNSW coarse quantizer) and, when a separate virtualenv with
 it is given, autofaiss, side by side at each size: train / add / tune time, recall@2 against exact search
 on fresh queries and on the neighbour stage's own output, neighbour-stage throughput (wall clock and per
 2 CPU-seconds, with the load average), index bytes per vector and peak memory.
 
-    python bench/retrieval.py embed --chunks 1024
+    python bench/retrieval.py embed --chunks 1024 [--backends torch onnx onnx-int8 openvino]
+    python bench/retrieval.py chunk                                  # chunk stage, GPT-2 tokenizer
     python bench/retrieval.py index --n 200000 1000000 [--autofaiss-python /tmp/autofaiss-venv/bin/python]
     python bench/retrieval.py scale --n 100000 1000000 3000000     # the cost curve (docs/scaling.md)
 
@@ -15,7 +17,6 @@ Each index run happens in a child process so its peak RSS (``ru_maxrss``) is its
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -28,66 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _embedding import bench_embed, chunk_rate
 
 DIM, INTRINSIC, K, EXTRA = 384, 16, 2, 10
-
-
-# ---------------------------------------------------------------------------------------------- embedding
-def bench_embed(num_chunks: int, batch_size: int, rounds: int) -> dict:
-    import torch
-
-    from retlm.corpus import pydoc_topics
-    from retlm.retrieval.chunking import write_chunks
-    from retlm.retrieval.embedding import Embedder, embed_rows
-    from retlm.retrieval.sources import iter_documents
-
-    torch.manual_seed(0)
-    embedder = Embedder()
-    c = 64
-    files = [io.BytesIO() for _ in range(3)]
-    write_chunks(
-        iter_documents([t for _, t in pydoc_topics()]),
-        embedder.tokenizer,
-        chunk_size=c,
-        seq_len=512,
-        pad_id=0,
-        eos_id=embedder.sep_id,
-        chunks_file=files[0],
-        doc_ids_file=files[1],
-        seqs_file=files[2],
-    )
-    chunks = np.frombuffer(files[0].getvalue(), dtype="<i4").reshape(-1, c + 1)[:num_chunks]
-    batches = [
-        embedder.encoder_inputs(chunks[i : i + batch_size, :c]) for i in range(0, len(chunks), batch_size)
-    ]
-
-    def ours() -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            embed_rows(embedder, chunks, Path(tmp) / "e.dat", batch_size=batch_size, progress=False)
-            return time.perf_counter() - start
-
-    def bare() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for input_ids, attention_mask in batches:
-                embedder.model(input_ids=input_ids, attention_mask=attention_mask)
-        return time.perf_counter() - start
-
-    bare()  # warm-up
-    times = {"ours": [], "bare": []}
-    for _ in range(rounds):  # interleaved, so load from other processes hits both alike
-        times["bare"].append(bare())
-        times["ours"].append(ours())
-    best = {name: min(t) for name, t in times.items()}
-    return {
-        "chunks": len(chunks),
-        "batch_size": batch_size,
-        "threads": torch.get_num_threads(),
-        "ours_chunks_per_s": len(chunks) / best["ours"],
-        "bare_chunks_per_s": len(chunks) / best["bare"],
-        "ratio_ours_over_bare": best["bare"] / best["ours"],
-    }
 
 
 # ---------------------------------------------------------------------------------------------- index
@@ -391,32 +335,6 @@ def child_scale(args) -> dict:
     }
 
 
-def chunk_rate() -> dict:
-    """Chunk-stage throughput on the bundled corpus (MiniLM's tokenizer, chunk 64): chunks per second."""
-    from retlm.corpus import pydoc_topics
-    from retlm.retrieval.chunking import write_chunks
-    from retlm.retrieval.embedding import load_tokenizer
-    from retlm.retrieval.sources import iter_documents
-
-    tokenizer = load_tokenizer()
-    texts = [t for _, t in pydoc_topics()]
-    files = [io.BytesIO() for _ in range(3)]
-    start = time.perf_counter()
-    counts = write_chunks(
-        iter_documents(texts),
-        tokenizer,
-        chunk_size=64,
-        seq_len=512,
-        pad_id=0,
-        eos_id=102,
-        chunks_file=files[0],
-        doc_ids_file=files[1],
-        seqs_file=files[2],
-    )
-    seconds = time.perf_counter() - start
-    return {"chunks": counts.num_chunks, "chunks_per_s": counts.num_chunks / seconds, "seqs": counts.num_seqs}
-
-
 def bench_scale(args) -> list[dict]:
     rows = []
     for n in args.n:
@@ -484,6 +402,8 @@ def main() -> None:
     e.add_argument("--chunks", type=int, default=1024)
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--rounds", type=int, default=2)
+    e.add_argument("--backends", nargs="+", default=["torch", "onnx", "onnx-int8", "openvino"])
+    sub.add_parser("chunk")  # the chunk stage's rate with the default GPT-2 tokenizer
     i = sub.add_parser("index")
     i.add_argument("--n", type=int, nargs="+", default=[200_000, 1_000_000])
     i.add_argument("--queries", type=int, default=1000, help="fresh query vectors (not in the database)")
@@ -504,7 +424,7 @@ def main() -> None:
     c = sub.add_parser("scale")
     c.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000, 3_000_000])
     c.add_argument("--rows", type=int, default=50_000, help="rows of the timed neighbour stage")
-    c.add_argument("--embed-rate", type=float, default=90.0, help="embedding chunks/s (from `embed`)")
+    c.add_argument("--embed-rate", type=float, default=153.0, help="embedding chunks/s (from `embed`)")
     c.add_argument("--timeout", type=float, default=3600)
     c.add_argument("--workdir", default=None)
     c.add_argument("--keep", action="store_true")
@@ -521,13 +441,19 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.what == "embed":
-        result = bench_embed(args.chunks, args.batch_size, args.rounds)
+        result = bench_embed(args.chunks, args.batch_size, args.rounds, args.backends)
         print(json.dumps(result, indent=2))
         print(
-            f"embedding throughput: ours {result['ours_chunks_per_s']:.1f} chunks/s, bare forward "
-            f"{result['bare_chunks_per_s']:.1f} chunks/s, "
-            f"ratio {result['ratio_ours_over_bare']:.3f} (target >= 0.9)"
+            f"reference (torch float32, batching before #23): {result['reference_chunks_per_s']:.1f} chunks/s"
         )
+        for name, r in result["backends"].items():
+            print(
+                f"{name:>10}: {r['chunks_per_s']:6.1f} chunks/s, ratio {r['ratio']:.2f}x; agreement: "
+                f"top-2 Jaccard {r['jaccard_at_2']:.3f}, recall@2 {r['recall_at_2']:.3f}, "
+                f"cosine min {r['cosine_min']:.4f} mean {r['cosine_mean']:.5f}"
+            )
+    elif args.what == "chunk":
+        print(json.dumps(chunk_rate()))
     elif args.what == "index":
         for n in args.n:
             bench_index(n, args)

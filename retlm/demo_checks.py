@@ -126,4 +126,3 @@ def _check_pretrained(opts: Any) -> None:
     except FileNotFoundError as err:
         raise OptionError(f"--pretrained: {err}") from None
     _integer("--pretrained-tokens", opts.pretrained_tokens)
-

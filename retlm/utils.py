@@ -105,3 +105,12 @@ def available_memory_bytes() -> int:
             available = min(available, max(0, int(limit) - usage))
         break
     return available
+
+
+RETLM_HOME_ENV = "RETLM_HOME"
+
+
+def retlm_home() -> Path:
+    """The folder where retlm caches what it builds once per machine (converted or exported models):
+    ``$RETLM_HOME``, default ``~/.cache/retlm``. Created on first use by whoever writes into it."""
+    return Path(os.environ.get(RETLM_HOME_ENV) or Path.home() / ".cache" / "retlm").expanduser()

@@ -92,6 +92,20 @@ class BuildOptions(SourceReading):
         "mean", choices=("mean", "cls"), help="masked mean of the encoder's last layer, or its [CLS] vector"
     )
     batch_size: int = option(128, help="chunks per encoder batch")
+    retriever: str = option(
+        "dense",
+        choices=("dense", "bm25", "hybrid"),
+        help="dense: faiss over the embeddings; bm25: BM25 over the chunks' words (no embedding); "
+        "hybrid: both, rankings fused by reciprocal rank. Search, neighbors, generation, eval and serve "
+        "use it",
+    )
+    embed_backend: str | None = option(
+        None,
+        choices=("torch", "onnx", "onnx-int8", "openvino"),
+        help="what runs the embedder: torch (float32, the reference), onnx (ONNX Runtime, fused float32), "
+        "onnx-int8 (its attention products in int8), openvino. Default: openvino on a CPU, torch on a GPU. "
+        "The export is built once under $RETLM_HOME (default ~/.cache/retlm); queries use the same",
+    )
     embedding_dtype: str = option(
         "float16", choices=("float16", "float32"), help="storage type of embeddings.dat"
     )
@@ -207,6 +221,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--exclude-doc", type=int, default=None, metavar="DOC_ID", help="skip the chunks of this document"
     )
     search.add_argument("--json", action="store_true", help="print json instead of text")
+    search.add_argument(
+        "--embed-backend",
+        default=None,
+        choices=("torch", "onnx", "onnx-int8", "openvino"),
+        help="embed the queries with this backend instead of the database's own (a warning: vectors "
+        "then differ slightly from the database's)",
+    )
     search.set_defaults(func=run_search)
 
     info = subparsers.add_parser(
@@ -275,7 +296,7 @@ def run_search(args: argparse.Namespace) -> int:
     for query in args.query:
         if not query.strip():
             raise UsageError("QUERY is empty: give some text to search for")
-    db = RetrievalDatabase.open(args.db, verify=False)
+    db = RetrievalDatabase.open(args.db, verify=False, embed_backend=args.embed_backend)
     db.check_k(args.k, "-k")  # before any embedding: a huge -k is refused, not allocated
     if args.exclude_doc is not None and not 0 <= args.exclude_doc < db.num_docs:
         raise UsageError(
@@ -333,9 +354,11 @@ def run_info(args: argparse.Namespace) -> int:
             f"{m['tokenizer']['name']} ({m['tokenizer']['vocab_size']} tokens, pad {m['pad_id']}, "
             f"eos {m['eos_id']}, vocabulary sha256 {m['tokenizer']['sha256'][:12]}...)",
         ),
+        ("retriever", m.get("retriever", "dense")),
         (
             "embedder",
-            f"{m['embedder']} ({m['pooling']} pooling, {m['embedding_dim']}-d {m['embedding_dtype']})",
+            f"{m['embedder']} ({m['pooling']} pooling, {m['embedding_dim']}-d {m['embedding_dtype']}, "
+            f"embed backend {m.get('embed_backend', 'torch')})",
         ),
         (
             "embedder input",

@@ -47,20 +47,15 @@ from retlm.integrity import (
 )
 from retlm.locking import writer_lock
 from retlm.models.auto import quiet_hf_progress
-from retlm.utils import available_memory_bytes, current_umask, file_mode, free_disk_bytes
+from retlm.utils import RETLM_HOME_ENV as HOME_ENV
+from retlm.utils import available_memory_bytes, current_umask, file_mode, free_disk_bytes, retlm_home
 
-HOME_ENV = "RETLM_HOME"
 CACHE_FOLDER = "pretrained"
 SOURCE_FILE = "retlm_source.json"
 FORMAT = 2  # of an entry; an entry of another format is rebuilt (2: the special tokens as the GGUF states)
 FLOAT32_BYTES = 4
 
 Say = Callable[[str], None]
-
-
-def retlm_home() -> Path:
-    """retlm's cache folder: ``$RETLM_HOME``, default ``~/.cache/retlm``."""
-    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "retlm").expanduser()
 
 
 def cache_dir() -> Path:

@@ -16,10 +16,11 @@ from retlm.retrieval import integrity
 from retlm.retrieval._storage import open_memmap
 from retlm.retrieval.chunking import SkipReport, write_chunks
 from retlm.retrieval.embedding import count_truncated_chunks, embed_rows
-from retlm.retrieval.index import tune_search, write_index
-from retlm.retrieval.manifest import CHUNK_FILES, DATA_FILES, tuning_info, write_manifest
+from retlm.retrieval.index import Tuning, tune_search, write_index
+from retlm.retrieval.manifest import CHUNK_FILES, DATA_FILES, data_files, tuning_info, write_manifest
 from retlm.retrieval.neighbors import compute_neighbors, merge_new_neighbors
 from retlm.retrieval.sources import Source, provenance
+from retlm.retrieval.sparse import BM25_FILES, ChunkQueries, build_bm25, has_dense, has_sparse, make_searcher
 
 if TYPE_CHECKING:
     from retlm.retrieval.database import RetrievalDatabase
@@ -48,34 +49,21 @@ class _Adder:
         c, k, dim, dtype = db.chunk_size, db.num_neighbors, m["embedding_dim"], m["embedding_dtype"]
         chunks = open_memmap(self.stage / "chunks.dat", "int32", (n, c + 1))
         doc_ids = open_memmap(self.stage / "doc_ids.dat", "int32", (n,))
-        new_embeddings = self.stage / "new_embeddings.dat"
-        lm_tokenizer = db.tokenizer if db.embedder_input == "text" else None
-        embed_rows(
-            db.embedder,
-            chunks,
-            new_embeddings,
-            dtype=dtype,
-            batch_size=m["build"]["batch_size"],
-            pad_id=db.pad_id,
-            rows=(old_n, n),
-            lm_tokenizer=lm_tokenizer,
-            progress=self.progress,
-        )
-        truncated = m["embedder_truncated_chunks"]
-        if lm_tokenizer is not None:
-            truncated += count_truncated_chunks(db.embedder, lm_tokenizer, chunks, db.pad_id, rows=(old_n, n))
-        _concat_files(db.file("embeddings.dat"), new_embeddings, self.stage / "embeddings.dat")
-        embeddings = open_memmap(self.stage / "embeddings.dat", dtype, (n, dim))
-
-        index = db.index
-        index.add(np.ascontiguousarray(embeddings[old_n:], dtype=np.float32))
-        exact = m["nprobe"] is None
-        tuning = tune_search(index, embeddings, k, m["target_recall"], fetch=k + m["extra_neighbors"])
-        write_index(index, self.stage / "index.faiss")
+        retriever, extra = db.retriever, m["extra_neighbors"]
+        truncated, index, embeddings = m["embedder_truncated_chunks"], None, None
+        tuning = Tuning(None, 1.0, 0)
+        if has_dense(retriever):
+            truncated += self._embed_new(chunks, old_n, n)
+            embeddings = open_memmap(self.stage / "embeddings.dat", dtype, (n, dim))
+            index = db.index
+            index.add(np.ascontiguousarray(embeddings[old_n:], dtype=np.float32))
+            tuning = tune_search(index, embeddings, k, m["target_recall"], fetch=k + extra)
+            write_index(index, self.stage / "index.faiss")
+        if has_sparse(retriever):  # BM25's statistics cover every chunk: rebuilt whole
+            build_bm25(chunks, db.tokenizer, db.pad_id, self.stage)
 
         knn = np.memmap(self.stage / "knn.dat", dtype="<i4", mode="w+", shape=(n, k))
-        extra = m["extra_neighbors"]
-        if exact:  # exact lists: only entries beaten by a new chunk change
+        if retriever == "dense" and m["nprobe"] is None:  # exact lists: only entries beaten by a new chunk
             knn[:old_n] = merge_new_neighbors(db.knn, embeddings, old_n, k)
             compute_neighbors(
                 index,
@@ -88,16 +76,17 @@ class _Adder:
                 progress=self.progress,
             )
             knn[old_n:] = open_memmap(self.stage / "knn_new.dat", "int32", (n - old_n, k))
-        else:
-            compute_neighbors(
-                index, embeddings, doc_ids, k, self.stage / "knn_all.dat", extra=extra, progress=self.progress
-            )
-            knn[:] = open_memmap(self.stage / "knn_all.dat", "int32", (n, k))
+        else:  # approximate lists, or BM25 scores that every new chunk changes: all recomputed
+            searcher = make_searcher(retriever, index, self.stage)
+            queries = ChunkQueries(retriever, chunks, db.tokenizer, db.pad_id, embeddings)
+            all_knn = self.stage / "knn_all.dat"
+            compute_neighbors(searcher, queries, doc_ids, k, all_knn, extra=extra, progress=self.progress)
+            knn[:] = open_memmap(all_knn, "int32", (n, k))
         knn.flush()
         del knn
 
         generation = int(m.get("generation", 0)) + 1
-        files = {name: _generation_name(name, generation) for name in DATA_FILES}
+        files = {name: _generation_name(name, generation) for name in data_files(retriever)}
         for name, target in files.items():
             os.replace(self.stage / name, db.path / target)
         settings = dict(m["build"])
@@ -125,6 +114,27 @@ class _Adder:
         )
         _remove_unreferenced(db.path, new)
         shutil.rmtree(self.stage, ignore_errors=True)
+
+    def _embed_new(self, chunks: np.ndarray, old_n: int, n: int) -> int:
+        """Embed rows ``old_n:n`` and stage embeddings.dat (old + new); the new chunks' truncated count."""
+        db, m = self.db, self.db.manifest
+        lm_tokenizer = db.tokenizer if db.embedder_input == "text" else None
+        new_embeddings = self.stage / "new_embeddings.dat"
+        embed_rows(
+            db.embedder,
+            chunks,
+            new_embeddings,
+            dtype=m["embedding_dtype"],
+            batch_size=m["build"]["batch_size"],
+            pad_id=db.pad_id,
+            rows=(old_n, n),
+            lm_tokenizer=lm_tokenizer,
+            progress=self.progress,
+        )
+        _concat_files(db.file("embeddings.dat"), new_embeddings, self.stage / "embeddings.dat")
+        if lm_tokenizer is None:
+            return 0
+        return count_truncated_chunks(db.embedder, lm_tokenizer, chunks, db.pad_id, rows=(old_n, n))
 
     def _append_chunks(self, docs, report: SkipReport):
         db = self.db
@@ -167,7 +177,7 @@ def _remove_unreferenced(path: Path, manifest: dict[str, Any]) -> None:
         name: re.compile(
             rf"{re.escape(name.partition('.')[0])}(\.g\d+)?\.{re.escape(name.partition('.')[2])}"
         )
-        for name in DATA_FILES
+        for name in (*DATA_FILES, *BM25_FILES)
     }
     for entry in path.iterdir():
         if entry.name not in keep and any(p.fullmatch(entry.name) for p in patterns.values()):

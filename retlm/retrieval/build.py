@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,30 +32,33 @@ from retlm.errors import OptionError
 from retlm.locking import writer_lock
 from retlm.retrieval import preflight
 from retlm.retrieval._storage import is_complete, open_memmap, read_json, write_json
-from retlm.retrieval.chunking import Document, SkipReport, validate_sizes, write_chunks
+from retlm.retrieval.chunking import Document, SkipReport, write_chunks
+from retlm.retrieval.config import BuildConfig
 from retlm.retrieval.embedding import (
     DEFAULT_EMBEDDER,
-    POOLINGS,
     Embedder,
     count_truncated_chunks,
+    embed_block,
     embed_rows,
     embedder_max_length,
     load_tokenizer,
     resolve_model_path,
 )
+from retlm.retrieval.encoders import default_backend
 from retlm.retrieval.index import (
     EXACT_THRESHOLD,
+    Tuning,
     build_index,
     choose_factory,
     read_index,
     tune_search,
     write_index,
 )
-from retlm.retrieval.integrity import EMBEDDING_DTYPES
 from retlm.retrieval.manifest import CHUNK_FILES, LOCK_FILE, tuning_info, write_manifest
 from retlm.retrieval.neighbors import compute_neighbors
 from retlm.retrieval.shards import _merge_shards, _shard_file, parse_shard, shard_rows
 from retlm.retrieval.sources import Source, SourceOptions, empty_error, provenance
+from retlm.retrieval.sparse import ChunkQueries, build_bm25, has_dense, has_sparse, make_searcher
 from retlm.tokenization import GPT2, describe, special_ids
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 
@@ -65,45 +68,6 @@ if TYPE_CHECKING:
 STAGES = ("chunk", "embed", "index", "neighbors", "finalize")
 SHARDED_STAGES = ("embed", "neighbors")
 ENGINES = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Every build option that changes the database's content."""
-
-    chunk_size: int = 64
-    num_neighbors: int = 2
-    seq_len: int = 512
-    tokenizer: str = GPT2  # the LM tokenizer: "gpt2", "bert" (the embedder's WordPiece), a model or a folder
-    embedder: str = DEFAULT_EMBEDDER
-    pooling: str = "mean"
-    embedding_dtype: str = "float16"
-    batch_size: int = 128
-    index_factory: str | None = None
-    exact_threshold: int = EXACT_THRESHOLD
-    target_recall: float = 0.95
-    extra_neighbors: int = 10
-
-    def validate(self) -> None:
-        validate_sizes(self.chunk_size, self.seq_len)
-        if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ValueError(
-                f"tokenizer must be 'gpt2', 'bert', a model name or a folder, got {self.tokenizer!r}"
-            )
-        if not isinstance(self.num_neighbors, int) or self.num_neighbors <= 0:
-            raise ValueError(f"num_neighbors must be a positive integer, got {self.num_neighbors!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.embedding_dtype not in EMBEDDING_DTYPES:
-            raise ValueError(
-                f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {self.embedding_dtype!r}"
-            )
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size!r}")
-        if not 0 < self.target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall!r}")
-        if self.extra_neighbors < 0:
-            raise ValueError(f"extra_neighbors must be >= 0, got {self.extra_neighbors!r}")
 
 
 def build_database(
@@ -135,6 +99,8 @@ def build_database(
     engine: str = "local",
     address: str | None = None,
     num_shards: int | None = None,
+    retriever: str = "dense",
+    embed_backend: str | None = None,
 ) -> RetrievalDatabase | None:
     """Build a database at ``path`` from ``source``: a folder (its files matching ``glob``), a JSONL,
     Parquet or CSV file, a Hugging Face dataset, or strings, read with ``text_field``, ``id_field``,
@@ -143,7 +109,11 @@ def build_database(
     ``tokenizer``: the LM tokenizer, ``"gpt2"`` (GPT-2's byte-level BPE, the default), ``"bert"`` (the
     embedder's WordPiece for both, retro-pytorch's way), a pretrained model's (``"smollm2-135m"``, a .gguf
     file, a model folder) or a tokenizer folder. ``embedder``: the encoder
-    that embeds each chunk (the bundled all-MiniLM-L6-v2 by default).
+    that embeds each chunk (the bundled all-MiniLM-L6-v2 by default). ``embed_backend``: what runs it
+    (``retlm.retrieval.encoders``; default ``openvino`` on a CPU, ``torch`` on a GPU); the manifest records it
+    and queries go through it. ``retriever``: ``dense`` (the faiss index over the embeddings), ``bm25``
+    (a BM25 index over the chunks' text: no embedding at all) or ``hybrid`` (both, rankings fused;
+    ``retlm.retrieval.sparse``); neighbors, search, generation and evaluation all use it.
 
     Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one
     stage (of ``STAGES``) over one shard ``"i/n"`` of the chunk range, for builds spread over jobs;
@@ -172,6 +142,8 @@ def build_database(
         exact_threshold=exact_threshold,
         target_recall=target_recall,
         extra_neighbors=extra_neighbors,
+        retriever=retriever,
+        embed_backend=embed_backend or default_backend(),
     )
     try:
         shard = parse_shard(shard)
@@ -180,6 +152,8 @@ def build_database(
     if engine not in ENGINES:
         raise OptionError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "ray":
+        if retriever != "dense":
+            raise OptionError(f"engine 'ray' builds dense databases only, not retriever {retriever!r}")
         if stage != "all" or shard is not None:
             raise OptionError("engine 'ray' runs every stage itself: it takes no stage or shard")
         if num_shards is not None and (not isinstance(num_shards, int) or num_shards <= 0):
@@ -344,9 +318,9 @@ class _Builder:
     # ---- stage 2
     def embed(self, shard: tuple[int, int] | None) -> None:
         chunks, _ = self.chunk_arrays()
-        if is_complete(self.path / "embeddings.dat"):
+        if is_complete(self.path / "embeddings.dat") or not has_dense(self.config.retriever):
             return
-        embedder = Embedder(self.config.embedder, self.config.pooling)
+        embedder = self.embedder()
         out = self.path / "embeddings.dat" if shard is None else _shard_file(self.path, "embeddings", shard)
         embed_rows(
             embedder,
@@ -355,16 +329,23 @@ class _Builder:
             dtype=self.config.embedding_dtype,
             batch_size=self.config.batch_size,
             pad_id=self.chunking()["pad_id"],
-            rows=shard_rows(len(chunks), shard, self.config.batch_size),
+            rows=shard_rows(len(chunks), shard, embed_block(self.config.batch_size)),
             lm_tokenizer=self.lm_tokenizer(),
             progress=self.progress,
             desc="embed" if shard is None else f"embed {shard[0]}/{shard[1]}",
         )
 
+    def embedder(self) -> Embedder:
+        return Embedder(self.config.embedder, self.config.pooling, backend=self.config.embed_backend)
+
     def lm_tokenizer(self):
         """The saved LM tokenizer when the embedder reads text, else None (it reads the ids)."""
         if self.chunking()["embedder_input"] != "text":
             return None
+        return self.saved_tokenizer()
+
+    def saved_tokenizer(self):
+        """The LM tokenizer saved by the chunk stage (BM25 reads the chunks' text through it)."""
         if self._lm_tokenizer is None:
             self._lm_tokenizer = load_lm_tokenizer(str(self.path / "tokenizer"))
         return self._lm_tokenizer
@@ -383,6 +364,13 @@ class _Builder:
     # ---- stage 3
     def index(self) -> None:
         if (self.path / "index.json").is_file():
+            return
+        if has_sparse(self.config.retriever) and not (self.path / "bm25.json").is_file():
+            chunks, _ = self.chunk_arrays()
+            build_bm25(chunks, self.saved_tokenizer(), self.chunking()["pad_id"], self.path)
+            write_json(self.path / "bm25.json", {"done": True})
+        if not has_dense(self.config.retriever):
+            write_json(self.path / "index.json", {"index_type": "BM25", **tuning_info(Tuning(None, 1.0, 0))})
             return
         _merge_shards(self.path, "embeddings")
         embeddings = self.embeddings()
@@ -410,13 +398,11 @@ class _Builder:
             raise RuntimeError(f"{self.path}: run the 'index' stage first (no index.json)")
         if is_complete(self.path / "knn.dat"):
             return
-        _, doc_ids = self.chunk_arrays()
-        info = read_json(self.path / "index.json")
-        index = read_index(self.path / "index.faiss", info["nprobe"], info.get("k_factor"))
+        chunks, doc_ids = self.chunk_arrays()
         out = self.path / "knn.dat" if shard is None else _shard_file(self.path, "knn", shard)
         compute_neighbors(
-            index,
-            self.embeddings(),
+            self.searcher(),
+            self.queries(chunks),
             doc_ids,
             self.config.num_neighbors,
             out,
@@ -426,6 +412,19 @@ class _Builder:
             desc="neighbours" if shard is None else f"neighbours {shard[0]}/{shard[1]}",
         )
 
+    def searcher(self):
+        """The index the neighbor stage searches: faiss (dense), BM25, or both fused (hybrid)."""
+        index = None
+        if has_dense(self.config.retriever):
+            info = read_json(self.path / "index.json")
+            index = read_index(self.path / "index.faiss", info["nprobe"], info.get("k_factor"))
+        return make_searcher(self.config.retriever, index, self.path)
+
+    def queries(self, chunks: np.ndarray) -> ChunkQueries:
+        embeddings = self.embeddings() if has_dense(self.config.retriever) else None
+        pad_id = self.chunking()["pad_id"]
+        return ChunkQueries(self.config.retriever, chunks, self.saved_tokenizer(), pad_id, embeddings)
+
     # ---- stage 5
     def finalize(self) -> None:
         _merge_shards(self.path, "knn")
@@ -434,13 +433,11 @@ class _Builder:
         lm_tokenizer = self.lm_tokenizer()
         chunking["embedder_truncated_chunks"] = (
             0
-            if lm_tokenizer is None
-            else count_truncated_chunks(
-                Embedder(self.config.embedder, self.config.pooling), lm_tokenizer, chunks, chunking["pad_id"]
-            )
+            if lm_tokenizer is None or not has_dense(self.config.retriever)
+            else count_truncated_chunks(self.embedder(), lm_tokenizer, chunks, chunking["pad_id"])
         )
         write_manifest(self.path, self.settings, chunking, index_info, self.embedding_dim())
-        for name in ("build.json", "chunking.json", "index.json"):
+        for name in ("build.json", "chunking.json", "index.json", "bm25.json"):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / "shards", ignore_errors=True)
 

@@ -14,6 +14,7 @@ the ids directly (``embedder_input="tokens"``), as retro-pytorch does.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from retlm.retrieval.layout import neighbour_tokens
 from retlm.retrieval.manifest import FORMAT_VERSION, LOCK_FILE
 from retlm.retrieval.neighbors import search_excluding
 from retlm.retrieval.sources import SourceOptions, open_source
+from retlm.retrieval.sparse import BM25_FILES, has_dense, make_searcher, query_inputs
 from retlm.tokenization import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 from retlm.tokenization import vocabulary_sha256
@@ -41,7 +43,8 @@ from retlm.tokenization import vocabulary_sha256
 @dataclass
 class SearchResult:
     """Neighbours of ``n`` queries: numpy ``chunk_ids, doc_ids (n, k)`` (-1: none), ``scores (n, k)``
-    (cosine similarity, -inf: none), ``tokens (n, k, 2 * chunk_size)`` (neighbour + continuation, pad where
+    (the retriever's: cosine similarity for dense, BM25 score for bm25, fused reciprocal-rank score for
+    hybrid; -inf: none), ``tokens (n, k, 2 * chunk_size)`` (neighbour + continuation, pad where
     none); ``n`` is the query batch shape. ``retrieved`` is ``tokens`` as a LongTensor; ``texts`` the
     decoded neighbours, a list per query (flattened batch)."""
 
@@ -82,13 +85,19 @@ class RetrievalDatabase:
         self.doc_ids = open_memmap(self.file("doc_ids.dat"), "int32", (n,))
         self.seqs = open_memmap(self.file("seqs.dat"), "int32", (manifest["num_seqs"],))
         self.knn = open_memmap(self.file("knn.dat"), "int32", (n, k))
-        self.embeddings = open_memmap(
-            self.file("embeddings.dat"), manifest["embedding_dtype"], (n, manifest["embedding_dim"])
+        self.embeddings = (
+            open_memmap(
+                self.file("embeddings.dat"), manifest["embedding_dtype"], (n, manifest["embedding_dim"])
+            )
+            if has_dense(self.retriever)
+            else None
         )
         self._index_handle = None  # the open index file, read (and checked) by open() or at first use
         self._names_handle = None  # doc_names.jsonl, opened by open(), read and checked at first use
         self._index = None
+        self._searcher = None
         self._embedder = None
+        self._embed_backend: str | None = None  # a backend the caller chose over the manifest's
         self._tokenizer = None
         self._doc_names: list[str] | None = None
 
@@ -106,6 +115,15 @@ class RetrievalDatabase:
         doc="``'text'``: chunks are embedded from their text; ``'tokens'``: from ids.",
     )
     neighbors = property(lambda self: self.knn, doc="The precomputed ``(num_chunks, num_neighbors)`` array.")
+    retriever = property(
+        lambda self: integrity.retriever_of(self.manifest), doc="``'dense'``, ``'bm25'`` or ``'hybrid'``."
+    )
+
+    @property
+    def embed_backend(self) -> str:
+        """The embed backend queries go through: the one that embedded the chunks (the manifest's;
+        ``torch`` for databases built before backends existed), unless ``open`` was given another."""
+        return self._embed_backend or self.manifest.get("embed_backend", "torch")
 
     def __len__(self) -> int:
         return self.num_chunks
@@ -158,8 +176,23 @@ class RetrievalDatabase:
             name = self.manifest["embedder"]
             folder = preflight.resolve_local_model(name, f"{self.path}: embedder")
             local = name in DEFAULT_ALIASES or Path(name).expanduser().is_dir()
-            self._embedder = Embedder(name if local else folder, self.manifest["pooling"])
+            self._embedder = Embedder(
+                name if local else folder, self.manifest["pooling"], backend=self.embed_backend
+            )
         return self._embedder
+
+    @property
+    def searcher(self):
+        """What ``search`` and the neighbor stage query: the faiss index (dense), the BM25 index (bm25) or
+        both fused (hybrid); see ``retlm.retrieval.sparse``."""
+        if self._searcher is None:
+            if self.retriever == "dense":
+                return self.index
+            integrity.check_whole(self.path, self.manifest, ("bm25_vocab.json", "bm25_params.json"))
+            files = {name: integrity.file_map(self.manifest)[name] for name in BM25_FILES}
+            dense = self.index if has_dense(self.retriever) else None
+            self._searcher = make_searcher(self.retriever, dense, self.path, files)
+        return self._searcher
 
     @property
     def index(self):
@@ -183,6 +216,7 @@ class RetrievalDatabase:
         embedder: str | None = None,
         verify: bool = True,
         read_index: bool = True,
+        embed_backend: str | None = None,
     ) -> RetrievalDatabase:
         """Open a built database, checking its manifest, file sizes and (``verify``) sha256 checksums.
 
@@ -191,7 +225,9 @@ class RetrievalDatabase:
         ``retlm.retrieval.integrity``); ``verify`` also hashes every array file whole. ``read_index=False``
         (training, which reads only the precomputed neighbours) leaves the index to its first use, where
         it is read and checked the same way. ``tokenizer`` / ``embedder``: names the caller expects; a
-        database built with others is refused. A reader racing an ``add()`` of another process sees the
+        database built with others is refused. ``embed_backend``: embed queries with this backend
+        instead of the one that embedded the chunks (a ``UserWarning`` says so: the vectors then differ
+        slightly from the database's). A reader racing an ``add()`` of another process sees the
         old or the new state: it retries when the manifest it read was replaced under it.
         """
         path = Path(path)
@@ -204,7 +240,9 @@ class RetrievalDatabase:
                 raise CorruptDatabaseError(f"not a retrieval database: {manifest_file} is missing{hint}")
             before = os.stat(manifest_file)
             try:
-                return cls._open_once(path, read_json(manifest_file), tokenizer, embedder, verify, read_index)
+                db = cls._open_once(path, read_json(manifest_file), tokenizer, embedder, verify, read_index)
+                db._choose_backend(embed_backend)
+                return db
             except CorruptDatabaseError:
                 changed = not manifest_file.is_file() or not integrity.same_file(
                     before, os.stat(manifest_file)
@@ -243,15 +281,32 @@ class RetrievalDatabase:
                 raise ValueError(f"{path} was built with {what} {stored!r}, not {wanted!r}")
         db = cls(path, manifest)  # checks every file's size
         integrity.check_samples(path, manifest)
-        db._index_handle = integrity.open_index_handle(path, manifest)  # kept: an add() may replace it
+        if has_dense(db.retriever):  # kept: an add() may replace it
+            db._index_handle = integrity.open_index_handle(path, manifest)
         db._names_handle = integrity.open_handle(path, manifest, "doc_names.jsonl")
         if read_index:
-            db.index  # noqa: B018  (read, checked against its sha256, parsed)
+            db.searcher  # noqa: B018  (read, checked against its sha256, parsed)
         if verify:
             integrity.check_full(path, manifest)
         return db
 
     build = classmethod(build_database)
+
+    def _choose_backend(self, embed_backend: str | None) -> None:
+        from retlm.retrieval.encoders import check_backend
+
+        stored = self.manifest.get("embed_backend", "torch")
+        if embed_backend is None or embed_backend == stored:
+            return
+        check_backend(embed_backend)
+        if has_dense(self.retriever):
+            warnings.warn(
+                f"{self.path} was embedded with embed backend {stored!r}; its queries now go through "
+                f"{embed_backend!r}, whose vectors differ slightly from the database's",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._embed_backend = embed_backend
 
     # ------------------------------------------------------------------ reading
     def chunk_tokens(self, chunk_id: int) -> np.ndarray:
@@ -344,9 +399,9 @@ class RetrievalDatabase:
             ids = np.full((nq, k), -1, dtype=np.int64)
             scores = np.full((nq, k), -np.inf, dtype=np.float32)
         else:
-            vectors = self.embed_chunks(tokens)
+            inputs = query_inputs(self.retriever, tokens, self.tokenizer, self.pad_id, self.embed_chunks)
             ids, scores = search_excluding(
-                self.index, vectors, k, self.doc_ids, exclude, self.manifest.get("extra_neighbors", 10)
+                self.searcher, inputs, k, self.doc_ids, exclude, self.manifest.get("extra_neighbors", 10)
             )
         doc_ids = np.full(ids.shape, -1, dtype=np.int64)
         if self.num_chunks:

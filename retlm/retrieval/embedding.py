@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import ResumableRows, is_complete
+from retlm.retrieval.encoders import check_backend, default_backend, load_encoder
 from retlm.tokenization import DEFAULT_EMBEDDER, resolve_model_path
 from retlm.tokenization import load_embedder_tokenizer as load_tokenizer
 
 POOLINGS = ("mean", "cls")
 WIDTH_STEP = 16  # text rows are padded to a multiple of this
-
-
-@lru_cache(maxsize=4)
-def _load_encoder(name: str, device: str):
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(resolve_model_path(name))
-    return model.eval().requires_grad_(False).to(device)
+BLOCK_BATCHES = 16  # embed_rows sorts this many batches of chunks by width at a time
 
 
 def embedder_max_length(name: str, model_config, tokenizer) -> int:
@@ -76,15 +69,29 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 class Embedder:
     """A frozen encoder for chunks: ``embed_texts`` (text input) and ``embed_chunks`` (token input) return
-    L2-normalised float32 vectors."""
+    L2-normalised float32 vectors.
 
-    def __init__(self, name: str = DEFAULT_EMBEDDER, pooling: str = "mean", device: str | None = None):
+    ``backend`` (one of ``retlm.retrieval.encoders.EMBED_BACKENDS``) runs the forward pass: ``torch`` (the
+    reference), ``openvino``, ``onnx`` or ``onnx-int8``; default: ``torch`` on a CUDA device, else
+    ``openvino``.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_EMBEDDER,
+        pooling: str = "mean",
+        device: str | None = None,
+        backend: str | None = None,
+    ):
+        from transformers import AutoConfig
+
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.name = str(name)
         self.pooling = pooling
-        self.device = device or default_device()
-        self.model = _load_encoder(self.name, self.device)
+        self.backend = check_backend(backend or default_backend(device))
+        self.device = (device or default_device()) if self.backend == "torch" else "cpu"
+        self.config = AutoConfig.from_pretrained(resolve_model_path(self.name))
         self.tokenizer = load_tokenizer(self.name)
         self.cls_id = self.tokenizer.cls_token_id
         self.sep_id = self.tokenizer.sep_token_id
@@ -93,11 +100,18 @@ class Embedder:
             raise ValueError(
                 f"embedder {self.name!r}: its tokenizer has no [CLS]/[SEP] token; use a BERT-style encoder"
             )
-        self.max_length = embedder_max_length(self.name, self.model.config, self.tokenizer)
+        self.max_length = embedder_max_length(self.name, self.config, self.tokenizer)
+        self.encoder = load_encoder(self.name, self.backend, self.device)
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.config.hidden_size)
+
+    @property
+    def model(self):
+        """The HF torch model (the reference backend's; loaded on first use for the others)."""
+        encoder = self.encoder if self.backend == "torch" else load_encoder(self.name, "torch", "cpu")
+        return encoder.model
 
     # ---- text input (the default) ----
 
@@ -137,10 +151,11 @@ class Embedder:
                 batches.append((rows, torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))))
         return batches
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> unit-norm float32 ``(len(texts), dim)``, each re-tokenized by the embedder's tokenizer."""
+    def embed_texts(self, texts: Sequence[str], batch_rows: int = 64) -> np.ndarray:
+        """Texts -> unit-norm float32 ``(len(texts), dim)``, each re-tokenized by the embedder's tokenizer;
+        texts of the same padded width are batched together, ``batch_rows`` at most."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for rows, input_ids, attention_mask in self.text_inputs(texts):
+        for rows, input_ids, attention_mask in self.text_inputs(texts, batch_rows):
             vectors = self.forward(input_ids, attention_mask).float()
             out[rows] = torch.nn.functional.normalize(vectors, dim=-1).cpu().numpy()
         return out
@@ -171,16 +186,18 @@ class Embedder:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled, unnormalised ``(batch, dim)`` vectors for encoder inputs ``(batch, seq)``."""
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
+        hidden = self.encoder(input_ids, attention_mask)
+        return pool(hidden, attention_mask.to(hidden.device), self.pooling)
 
-    def embed_chunks(self, chunks: np.ndarray, pad_id: int = 0) -> np.ndarray:
-        """``(batch, chunk_size)`` token chunks -> unit-norm float32 ``(batch, dim)`` (cosine = dot)."""
-        if len(chunks) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.forward(*self.encoder_inputs(chunks, pad_id)).float()
-        return torch.nn.functional.normalize(vectors, dim=-1).cpu().numpy()
+    def embed_chunks(self, chunks: np.ndarray, pad_id: int = 0, batch_rows: int = 128) -> np.ndarray:
+        """``(batch, chunk_size)`` token chunks -> unit-norm float32 ``(batch, dim)`` (cosine = dot), in
+        batches of ``batch_rows``."""
+        out = np.zeros((len(chunks), self.dim), dtype=np.float32)
+        for start in range(0, len(chunks), batch_rows):
+            inputs = self.encoder_inputs(chunks[start : start + batch_rows], pad_id)
+            vectors = self.forward(*inputs).float()
+            out[start : start + len(vectors)] = torch.nn.functional.normalize(vectors, dim=-1).cpu().numpy()
+        return out
 
 
 def chunk_texts(lm_tokenizer, chunks: np.ndarray, pad_id: int) -> list[str]:
@@ -189,12 +206,20 @@ def chunk_texts(lm_tokenizer, chunks: np.ndarray, pad_id: int) -> list[str]:
     return lm_tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
-def embed_token_chunks(embedder: Embedder, chunks: np.ndarray, pad_id: int, lm_tokenizer=None) -> np.ndarray:
+def embed_token_chunks(
+    embedder: Embedder, chunks: np.ndarray, pad_id: int, lm_tokenizer=None, batch_rows: int = 64
+) -> np.ndarray:
     """``(batch, chunk_size)`` LM token chunks -> unit-norm ``(batch, dim)``: through their text when
     ``lm_tokenizer`` is given (text input), else from the ids themselves (token input)."""
     if lm_tokenizer is None:
-        return embedder.embed_chunks(chunks, pad_id)
-    return embedder.embed_texts(chunk_texts(lm_tokenizer, chunks, pad_id))
+        return embedder.embed_chunks(chunks, pad_id, batch_rows)
+    return embedder.embed_texts(chunk_texts(lm_tokenizer, chunks, pad_id), batch_rows)
+
+
+def embed_block(batch_size: int) -> int:
+    """Rows embedded (and made durable) at a time by ``embed_rows``: ``BLOCK_BATCHES`` batches. Shards of
+    the embed stage start at multiples of it, so a sharded build batches every chunk as a whole one does."""
+    return batch_size * BLOCK_BATCHES
 
 
 def embed_rows(
@@ -213,27 +238,33 @@ def embed_rows(
     """Embed ``chunks[lo:hi, :chunk_size]`` into the array file ``out_path`` ``(hi - lo, dim)``; resumable.
 
     ``lm_tokenizer``: decode the chunks and embed their text (see the module docstring); None: embed the
-    ids. Batches are the fixed row ranges ``lo + j * batch_size``, so a resumed run recomputes exactly the
-    batches an uninterrupted run would, and writes the same bytes.
+    ids. Rows are read in blocks of ``embed_block(batch_size)``, the fixed row ranges ``lo + j * block``;
+    within a block, texts of the same padded width are batched together (``batch_size`` rows at most), so
+    batches hold little padding. A resumed run recomputes exactly the blocks an uninterrupted run would,
+    and writes the same bytes.
     """
     lo, hi = rows if rows is not None else (0, len(chunks))
     chunk_size = chunks.shape[1] - 1
+    block = embed_block(batch_size)
     key = {
         "embedder": embedder.name,
+        "backend": embedder.backend,
         "pooling": embedder.pooling,
         "dtype": dtype,
         "rows": [lo, hi],
         "batch_size": batch_size,
+        "block": block,
         "input": "tokens" if lm_tokenizer is None else "text",
     }
     if is_complete(out_path):
         return Path(out_path)
     out = ResumableRows(out_path, hi - lo, (embedder.dim,), dtype, key)
     bar = tqdm(total=hi - lo, initial=out.rows_done, desc=desc, unit="chunk", disable=not progress)
-    for start in range(out.rows_done, hi - lo, batch_size):
-        batch = np.asarray(chunks[lo + start : lo + min(start + batch_size, hi - lo), :chunk_size])
-        out.write(start, embed_token_chunks(embedder, batch, pad_id, lm_tokenizer).astype(dtype))
-        bar.update(len(batch))
+    for start in range(out.rows_done, hi - lo, block):
+        rows_ = np.asarray(chunks[lo + start : lo + min(start + block, hi - lo), :chunk_size])
+        vectors = embed_token_chunks(embedder, rows_, pad_id, lm_tokenizer, batch_size)
+        out.write(start, vectors.astype(dtype))
+        bar.update(len(rows_))
     bar.close()
     out.finish()
     return Path(out_path)

@@ -37,6 +37,8 @@ from retlm.integrity import (
     sha256_handle,
 )
 from retlm.retrieval._storage import CorruptDatabaseError
+from retlm.retrieval.encoders import EMBED_BACKENDS
+from retlm.retrieval.sparse import BM25_ARRAYS, BM25_FILES, RETRIEVERS, has_dense, has_sparse
 
 ARRAY_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "embeddings.dat", "knn.dat")
 INDEX_FILE = "index.faiss"
@@ -54,6 +56,23 @@ def _is_digest(value: Any) -> bool:
 
 def _fail(path: Path, message: str) -> CorruptDatabaseError:
     return CorruptDatabaseError(f"{path / 'manifest.json'}: {message}")
+
+
+def retriever_of(manifest: dict[str, Any]) -> str:
+    """The manifest's retriever (``dense`` for databases built before sparse retrieval existed)."""
+    return manifest.get("retriever", "dense")
+
+
+def array_files(retriever: str) -> tuple[str, ...]:
+    """The files a database with ``retriever`` memory-maps: their sampled digests are checked on open."""
+    dense = ARRAY_FILES if has_dense(retriever) else tuple(f for f in ARRAY_FILES if f != "embeddings.dat")
+    return dense + (BM25_ARRAYS if has_sparse(retriever) else ())
+
+
+def required_files(retriever: str) -> tuple[str, ...]:
+    """The files (besides the chunk files) whose checksums a manifest with ``retriever`` must hold."""
+    index = (INDEX_FILE,) if has_dense(retriever) else ()
+    return array_files(retriever) + index + (tuple(BM25_FILES) if has_sparse(retriever) else ())
 
 
 def file_map(manifest: dict[str, Any]) -> dict[str, str]:
@@ -129,6 +148,11 @@ def check_manifest(manifest: Any, path: Path) -> None:
     _choice(path, manifest, "pooling", POOLINGS)
     _choice(path, manifest, "embedding_dtype", EMBEDDING_DTYPES)
     _string(path, manifest, "embedder")
+    if "retriever" in manifest:
+        _choice(path, manifest, "retriever", RETRIEVERS)
+    if "embed_backend" in manifest:
+        _choice(path, manifest, "embed_backend", EMBED_BACKENDS)
+    retriever = retriever_of(manifest)
     _string(path, manifest, "index_type")
     nprobe = manifest.get("nprobe")
     if nprobe is not None and (
@@ -157,8 +181,9 @@ def check_manifest(manifest: Any, path: Path) -> None:
         "doc_ids.dat": [n],
         "seqs.dat": [manifest["num_seqs"]],
         "knn.dat": [n, manifest["num_neighbors"]],
-        "embeddings.dat": [n, manifest["embedding_dim"]],
     }
+    if has_dense(retriever):
+        expected_shapes["embeddings.dat"] = [n, manifest["embedding_dim"]]
     shapes = manifest.get("shapes", expected_shapes)
     if not isinstance(shapes, dict) or any(shapes.get(k) != v for k, v in expected_shapes.items()):
         raise _fail(path, f"field 'shapes' {shapes!r} disagrees with the counts (expected {expected_shapes})")
@@ -182,7 +207,7 @@ def check_manifest(manifest: Any, path: Path) -> None:
     checksums = manifest.get("checksums")
     if not isinstance(checksums, dict):
         raise _fail(path, f"field 'checksums' must be an object, got {type(checksums).__name__}")
-    for name in (*ARRAY_FILES, INDEX_FILE, *checksums):
+    for name in (*required_files(retriever), *checksums):
         if not _is_digest(checksums.get(name)):
             raise _fail(path, f"checksums[{name!r}] must be a sha256 hex digest, got {checksums.get(name)!r}")
         resolve(path, manifest, name)
@@ -200,13 +225,14 @@ def check_manifest(manifest: Any, path: Path) -> None:
 # ---- written at build time ----
 
 
-def describe(path: Path, files: dict[str, str]) -> dict[str, Any]:
-    """The ``integrity`` entry of a manifest: the sampled digest of every array file (``files`` maps
-    logical names to the relative paths holding them) and the sha256 of every tokenizer file."""
+def describe(path: Path, files: dict[str, str], retriever: str = "dense") -> dict[str, Any]:
+    """The ``integrity`` entry of a manifest: the sampled digest of every array file of ``retriever``
+    (``files`` maps logical names to the relative paths holding them) and the sha256 of every tokenizer
+    file."""
     path = Path(path)
     tokenizer = path / TOKENIZER_DIR
     return {
-        "samples": {name: sample_digest(path / files.get(name, name)) for name in ARRAY_FILES},
+        "samples": {name: sample_digest(path / files.get(name, name)) for name in array_files(retriever)},
         "tokenizer": {
             p.relative_to(path).as_posix(): sha256_file(p)
             for p in sorted(tokenizer.rglob("*"))
@@ -325,3 +351,16 @@ def read_doc_names(path: Path, manifest: dict[str, Any], handle: Any) -> list[st
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_ino, a.st_dev, a.st_mtime_ns, a.st_size) == (b.st_ino, b.st_dev, b.st_mtime_ns, b.st_size)
+
+
+def check_whole(path: Path, manifest: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Hash files read whole (the BM25 vocabulary and parameters) against the manifest before they are
+    parsed."""
+    for name in names:
+        file = resolve(path, manifest, name)
+        if not file.is_file():
+            raise CorruptDatabaseError(f"missing database file: {file}")
+        if sha256_file(file) != manifest["checksums"].get(name):
+            raise CorruptDatabaseError(
+                f"{file} does not match the checksum in manifest.json (corrupted or modified)"
+            )

@@ -10,6 +10,7 @@ from retlm.integrity import seal
 from retlm.retrieval import integrity
 from retlm.retrieval._storage import sha256_file, write_json
 from retlm.retrieval.index import Tuning
+from retlm.retrieval.sparse import BM25_FILES, has_dense, has_sparse
 
 FORMAT_VERSION = 2  # 2: LM tokenizer and embedder tokenizer recorded apart, document names
 DATA_FILES = (
@@ -22,6 +23,16 @@ DATA_FILES = (
     "index.faiss",
 )
 CHUNK_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "doc_names.jsonl")
+DENSE_FILES = ("embeddings.dat", "index.faiss")
+
+
+def data_files(retriever: str) -> tuple[str, ...]:
+    """The data files of a database with ``retriever``: the chunk files and knn.dat, the embeddings and
+    the faiss index (dense, hybrid), the BM25 index (bm25, hybrid)."""
+    files = tuple(name for name in DATA_FILES if has_dense(retriever) or name not in DENSE_FILES)
+    return files + (tuple(BM25_FILES) if has_sparse(retriever) else ())
+
+
 LOCK_FILE = ".lock"  # held by every writer of the database (build stages, add); see retlm.locking
 
 
@@ -47,9 +58,21 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Write ``manifest.json`` (atomically, sealed with its own digest, see ``integrity``); ``files``
     maps each logical data file name to the file holding it (default: the same name)."""
-    files = {name: name for name in DATA_FILES} | (files or {})
+    retriever = settings.get("retriever", "dense")
+    names = data_files(retriever)
+    files = {name: name for name in names} | (files or {})
     c, k, n = settings["chunk_size"], settings["num_neighbors"], chunking["num_chunks"]
+    shapes = {
+        "chunks.dat": [n, c + 1],
+        "doc_ids.dat": [n],
+        "seqs.dat": [chunking["num_seqs"]],
+        "knn.dat": [n, k],
+    }
+    if has_dense(retriever):
+        shapes["embeddings.dat"] = [n, embedding_dim]
     manifest = {
+        "retriever": retriever,
+        "embed_backend": settings.get("embed_backend", "torch"),
         "format_version": FORMAT_VERSION,
         "tokenizer": {**chunking["tokenizer"], "path": "tokenizer"},
         "embedder": settings["embedder"],
@@ -74,20 +97,14 @@ def write_manifest(
         "recall_at_k": index_info["recall_at_k"],
         "recall_queries": index_info["recall_queries"],
         "target_recall": settings["target_recall"],
-        "shapes": {
-            "chunks.dat": [n, c + 1],
-            "doc_ids.dat": [n],
-            "seqs.dat": [chunking["num_seqs"]],
-            "knn.dat": [n, k],
-            "embeddings.dat": [n, embedding_dim],
-        },
+        "shapes": shapes,
         "skipped_files": chunking.get("skipped_files", []),
         "sources": chunking.get("sources", []),  # where the documents came from (retrieval.sources)
         "build": settings,
-        "checksums": {name: sha256_file(path / files[name]) for name in DATA_FILES},
-        "files": files,
+        "checksums": {name: sha256_file(path / files[name]) for name in names},
+        "files": {name: files[name] for name in names},
         "generation": generation,
-        "integrity": integrity.describe(path, files),
+        "integrity": integrity.describe(path, files, retriever),
     }
     manifest = seal(manifest)
     write_json(path / "manifest.json", manifest)

@@ -9,6 +9,7 @@ index has no more.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -34,15 +35,17 @@ def first_valid(ids: np.ndarray, scores: np.ndarray, valid: np.ndarray, k: int):
 
 
 def search_excluding(
-    index: faiss.Index,
-    queries: np.ndarray,
+    index: Any,
+    queries: Any,
     k: int,
     doc_ids: np.ndarray,
     exclude_doc_ids: np.ndarray | None = None,
     extra: int = 10,
 ):
-    """Top-``k`` ``(ids int64, scores float32)`` of ``queries (nq, dim)``, skipping each query's document.
+    """Top-``k`` ``(ids int64, scores float32)`` of ``queries``, skipping each query's document.
 
+    ``index``: a faiss index (``queries``: vectors ``(nq, dim)``) or a searcher of
+    ``retlm.retrieval.sparse`` (``queries``: what its ``search`` reads, indexable by rows).
     ``exclude_doc_ids (nq,)`` names the document to skip per query (``-1``: none). ``doc_ids`` maps a
     database row to its document.
     """
@@ -56,7 +59,7 @@ def search_excluding(
     fetch = k + extra
     while len(todo) and index.ntotal:
         fetch = min(fetch, index.ntotal)
-        found_scores, found = index.search(as_float32(queries[todo]), fetch)
+        found_scores, found = _search(index, queries[todo], fetch)
         found_doc = np.where(found >= 0, np.asarray(doc_ids)[np.maximum(found, 0)], NO_DOC)
         valid = (found >= 0) & (found_doc != exclude[todo, None])
         ids[todo], scores[todo] = first_valid(found, found_scores, valid, k)
@@ -68,9 +71,15 @@ def search_excluding(
     return ids, scores
 
 
+def _search(index: Any, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(index, faiss.Index):
+        return index.search(as_float32(queries), k)
+    return index.search(queries, k)
+
+
 def compute_neighbors(
-    index: faiss.Index,
-    embeddings: np.ndarray,
+    index: Any,
+    embeddings: Any,
     doc_ids: np.ndarray,
     k: int,
     out_path: Path,
@@ -83,8 +92,9 @@ def compute_neighbors(
 ) -> Path:
     """Neighbours of database rows ``lo:hi`` into the int32 file ``out_path (hi - lo, k)``; resumable.
 
-    Each chunk's own document (itself included) is excluded. Blocks are fixed row ranges, so a resumed
-    run writes the same bytes as an uninterrupted one.
+    ``embeddings``: the rows' vectors for a faiss ``index``, or the ``sparse.ChunkQueries`` of a sparse or
+    hybrid searcher. Each chunk's own document (itself included) is excluded. Blocks are fixed row
+    ranges, so a resumed run writes the same bytes as an uninterrupted one.
     """
     lo, hi = rows if rows is not None else (0, len(embeddings))
     if is_complete(out_path):

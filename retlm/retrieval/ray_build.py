@@ -8,8 +8,8 @@ build, so both write the same database):
                plain JSONL files, read by ``retlm.retrieval.sources`` as the local build reads them)
                into shards/chunk-i-of-S/; one task concatenates them, renumbering documents, chunks and
                training sequences                      -> chunks, doc_ids, seqs, doc_names.jsonl
-    embed      S tasks over row shards whose boundaries are multiples of batch_size, so each runs the
-               batches the single-process build runs                        -> shards/embeddings-i
+    embed      S tasks over row shards whose boundaries are multiples of the embed block (16
+               batches), so each runs the batches the single-process build runs -> shards/embeddings-i
     index      1 task trains the index once, on the same random sample; S tasks each add their rows to
                a copy of the trained (empty) index; 1 task merges the copies (``merge_indexes``: the
                same bytes as one ``add``), tunes the search and writes index.faiss
