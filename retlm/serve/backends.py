@@ -1,0 +1,377 @@
+"""What `retlm serve` runs: a model and its database behind one small protocol, :class:`Backend`.
+
+Two backends exist, one per way of reading retrieved text:
+
+- :class:`CCABackend`: a RETRO or RETRO-fit model, which reads the neighbors of every completed chunk
+  through chunked cross-attention (:func:`retlm.models.retro.generation.generate_with_retrieval`). Rows
+  of different lengths batch together (left padding), with retrieval on or off.
+- :class:`CausalLMBackend`: any HF causal LM. Without retrieval it generates with ``model.generate``
+  (batched); with ``--in-context`` retrieval, every ``stride`` tokens the recent text is searched and the
+  passages are put in front of the context (In-Context RALM, ``retlm.generation.generate_in_context``),
+  one row at a time.
+
+A backend's :meth:`generate` is called from one thread only (the server's worker, which owns the model);
+``encode``, ``decode``, ``chat_prompt`` and ``search`` may be called from other threads and take the
+backend's lock around the tokenizer and the database, which are not safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Neighbor:
+    """One retrieved passage: its database chunk and document, cosine score and text."""
+
+    doc_name: str
+    doc_id: int
+    chunk_id: int
+    score: float
+    text: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "doc_name": self.doc_name,
+            "doc_id": self.doc_id,
+            "chunk_id": self.chunk_id,
+            "score": round(self.score, 6),
+            "text": self.text,
+        }
+
+
+@dataclass
+class RetrievalStep:
+    """One search made while generating a row.
+
+    ``token_offset``: tokens of the row (prompt + completion) before the point where the model starts
+    reading ``neighbors``; ``source``: ``"prompt"`` when those tokens all belong to the prompt, else
+    ``"completion"``; ``query``: the text that was searched.
+    """
+
+    token_offset: int
+    source: str
+    query: str
+    neighbors: list[Neighbor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a batch decodes; requests batch together only when theirs are equal (and have no seed).
+
+    ``temperature == 0``: greedy. ``retrieval=False``: the model without retrieved text.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    retrieval: bool = True
+    num_neighbors: int | None = None
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+OnRetrieval = Callable[[int, RetrievalStep], None]
+
+
+class Backend(Protocol):
+    """What the server needs from a model (see the module docstring for threads)."""
+
+    kind: str  # "cca", "in-context" or "none": how retrieved text reaches the model
+    context_length: int  # tokens of prompt + completion the model accepts
+    eos_token_ids: frozenset[int]
+    vocab_size: int  # token ids a prompt may hold: 0 .. vocab_size - 1
+    max_neighbors: int  # the most neighbors a search can return
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
+
+    def max_rows(self, sampling: Sampling) -> int:
+        """How many rows one :meth:`generate` call runs at once for ``sampling`` (1: one at a time)."""
+        ...
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: Sampling,
+        streamer: Any,
+        on_retrieval: OnRetrieval,
+    ) -> None:
+        """Generate for every row of ``prompts`` (token ids), feeding ``streamer`` (HF's ``BaseStreamer``
+        protocol: the prompts ``(batch, len)``, then ``(batch,)`` per step) and ``on_retrieval(row, step)``.
+        """
+        ...
+
+    def search(self, query: str, k: int) -> list[Neighbor]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def left_pad(
+    prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(batch, longest)``: each prompt at the right end."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
+    """A transcript for a tokenizer without a chat template: ``role: content`` lines, then
+    ``assistant:``, so the model continues as the assistant."""
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "assistant:"])
+
+
+class _Shared:
+    """The parts every backend has: a tokenizer and a database behind one lock, and the searches."""
+
+    def __init__(self, tokenizer: Any, database: Any):
+        self.tokenizer = tokenizer
+        self.database = database
+        self.lock = threading.RLock()
+        self.vocab_size = len(tokenizer)
+        self.max_neighbors = max(database.num_chunks, database.num_neighbors) if database is not None else 0
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        with self.lock:
+            if getattr(self.tokenizer, "chat_template", None):
+                return self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+        return plain_chat_prompt(messages)
+
+    def neighbors(self, chunk_ids: Any, doc_ids: Any, scores: Any) -> list[Neighbor]:
+        """Database rows as :class:`Neighbor` (the -1 entries, "none", dropped); call under the lock."""
+        db = self.database
+        return [
+            Neighbor(db.doc_name(int(d)), int(d), int(i), float(s), db.chunk_text(int(i)))
+            for i, d, s in zip(chunk_ids, doc_ids, scores, strict=True)
+            if int(i) >= 0
+        ]
+
+    def search(self, query: str, k: int) -> list[Neighbor]:
+        """The ``k`` nearest chunks of ``query`` (cut to the database's chunk size in LM tokens)."""
+        with self.lock:
+            found = self.database.search([query], k)
+            return self.neighbors(found.chunk_ids[0], found.doc_ids[0], found.scores[0])
+
+    def database_info(self) -> dict[str, Any]:
+        db = self.database
+        return {
+            "path": str(db.path),
+            "chunks": db.num_chunks,
+            "documents": db.num_docs,
+            "chunk_size": db.chunk_size,
+            "num_neighbors": db.num_neighbors,
+        }
+
+
+class _LockedSearch:
+    """The database as ``generate_with_retrieval`` reads it, each search under the backend's lock."""
+
+    def __init__(self, database: Any, lock: threading.RLock):
+        self.database, self.lock = database, lock
+        self.chunk_size, self.pad_id = database.chunk_size, database.pad_id
+        self.num_neighbors = database.num_neighbors
+
+    def search(self, queries: Any, k: int) -> Any:
+        with self.lock:
+            return self.database.search(queries, k)
+
+
+class CCABackend(_Shared):
+    """A RETRO or RETRO-fit model (chunked cross-attention) and the database it was trained with."""
+
+    kind = "cca"
+
+    def __init__(self, model: Any, database: Any, *, max_batch: int = 16):
+        super().__init__(database.tokenizer, database)
+        self.model = model.eval()
+        self.max_batch = max_batch
+        config = model.config
+        self.chunk_size = int(config.chunk_size)
+        self.context_length = int(getattr(config, "max_seq_len", None) or 2**31 - 1)
+        self.eos_token_ids = frozenset({int(database.eos_id)})
+        self.device = next(model.parameters()).device
+
+    def encode(self, text: str) -> list[int]:
+        with self.lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def max_rows(self, sampling: Sampling) -> int:
+        return self.max_batch
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: Sampling,
+        streamer: Any,
+        on_retrieval: OnRetrieval,
+    ) -> None:
+        from retlm.models.retro.generation import generate_with_retrieval
+
+        input_ids, mask = left_pad(prompts, self.database.pad_id, self.device)
+        searched = _LockedSearch(self.database, self.lock) if sampling.retrieval else None
+        prompt_lengths = [len(p) for p in prompts]
+
+        def announce(row: int, found: Any) -> None:
+            offset = (int(found.chunk_index) + 1) * self.chunk_size  # the row's tokens up to the chunk's end
+            with self.lock:
+                query = self.tokenizer.decode(
+                    [int(t) for t in found.query if int(t) != self.database.pad_id], skip_special_tokens=True
+                )
+                neighbors = self.neighbors(found.chunk_ids, found.doc_ids, found.scores)
+            source = "prompt" if offset <= prompt_lengths[row] else "completion"
+            on_retrieval(row, RetrievalStep(offset, source, query, neighbors))
+
+        generate_with_retrieval(
+            self.model,
+            searched,
+            input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature if sampling.do_sample else 1.0,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            num_neighbors=sampling.num_neighbors,
+            eos_token_id=int(self.database.eos_id),
+            generator=sampling.generator(self.device),
+            streamer=streamer,
+            on_retrieval=announce,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "retrieval": self.kind,
+            "architecture": type(self.model).__name__,
+            "context_length": self.context_length,
+            "database": self.database_info(),
+        }
+
+
+class CausalLMBackend(_Shared):
+    """Any HF causal LM: plain ``generate`` without retrieval, In-Context RALM with it.
+
+    ``database=None``: the model alone (every request runs without retrieval). ``stride``: tokens
+    generated between two searches; ``query_tokens``: how many recent tokens form the query.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        database: Any | None,
+        *,
+        max_batch: int = 16,
+        stride: int = 16,
+        query_tokens: int = 32,
+    ):
+        super().__init__(tokenizer, database)
+        self.model = model.eval()
+        self.kind = "in-context" if database is not None else "none"
+        self.max_batch, self.stride, self.query_tokens = max_batch, stride, query_tokens
+        config = model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0)
+        self.context_length = int(limit) if limit and limit < 10**9 else 2048
+        self.device = next(model.parameters()).device
+        self.generation_config = _plain_generation_config(model, tokenizer)
+        eos = self.generation_config.eos_token_id
+        self.eos_token_ids = frozenset(
+            int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None
+        )
+
+    def encode(self, text: str) -> list[int]:
+        with self.lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+    def max_rows(self, sampling: Sampling) -> int:
+        return 1 if sampling.retrieval and self.database is not None else self.max_batch
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: Sampling,
+        streamer: Any,
+        on_retrieval: OnRetrieval,
+    ) -> None:
+        if sampling.retrieval and self.database is not None:
+            raise NotImplementedError("in-context retrieval is not available in this build")
+        input_ids, mask = left_pad(prompts, self.generation_config.pad_token_id, self.device)
+        options: dict[str, Any] = {"do_sample": sampling.do_sample}
+        if sampling.do_sample:
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
+        if sampling.repetition_penalty is not None:
+            options["repetition_penalty"] = sampling.repetition_penalty
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)  # HF's sampling draws from the global generator
+        self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=self.generation_config,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            **options,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "retrieval": self.kind,
+            "architecture": type(self.model).__name__,
+            "context_length": self.context_length,
+        }
+        if self.database is not None:
+            info["database"] = self.database_info()
+            info["stride"], info["query_tokens"] = self.stride, self.query_tokens
+        return info
+
+
+def _plain_generation_config(model: Any, tokenizer: Any) -> Any:
+    """The model's own generation config with its sampling defaults cleared (each request sets its own)
+    and a pad token (the eos token when the tokenizer has none)."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    for name, value in (("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
+        setattr(config, name, value)
+    config.repetition_penalty = 1.0
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.eos_token_id
+    if config.pad_token_id is None:
+        eos = config.eos_token_id
+        config.pad_token_id = (
+            tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else (eos[0] if isinstance(eos, list) else eos)
+        )
+    return config
