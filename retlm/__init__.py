@@ -26,6 +26,8 @@ _LAZY: dict[str, str] = {
     "RETRODataset": "retlm.data",
     "RetrievalDatabase": "retlm.retrieval",
     "load_tokenizer": "retlm.tokenization",
+    "pretrained_path": "retlm.models.pretrained",
+    "load_causal_lm": "retlm.models.pretrained",
 }
 
 __all__ = [*_LAZY, "__version__"]

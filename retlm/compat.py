@@ -67,3 +67,16 @@ class CausalLMOutputWithCache(CausalLMOutputWithPast):
 # replaces ModelOutput's own `past_key_values` property, which warns.)
 for _cls in (BaseModelOutputWithCache, CausalLMOutputWithCache):
     setattr(_cls, _OTHER_NAME, property(_other_name))
+
+
+def gguf_load_kwargs() -> dict[str, Any]:
+    """``from_pretrained`` keywords that load a GGUF checkpoint as a plain dense model.
+
+    From transformers 5.24 a GGUF can load with its weights kept packed in GGUF blocks (``GgufConfig``,
+    for the architectures it ports, when the ``kernels`` package is installed); ``dequantize=True`` asks
+    for dense weights, which is what earlier versions always load."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}

@@ -8,7 +8,9 @@
   bundled all-MiniLM-L6-v2 tokenizer (``bert-base-uncased``'s 30,522 tokens; no cased BERT vocabulary is
   installable offline). As an LM tokenizer it adds no ``[CLS]``/``[SEP]`` and returns no
   ``token_type_ids``, so ``model.generate(**tokenizer(text, return_tensors="pt"))`` works.
-- any other string: an HF tokenizer folder (or a model name the embedder module resolves).
+- a pretrained model's name (``"smollm2-135m"``), a .gguf file or a retlm run directory: that model's
+  tokenizer (:mod:`retlm.models.pretrained` resolves the name, converting a GGUF once);
+- any other string: an HF tokenizer folder (or a model name the embedder module resolves), or a Hub id.
 
 ``load_tokenizer`` returns a fresh object on every call, so callers may change it (syncdoth/RetNet's snippet
 sets ``model_max_length`` and ``pad_token``). ``vocabulary_sha256`` identifies a vocabulary (the
@@ -156,7 +158,8 @@ def wordpiece_lm_tokenizer(embedder: str | None = None) -> Any:
 
 def load_tokenizer(name: str = GPT2, *, embedder: str | None = None) -> Any:
     """An LM tokenizer by name: ``"gpt2"`` (default), ``"bert"`` (the embedder's WordPiece, see the module
-    docstring), or an HF tokenizer folder. Offline; a fresh object on every call.
+    docstring), a pretrained model's name (``"smollm2-135m"``), a .gguf file, or an HF tokenizer folder.
+    Offline (a Hub id is passed to transformers, for online users); a fresh object on every call.
 
     ``retlm.load_tokenizer("gpt2")`` is the offline equivalent of ``AutoTokenizer.from_pretrained("gpt2")``.
     """
@@ -166,10 +169,16 @@ def load_tokenizer(name: str = GPT2, *, embedder: str | None = None) -> Any:
         return wordpiece_lm_tokenizer(embedder)
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(str(name))
-    if not Path(path).exists():
-        raise FileNotFoundError(f"unknown tokenizer {name!r}: not one of {', '.join(BUILTIN)} nor a folder")
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    from retlm.models.pretrained import UnknownModelError, known_names, pretrained_path
+
+    try:
+        path = pretrained_path(resolve_model_path(str(name)), weights=False)
+    except UnknownModelError:
+        raise FileNotFoundError(
+            f"unknown tokenizer {name!r}: not one of {', '.join(BUILTIN + tuple(known_names()))}, nor a "
+            "folder, a .gguf file or a Hub id (org/name)"
+        ) from None
+    tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer {name!r} has no fast (tokenizers) implementation")
     return tokenizer

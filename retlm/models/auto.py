@@ -7,7 +7,9 @@ A run directory (written by ``retlm.training``) holds ``model/`` (the final weig
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,21 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     return candidate
 
 
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", ...) off for the body: noise in a command's
+    output."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def verify_model_dir(folder: Path, names: Any = None) -> None:
     """Compare a model folder's files (``names``, default all recorded) with their saved sha256, and
     check that ``model.safetensors`` is structurally whole; errors name the file."""
@@ -70,7 +87,6 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     (``retlm_checksums.json``) and the safetensors header is checked against the file's size; a bad
     ``config.json`` is reported with its path."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     import retlm.models.retnet  # noqa: F401  (register their configs with the Auto classes)
     import retlm.models.retro  # noqa: F401
@@ -83,15 +99,11 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     except Exception as err:  # invalid json, a wrong type, an unknown model type: name the file
         reason = " ".join(str(err).split())[:300]
         raise ValueError(f"{model_dir / 'config.json'} is not a valid RETRO config ({reason})") from None
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call is noise in `retlm eval`
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
+        with quiet_hf_progress():  # a "Loading weights" bar per call is noise in `retlm eval`
+            return AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
     except ValueError:
         raise
     except Exception as err:  # the loaders' messages (safetensors, torch) do not name the file
         reason = " ".join(str(err).split())[:300]
         raise ValueError(f"{model_dir / 'model.safetensors'} cannot be loaded ({reason})") from None
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()

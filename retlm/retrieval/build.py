@@ -73,7 +73,7 @@ class BuildConfig:
     chunk_size: int = 64
     num_neighbors: int = 2
     seq_len: int = 512
-    tokenizer: str = GPT2  # the LM tokenizer: "gpt2", "bert" (the embedder's WordPiece) or a folder
+    tokenizer: str = GPT2  # the LM tokenizer: "gpt2", "bert" (the embedder's WordPiece), a model or a folder
     embedder: str = DEFAULT_EMBEDDER
     pooling: str = "mean"
     embedding_dtype: str = "float16"
@@ -87,7 +87,7 @@ class BuildConfig:
         validate_sizes(self.chunk_size, self.seq_len)
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ValueError(
-                f"tokenizer must be 'gpt2', 'bert' or a tokenizer folder, got {self.tokenizer!r}"
+                f"tokenizer must be 'gpt2', 'bert', a model name or a folder, got {self.tokenizer!r}"
             )
         if not isinstance(self.num_neighbors, int) or self.num_neighbors <= 0:
             raise ValueError(f"num_neighbors must be a positive integer, got {self.num_neighbors!r}")
@@ -134,7 +134,8 @@ def build_database(
     """Build a database at ``path`` from ``source`` (a folder read with ``glob``, or strings).
 
     ``tokenizer``: the LM tokenizer, ``"gpt2"`` (GPT-2's byte-level BPE, the default), ``"bert"`` (the
-    embedder's WordPiece for both, retro-pytorch's way) or a tokenizer folder. ``embedder``: the encoder
+    embedder's WordPiece for both, retro-pytorch's way), a pretrained model's (``"smollm2-135m"``, a .gguf
+    file, a model folder) or a tokenizer folder. ``embedder``: the encoder
     that embeds each chunk (the bundled all-MiniLM-L6-v2 by default).
 
     Re-running a killed build resumes it, with byte-identical results. ``stage`` and ``shard`` run one

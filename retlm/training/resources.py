@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from retlm.errors import ResourceError, format_bytes
-from retlm.retrieval.preflight import available_memory_bytes
+from retlm.utils import available_memory_bytes
 
 
 def parameter_count_lower_bound(config: Any) -> int:

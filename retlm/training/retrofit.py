@@ -1,7 +1,8 @@
 """RETRO-fitting a pretrained causal LM on a retrieval database (the RETRO paper's section 4.2).
 
 ``retrofit(base, db, out_dir, ...)`` wraps ``base`` (GPT-2, a Llama-family model, a retlm RetNet or
-RETRO control; a folder, a run directory, a Hub name or a model) into a
+RETRO control; a known name such as ``smollm2-135m``, a .gguf file, a folder, a run directory, a Hub id or
+a model) into a
 :class:`~retlm.models.retrofit.RetroFitForCausalLM`, freezes it, and trains only the new parameters
 (the neighbour encoder and the chunked cross-attention layers) with :func:`retlm.training.train`: the
 same time budget, resume, atomic checkpoints, held-out evaluation with and without retrieval, and run
@@ -16,6 +17,7 @@ from typing import Any
 
 from retlm.data import open_database
 from retlm.models.auto import resolve_model_dir
+from retlm.models.pretrained import model_kind, pretrained_path
 from retlm.training.checkpoint import database_signature
 from retlm.training.trainer import TrainResult, train
 
@@ -37,24 +39,33 @@ class TokenizerMismatch(ValueError):
 
 
 def resolve_base(base: str | os.PathLike[str]) -> str:
-    """A base given by path: a model folder as is, a retlm run directory's model (``RUN/model`` or its
-    newest checkpoint); anything else (a Hub name) unchanged."""
-    path = Path(base)
-    if not path.exists():
+    """How a run names its base: a known name (``smollm2-135m``) or a Hub id unchanged, a .gguf file or a
+    model folder as an absolute path, a retlm run directory as its model's (``RUN/model`` or its newest
+    checkpoint). An unknown name or a missing path is refused in one line."""
+    kind = model_kind(base)
+    if kind in ("known", "hub"):
         return str(base)
-    if (path / "config.json").is_file():
+    path = Path(base).expanduser()
+    if kind == "gguf" or (path / "config.json").is_file():
         return str(path.resolve())
     return str(resolve_model_dir(path).resolve())
 
 
 def _tokenizer_of_base(source: str | None) -> Any:
-    """The tokenizer saved with a base (a local folder), or None when it has none."""
-    if not source or not Path(source).is_dir():
+    """The tokenizer saved with a base (a local folder, or a known name's converted one), or None when
+    it has none."""
+    if not source:
+        return None
+    try:
+        folder = pretrained_path(source, weights=False)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(folder, Path) or not folder.is_dir():
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -110,7 +121,9 @@ def retrofit(
 ) -> TrainResult:
     """RETRO-fit ``base`` on ``db`` into ``out_dir`` and return the training result.
 
-    ``base``: a model, a model folder, a retlm run directory (its final model) or a Hub name.
+    ``base``: a model, a known name (``smollm2-135m``), a .gguf file, a model folder, a retlm run
+    directory (its final model) or a Hub id; the saved config names it the same way (a path made
+    absolute), so the adapter finds its base again.
     ``db``: a ``RetrievalDatabase`` or its path; its tokenizer must be the base's (else
     :class:`TokenizerMismatch`). ``cca_layers``: 1-based decoder layers a chunked cross-attention follows
     (default: every third from the sixth; see :func:`~retlm.models.retrofit.default_cca_layers`).

@@ -35,20 +35,12 @@ def decoder_layers(base: nn.Module) -> nn.ModuleList:
 
 
 def load_base(name_or_path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedModel:
-    """A causal LM by folder or Hub name, with retlm's own model types registered."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """A causal LM by any name :func:`retlm.models.pretrained.pretrained_path` takes (a known name such as
+    ``smollm2-135m``, a .gguf file, a folder, a retlm run directory, a Hub id), retlm's own model types
+    registered; ``kwargs`` (``dtype``, ``device_map``, ...) go to ``from_pretrained``."""
+    from retlm.models.pretrained import load_pretrained
 
-    import retlm.models.retnet  # noqa: F401  (register the Auto classes)
-    import retlm.models.retro  # noqa: F401
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of a command's output
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
+    return load_pretrained(name_or_path, **kwargs)
 
 
 def check_base(base: nn.Module, config: RetroFitConfig) -> None:

@@ -44,6 +44,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import CausalLMOutputWithCache, cache_kwargs, output_cache, resolve_cache
+from retlm.models.pretrained import KNOWN
 from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
 from retlm.models.retro.encoder import RetroEncoder
@@ -183,7 +184,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
             base_name_or_path = base_name_or_path or str(base)
             base = load_base(base)
         name = base_name_or_path or getattr(base, "name_or_path", None) or ""
-        if name and Path(name).is_dir():
+        if name and name not in KNOWN and Path(name).is_dir():
             name = str(Path(name).resolve())
         base_config = base.config
         num_layers = len(decoder_layers(base))
