@@ -108,6 +108,8 @@ def load_backend(opts: ServeOptions) -> Any:
 
     database = RetrievalDatabase.open(opts.db) if opts.db is not None else None
     if opts.in_context:
+        from retlm.models.pretrained import load_causal_lm
+
         model, tokenizer = load_causal_lm(opts.model)
         return CausalLMBackend(
             model,
@@ -123,22 +125,6 @@ def load_backend(opts: ServeOptions) -> Any:
     model = load_model(opts.model)
     check_model_fits_database(model.config, database)
     return CCABackend(model, database, max_batch=opts.max_batch)
-
-
-def load_causal_lm(name: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``--in-context``: an HF folder (names and .gguf files once
-    ``retlm.models.pretrained`` is in this build)."""
-    try:
-        from retlm.models.pretrained import load_causal_lm as load
-    except ImportError:
-        load = None
-    if load is not None:
-        return load(name)
-    if not (Path(name) / "config.json").is_file():
-        raise UsageError(f"MODEL: expected an HF model folder (with config.json), got {name!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
 
 
 def run_serve(args: argparse.Namespace) -> int:
