@@ -51,7 +51,7 @@ class Event:
     tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue finds and removes this very job
 class Job:
     """One request: ``prompts`` (token ids), ``n`` completions of each; row ``i * n + j`` is choice
     ``i * n + j``, as in OpenAI's API."""
@@ -65,6 +65,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.time)
+    withdraw: Any = None  # set by the queue: takes a cancelled job out of the waiting line
 
     @property
     def rows(self) -> int:
@@ -78,7 +79,11 @@ class Job:
             pass
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        """Stop this job: out of the queue if it waits, its rows stopped at their next token if it runs."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if self.withdraw is not None:
+                self.withdraw(self)
 
     def batch_key(self) -> Sampling | None:
         """Jobs with equal keys may share a batch; a seeded job runs alone, so its result is its own."""
@@ -189,6 +194,7 @@ class GenerationWorker:
         self.batches = 0  # generate calls made, and the rows they ran: rows_run / batches is the mean batch
         self.rows_run = 0
         self.running = 0  # rows in the batch running now
+        self.tokens_generated = 0  # completion tokens of every row so far
         self.thread = threading.Thread(target=self._run, name="retlm-serve-model", daemon=True)
 
     def start(self) -> None:
@@ -200,8 +206,14 @@ class GenerationWorker:
                 raise ShuttingDown
             if len(self.pending) >= self.max_queue:
                 raise QueueFull
+            job.withdraw = self._withdraw
             self.pending.append(job)
             self.condition.notify()
+
+    def _withdraw(self, job: Job) -> None:
+        with self.condition:
+            if job in self.pending:
+                self.pending.remove(job)
 
     @property
     def waiting(self) -> int:
@@ -232,8 +244,6 @@ class GenerationWorker:
     def _next_batch(self) -> list[Job] | None:
         with self.condition:
             while True:
-                while self.pending and self.pending[0].cancelled.is_set():
-                    self._drop(self.pending.popleft())
                 if self.pending:
                     break
                 if self.closed:
@@ -252,10 +262,6 @@ class GenerationWorker:
                         batch.append(job)
                         rows += job.rows
             return batch
-
-    @staticmethod
-    def _drop(job: Job) -> None:
-        job.emit(Event("end"))
 
     def _run(self) -> None:
         import torch
@@ -290,6 +296,7 @@ class GenerationWorker:
                 job.emit(Event("error", text=f"generation failed: {type(err).__name__}"))
         finally:
             self.running = 0
+            self.tokens_generated += sum(len(row.tokens) for row in rows)
             for row in rows:
                 row.end()
             for job in jobs:

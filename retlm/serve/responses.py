@@ -158,19 +158,25 @@ async def stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[b
         job.cancel()  # a no-op when the job ended; frees the model when the client went away
 
 
-async def gather(job: Job, is_disconnected: Any) -> Outcome | None:
-    """Every event of ``job``; None (and the job cancelled) if the client disconnects first."""
+async def gather(job: Job, is_disconnected: Any, every: float = 0.25) -> Outcome | None:
+    """Every event of ``job``; None (and the job cancelled) if the client disconnects first, which is
+    checked every ``every`` seconds whether events arrive or not."""
     outcome = Outcome(job.rows)
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while True:
             try:
-                event = await asyncio.wait_for(job.events.get(), 0.5)
+                event = await asyncio.wait_for(job.events.get(), every)
             except asyncio.TimeoutError:  # noqa: UP041 (a different class before Python 3.11)
+                event = None
+            if event is not None and event.kind == "end":
+                return outcome
+            if event is not None:
+                outcome.add(event)
+            if loop.time() - checked >= every:
+                checked = loop.time()
                 if await is_disconnected():
                     return None
-                continue
-            if event.kind == "end":
-                return outcome
-            outcome.add(event)
     finally:
         job.cancel()

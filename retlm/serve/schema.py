@@ -176,9 +176,16 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if kind == "model_attributes_type" or (not loc and kind.endswith("_type")):
         return "The request body must be a JSON object.", None
     # unions report one error per member: name the field, not pydantic's member tags
-    field = ".".join(p for p in loc if not (p.startswith(("str", "list[")) or p in ("function-after",)))
+    field = ".".join(p for p in loc if not _union_tag(p))
     if kind == "missing":
         return f"Missing required parameter: '{field}'.", field
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {field}", field
     return f"Invalid value for '{field}': {first.get('msg', 'invalid')}.", field
+
+
+def _union_tag(part: str) -> bool:
+    """Whether a part of an error location is pydantic's name for a union member (``str``, ``list[int]``)."""
+    return part in ("str", "int", "float", "bool") or part.startswith(
+        ("list[", "dict[", "function-", "literal[")
+    )
