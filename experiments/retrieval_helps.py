@@ -37,7 +37,7 @@ from retlm.data import IGNORE_INDEX, RetroCollator
 from retlm.demo import DemoOptions, build_database
 from retlm.training import load_model, train
 from retlm.training.config import read_model_config
-from retlm.training.evaluation import causal_lm_loss, count_bytes, select_split
+from retlm.training.evaluation import causal_lm_loss, count_bytes, paired_bootstrap, select_split
 
 
 def train_variant(
@@ -109,16 +109,7 @@ def bootstrap(
     diff_sums: np.ndarray, tokens: np.ndarray, samples: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
     """Mean per-token difference and its 95% interval, resampling sequences."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(tokens), size=(samples, len(tokens)))
-    counts = tokens[picks].sum(1)
-    means = diff_sums[picks].sum(1) / np.where(counts > 0, counts, 1)
-    means = means[counts > 0]  # a resample with nothing to count (a sparse bucket) says nothing
-    return (
-        float(diff_sums.sum() / tokens.sum()),
-        float(np.quantile(means, 0.025)),
-        float(np.quantile(means, 0.975)),
-    )
+    return paired_bootstrap(diff_sums, tokens, samples, seed)
 
 
 def bits_per_byte(losses: np.ndarray, scored: np.ndarray, n_bytes: int) -> float:

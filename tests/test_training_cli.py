@@ -178,7 +178,7 @@ def test_missing_database_and_checkpoint_are_usage_errors(tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "no retrieval database at" in err and "CHECKPOINT: no such file or folder" in err
+    assert "no retrieval database at" in err and "MODEL: no such file or folder" in err
 
 
 def test_failures_exit_1_with_one_line(dbs, run_dir, model_yaml, tmp_path, capsys):

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from retlm.cli.in_context import DEFAULT_QUERY_TOKENS, DEFAULT_STRIDE, IN_CONTEXT
+from retlm.cli.in_context import check_options as check_in_context_options
 from retlm.cli.main import UsageError
 from retlm.options import add_dataclass_arguments, option, options_from
 
@@ -13,7 +15,10 @@ DESCRIPTION = (
     "Continue PROMPT with a trained RETRO model (a run directory, its model/ folder or a checkpoint-N "
     "folder). At every chunk boundary, the chunk just completed (of the prompt, then of the generated text) "
     "is embedded, the database is searched, and decoding continues with those neighbours. The RetNet "
-    "decoder decodes recurrently (constant memory); the transformer decoder uses a KV cache."
+    "decoder decodes recurrently (constant memory); the transformer decoder uses a KV cache. With "
+    "--in-context, MODEL is any causal LM, kept frozen: at the end of the prompt and then every --stride "
+    "tokens, the last --query-tokens tokens query the database and the neighbors' text goes in front of "
+    "the context (In-Context RALM); the sources read are printed after the text."
 )
 
 
@@ -21,7 +26,12 @@ DESCRIPTION = (
 class GenerateOptions:
     """The options of `retlm generate`."""
 
-    checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="trained model or run directory")
+    checkpoint: Path = option(
+        positional=True,
+        metavar="MODEL",
+        help="trained RETRO model or run directory; with --in-context, any causal LM (a model name, an HF "
+        "folder or a .gguf file)",
+    )
     prompt: str = option(positional=True, metavar="PROMPT", help="the text to continue")
     db: Path = option(
         metavar="DB", help="retrieval database (built with the model's tokenizer and chunk size)"
@@ -52,6 +62,19 @@ class GenerateOptions:
         flag="--show-neighbors",
         aliases=("--show-neighbours",),
         help="print what was retrieved per chunk",
+    )
+    in_context: bool = option(
+        False,
+        group=IN_CONTEXT,
+        help="In-Context RALM: MODEL is any causal LM; the neighbors' text goes in front of its context",
+    )
+    stride: int | None = option(
+        None, group=IN_CONTEXT, help=f"retrieve every this many tokens (default {DEFAULT_STRIDE})"
+    )
+    query_tokens: int | None = option(
+        None,
+        group=IN_CONTEXT,
+        help=f"the last this many tokens are the query (default {DEFAULT_QUERY_TOKENS})",
     )
 
 
@@ -90,6 +113,11 @@ def validate(args: GenerateOptions) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     opts = options_from(args, GenerateOptions)
     validate(opts)
+    check_in_context_options(opts, ("stride", "query_tokens"))
+    if opts.in_context:
+        from retlm.cli.in_context import run_generate as run_in_context_generate
+
+        return run_in_context_generate(opts)
     from retlm.generation import generate_text, print_generation
     from retlm.models.auto import load_model
     from retlm.retrieval import RetrievalDatabase

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retlm.cli.in_context import (
+    DEFAULT_HELDOUT_FRACTION,
+    DEFAULT_NEIGHBORS,
+    DEFAULT_QUERY_TOKENS,
+    DEFAULT_STRIDE,
+    IN_CONTEXT,
+)
+from retlm.cli.in_context import check_options as check_in_context_options
 from retlm.cli.main import UsageError
 from retlm.options import add_dataclass_arguments, option, option_values, options_from
 from retlm.training.options import PRECISIONS, TrainOptions
@@ -28,8 +36,11 @@ TRAIN_DESCRIPTION = (
 EVAL_DESCRIPTION = (
     "Held-out perplexity of a trained model with retrieval and with retrieval switched off (the same "
     "weights, the same tokens), and bits per byte: the summed NLL in bits over the UTF-8 bytes of the "
-    "tokenizer's decoding of the scored tokens. CHECKPOINT is a run directory, its model/ folder or a "
-    "checkpoint-N folder."
+    "tokenizer's decoding of the scored tokens. MODEL is a run directory, its model/ folder or a "
+    "checkpoint-N folder. With --in-context, MODEL is any causal LM, kept frozen: every --stride tokens the "
+    "last --query-tokens tokens query the database and the neighbors' text goes in front of the context "
+    "(In-Context RALM, Ram et al. 2023); bits per byte without retrieval, with it and with unrelated "
+    "neighbors (docs/in_context.md)."
 )
 
 
@@ -80,8 +91,13 @@ class EvalOptions:
     """The options of `retlm eval`; ``evaluate_kwargs()`` are the keywords of
     ``retlm.training.evaluation.evaluate(checkpoint, db, **kwargs)``."""
 
-    checkpoint: Path = option(positional=True, metavar="CHECKPOINT", help="run, model or checkpoint dir")
-    db: Path = option(metavar="DB", help="the retrieval database the model was trained on")
+    checkpoint: Path = option(
+        positional=True,
+        metavar="MODEL",
+        help="a RETRO run, model or checkpoint dir; with --in-context, any causal LM (a model name, an HF "
+        "folder or a .gguf file)",
+    )
+    db: Path = option(metavar="DB", help="the retrieval database the model was trained on (or reads from)")
     split: str = option(
         "heldout",
         choices=("heldout", "train", "all"),
@@ -109,6 +125,38 @@ class EvalOptions:
         "the checkpoint folder is an input)",
     )
     progress: bool = option(True, negate=True, help="hide progress bars")
+    in_context: bool = option(
+        False,
+        group=IN_CONTEXT,
+        help="In-Context RALM: score the database's documents (of --split, by --heldout-fraction and "
+        "--seed) with MODEL frozen, without retrieval, with its neighbors' text in front of the context "
+        "and with unrelated neighbors; bits per byte with paired bootstrap intervals",
+    )
+    stride: int | None = option(
+        None, group=IN_CONTEXT, help=f"retrieve every this many tokens (default {DEFAULT_STRIDE})"
+    )
+    query_tokens: int | None = option(
+        None,
+        group=IN_CONTEXT,
+        help=f"the last this many tokens are the query (default {DEFAULT_QUERY_TOKENS})",
+    )
+    num_neighbors: int | None = option(
+        None,
+        flag="--neighbors",
+        group=IN_CONTEXT,
+        help=f"chunks (each with its continuation) placed in front (default {DEFAULT_NEIGHBORS})",
+    )
+    context: int | None = option(
+        None, group=IN_CONTEXT, help="window length in the LM's tokens (default: 1024, or the model's limit)"
+    )
+    max_tokens: int | None = option(None, group=IN_CONTEXT, help="score at most this many tokens")
+    heldout_fraction: float | None = option(
+        None,
+        group=IN_CONTEXT,
+        help=f"fraction of the documents held out, as training splits them (default "
+        f"{DEFAULT_HELDOUT_FRACTION}: `retlm train --train-fraction 0.9`)",
+    )
+    seed: int | None = option(None, group=IN_CONTEXT, help="the seed of training's split (default 0)")
 
     def evaluate_kwargs(self) -> dict[str, Any]:
         names = ("split", "batch_size", "max_sequences", "device", "precision", "progress", "max_overlap")
@@ -176,17 +224,30 @@ def print_training_result(result: Any, out: Path) -> int:
     return 0
 
 
+IN_CONTEXT_ONLY = (
+    "stride",
+    "query_tokens",
+    "num_neighbors",
+    "context",
+    "max_tokens",
+    "heldout_fraction",
+    "seed",
+)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from retlm.training.evaluation import SPLITS, evaluate, format_table
 
+    opts = options_from(args, EvalOptions)
+    check_in_context_options(opts, IN_CONTEXT_ONLY)
     if args.split not in SPLITS:
         raise UsageError(f"unknown --split {args.split!r}; choose one of {', '.join(SPLITS)}")
     if args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_sequences is not None and args.max_sequences <= 0:
         raise UsageError(f"--max-sequences must be positive, got {args.max_sequences}")
-    if not args.checkpoint.exists():
-        raise UsageError(f"CHECKPOINT: no such file or folder: {args.checkpoint}")
+    if not args.checkpoint.exists() and not opts.in_context:  # in-context: MODEL may be a model name
+        raise UsageError(f"MODEL: no such file or folder: {args.checkpoint}")
     if not args.db.exists():
         raise UsageError(f"--db: no retrieval database at {args.db}")
     if args.output is not None:
@@ -194,7 +255,11 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output} is a folder; give a file name")
         if not args.output.parent.is_dir():
             raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
-    result = evaluate(args.checkpoint, args.db, **options_from(args, EvalOptions).evaluate_kwargs())
+    if opts.in_context:
+        from retlm.cli.in_context import run_eval as run_in_context_eval
+
+        return run_in_context_eval(opts)
+    result = evaluate(args.checkpoint, args.db, **opts.evaluate_kwargs())
     plot = None
     if args.plot is not None:
         from retlm.training.plot import plot_overlap_buckets

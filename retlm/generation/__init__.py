@@ -12,31 +12,33 @@ from typing import Any
 
 import torch
 
+from retlm.generation.in_context import (
+    InContextRetrieval,
+    InContextText,
+    generate_in_context,
+    search_neighbors,
+)
+from retlm.generation.neighbors import NeighborText
 from retlm.models.retro.generation import ChunkRetrieval, RetrievalGenerateOutput, generate_with_retrieval
 from retlm.utils import quoted
+
+NeighbourText = NeighborText  # the older spelling, kept for existing callers
 
 __all__ = [
     "ChunkRetrieval",
     "GeneratedText",
+    "InContextRetrieval",
+    "InContextText",
+    "NeighborText",
     "NeighbourText",
     "RetrievalGenerateOutput",
+    "generate_in_context",
     "generate_text",
     "generate_with_retrieval",
     "print_generation",
     "print_neighbours",
+    "search_neighbors",
 ]
-
-
-@dataclass
-class NeighbourText:
-    """One neighbour of one completed chunk: database chunk and document ids, cosine score, text, and the
-    name of its source document."""
-
-    chunk_id: int
-    doc_id: int
-    score: float
-    text: str
-    doc_name: str = ""
 
 
 class _Excluding:

@@ -70,6 +70,29 @@ class Score:
         return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
 
 
+def paired_bootstrap(
+    differences: np.ndarray, weights: np.ndarray, samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(ratio, low, high)``: ``sum(differences) / sum(weights)`` over units (sequences, strides...) and
+    its 95% percentile interval, resampling the units with replacement, paired (each unit keeps its own
+    difference). E.g. per-unit NLL differences in bits over per-unit bytes: a difference in bits per
+    byte. Resamples with no weight (a sparse bucket) are left out."""
+    differences, weights = np.asarray(differences, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    total = weights.sum()
+    if len(weights) == 0 or total <= 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(weights), size=(samples, len(weights)))
+    counts = weights[picks].sum(1)
+    ratios = differences[picks].sum(1) / np.where(counts > 0, counts, 1)
+    ratios = ratios[counts > 0]
+    return (
+        float(differences.sum() / total),
+        float(np.quantile(ratios, 0.025)),
+        float(np.quantile(ratios, 0.975)),
+    )
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits (batch, seq, vocab)`` against already shifted ``labels (batch, seq)``."""
     return F.cross_entropy(

@@ -1,0 +1,174 @@
+"""`retlm eval MODEL --db DB --in-context` and `retlm generate MODEL PROMPT --db DB --in-context`:
+In-Context RALM for any causal LM (the library side: :mod:`retlm.generation.in_context` and
+:mod:`retlm.training.in_context`).
+
+The options live in ``EvalOptions`` (``retlm.cli.train``) and ``GenerateOptions`` (``retlm.cli.generate``);
+this module checks the in-context ones, loads the LM and prints. Heavy imports happen inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from retlm.cli.main import UsageError
+
+IN_CONTEXT = "in-context retrieval (--in-context: MODEL is any causal LM)"
+DEFAULT_STRIDE = 32
+DEFAULT_QUERY_TOKENS = 32
+DEFAULT_NEIGHBORS = 2
+DEFAULT_HELDOUT_FRACTION = 0.1
+
+
+def load_causal_lm(name: str | Path, *, dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a causal LM: through ``retlm.models.pretrained`` where this build has it
+    (model names such as ``smollm2-135m``, folders, .gguf files, Hub names), else a local HF folder read
+    with the Auto classes."""
+    try:
+        from retlm.models.pretrained import load_causal_lm as load
+    except ImportError:
+        load = None
+    if load is not None:
+        return load(str(name), dtype=dtype, device=device)
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"MODEL: {str(name)[:200]} is not a folder holding a causal LM (config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), **({"dtype": dtype} if dtype is not None else {}))
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def check_options(opts: Any, only_in_context: tuple[str, ...]) -> None:
+    """Refuse the options named in ``only_in_context`` without --in-context, and bad values with it."""
+    given = [n for n in only_in_context if getattr(opts, n, None) is not None]
+    if not opts.in_context:
+        if given:
+            flag = "--" + given[0].replace("_", "-").replace("num-neighbors", "neighbors")
+            raise UsageError(f"{flag} applies to --in-context retrieval only")
+        return
+    for name in ("stride", "query_tokens", "num_neighbors", "context", "max_tokens"):
+        value = getattr(opts, name, None)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-").replace("num-neighbors", "neighbors")
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    fraction = getattr(opts, "heldout_fraction", None)
+    if fraction is not None and not 0.0 <= fraction < 1.0:
+        raise UsageError(f"--heldout-fraction must be in [0, 1), got {fraction}")
+
+
+def _open(db_path: Path, neighbors: int) -> Any:
+    from retlm.retrieval import RetrievalDatabase
+
+    if not Path(db_path).exists():
+        raise UsageError(f"--db: no retrieval database at {db_path}")
+    db = RetrievalDatabase.open(db_path)
+    db.check_k(neighbors, "--neighbors")  # before the model is loaded
+    return db
+
+
+def run_eval(opts: Any) -> int:
+    """`retlm eval MODEL --db DB --in-context`: the report, as a table or json, and --output."""
+    for name in ("max_sequences", "plot"):
+        if getattr(opts, name) is not None:
+            raise UsageError(
+                f"--{name.replace('_', '-')} applies to RETRO models; use --max-tokens with --in-context"
+            )
+    if opts.split == "heldout" and opts.heldout_fraction == 0:
+        raise UsageError("--heldout-fraction 0 holds out no document; give a fraction, or --split all")
+    from retlm.training.in_context import evaluate_in_context
+    from retlm.training.in_context_report import format_in_context_table
+    from retlm.training.precision import autocast_for, resolve_device, resolve_precision
+
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    neighbors = opts.num_neighbors or DEFAULT_NEIGHBORS
+    db = _open(opts.db, neighbors)
+    model, tokenizer = load_causal_lm(opts.checkpoint, device=device)
+    heldout = DEFAULT_HELDOUT_FRACTION if opts.heldout_fraction is None else opts.heldout_fraction
+    report = evaluate_in_context(
+        model,
+        tokenizer,
+        db,
+        stride=opts.stride or DEFAULT_STRIDE,
+        query_tokens=opts.query_tokens or DEFAULT_QUERY_TOKENS,
+        num_neighbors=neighbors,
+        context=opts.context,
+        max_tokens=opts.max_tokens,
+        split=opts.split,
+        train_fraction=round(1.0 - heldout, 12),  # 0.1 -> 0.9, as `retlm train --train-fraction 0.9`
+        seed=opts.seed if opts.seed is not None else 0,
+        max_overlap=opts.max_overlap,
+        batch_size=opts.batch_size,
+        autocast=autocast_for(precision, device),
+        progress=opts.progress,
+    )
+    report.update(model=str(opts.checkpoint), db=str(opts.db), precision=precision)
+    if opts.output is not None:
+        from retlm.utils import atomic_write
+
+        text = json.dumps(report, indent=2) + "\n"
+        atomic_write(opts.output, lambda tmp: tmp.write_text(text))
+    if opts.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_in_context_table(report))
+    return 0
+
+
+def run_generate(opts: Any) -> int:
+    """`retlm generate MODEL PROMPT --db DB --in-context`: the text, then the sources read."""
+    if not opts.retrieval:
+        raise UsageError("--no-retrieval applies to RETRO models; --in-context always retrieves")
+    from retlm.generation import generate_in_context
+
+    neighbors = opts.num_neighbors or DEFAULT_NEIGHBORS
+    db = _open(opts.db, neighbors)
+    model, tokenizer = load_causal_lm(opts.checkpoint)
+    result = generate_in_context(
+        model,
+        tokenizer,
+        db,
+        opts.prompt,
+        max_new_tokens=opts.max_new_tokens,
+        stride=opts.stride or DEFAULT_STRIDE,
+        query_tokens=opts.query_tokens or DEFAULT_QUERY_TOKENS,
+        num_neighbors=neighbors,
+        seed=opts.seed,
+        do_sample=opts.sample,
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        repetition_penalty=opts.repetition_penalty,
+        no_repeat_ngram_size=opts.no_repeat_ngram_size,
+    )
+    print(result.text)
+    print()
+    print_sources(result, opts.show_neighbors)
+    return 0
+
+
+def print_sources(result: Any, show_text: bool = False) -> None:
+    """Each retrieval: where it happened, and the documents read (name, score); ``show_text``: also the
+    query and each neighbor's text."""
+    from retlm.utils import quoted
+
+    print("sources read:")
+    if not result.retrievals:
+        print("  (no retrieval: nothing was generated)")
+    for step in result.retrievals:
+        where = "end of the prompt" if step.position == 0 else f"after {step.position} generated tokens"
+        found = ", ".join(f"{n.doc_name or f'doc {n.doc_id}'} (score {n.score:.3f})" for n in step.neighbors)
+        print(f"  {where}: {found or '(no neighbor)'}")
+        if show_text:
+            print("  query:")
+            print(quoted(step.query, "      | "))
+            for rank, n in enumerate(step.neighbors, 1):
+                print(f"    neighbor {rank}: {n.doc_name or f'doc {n.doc_id}'} (chunk {n.chunk_id})")
+                print(quoted(n.text, "      | "))

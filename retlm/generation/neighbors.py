@@ -1,0 +1,17 @@
+"""A neighbor as generation reports it: which database chunk, from which document, how close, and its text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class NeighborText:
+    """One neighbor: database chunk and document ids, cosine score, text (the chunk, or the chunk and its
+    continuation where the caller says so), and the name of its source document."""
+
+    chunk_id: int
+    doc_id: int
+    score: float
+    text: str
+    doc_name: str = ""
