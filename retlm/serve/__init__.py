@@ -12,13 +12,13 @@ Needs the ``serve`` extra: ``pip install 'retlm[serve]'`` (FastAPI and uvicorn).
 """
 
 from retlm.serve.app import ServeSettings, create_app
-from retlm.serve.backends import Backend, CausalLMBackend, CCABackend, Neighbor, RetrievalStep, Sampling
+from retlm.serve.backends import Backend, CausalLMBackend, CCABackend, Prompt, RetrievalStep, Sampling
 
 __all__ = [
     "Backend",
     "CCABackend",
     "CausalLMBackend",
-    "Neighbor",
+    "Prompt",
     "RetrievalStep",
     "Sampling",
     "ServeSettings",

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from retlm.serve.backends import Backend, Sampling
+from retlm.serve.backends import Backend, Prompt, Sampling, neighbor_json
 from retlm.serve.page import PUBLIC_PATHS, add_page_routes
 from retlm.serve.queue import GenerationWorker, Job, QueueFull, ShuttingDown
 from retlm.serve.responses import Reply, gather, stream
@@ -140,24 +140,29 @@ class Service:
                 code="model_not_found",
             )
 
-    def encode_prompts(self, prompt: str | list[str] | list[int]) -> list[list[int]]:
+    def encode_prompts(self, prompt: str | list[str] | list[int]) -> list[Prompt]:
         if isinstance(prompt, str):
-            prompts = [self.backend.encode(prompt)]
+            texts = [prompt]
         elif prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) > MAX_PROMPTS:
                 raise ApiError(
                     f"prompt takes at most {MAX_PROMPTS} strings, got {len(prompt)}", param="prompt"
                 )
-            prompts = [self.backend.encode(p) for p in prompt]  # type: ignore[arg-type]
+            texts = list(prompt)  # type: ignore[arg-type]
         else:
-            ids = list(prompt)
+            ids = [int(t) for t in prompt]
             vocab = self.backend.vocab_size
-            if any(not 0 <= t < vocab for t in ids):  # type: ignore[operator]
+            if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
-            prompts = [ids]  # type: ignore[list-item]
+            return [Prompt(self.backend.decode(ids), ids)] if ids else self._empty()
+        prompts = [Prompt(text, self.backend.encode(text)) for text in texts]
         if any(len(p) == 0 for p in prompts):
-            raise ApiError("The prompt is empty: give some text.", param="prompt")
-        return prompts  # type: ignore[return-value]
+            self._empty()
+        return prompts
+
+    @staticmethod
+    def _empty() -> list[Prompt]:
+        raise ApiError("The prompt is empty: give some text.", param="prompt")
 
     def max_tokens(self, requested: int | None, longest: int, default: int | None, param: str) -> int:
         context, cap = self.backend.context_length, self.settings.max_tokens
@@ -218,7 +223,10 @@ class Service:
         body.check_unsupported()
         stops = body.stops()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = self.backend.encode(self.backend.chat_prompt(messages))
+        text = self.backend.chat_prompt(messages)
+        prompt = Prompt(text, self.backend.encode(text))
+        if len(prompt) == 0:
+            raise ApiError("The messages hold no text.", param="messages")
         max_tokens = self.max_tokens(body.requested_max_tokens(), len(prompt), None, "messages")
         job = Job([prompt], body.n, max_tokens, stops, self.sampling(body), loop)
         return job, Reply(self.settings.model_id, True, len(prompt) * body.n)
@@ -316,7 +324,7 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
         if body.k > backend.max_neighbors:
             raise ApiError(f"k is at most {backend.max_neighbors} here, got {body.k}", param="k")
         found = await anyio.to_thread.run_sync(backend.search, body.query, body.k)
-        data = [{"rank": rank, **n.as_dict()} for rank, n in enumerate(found, 1)]
+        data = [{"rank": rank, **neighbor_json(n)} for rank, n in enumerate(found, 1)]
         return {"object": "list", "query": body.query, "data": data}
 
     add_page_routes(app)

@@ -24,25 +24,18 @@ from typing import Any, Protocol
 
 import torch
 
+from retlm.generation.neighbors import NeighborText
 
-@dataclass
-class Neighbor:
-    """One retrieved passage: its database chunk and document, cosine score and text."""
 
-    doc_name: str
-    doc_id: int
-    chunk_id: int
-    score: float
-    text: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "doc_name": self.doc_name,
-            "doc_id": self.doc_id,
-            "chunk_id": self.chunk_id,
-            "score": round(self.score, 6),
-            "text": self.text,
-        }
+def neighbor_json(neighbor: NeighborText) -> dict[str, Any]:
+    """A neighbor as the API shows it."""
+    return {
+        "doc_name": neighbor.doc_name,
+        "doc_id": neighbor.doc_id,
+        "chunk_id": neighbor.chunk_id,
+        "score": round(neighbor.score, 6),
+        "text": neighbor.text,
+    }
 
 
 @dataclass
@@ -51,13 +44,26 @@ class RetrievalStep:
 
     ``token_offset``: tokens of the row (prompt + completion) before the point where the model starts
     reading ``neighbors``; ``source``: ``"prompt"`` when those tokens all belong to the prompt, else
-    ``"completion"``; ``query``: the text that was searched.
+    ``"completion"``; ``query``: the text that was searched; each neighbor's ``text`` is what the model
+    read: the chunk and its continuation (the next chunk of its document).
     """
 
     token_offset: int
     source: str
     query: str
-    neighbors: list[Neighbor] = field(default_factory=list)
+    neighbors: list[NeighborText] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    """A prompt as text and as the model's token ids (``ids`` is ``text`` encoded; for a prompt sent as
+    token ids, ``text`` is their decoding)."""
+
+    text: str
+    ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -109,18 +115,18 @@ class Backend(Protocol):
 
     def generate(
         self,
-        prompts: list[list[int]],
+        prompts: list[Prompt],
         max_new_tokens: int,
         sampling: Sampling,
         streamer: Any,
         on_retrieval: OnRetrieval,
     ) -> None:
-        """Generate for every row of ``prompts`` (token ids), feeding ``streamer`` (HF's ``BaseStreamer``
+        """Generate for every row of ``prompts``, feeding ``streamer`` (HF's ``BaseStreamer``
         protocol: the prompts ``(batch, len)``, then ``(batch,)`` per step) and ``on_retrieval(row, step)``.
         """
         ...
 
-    def search(self, query: str, k: int) -> list[Neighbor]: ...
+    def search(self, query: str, k: int) -> list[NeighborText]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -167,20 +173,17 @@ class _Shared:
                 )
         return plain_chat_prompt(messages)
 
-    def neighbors(self, chunk_ids: Any, doc_ids: Any, scores: Any) -> list[Neighbor]:
-        """Database rows as :class:`Neighbor` (the -1 entries, "none", dropped); call under the lock."""
-        db = self.database
-        return [
-            Neighbor(db.doc_name(int(d)), int(d), int(i), float(s), db.chunk_text(int(i)))
-            for i, d, s in zip(chunk_ids, doc_ids, scores, strict=True)
-            if int(i) >= 0
-        ]
-
-    def search(self, query: str, k: int) -> list[Neighbor]:
-        """The ``k`` nearest chunks of ``query`` (cut to the database's chunk size in LM tokens)."""
+    def search(self, query: str, k: int) -> list[NeighborText]:
+        """The ``k`` nearest chunks of ``query`` (cut to its first ``chunk_size`` LM tokens, as `retlm
+        search` does); each ``text`` is the chunk alone."""
         with self.lock:
-            found = self.database.search([query], k)
-            return self.neighbors(found.chunk_ids[0], found.doc_ids[0], found.scores[0])
+            db = self.database
+            found = db.search([query], k)
+            return [
+                NeighborText(int(i), int(d), float(s), db.chunk_text(int(i)), db.doc_name(int(d)))
+                for i, d, s in zip(found.chunk_ids[0], found.doc_ids[0], found.scores[0], strict=True)
+                if int(i) >= 0
+            ]
 
     def database_info(self) -> dict[str, Any]:
         db = self.database
@@ -194,16 +197,18 @@ class _Shared:
 
 
 class _LockedSearch:
-    """The database as ``generate_with_retrieval`` reads it, each search under the backend's lock."""
+    """The database as generation reads it, each search under the backend's lock (the embedder's
+    tokenizer and the faiss index are not shared safely between threads)."""
 
     def __init__(self, database: Any, lock: threading.RLock):
-        self.database, self.lock = database, lock
-        self.chunk_size, self.pad_id = database.chunk_size, database.pad_id
-        self.num_neighbors = database.num_neighbors
+        self._database, self._lock = database, lock
 
-    def search(self, queries: Any, k: int) -> Any:
-        with self.lock:
-            return self.database.search(queries, k)
+    def search(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._database.search(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._database, name)
 
 
 class CCABackend(_Shared):
@@ -230,7 +235,7 @@ class CCABackend(_Shared):
 
     def generate(
         self,
-        prompts: list[list[int]],
+        prompts: list[Prompt],
         max_new_tokens: int,
         sampling: Sampling,
         streamer: Any,
@@ -238,17 +243,32 @@ class CCABackend(_Shared):
     ) -> None:
         from retlm.models.retro.generation import generate_with_retrieval
 
-        input_ids, mask = left_pad(prompts, self.database.pad_id, self.device)
+        input_ids, mask = left_pad([p.ids for p in prompts], self.database.pad_id, self.device)
         searched = _LockedSearch(self.database, self.lock) if sampling.retrieval else None
         prompt_lengths = [len(p) for p in prompts]
 
         def announce(row: int, found: Any) -> None:
             offset = (int(found.chunk_index) + 1) * self.chunk_size  # the row's tokens up to the chunk's end
+            pad, db = self.database.pad_id, self.database
             with self.lock:
                 query = self.tokenizer.decode(
-                    [int(t) for t in found.query if int(t) != self.database.pad_id], skip_special_tokens=True
+                    [int(t) for t in found.query if int(t) != pad], skip_special_tokens=True
                 )
-                neighbors = self.neighbors(found.chunk_ids, found.doc_ids, found.scores)
+                neighbors = [
+                    NeighborText(
+                        int(i),
+                        int(d),
+                        float(s),
+                        self.tokenizer.decode(
+                            [int(t) for t in read if int(t) != pad], skip_special_tokens=True
+                        ),
+                        db.doc_name(int(d)),
+                    )
+                    for i, d, s, read in zip(
+                        found.chunk_ids, found.doc_ids, found.scores, found.tokens, strict=True
+                    )
+                    if int(i) >= 0
+                ]
             source = "prompt" if offset <= prompt_lengths[row] else "completion"
             on_retrieval(row, RetrievalStep(offset, source, query, neighbors))
 
@@ -298,6 +318,7 @@ class CausalLMBackend(_Shared):
     ):
         super().__init__(tokenizer, database)
         self.model = model.eval()
+        self.vocab_size = min(self.vocab_size, int(getattr(model.config, "vocab_size", self.vocab_size)))
         self.kind = "in-context" if database is not None else "none"
         self.max_batch, self.stride, self.query_tokens = max_batch, stride, query_tokens
         config = model.config
@@ -311,23 +332,28 @@ class CausalLMBackend(_Shared):
         )
 
     def encode(self, text: str) -> list[int]:
+        """``text`` in the model's tokens, without added special tokens (as In-Context RALM and a chat
+        template's text want them)."""
         with self.lock:
-            return list(self.tokenizer(text)["input_ids"])
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def max_rows(self, sampling: Sampling) -> int:
         return 1 if sampling.retrieval and self.database is not None else self.max_batch
 
     def generate(
         self,
-        prompts: list[list[int]],
+        prompts: list[Prompt],
         max_new_tokens: int,
         sampling: Sampling,
         streamer: Any,
         on_retrieval: OnRetrieval,
     ) -> None:
         if sampling.retrieval and self.database is not None:
-            raise NotImplementedError("in-context retrieval is not available in this build")
-        input_ids, mask = left_pad(prompts, self.generation_config.pad_token_id, self.device)
+            if len(prompts) != 1:  # each row's context is its own (max_rows says 1)
+                raise ValueError(f"in-context generation runs one row per call, got {len(prompts)}")
+            self._in_context(prompts[0], max_new_tokens, sampling, streamer, on_retrieval)
+            return
+        input_ids, mask = left_pad([p.ids for p in prompts], self.generation_config.pad_token_id, self.device)
         options: dict[str, Any] = {"do_sample": sampling.do_sample}
         if sampling.do_sample:
             options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
@@ -342,6 +368,41 @@ class CausalLMBackend(_Shared):
             max_new_tokens=max_new_tokens,
             streamer=streamer,
             **options,
+        )
+
+    def _in_context(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        sampling: Sampling,
+        streamer: Any,
+        on_retrieval: OnRetrieval,
+    ) -> None:
+        from retlm.generation.in_context import generate_in_context
+
+        def announce(step: Any) -> None:
+            source = "prompt" if step.position == 0 else "completion"
+            on_retrieval(0, RetrievalStep(len(prompt) + step.position, source, step.query, step.neighbors))
+
+        eos = self.generation_config.eos_token_id
+        generate_in_context(
+            self.model,
+            self.tokenizer,
+            _LockedSearch(self.database, self.lock),
+            prompt.text,
+            max_new_tokens=max_new_tokens,
+            stride=self.stride,
+            query_tokens=self.query_tokens,
+            num_neighbors=sampling.num_neighbors or self.database.num_neighbors,
+            streamer=streamer,
+            on_retrieval=announce,
+            seed=sampling.seed,
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature if sampling.do_sample else 1.0,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
 
     def describe(self) -> dict[str, Any]:

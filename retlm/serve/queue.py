@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from retlm.serve.backends import Backend, RetrievalStep, Sampling
+from retlm.serve.backends import Backend, Prompt, RetrievalStep, Sampling, neighbor_json
 
 logger = logging.getLogger("retlm.serve")
 
@@ -56,7 +56,7 @@ class Job:
     """One request: ``prompts`` (token ids), ``n`` completions of each; row ``i * n + j`` is choice
     ``i * n + j``, as in OpenAI's API."""
 
-    prompts: list[list[int]]
+    prompts: list[Prompt]
     n: int
     max_tokens: int
     stop: list[str]
@@ -133,7 +133,7 @@ class RowState:
             "token_offset": step.token_offset,
             "text_offset": len(self.text) if step.source == "completion" else 0,
             "query": step.query,
-            "neighbors": [n.as_dict() for n in step.neighbors],
+            "neighbors": [neighbor_json(n) for n in step.neighbors],
         }
         self.job.emit(Event("retrieval", self.index, step=payload))
 
@@ -275,7 +275,7 @@ class GenerationWorker:
 
     def _generate(self, jobs: list[Job]) -> None:
         rows: list[RowState] = []
-        prompts: list[list[int]] = []
+        prompts: list[Prompt] = []
         for job in jobs:
             for index in range(job.rows):
                 prompt = job.prompts[index // job.n]
@@ -304,7 +304,7 @@ class GenerationWorker:
                     job.emit(Event("error", text="the server is shutting down"))
                 job.emit(Event("end"))
 
-    def _call(self, rows: list[RowState], prompts: list[list[int]], max_new: int, sampling: Sampling) -> None:
+    def _call(self, rows: list[RowState], prompts: list[Prompt], max_new: int, sampling: Sampling) -> None:
         if all(row.done for row in rows) or all(row.job.cancelled.is_set() for row in rows):
             return
         streamer = BatchStreamer(rows, self.stopping)
