@@ -17,6 +17,7 @@ backend's lock around the tokenizer and the database, which are not safe to shar
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -354,20 +355,20 @@ class CausalLMBackend(_Shared):
             self._in_context(prompts[0], max_new_tokens, sampling, streamer, on_retrieval)
             return
         input_ids, mask = left_pad([p.ids for p in prompts], self.generation_config.pad_token_id, self.device)
-        options: dict[str, Any] = {"do_sample": sampling.do_sample}
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens, config.do_sample = max_new_tokens, sampling.do_sample
         if sampling.do_sample:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
+            config.temperature, config.top_p, config.top_k = (
+                sampling.temperature,
+                sampling.top_p,
+                sampling.top_k,
+            )
         if sampling.repetition_penalty is not None:
-            options["repetition_penalty"] = sampling.repetition_penalty
+            config.repetition_penalty = sampling.repetition_penalty
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # HF's sampling draws from the global generator
         self.model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            generation_config=self.generation_config,
-            max_new_tokens=max_new_tokens,
-            streamer=streamer,
-            **options,
+            input_ids=input_ids, attention_mask=mask, generation_config=config, streamer=streamer
         )
 
     def _in_context(
@@ -418,21 +419,15 @@ class CausalLMBackend(_Shared):
 
 
 def _plain_generation_config(model: Any, tokenizer: Any) -> Any:
-    """The model's own generation config with its sampling defaults cleared (each request sets its own)
-    and a pad token (the eos token when the tokenizer has none)."""
-    import copy
-
+    """The model's own generation config with its decoding choices cleared (each request makes its own:
+    greedy unless it samples) and a pad token (the eos token when the tokenizer has none)."""
     config = copy.deepcopy(model.generation_config)
-    for name, value in (("do_sample", False), ("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
-        setattr(config, name, value)
-    config.repetition_penalty = 1.0
+    for name in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty"):
+        setattr(config, name, None)
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.eos_token_id
     if config.pad_token_id is None:
         eos = config.eos_token_id
-        config.pad_token_id = (
-            tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else (eos[0] if isinstance(eos, list) else eos)
-        )
+        fallback = eos[0] if isinstance(eos, list) else eos
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
     return config
