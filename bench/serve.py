@@ -3,7 +3,7 @@ tokens/s at 1, 4 and 16 concurrent clients.
 
     python bench/serve.py --model smollm2-135m --db demo-work/db
 
-Rows, each against a server started for it on a free loopback port and stopped after it:
+Servers (each on a free loopback port, all started before the first row and stopped after the last):
 
 - `transformers serve FOLDER` (the peer; no retrieval; its default, sequential ``model.generate``);
 - `retlm serve MODEL --in-context --db DB`, requests with ``"retrieval": false`` (the model alone: the
@@ -12,9 +12,11 @@ Rows, each against a server started for it on a free loopback port and stopped a
 - `retlm serve ... --max-batch 1` with retrieval off: the queue alone, no batching (what batching buys).
 
 Every client sends its requests one after the other (greedy, ``max_tokens`` each, the same prompts
-everywhere: the first chunk of evenly spaced documents of the database); the clock runs from the first
-request to the last answer. A warm-up request precedes each row. Only 127.0.0.1 is used, every request
-has a timeout, and every loop is bounded.
+everywhere: the first 40 words of evenly spaced documents of the database); the clock runs from the
+first request to the last answer. Each server answers a warm-up request first. The rows run in rounds
+(``--repeats``), every row once per round, and the best round of each row is reported, so that other load
+on the machine disturbs the comparison less. Only 127.0.0.1 is used, every request has a timeout, and
+every loop is bounded.
 """
 
 from __future__ import annotations
@@ -135,22 +137,17 @@ def load(port: int, body: dict, prompts: list[str], clients: int, per_client: in
     return seconds, sum(tokens)
 
 
-def bench_server(server: Server, model_name: str, modes: dict[str, dict], args, prompts) -> list[Row]:
-    rows = []
-    base = {"model": model_name, "max_tokens": args.max_tokens, "temperature": 0}
-    for mode, extra in modes.items():
-        post(server.port, "/v1/completions", {**base, **extra, "prompt": prompts[0]})  # warm-up
-        for clients in args.clients:
-            per_client = max(1, args.requests // clients)
-            seconds, tokens = load(server.port, {**base, **extra}, prompts, clients, per_client)
-            row = Row(server.name, mode, clients, clients * per_client, seconds, tokens)
-            print(
-                f"{row.server:<34} {row.retrieval:<10} {clients:>3} clients: {row.requests:>3} requests in "
-                f"{seconds:7.1f} s = {row.rps:6.3f} req/s, {row.tps:7.2f} tok/s",
-                flush=True,
-            )
-            rows.append(row)
-    return rows
+def run_row(server: Server, model_name: str, mode: str, extra: dict, clients: int, args, prompts) -> Row:
+    body = {"model": model_name, "max_tokens": args.max_tokens, "temperature": 0, **extra}
+    per_client = max(1, args.requests // clients)
+    seconds, tokens = load(server.port, body, prompts, clients, per_client)
+    row = Row(server.name, mode, clients, clients * per_client, seconds, tokens)
+    print(
+        f"{row.server:<27} {mode:<3} {clients:>3} clients: {row.requests:>3} requests in {seconds:7.1f} s "
+        f"= {row.rps:6.3f} req/s, {row.tps:7.2f} tok/s (load average {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+    return row
 
 
 def prompts_from(db_path: Path, count: int, words: int) -> list[str]:
@@ -171,6 +168,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per row (at least one per client)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over every row; the best round counts")
     parser.add_argument("--stride", type=int, default=16, help="retlm serve --stride (retrieval on)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "retlm", "retlm-queue"])
     parser.add_argument("--logs", type=Path, default=Path("/tmp/bench-serve"))
@@ -209,36 +207,56 @@ def main() -> None:
             {"off": {"retrieval": False}},
         ),
     ]
-    rows: list[Row] = []
-    for key, name, command, model_name, modes in plans:
-        if key in args.skip:
-            continue
-        port = free_port()
-        server = Server(name, [*command, "--port", str(port)], port, args.logs / f"{key}.log")
-        try:
-            rows += bench_server(server, model_name, modes, args, prompts)
-        finally:
+    servers: dict[str, tuple[Server, str, dict]] = {}
+    try:
+        for key, name, command, model_name, modes in plans:  # all up front: idle ones cost only memory
+            if key not in args.skip:
+                port = free_port()
+                server = Server(name, [*command, "--port", str(port)], port, args.logs / f"{key}.log")
+                servers[key] = (server, model_name, modes)
+                for extra in modes.values():
+                    body = {"model": model_name, "max_tokens": args.max_tokens, "temperature": 0, **extra}
+                    post(port, "/v1/completions", {**body, "prompt": prompts[0]})  # warm-up
+        rows: list[Row] = []
+        for _ in range(args.repeats):  # the rows of one repeat in turn, so a load change hits them alike
+            for clients in args.clients:
+                for server, model_name, modes in servers.values():
+                    for mode, extra in modes.items():
+                        rows.append(run_row(server, model_name, mode, extra, clients, args, prompts))
+    finally:
+        for server, _, _ in servers.values():
             server.stop()
     report(rows, args.clients)
 
 
 def report(rows: list[Row], clients: list[int]) -> None:
-    def find(server: str, mode: str, c: int) -> Row | None:
-        return next(
-            (r for r in rows if r.server.startswith(server) and r.retrieval == mode and r.clients == c), None
-        )
+    """The best round of each row (the least disturbed by other load), then the ratios."""
+    best: dict[tuple[str, str, int], Row] = {}
+    for row in rows:
+        key = (row.server, row.retrieval, row.clients)
+        if key not in best or row.tps > best[key].tps:
+            best[key] = row
+    print("\nbest round of each row:")
+    print("| server | retrieval | clients | requests | req/s | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for (server, mode, c), row in best.items():
+        print(f"| {server} | {mode} | {c} | {row.requests} | {row.rps:.3f} | {row.tps:.2f} |")
+
+    def tps(server: str, mode: str, c: int) -> float | None:
+        row = best.get((server, mode, c))
+        return row.tps if row else None
 
     print("\nratios (tokens/s):")
     for c in clients:
-        peer, off = find("transformers serve", "off", c), find("retlm serve --in-context", "off", c)
-        on, queue = find("retlm serve --in-context", "on", c), find("retlm serve --max-batch 1", "off", c)
+        peer, off = tps("transformers serve", "off", c), tps("retlm serve --in-context", "off", c)
+        on, queue = tps("retlm serve --in-context", "on", c), tps("retlm serve --max-batch 1", "off", c)
         parts = [f"{c:>2} clients:"]
         if peer and off:
-            parts.append(f"retlm off / transformers serve = {off.tps / peer.tps:.2f}x")
+            parts.append(f"retlm off / transformers serve = {off / peer:.2f}x")
         if on and off:
-            parts.append(f"retrieval on / off = {on.tps / off.tps:.2f}x")
+            parts.append(f"retrieval on / off = {on / off:.2f}x")
         if queue and off:
-            parts.append(f"batching / queue alone = {off.tps / queue.tps:.2f}x")
+            parts.append(f"batching / queue alone = {off / queue:.2f}x")
         print("  " + ", ".join(parts))
 
 
