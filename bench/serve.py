@@ -250,14 +250,14 @@ def report(rows: list[Row], clients: list[int]) -> None:
     for c in clients:
         peer, off = tps("transformers serve", "off", c), tps("retlm serve --in-context", "off", c)
         on, queue = tps("retlm serve --in-context", "on", c), tps("retlm serve --max-batch 1", "off", c)
-        parts = [f"{c:>2} clients:"]
+        parts = []
         if peer and off:
             parts.append(f"retlm off / transformers serve = {off / peer:.2f}x")
         if on and off:
             parts.append(f"retrieval on / off = {on / off:.2f}x")
         if queue and off:
             parts.append(f"batching / queue alone = {off / queue:.2f}x")
-        print("  " + ", ".join(parts))
+        print(f"  {c:>2} clients: " + ", ".join(parts))
 
 
 if __name__ == "__main__":

@@ -253,9 +253,8 @@ class Service:
         if outcome is None:  # the client left; nobody reads this
             return JSONResponse(error_body("client disconnected"), status_code=499)
         if outcome.error is not None:
-            raise ApiError(
-                outcome.error, status=503 if "shutting" in outcome.error else 500, kind="server_error"
-            )
+            status = 503 if outcome.error.reason == "shutdown" else 500
+            raise ApiError(outcome.error.text, status=status, kind="server_error")
         return JSONResponse(reply.whole(outcome))
 
     def models(self) -> dict[str, Any]:

@@ -41,7 +41,8 @@ class BatchFinished(Exception):
 @dataclass
 class Event:
     """What a job tells its request handler: ``kind`` is ``text`` (``index``, ``text``), ``retrieval``
-    (``index``, ``step``), ``finish`` (``index``, ``reason``, ``tokens``), ``error`` (``text``) or ``end``."""
+    (``index``, ``step``), ``finish`` (``index``, ``reason``, ``tokens``), ``error`` (``text``; ``reason``
+    ``shutdown`` or ``failure``) or ``end``."""
 
     kind: str
     index: int = 0
@@ -49,6 +50,9 @@ class Event:
     step: dict[str, Any] | None = None
     reason: str = ""
     tokens: int = 0
+
+
+SHUTDOWN = Event("error", text="the server is shutting down", reason="shutdown")
 
 
 @dataclass(eq=False)  # compared by identity: the queue finds and removes this very job
@@ -93,9 +97,8 @@ class Job:
 class RowState:
     """One completion being generated: its tokens, its text so far and why it stopped."""
 
-    def __init__(self, job: Job, index: int, backend: Backend, prompt_length: int):
+    def __init__(self, job: Job, index: int, backend: Backend):
         self.job, self.index, self.backend = job, index, backend
-        self.prompt_length = prompt_length
         self.tokens: list[int] = []
         self.text = ""
         self.sent = 0  # characters of ``text`` already sent
@@ -227,7 +230,7 @@ class GenerationWorker:
             self.condition.notify_all()
         for job in waiting:
             job.cancel()
-            job.emit(Event("error", text="the server is shutting down"))
+            job.emit(SHUTDOWN)
             job.emit(Event("end"))
         if grace <= 0:
             self.stopping.set()
@@ -279,7 +282,7 @@ class GenerationWorker:
         for job in jobs:
             for index in range(job.rows):
                 prompt = job.prompts[index // job.n]
-                rows.append(RowState(job, index, self.backend, len(prompt)))
+                rows.append(RowState(job, index, self.backend))
                 prompts.append(prompt)
         sampling, max_new = jobs[0].sampling, max(job.max_tokens for job in jobs)
         per_call = max(1, self.backend.max_rows(sampling))
@@ -293,7 +296,7 @@ class GenerationWorker:
         except Exception as err:  # a failure of the model: every request of the batch gets it
             logger.exception("generation failed")
             for job in jobs:
-                job.emit(Event("error", text=f"generation failed: {type(err).__name__}"))
+                job.emit(Event("error", text=f"generation failed: {type(err).__name__}", reason="failure"))
         finally:
             self.running = 0
             self.tokens_generated += sum(len(row.tokens) for row in rows)
@@ -301,7 +304,7 @@ class GenerationWorker:
                 row.end()
             for job in jobs:
                 if self.stopping.is_set() and not job.cancelled.is_set():
-                    job.emit(Event("error", text="the server is shutting down"))
+                    job.emit(SHUTDOWN)
                 job.emit(Event("end"))
 
     def _call(self, rows: list[RowState], prompts: list[Prompt], max_new: int, sampling: Sampling) -> None:

@@ -39,7 +39,7 @@ class Outcome:
     reasons: list[str | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     retrieval: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
+    error: Event | None = None
 
     def __post_init__(self) -> None:
         self.texts = [""] * self.rows
@@ -54,7 +54,7 @@ class Outcome:
         elif event.kind == "finish":
             self.reasons[event.index], self.tokens[event.index] = event.reason, event.tokens
         elif event.kind == "error":
-            self.error = event.text
+            self.error = event
 
 
 class Reply:
