@@ -86,6 +86,39 @@ def llama_backend(paths: dict[str, Path], with_db: bool = False, max_batch: int 
     return CausalLMBackend(model, tokenizer, db, max_batch=max_batch)
 
 
+class HeldBackend:
+    """The real backend, whose generation pauses after its first token while ``held`` is set, until
+    ``released``: the model is provably busy, mid-generation, for as long as a test wants."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.held, self.released = threading.Event(), threading.Event()
+
+    def generate(self, prompts, max_new_tokens, sampling, streamer, on_retrieval):
+        if self.held.is_set():
+            streamer = Pausing(streamer, self.released)
+        return self.backend.generate(prompts, max_new_tokens, sampling, streamer, on_retrieval)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+class Pausing:
+    """A streamer that passes everything on, and waits for ``released`` once the first token is out."""
+
+    def __init__(self, streamer, released: threading.Event):
+        self.streamer, self.released, self.puts = streamer, released, 0
+
+    def put(self, value):
+        self.streamer.put(value)
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the first token
+            self.released.wait(30)
+
+    def end(self):
+        self.streamer.end()
+
+
 @dataclass
 class Live:
     """A server running in this process: its URL, app, service (queue, backend) and uvicorn server."""

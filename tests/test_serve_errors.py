@@ -14,7 +14,7 @@ import time
 
 import pytest
 from robust_helpers import cli
-from serve_helpers import MODEL_ID, cca_backend, live_server, request
+from serve_helpers import MODEL_ID, HeldBackend, cca_backend, live_server, request
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -26,7 +26,8 @@ NEAR = "x" + " x" * 219  # 220 tokens: fits, but not with CAP more
 
 @pytest.fixture(scope="module")
 def live(serve_paths):
-    with live_server(cca_backend(serve_paths, max_batch=1), max_tokens=CAP, max_body_bytes=8192) as server:
+    backend = HeldBackend(cca_backend(serve_paths, max_batch=1))
+    with live_server(backend, max_tokens=CAP, max_body_bytes=8192) as server:
         yield server
 
 
@@ -58,26 +59,34 @@ BAD = {
 }
 
 
-def start_long_generation(live) -> threading.Thread:
-    """A request that keeps the model busy while the bad ones arrive."""
-    thread = threading.Thread(
-        target=request, args=(live.url, "/v1/completions", completion(max_tokens=CAP, temperature=0))
-    )
+def hold_the_model(live) -> threading.Thread:
+    """A request that holds the model (its generation waits until the test releases it)."""
+    backend = live.service.backend
+    backend.released.clear()
+    backend.held.set()
+    thread = threading.Thread(target=request, args=(live.url, "/v1/completions", completion(max_tokens=4)))
     thread.start()
-    deadline = time.monotonic() + 10
-    while live.service.worker.running == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: live.service.worker.running == 1, 10)
     return thread
+
+
+def release_the_model(live, thread: threading.Thread) -> None:
+    live.service.backend.held.clear()
+    live.service.backend.released.set()
+    thread.join(60)
 
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_completion_requests_get_400_at_once_while_the_model_is_busy(live, name):
     body, param = BAD[name]
-    busy = start_long_generation(live)
-    started = time.monotonic()
-    status, answer, _ = request(live.url, "/v1/completions", body)
-    elapsed = time.monotonic() - started
-    busy.join(60)
+    busy = hold_the_model(live)
+    try:
+        started = time.monotonic()
+        status, answer, _ = request(live.url, "/v1/completions", body)
+        elapsed = time.monotonic() - started
+        assert live.service.worker.running == 1  # the model was busy all along
+    finally:
+        release_the_model(live, busy)
     assert status == 400, answer
     assert elapsed < 1.0
     error = answer["error"]
@@ -143,44 +152,58 @@ def wait_until(condition, seconds: float) -> bool:
 
 @pytest.fixture(scope="module")
 def roomy(serve_paths):
-    """One request at a time, up to 250 tokens each: a request that runs long enough to leave."""
-    with live_server(cca_backend(serve_paths, max_batch=1), max_tokens=250) as server:
+    """One request at a time, up to 250 tokens each, generation held after the first token on demand."""
+    with live_server(HeldBackend(cca_backend(serve_paths, max_batch=1)), max_tokens=250) as server:
         yield server
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_model(roomy):
-    worker = roomy.service.worker
+    worker, backend = roomy.service.worker, roomy.service.backend
     rows_before, tokens_before = worker.rows_run, worker.tokens_generated
-    connection, response = open_stream(roomy, 250)
-    assert response.status == 200
-    assert response.readline().startswith(b"data: ")  # generating
-    queued_connection, queued = open_stream(roomy, 250)  # waits: max_batch=1, the model is busy
-    assert wait_until(lambda: worker.waiting == 1, 5)
-    queued_connection.sock.shutdown(socket.SHUT_RDWR)  # the waiting client leaves: its slot is freed
-    queued_connection.close()
-    assert wait_until(lambda: worker.waiting == 0, 3)
-    assert worker.running == 1  # the first is still generating
-    connection.sock.shutdown(socket.SHUT_RDWR)
-    connection.close()
-    assert wait_until(lambda: worker.running == 0, 3)  # cancelled, not run to its end
+    backend.released.clear()
+    backend.held.set()
+    try:
+        connection, response = open_stream(roomy, 250)
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # generating (and held after its first token)
+        queued_connection, queued = open_stream(roomy, 250)  # waits: max_batch=1, the model is busy
+        assert wait_until(lambda: worker.waiting == 1, 5)
+        queued_connection.sock.shutdown(socket.SHUT_RDWR)  # the waiting client leaves: its slot is freed
+        queued_connection.close()
+        assert wait_until(lambda: worker.waiting == 0, 3)
+        assert worker.running == 1  # the first is still generating
+        connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        time.sleep(0.3)  # the server sees the disconnect
+    finally:
+        backend.held.clear()
+        backend.released.set()
+    assert wait_until(lambda: worker.running == 0, 3)  # cancelled at its next token, not run to its end
     assert worker.rows_run == rows_before + 1  # the queued request never ran
-    assert worker.tokens_generated - tokens_before < 250
+    assert worker.tokens_generated - tokens_before <= 2
     status, answer, _ = request(roomy.url, "/v1/completions", completion(max_tokens=3))
     assert status == 200
 
 
 def test_a_client_that_gives_up_on_a_whole_response_frees_the_model(roomy):
-    worker = roomy.service.worker
+    worker, backend = roomy.service.worker, roomy.service.backend
     tokens_before = worker.tokens_generated
-    connection = http.client.HTTPConnection("127.0.0.1", int(roomy.url.rsplit(":", 1)[1]), timeout=0.5)
-    body = json.dumps(completion(max_tokens=250, temperature=0))
-    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    assert wait_until(lambda: worker.running == 1, 5)
-    with pytest.raises(TimeoutError):
-        connection.getresponse()
-    connection.close()
+    backend.released.clear()
+    backend.held.set()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", int(roomy.url.rsplit(":", 1)[1]), timeout=0.5)
+        body = json.dumps(completion(max_tokens=250, temperature=0))
+        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        assert wait_until(lambda: worker.running == 1, 5)
+        with pytest.raises(TimeoutError):
+            connection.getresponse()
+        connection.close()
+        time.sleep(0.6)  # the server checks every quarter of a second
+    finally:
+        backend.held.clear()
+        backend.released.set()
     assert wait_until(lambda: worker.running == 0, 3)
-    assert worker.tokens_generated - tokens_before < 250
+    assert worker.tokens_generated - tokens_before <= 2
 
 
 def test_an_api_key_guards_every_route_but_health_and_leaks_nothing(serve_paths):
