@@ -54,9 +54,9 @@ def conversions(monkeypatch):
     done: list[Path] = []
     real = gguf_cache.convert_gguf
 
-    def counting(gguf_file, out):
+    def counting(gguf_file, out, *args):
         done.append(gguf_file)
-        return real(gguf_file, out)
+        return real(gguf_file, out, *args)
 
     monkeypatch.setattr(gguf_cache, "convert_gguf", counting)
     return done
@@ -100,9 +100,19 @@ def test_the_converted_folder_gives_the_logits_of_a_direct_gguf_load(tiny, quant
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain Auto classes, no retlm involved
     tokenizer = AutoTokenizer.from_pretrained(folder)
     direct = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    direct_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    assert tokenizer.encode(PROMPT) == direct_tokenizer.encode(PROMPT) == tiny[1].encode(PROMPT)
+    assert tokenizer.get_vocab() == tiny[1].get_vocab()  # the tokenizer the GGUF was written from
+    assert tokenizer.encode(PROMPT) == tiny[1].encode(PROMPT)
     assert tokenizer.decode(tokenizer.encode(PROMPT)) == PROMPT
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.model_max_length) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        256,
+    )
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.generation_config.eos_token_id) == (
+        1,
+        2,
+        2,
+    )
     ours = logits(model, tokenizer)
     assert torch.equal(ours, logits(direct, tokenizer))
     reference = logits(original, tokenizer)  # the HF model the GGUF was written from
@@ -127,7 +137,7 @@ def test_the_cache_is_reused_and_python_names_it(tiny, known, conversions):
     assert by_path != first and by_path == pretrained_path(known) and len(conversions) == 2
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "checksums"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "checksums", "format"])
 def test_a_damaged_cache_entry_is_named_in_one_line_and_rebuilt(tiny, known, conversions, damage, capsys):
     folder = pretrained_path(FAKE)
     capsys.readouterr()
@@ -140,16 +150,21 @@ def test_a_damaged_cache_entry_is_named_in_one_line_and_rebuilt(tiny, known, con
         weights.write_bytes(weights.read_bytes()[:-100])
     elif damage == "delete":
         (folder / "tokenizer.json").unlink()
-    else:
+    elif damage == "checksums":
         (folder / CHECKSUM_FILE).unlink()
+    else:  # an entry written by an older retlm, intact
+        record = json.loads((folder / "retlm_source.json").read_text())
+        (folder / "retlm_source.json").write_text(json.dumps({**record, "format": 1}))
+        gguf_cache.write_folder_checksums(folder)
     assert pretrained_path(FAKE) == folder and len(conversions) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     rebuilt = [line for line in lines if "rebuilding" in line]
     assert len(rebuilt) == 1, lines
-    named = (
-        "tokenizer.json" if damage == "delete" else CHECKSUM_FILE if damage == "checksums" else weights.name
+    named = {"delete": "tokenizer.json", "checksums": CHECKSUM_FILE, "format": "format 1, not"}
+    assert named.get(damage, weights.name) in rebuilt[0]
+    assert all(
+        (folder / name).stat().st_mode & 0o044 == 0o044 for name in ("model.safetensors", "config.json")
     )
-    assert named in rebuilt[0]
     model, tokenizer = load_causal_lm(FAKE)
     assert torch.equal(logits(model, tokenizer), logits(tiny[0], tokenizer))
     assert len(conversions) == 2
@@ -246,12 +261,12 @@ def test_a_killed_conversion_leaves_nothing_and_its_leftovers_are_cleared(known,
     real = gguf_cache.convert_gguf
     calls = []
 
-    def killed_once(gguf_file, out):
+    def killed_once(gguf_file, out, *args):
         calls.append(out)
         if len(calls) == 1:
             (out / "model.safetensors").write_bytes(b"half")
             raise KeyboardInterrupt
-        return real(gguf_file, out)
+        return real(gguf_file, out, *args)
 
     monkeypatch.setattr(gguf_cache, "convert_gguf", killed_once)
     with pytest.raises(KeyboardInterrupt):
@@ -324,7 +339,17 @@ def test_smollm2_converts_and_matches_its_gguf(home):
     entry = pretrained.KNOWN["smollm2-135m"]
     gguf_file = entry.file()
     direct = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    assert (tokenizer.bos_token, tokenizer.bos_token_id, tokenizer.eos_token, tokenizer.eos_token_id) == (
+        "<|im_start|>",
+        1,
+        "<|im_end|>",
+        2,
+    )
+    assert len(tokenizer) == 49_152 and tokenizer.model_max_length == 8192
+    text = "Déjà vu:\r\n  naïve café, 東京 – ok\t\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level BPE: lossless, no BOS added
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert ids[0, 0] != tokenizer.bos_token_id
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)
     out = model.generate(ids, max_new_tokens=3, do_sample=False)

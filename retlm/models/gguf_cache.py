@@ -47,12 +47,12 @@ from retlm.integrity import (
 )
 from retlm.locking import writer_lock
 from retlm.models.auto import quiet_hf_progress
-from retlm.utils import available_memory_bytes, current_umask, free_disk_bytes
+from retlm.utils import available_memory_bytes, current_umask, file_mode, free_disk_bytes
 
 HOME_ENV = "RETLM_HOME"
 CACHE_FOLDER = "pretrained"
 SOURCE_FILE = "retlm_source.json"
-FORMAT = 1  # of an entry; an entry of another format is rebuilt
+FORMAT = 2  # of an entry; an entry of another format is rebuilt (2: the special tokens as the GGUF states)
 FLOAT32_BYTES = 4
 
 Say = Callable[[str], None]
@@ -190,7 +190,11 @@ def verify_entry(folder: Path, *, weights: bool = True) -> dict[str, Any]:
 
 def _check_entry(folder: Path, source: Source, weights: bool) -> None:
     record = verify_entry(folder, weights=weights)
-    if record.get("format") != FORMAT or not source.matches(record.get("source") or {}):
+    if record.get("format") != FORMAT:
+        raise CorruptFileError(
+            f"{folder} was converted by another retlm (format {record.get('format')}, not {FORMAT})"
+        )
+    if not source.matches(record.get("source") or {}):
         raise CorruptFileError(f"{folder} was converted from another file than {source.entry}'s (outdated)")
 
 
@@ -229,7 +233,8 @@ def _convert_into(gguf_file: Path, folder: Path, source: dict[str, Any], say: Sa
     parent = folder.parent
     for stale in parent.glob(f".{folder.name}.tmp-*"):  # left by a killed conversion
         shutil.rmtree(stale, ignore_errors=True)
-    parameters = gguf_parameter_count(gguf_file)
+    header = read_gguf_header(gguf_file)
+    parameters = header.parameters
     check_memory(parameters, FLOAT32_BYTES, f"converting {gguf_file.name} to float32")
     needed = parameters * FLOAT32_BYTES
     free = free_disk_bytes(parent)
@@ -245,10 +250,12 @@ def _convert_into(gguf_file: Path, folder: Path, source: dict[str, Any], say: Sa
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
     try:
         started = time.perf_counter()
-        record = {"format": FORMAT, "source": source, **convert_gguf(gguf_file, tmp)}
+        record = {"format": FORMAT, "source": source, **convert_gguf(gguf_file, tmp, header)}
         record["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         write_folder_checksums(tmp)
+        for file in tmp.iterdir():  # some writers create their files 0600: the cache may be shared
+            os.chmod(file, file_mode())
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the entry from other users
         if folder.exists():  # a bad entry: moved aside, replaced, then deleted
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=parent))
@@ -265,25 +272,49 @@ def _convert_into(gguf_file: Path, folder: Path, source: dict[str, Any], say: Sa
 # ---- the conversion ----
 
 
-def gguf_parameter_count(path: Path) -> int:
-    """The number of weights in a GGUF file, read from its header with the ``gguf`` package; a file it
-    cannot parse (truncated, corrupted, not a GGUF) is refused with one line naming it."""
+SPECIAL_TOKENS = {  # tokenizer attribute -> GGUF metadata key (tokenizer.ggml.KEY)
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a conversion reads from a GGUF's header before loading it."""
+
+    parameters: int
+    special_tokens: dict[str, tuple[int, str]]  # "eos_token" -> (id, token), as the file states them
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """The number of weights and the special tokens of a GGUF file, read with the ``gguf`` package; a
+    file it cannot parse (truncated, corrupted, not a GGUF) is refused with one line naming it."""
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(path))
         count = sum(int(tensor.n_elements) for tensor in reader.tensors)
-    except (ValueError, IndexError, KeyError, OSError, TypeError) as err:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        special = {}
+        for attribute, key in SPECIAL_TOKENS.items():
+            field = reader.fields.get(f"tokenizer.ggml.{key}")
+            if field is not None and tokens is not None:
+                index = int(field.parts[field.data[0]][0])
+                if 0 <= index < len(tokens.data):
+                    special[attribute] = (index, bytes(tokens.parts[tokens.data[index]]).decode("utf-8"))
+    except (ValueError, IndexError, KeyError, OSError, TypeError, UnicodeDecodeError) as err:
         reason = " ".join(str(err).split())[:160]
         raise CorruptFileError(
             f"{path} is not a readable GGUF file (truncated or corrupted: {reason})"
         ) from None
     if count == 0:
         raise CorruptFileError(f"{path} holds no tensors: it is not a model")
-    return count
+    return GgufHeader(count, special)
 
 
-def convert_gguf(gguf_file: Path, out: Path) -> dict[str, Any]:
+def convert_gguf(gguf_file: Path, out: Path, header: GgufHeader | None = None) -> dict[str, Any]:
     """Write the model and tokenizer of ``gguf_file`` into the folder ``out`` as a plain HF folder
     (``config.json``, safetensors weights, tokenizer files); returns facts for the source record.
 
@@ -291,17 +322,21 @@ def convert_gguf(gguf_file: Path, out: Path) -> dict[str, Any]:
     save a model loaded that way. So the weights move into a plain model of the same class (its config
     without the ``quantization_config``), built on the meta device and handed the loaded tensors
     themselves (``assign=True``: no second copy), which saves as any HF model does. Any architecture that
-    transformers reads from GGUF converts."""
+    transformers reads from GGUF converts. The tokenizer is the generic fast one built from the file's
+    vocabulary, with the special tokens the file states (``header``; transformers 5.4 reads the eos token
+    wrongly, and picks a class that adds a BOS token for a byte-level BPE); its ``model_max_length`` is
+    the model's context."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from retlm.compat import gguf_load_kwargs
 
+    header = header or read_gguf_header(gguf_file)
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         with quiet_hf_progress():  # the GGUF reader's own bar stays: it is the slow part
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **gguf_load_kwargs())
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
     except (ValueError, OSError, KeyError, NotImplementedError, RuntimeError) as err:
         reason = " ".join(str(err).split())[:200]
         raise CorruptFileError(f"{gguf_file} cannot be converted ({type(err).__name__}: {reason})") from None
@@ -313,6 +348,13 @@ def convert_gguf(gguf_file: Path, out: Path) -> dict[str, Any]:
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     plain.tie_weights()
     plain.generation_config = copy.deepcopy(loaded.generation_config)
+    for attribute, (index, token) in header.special_tokens.items():
+        setattr(tokenizer, attribute, token)
+        for target in (plain.config, plain.generation_config):
+            setattr(target, f"{attribute}_id", index)
+    context = getattr(plain.config, "max_position_embeddings", None)
+    if context:
+        tokenizer.model_max_length = int(context)
     with quiet_hf_progress():
         plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
