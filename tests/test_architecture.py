@@ -22,7 +22,7 @@ LEVELS = [
     {"retrieval"},
     {"data"},
     {"generation", "training"},
-    {"corpus", "demo_checks", "demo_pretrained", "demo"},
+    {"corpus", "demo_checks", "demo_pretrained", "demo", "serve"},
     {"cli", "__main__"},
 ]
 LEVEL_OF = {name: rank for rank, names in enumerate(LEVELS) for name in names}

@@ -16,6 +16,7 @@ from retlm.cli.db import AddOptions, BuildOptions
 from retlm.cli.generate import GenerateOptions
 from retlm.cli.main import _apply_config, build_parser
 from retlm.cli.retrofit import RetrofitOptions
+from retlm.cli.serve import ServeOptions
 from retlm.cli.train import EvalOptions
 from retlm.demo import DemoOptions
 from retlm.options import cli_fields, options_from
@@ -29,6 +30,7 @@ COMMANDS = {
     "retrofit": (RetrofitOptions, ["--base", "gpt2", "--db", "DB", "--out", "RUN"]),
     "train": (TrainOptions, ["--db", "DB", "--out", "RUN"]),
     "eval": (EvalOptions, ["CKPT", "--db", "DB"]),
+    "serve": (ServeOptions, ["MODEL"]),
 }
 
 

@@ -197,3 +197,60 @@ def test_model_generate_with_database_delegates_to_the_retrieving_loop():
     direct = generate_with_retrieval(model, FakeDatabase(), prompt, max_new_tokens=7)
     assert torch.equal(via_model.sequences, direct.sequences)
     assert len(via_model.retrievals[0]) == (6 + 7 - 1) // C
+
+
+class RecordingStreamer:
+    """HF's ``BaseStreamer`` protocol; records every ``put`` and ``end`` with the retrievals between them."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.events: list = []
+        self.stop_after = stop_after
+
+    def put(self, value):
+        self.events.append(("put", value.clone()))
+        if self.stop_after is not None and len(self.events) > self.stop_after:
+            raise KeyboardInterrupt("cancelled by the streamer")
+
+    def end(self):
+        self.events.append(("end", None))
+
+    def on_retrieval(self, row, step):
+        self.events.append(("retrieval", (row, step)))
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "retnet"])
+def test_streamer_and_on_retrieval_see_every_token_and_search_in_order(decoder):
+    """The streamer gets the prompt, then one (batch,) token per step, then end(), as HF's ``generate``
+    drives it; each retrieval is announced after the token that completes its chunk went out."""
+    model, db = model_for(decoder), FakeDatabase()
+    prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    recorder = RecordingStreamer()
+    out = generate_with_retrieval(
+        model, db, prompt, max_new_tokens=9, streamer=recorder, on_retrieval=recorder.on_retrieval
+    )
+    puts = [v for kind, v in recorder.events if kind == "put"]
+    assert torch.equal(puts[0], prompt) and all(p.shape == (2,) for p in puts[1:])
+    assert torch.equal(torch.cat([puts[0], torch.stack(puts[1:], dim=1)], dim=1), out.sequences)
+    assert recorder.events[-1][0] == "end"
+    seen = [[], []]
+    for i, (kind, value) in enumerate(recorder.events):
+        if kind != "retrieval":
+            continue
+        row, step = value
+        seen[row].append(step)
+        tokens_out = sum(v.shape[-1] if v.dim() == 2 else 1 for k, v in recorder.events[:i] if k == "put")
+        end = (step.chunk_index + 1) * C
+        # a prompt chunk is searched after the prompt went out; a generated one right after its last token
+        assert tokens_out == (6 if end <= 6 else end)
+    for row in range(2):
+        assert [s.chunk_index for s in seen[row]] == [r.chunk_index for r in out.retrievals[row]]
+        assert all(a is b for a, b in zip(seen[row], out.retrievals[row], strict=True))
+
+
+def test_an_exception_from_the_streamer_ends_generation():
+    model, db = model_for("transformer"), FakeDatabase()
+    prompt = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
+    recorder = RecordingStreamer(stop_after=3)
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        generate_with_retrieval(model, db, prompt, max_new_tokens=20, streamer=recorder)
+    assert len(recorder.events) == 4  # the prompt and three tokens, then nothing more was computed

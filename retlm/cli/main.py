@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "retlm.cli.train",  # train, eval
     "retlm.cli.retrofit",  # retrofit
     "retlm.cli.generate",  # generate
+    "retlm.cli.serve",  # serve
     "retlm.cli.demo",  # demo
 )
 

@@ -1,8 +1,12 @@
-"""Retrieval-augmented generation from text: tokenize a prompt with the database's tokenizer, generate
-with retrieval at every chunk boundary, and report the neighbours used, as text.
+"""Retrieval-augmented generation from text, two ways.
 
-The token-level loop is :func:`retlm.models.retro.generation.generate_with_retrieval`; this layer adds
-the text on both ends (the database and the model share one tokenizer, the database's LM tokenizer).
+- RETRO (:func:`generate_text`): tokenize a prompt with the database's tokenizer, generate with retrieval
+  at every chunk boundary through chunked cross-attention, and report the neighbours used, as text. The
+  token-level loop is :func:`retlm.models.retro.generation.generate_with_retrieval`; this layer adds the
+  text on both ends (the database and the model share one tokenizer, the database's LM tokenizer).
+- In-context, for any frozen causal LM (:func:`generate_in_context`, In-Context RALM): every ``stride``
+  tokens, the neighbors' text goes in front of the context, re-tokenized by the LM's own tokenizer
+  (:mod:`retlm.generation.in_context`).
 """
 
 from __future__ import annotations

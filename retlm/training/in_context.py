@@ -150,30 +150,44 @@ def attach_neighbors(
         docs = [plan.windows[s.window].doc_id for s in part]
         found += search_neighbors(database, [s.query for s in part], num_neighbors, docs)
     budget = neighbor_budget(plan.max_length)
-    token_cache: dict[int, list[int]] = {}
+    cache: dict[int, list[int]] = {}
     for index, segment in enumerate(asked):
         own = plan.windows[segment.window].doc_id
         unrelated = _unrelated(asked, found, index, own, plan.windows)
+        plan.no_unrelated += not unrelated
         span = plan.windows[segment.window].tokens[segment.start : segment.end]
-        for variant, candidates in (("with_retrieval", found[index]), ("unrelated_neighbors", unrelated)):
-            tokens = [_lm_tokens(tokenizer, n, token_cache) for n in candidates]
-            kept = list(range(len(candidates)))
-            if max_overlap is not None and candidates:
-                _, each = chunk_overlaps(span[None], _padded(tokens)[None], pad_id=-1)
-                kept = [i for i in kept if each[0, i] <= max_overlap + 1e-12]
-                if variant == "with_retrieval":
-                    plan.dropped += len(candidates) - len(kept)
-            block, fitted = fit_neighbors(tokenizer, [candidates[i].text for i in kept], budget)
-            kept = kept[:fitted]
-            segment.blocks[variant] = block
-            if variant == "with_retrieval":
-                segment.neighbors = [candidates[i] for i in kept]
-                plan.neighbors += len(kept)
-                if kept:
-                    overlap, _ = chunk_overlaps(span[None], _padded([tokens[i] for i in kept])[None], -1)
-                    segment.overlap = float(overlap[0])
-            else:
-                segment.unrelated = [candidates[i] for i in kept]
+        place = (span, tokenizer, budget, max_overlap, cache)
+        real, real_tokens, dropped = _place(segment, "with_retrieval", found[index], *place)
+        segment.unrelated = _place(segment, "unrelated_neighbors", unrelated, *place)[0]
+        segment.neighbors = real
+        plan.neighbors += len(real)
+        plan.dropped += dropped
+        if real:
+            segment.overlap = float(chunk_overlaps(span[None], _padded(real_tokens)[None], pad_id=-1)[0][0])
+
+
+def _place(
+    segment: Segment,
+    variant: str,
+    candidates: list[NeighborText],
+    span: np.ndarray,
+    tokenizer: Any,
+    budget: int,
+    max_overlap: float | None,
+    cache: dict[int, list[int]],
+) -> tuple[list[NeighborText], list[list[int]], int]:
+    """Fill ``segment.blocks[variant]`` with the block of ``candidates`` less those overlapping ``span``
+    by more than ``max_overlap`` (each alone) and those the budget leaves out. Returns the neighbors kept,
+    their LM tokens, and how many the filter dropped."""
+    tokens = [_lm_tokens(tokenizer, n, cache) for n in candidates]
+    kept = list(range(len(candidates)))
+    if max_overlap is not None and candidates:
+        _, each = chunk_overlaps(span[None], _padded(tokens)[None], pad_id=-1)
+        kept = [i for i in kept if each[0, i] <= max_overlap + 1e-12]
+    segment.blocks[variant], fitted = fit_neighbors(tokenizer, [candidates[i].text for i in kept], budget)
+    dropped = len(candidates) - len(kept)
+    kept = kept[:fitted]
+    return [candidates[i] for i in kept], [tokens[i] for i in kept], dropped
 
 
 def _unrelated(
@@ -287,6 +301,7 @@ def evaluate_in_context(
         retrievals=sum(s.query is not None for s in plan.segments),
         neighbors=plan.neighbors,
         dropped_neighbors=plan.dropped,
+        strides_without_unrelated_neighbors=plan.no_unrelated,
         cost=dict(
             lm_tokens=read,
             lm_tokens_per_scored_token={v: read[v] / max(tokens, 1) for v in VARIANTS},

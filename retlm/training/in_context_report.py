@@ -162,6 +162,11 @@ def _footer(report: dict[str, Any], settings: dict[str, Any]) -> list[str]:
             f"(stride {settings['stride']}, query {settings['query_tokens']} tokens, "
             f"{settings['num_neighbors']} neighbors)"
         )
+    if report.get("strides_without_unrelated_neighbors"):
+        lines.append(
+            f"note: {report['strides_without_unrelated_neighbors']} strides found no other document's "
+            "neighbors to borrow (too few documents scored): their unrelated row reads none"
+        )
     cost = report.get("cost")
     if cost:
         per = cost["lm_tokens_per_scored_token"]

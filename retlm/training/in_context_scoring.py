@@ -69,6 +69,7 @@ class InContextPlan:
     max_length: int
     neighbors: int = 0  # neighbors read (real ones), after filtering and the budget
     dropped: int = 0  # real neighbors dropped by max_overlap
+    no_unrelated: int = 0  # strides with a query but no other document's neighbors to borrow
 
 
 @dataclass

@@ -18,6 +18,7 @@ temperature, top-k, top-p when sampling), so the options mean what they mean in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -105,10 +106,17 @@ class _Retriever:
     ``padding[i] + u*c .. padding[i] + u*c + c - 1`` (chunks are counted from the row's first real token).
     """
 
-    def __init__(self, database: SearchableDatabase, k: int, padding: Tensor) -> None:
+    def __init__(
+        self,
+        database: SearchableDatabase,
+        k: int,
+        padding: Tensor,
+        on_retrieval: Callable[[int, ChunkRetrieval], None] | None = None,
+    ) -> None:
         self.database = database
         self.k = k
         self.padding = padding.tolist()
+        self.on_retrieval = on_retrieval
         self.log: list[list[ChunkRetrieval]] = [[] for _ in self.padding]
 
     def __call__(self, sequence: Tensor, chunks: list[range]) -> Tensor | None:
@@ -126,11 +134,12 @@ class _Retriever:
         out = np.full((len(chunks), width, *tokens.shape[1:]), -1, dtype=np.int64)
         for n, (row, j, u) in enumerate(wanted):
             out[row, j] = tokens[n]
-            self.log[row].append(
-                ChunkRetrieval(
-                    u, queries[n], found.chunk_ids[n], found.doc_ids[n], found.scores[n], tokens[n]
-                )
+            step = ChunkRetrieval(
+                u, queries[n], found.chunk_ids[n], found.doc_ids[n], found.scores[n], tokens[n]
             )
+            self.log[row].append(step)
+            if self.on_retrieval is not None:
+                self.on_retrieval(row, step)
         return torch.as_tensor(out, dtype=torch.long, device=sequence.device)
 
 
@@ -152,6 +161,8 @@ def generate_with_retrieval(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     retnet_mode: str | None = None,
+    streamer: Any | None = None,
+    on_retrieval: Callable[[int, ChunkRetrieval], None] | None = None,
 ) -> RetrievalGenerateOutput:
     """Continue ``input_ids (batch, prompt_len)`` by up to ``max_new_tokens``, retrieving from
     ``database`` at every chunk boundary (``database=None``: no retrieval).
@@ -164,6 +175,12 @@ def generate_with_retrieval(
     for the RetNet decoder). Rows stop independently at ``eos_token_id`` (then padded with it).
     ``repetition_penalty`` and ``no_repeat_ngram_size`` apply to greedy and sampled decoding alike, over
     the whole sequence (prompt included), as in HF's ``generate``.
+
+    ``streamer``: HF's ``BaseStreamer`` protocol, as ``generate`` drives it: ``put(input_ids (batch,
+    prompt_len))`` first, then ``put(tokens (batch,))`` after every step, then ``end()``; an exception
+    raised by ``put`` ends generation (a server cancels a request this way). ``on_retrieval(row, step)``
+    is called with each :class:`ChunkRetrieval` as it is searched: a row's prompt chunks before the first
+    forward pass, then the chunk that each new token completes, after that token went to the streamer.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -194,7 +211,7 @@ def generate_with_retrieval(
 
         found_padding = left_padding(attention_mask, None, 0, prompt_len, decoding=True)  # validates
         padding = found_padding.cpu() if found_padding is not None else padding
-    retrieve = _Retriever(database, k, padding) if database is not None else None
+    retrieve = _Retriever(database, k, padding, on_retrieval) if database is not None else None
     processors = _logits_processors(
         do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size
     )
@@ -202,6 +219,8 @@ def generate_with_retrieval(
     lengths = (prompt_len - padding).tolist()  # real tokens per row
 
     sequence = input_ids
+    if streamer is not None:
+        streamer.put(sequence.cpu())
     retrieved = retrieve(sequence, [range(n // c) for n in lengths]) if retrieve else None
     out = model(
         input_ids=sequence,
@@ -224,6 +243,8 @@ def generate_with_retrieval(
             next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
             finished |= next_token == eos_token_id
         sequence = torch.cat((sequence, next_token[:, None]), dim=1)
+        if streamer is not None:
+            streamer.put(next_token.cpu())
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         retrieved = None
@@ -239,4 +260,6 @@ def generate_with_retrieval(
             retnet_mode=retnet_mode,
             **cache_kwargs(cache),
         )
+    if streamer is not None:
+        streamer.end()
     return RetrievalGenerateOutput(sequence, retrieve.log if retrieve else [[] for _ in range(len(sequence))])
