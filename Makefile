@@ -62,7 +62,7 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.txt -e '.[test,serve]'
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch.txt -e '.[test,serve,datasets]'
 	.venv-latest/bin/python -m pip install -q --no-deps $(PEERS) $(PRETRAINED)
 	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation fairscale==0.4.0
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
@@ -101,9 +101,9 @@ test-all: install-test
 # the pin above, and torch itself is left to the install step.
 lock: $(VENV)/bin/python
 	$(PIP) install -q uv
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra ray --extra serve --python-version 3.11 --find-links /opt/wheels \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra ray --extra serve --extra datasets --python-version 3.11 --find-links /opt/wheels \
 		--constraint requirements/torch.txt --no-emit-package torch --upgrade -o $(LOCK)
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra serve --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra serve --extra datasets --python-version 3.11 \
 		--resolution lowest-direct --constraint requirements/torch-lowest.txt --upgrade -o $(LOWEST)
 
 demo: install
