@@ -61,7 +61,7 @@ class DemoOptions:
         "folder or a .gguf file; 'none' skips it",
     )
     pretrained_tokens: int = option(
-        2048, help="held-out tokens the pretrained LM scores (each three ways: without, with, unrelated)"
+        1024, help="held-out tokens the pretrained LM scores (each three ways: without, with, unrelated)"
     )
     minutes: float = option(3.0, help="training time budget of the RETRO trained from scratch")
     baseline: bool = option(
