@@ -3,6 +3,8 @@
 - ``train(db, model_config, out_dir, **options)``: HF Trainer based training (``TrainOptions`` lists the
   options), resumable, time-budgeted, DDP-ready; returns a ``TrainResult``.
 - ``evaluate(checkpoint, db)``: held-out perplexity with and without retrieval, and bits per byte.
+- ``evaluate_in_context(model, tokenizer, db)``: In-Context RALM for any frozen causal LM: bits per byte
+  without retrieval, with the neighbors' text in front, and with unrelated neighbors.
 - ``read_metrics(path)``: the loss curves a run logged to ``metrics.jsonl``;
   ``plot_loss_curves(path, png)`` draws them.
 
@@ -21,6 +23,7 @@ _HOMES = {
     "train": "retlm.training.trainer",
     "builtin_configs": "retlm.training.config",
     "evaluate": "retlm.training.evaluation",
+    "evaluate_in_context": "retlm.training.in_context",
     "format_table": "retlm.training.evaluation",
     "load_model": "retlm.models.auto",
     "plot_loss_curves": "retlm.training.plot",
