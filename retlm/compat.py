@@ -80,3 +80,42 @@ def gguf_load_kwargs() -> dict[str, Any]:
     except ImportError:
         return {}
     return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _installed_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "0"
+
+
+# The fast embed backends (onnx, onnx-int8, openvino) trace the encoder. transformers 5.4 (the lowest
+# declared) builds the attention mask of a traced BERT through a path that indexes a 0-d tensor
+# ("tuple index out of range" in masking_utils.sdpa_mask); 5.24 (the lock) and 5.25 trace it. Below the
+# tested version the default embed backend is the torch reference, and asking for a fast one is refused.
+FAST_EMBED_MIN_TRANSFORMERS = "5.24"
+FAST_EMBED_BACKENDS_TRACE: bool = _version_tuple(_installed_version("transformers")) >= _version_tuple(
+    FAST_EMBED_MIN_TRANSFORMERS
+)
+
+
+def bm25_save_kwargs(save: Any) -> dict[str, Any]:
+    """``show_progress=False`` for ``bm25s.BM25.save`` where the installed bm25s takes it (0.2.10, the
+    lowest declared, does not)."""
+    import inspect
+
+    try:
+        accepts = "show_progress" in inspect.signature(save).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"show_progress": False} if accepts else {}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from retlm import RetrievalDatabase
+from retlm.compat import FAST_EMBED_BACKENDS_TRACE
 from retlm.corpus import pydoc_topics
 from retlm.errors import OptionError
 from retlm.retrieval import encoders
@@ -16,6 +17,20 @@ from retlm.retrieval.chunking import write_chunks
 from retlm.retrieval.embedding import Embedder, chunk_texts
 from retlm.retrieval.sources import iter_documents
 from retlm.tokenization import load_tokenizer
+
+needs_trace = pytest.mark.skipif(
+    not FAST_EMBED_BACKENDS_TRACE, reason="the fast embed backends need transformers>=5.24 (retlm.compat)"
+)
+
+
+def test_the_default_backend_follows_what_the_installed_transformers_can_export():
+    if FAST_EMBED_BACKENDS_TRACE:
+        assert encoders.default_backend("cpu") == encoders.CPU_DEFAULT_BACKEND
+        return
+    assert encoders.default_backend("cpu") == "torch"
+    with pytest.raises(OptionError, match="needs transformers>="):
+        encoders.load_encoder("all-MiniLM-L6-v2", "openvino", "cpu")
+
 
 # Stated agreement with the float32 torch vectors (cosine of each vector):
 MIN_COSINE = {"onnx": 0.99999, "openvino": 0.99999, "onnx-int8": 0.98}
@@ -49,6 +64,7 @@ def jaccard(a, b):
     return float(np.mean([len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a, b, strict=True)]))
 
 
+@needs_trace
 @pytest.mark.parametrize("backend", ["openvino", "onnx", "onnx-int8"])
 def test_fast_backend_vectors_and_neighbors_agree_with_torch(backend, corpus, tiny_encoder):
     texts, doc_ids = corpus
@@ -59,6 +75,7 @@ def test_fast_backend_vectors_and_neighbors_agree_with_torch(backend, corpus, ti
     assert jaccard(top2(fast, doc_ids), top2(reference, doc_ids)) >= 0.9
 
 
+@needs_trace
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
 def test_minilm_fast_backends_agree_with_torch_on_real_text(backend, corpus):
@@ -72,6 +89,7 @@ def test_minilm_fast_backends_agree_with_torch_on_real_text(backend, corpus):
     assert jaccard(top2(fast, doc_ids), top2(reference, doc_ids)) >= 0.99
 
 
+@needs_trace
 def test_the_export_is_cached_checked_and_rebuilt_when_corrupted(tiny_encoder):
     first = encoders.cached_export(tiny_encoder, "onnx")
     folder = first.parent
@@ -87,6 +105,7 @@ def test_the_export_is_cached_checked_and_rebuilt_when_corrupted(tiny_encoder):
     assert encoders.verify_folder(again.parent, [encoders.MODEL_FILE])
 
 
+@needs_trace
 def test_database_records_its_backend_and_a_mismatch_is_caught(tiny_encoder, tmp_path):
     docs = [text[:800] for _, text in list(pydoc_topics())[:6]]
     options = dict(chunk_size=16, seq_len=64, embedder=tiny_encoder, progress=False)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retlm.compat import FAST_EMBED_BACKENDS_TRACE, FAST_EMBED_MIN_TRANSFORMERS
 from retlm.errors import OptionError
 from retlm.integrity import CorruptFileError, sha256_file, verify_folder, write_folder_checksums
 from retlm.tokenization import resolve_model_path
@@ -59,7 +60,9 @@ PROBE_MIN_COSINE = {"onnx": 0.9999, "onnx-int8": 0.98, "openvino": 0.9999}
 def default_backend(device: str | None = None) -> str:
     """``torch`` on a CUDA device, else the fast CPU backend."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return "torch" if str(device).startswith("cuda") else CPU_DEFAULT_BACKEND
+    if str(device).startswith("cuda") or not FAST_EMBED_BACKENDS_TRACE:
+        return "torch"
+    return CPU_DEFAULT_BACKEND
 
 
 def check_backend(backend: Any) -> str:
@@ -138,6 +141,11 @@ def load_encoder(name: str, backend: str, device: str) -> TorchEncoder | OnnxEnc
         return TorchEncoder(name, device)
     if str(device).startswith("cuda"):
         raise OptionError(f"embed backend {backend!r} runs on the CPU; use embed backend 'torch' on a GPU")
+    if not FAST_EMBED_BACKENDS_TRACE:
+        raise OptionError(
+            f"embed backend {backend!r} needs transformers>={FAST_EMBED_MIN_TRANSFORMERS} (its export traces "
+            "the encoder); use embed backend 'torch' or upgrade transformers"
+        )
     if backend == "openvino":
         return OpenVinoEncoder(name)
     return OnnxEncoder(name, backend)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from retlm.compat import bm25_save_kwargs
+
 RETRIEVERS = ("dense", "bm25", "hybrid")
 RRF_K = 60
 BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}
@@ -87,7 +89,8 @@ def build_bm25(
     tmp = Path(folder) / ".bm25.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    retriever.save(tmp, **{BM25_FILES[k]: v for k, v in names.items()}, show_progress=False)
+    files = {BM25_FILES[k]: v for k, v in names.items()}
+    retriever.save(tmp, **files, **bm25_save_kwargs(retriever.save))
     for target in names.values():
         os.replace(tmp / target, Path(folder) / target)
     shutil.rmtree(tmp, ignore_errors=True)
