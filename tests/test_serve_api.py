@@ -220,3 +220,27 @@ def test_causal_lm_backend_batches_like_hf_generate(serve_paths):
         assert chat.choices[0].message.content == tokenizer.decode(
             ref[0, ids.shape[1] :], skip_special_tokens=True
         )
+
+
+def test_requests_sent_together_share_one_batch(serve_paths):
+    """An idle worker waits ``batch_wait`` for company, so four clients that send at once are decoded as
+    one batch of four (without the wait the first would run alone: it arrives a few ms earlier)."""
+    with live_server(cca_backend(serve_paths, max_batch=4), batch_wait=2.0) as live:
+        worker = live.service.worker
+        live.client().completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=1)  # first-use costs
+        before = worker.batches, worker.rows_run
+        barrier = threading.Barrier(4)
+        answers: list = []
+
+        def ask(i: int) -> None:
+            client = live.client()
+            barrier.wait()
+            answers.append(client.completions.create(model=MODEL_ID, prompt=f"{PROMPT} {i}", max_tokens=4))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(answers) == 4
+        assert (worker.batches - before[0], worker.rows_run - before[1]) == (1, 4)

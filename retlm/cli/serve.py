@@ -62,6 +62,9 @@ class ServeOptions:
     )
     max_tokens: int = option(512, help="the largest max_tokens a request may ask (and the chat default)")
     max_batch: int = option(16, help="rows decoded together (1: requests run one at a time)")
+    batch_wait_ms: float = option(
+        20.0, help="milliseconds an idle server waits for more requests to batch with the first (0: none)"
+    )
     max_queue: int = option(64, help="requests that may wait; more get 503")
     max_body_bytes: int = option(1 << 20, help="the largest request body; larger ones get 413")
     stride: int = option(16, help="--in-context: tokens generated between two retrievals")
@@ -89,6 +92,8 @@ def validate(opts: ServeOptions) -> None:
     for name in ("max_tokens", "max_batch", "max_queue", "max_body_bytes", "stride", "query_tokens"):
         if getattr(opts, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if not 0 <= opts.batch_wait_ms <= 10_000:
+        raise UsageError(f"--batch-wait-ms must be in 0..10000, got {opts.batch_wait_ms}")
     if not 0 <= opts.shutdown_grace <= 600:
         raise UsageError(f"--shutdown-grace must be in 0..600 seconds, got {opts.shutdown_grace}")
     if opts.db is None and not opts.in_context:
@@ -154,6 +159,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model_id=opts.served_model_name or opts.model,
         max_tokens=opts.max_tokens,
         max_batch=opts.max_batch,
+        batch_wait=opts.batch_wait_ms / 1000,
         max_queue=opts.max_queue,
         max_body_bytes=opts.max_body_bytes,
         api_key=opts.api_key,

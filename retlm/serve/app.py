@@ -52,7 +52,8 @@ class ServeSettings:
     """How the server treats requests (the CLI's options; defaults for tests and library use).
 
     ``max_tokens``: the cap on a request's ``max_tokens`` (and the chat default); ``max_batch``: rows one
-    forward pass may batch (1: the queue alone, no batching); ``max_queue``: requests that may wait;
+    forward pass may batch (1: the queue alone, no batching); ``batch_wait``: seconds an idle worker waits
+    for more requests to batch with the first; ``max_queue``: requests that may wait;
     ``max_body_bytes``: the largest request body; ``api_key``: required as ``Authorization: Bearer`` on
     every route but ``/health`` and the page's static files; ``shutdown_grace``: seconds running requests
     get to finish once the server is told to stop.
@@ -61,6 +62,7 @@ class ServeSettings:
     model_id: str
     max_tokens: int = 512
     max_batch: int = 16
+    batch_wait: float = 0.02
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
@@ -128,7 +130,12 @@ class Service:
 
     def __init__(self, backend: Backend, settings: ServeSettings):
         self.backend, self.settings = backend, settings
-        self.worker = GenerationWorker(backend, max_batch=settings.max_batch, max_queue=settings.max_queue)
+        self.worker = GenerationWorker(
+            backend,
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            batch_wait=settings.batch_wait,
+        )
         self.started = int(time.time())
 
     # ---- checks

@@ -68,7 +68,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    created: float = field(default_factory=time.time)
+    created: float = field(default_factory=time.monotonic)
     withdraw: Any = None  # set by the queue: takes a cancelled job out of the waiting line
 
     @property
@@ -187,9 +187,11 @@ class BatchStreamer:
 class GenerationWorker:
     """The thread that owns the model, and the bounded queue of jobs that feeds it."""
 
-    def __init__(self, backend: Backend, *, max_batch: int = 16, max_queue: int = 64):
+    def __init__(
+        self, backend: Backend, *, max_batch: int = 16, max_queue: int = 64, batch_wait: float = 0.02
+    ):
         self.backend = backend
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait
         self.pending: collections.deque[Job] = collections.deque()
         self.condition = threading.Condition()
         self.stopping = threading.Event()  # cancel what runs, take nothing new
@@ -245,10 +247,11 @@ class GenerationWorker:
             self.thread.join(timeout)
 
     def _next_batch(self) -> list[Job] | None:
+        """The oldest job and the waiting ones that can share its batch, gathered until the batch is full or
+        the oldest has waited ``batch_wait`` seconds: clients that send at the same moment arrive a few
+        milliseconds apart (a job that waited behind a running batch has waited long enough)."""
         with self.condition:
-            while True:
-                if self.pending:
-                    break
+            while not self.pending:
                 if self.closed:
                     return None
                 self.condition.wait(timeout=0.5)
@@ -256,15 +259,21 @@ class GenerationWorker:
             batch, rows = [first], first.rows
             key = first.batch_key()
             limit = min(self.max_batch, self.backend.max_rows(first.sampling))
-            if key is not None:
+            if key is None or rows >= limit:
+                return batch
+            deadline = first.created + self.batch_wait
+            while True:
                 for job in list(self.pending):
                     if rows + job.rows > limit:
                         break
-                    if job.batch_key() == key and not job.cancelled.is_set():
+                    if job.batch_key() == key:
                         self.pending.remove(job)
                         batch.append(job)
                         rows += job.rows
-            return batch
+                left = deadline - time.monotonic()
+                if rows >= limit or left <= 0 or self.closed:
+                    return batch
+                self.condition.wait(timeout=left)
 
     def _run(self) -> None:
         import torch
