@@ -231,6 +231,12 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
         adapter was trained on (type, width, depth, vocabulary), or an adapter file that does not fit the
         config, is refused with a ValueError."""
         folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            # a run directory: its model/ (or newest checkpoint), as `retlm eval RUN` takes it; transformers
+            # 5.4's pipeline() calls this class directly with the folder it was given
+            from retlm.models.auto import resolve_model_dir
+
+            folder = resolve_model_dir(folder)
         if not isinstance(config, RetroFitConfig):
             config = RetroFitConfig.from_pretrained(folder)
         weights = folder / WEIGHTS_NAME
