@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from retlm.cli.in_context import DEFAULT_QUERY_TOKENS, DEFAULT_STRIDE, IN_CONTEXT
 from retlm.cli.in_context import check_options as check_in_context_options
@@ -77,6 +78,19 @@ class GenerateOptions:
         help=f"the last this many tokens are the query (default {DEFAULT_QUERY_TOKENS})",
     )
 
+    def sampling(self) -> dict[str, Any]:
+        """The decoding keywords both generation paths take (RETRO's ``generate_text`` and
+        ``generate_in_context``)."""
+        return {
+            "seed": self.seed,
+            "do_sample": self.sample,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -134,14 +148,8 @@ def run_generate(args: argparse.Namespace) -> int:
         opts.prompt,
         retrieval=opts.retrieval,
         max_new_tokens=opts.max_new_tokens,
-        seed=opts.seed,
-        do_sample=opts.sample,
-        temperature=opts.temperature,
-        top_k=opts.top_k,
-        top_p=opts.top_p,
-        repetition_penalty=opts.repetition_penalty,
-        no_repeat_ngram_size=opts.no_repeat_ngram_size,
         num_neighbors=opts.num_neighbors,
+        **opts.sampling(),
     )
     print_generation(result, opts.show_neighbors)
     return 0

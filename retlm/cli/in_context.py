@@ -130,13 +130,7 @@ def run_generate(opts: Any) -> int:
         stride=opts.stride or DEFAULT_STRIDE,
         query_tokens=opts.query_tokens or DEFAULT_QUERY_TOKENS,
         num_neighbors=neighbors,
-        seed=opts.seed,
-        do_sample=opts.sample,
-        temperature=opts.temperature,
-        top_k=opts.top_k,
-        top_p=opts.top_p,
-        repetition_penalty=opts.repetition_penalty,
-        no_repeat_ngram_size=opts.no_repeat_ngram_size,
+        **opts.sampling(),
     )
     print(result.text)
     print()

@@ -117,15 +117,10 @@ def _quiet_progress(args: argparse.Namespace) -> Iterator[None]:
     if not getattr(args, "no_progress", False):
         yield
         return
-    from transformers.utils import logging as hf_logging
+    from retlm.models.auto import quiet_hf_progress
 
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_hf_progress():
         yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
