@@ -243,12 +243,17 @@ class RetrievalDatabase:
                 db = cls._open_once(path, read_json(manifest_file), tokenizer, embedder, verify, read_index)
                 db._choose_backend(embed_backend)
                 return db
-            except CorruptDatabaseError:
+            except (CorruptDatabaseError, FileNotFoundError) as err:
+                # an add() that published a new manifest deletes the old generation's files, possibly
+                # between our reading the manifest and opening (or hashing) one of its files
                 changed = not manifest_file.is_file() or not integrity.same_file(
                     before, os.stat(manifest_file)
                 )
-                if not changed or attempt == 4:
-                    raise
+                if changed and attempt < 4:
+                    continue
+                if isinstance(err, FileNotFoundError):
+                    raise CorruptDatabaseError(f"{path}: {err.filename} is missing") from err
+                raise
         raise AssertionError("unreachable")
 
     @classmethod
