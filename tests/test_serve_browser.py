@@ -46,12 +46,20 @@ def chromium(width: int = 1600, height: int = 1200):
     return webdriver.Chrome(options=options, service=Service(DRIVER))
 
 
-def drive(driver, url: str, query: str, prompt: str, max_tokens: int, timeout: float = 120) -> dict:
-    """Search for ``query`` and generate from ``prompt`` on the page at ``url``, as a person would; returns
-    what the page then shows."""
+def drive(
+    driver,
+    url: str,
+    query: str,
+    prompt: str,
+    max_tokens: int,
+    timeout: float = 120,
+    endpoint: str = "completions",
+) -> dict:
+    """Search for ``query`` and generate from ``prompt`` (``endpoint``: ``completions`` or ``chat``) on the
+    page at ``url``, as a person would; returns what the page then shows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     wait = WebDriverWait(driver, timeout)
     driver.get(url)
@@ -67,6 +75,7 @@ def drive(driver, url: str, query: str, prompt: str, max_tokens: int, timeout: f
         }
         for item in driver.find_elements(By.CSS_SELECTOR, "#results .result")
     ]
+    Select(driver.find_element(By.ID, "endpoint")).select_by_value(endpoint)
     driver.find_element(By.ID, "prompt").send_keys(prompt)
     for field, value in (("max-tokens", max_tokens), ("temperature", 0), ("repetition-penalty", 1)):
         element = driver.find_element(By.ID, field)

@@ -258,3 +258,10 @@ def test_cli_refusals_are_one_line(serve_paths, tmp_path):
     assert result.code == 2 and "no database folder" in result.err
     result = cli("serve", serve_paths["model"], "--db", serve_paths["db"], "--max-batch", "0")
     assert result.code == 2 and "--max-batch must be >= 1" in result.err
+    # beyond loopback without a key: the warning, then (192.0.2.1 is a documentation address, not this
+    # machine's) a one-line refusal to bind
+    result = cli("serve", serve_paths["model"], "--db", serve_paths["db"], "--host", "192.0.2.1")
+    assert (
+        result.code == 2 and "without an API key" in result.err and "cannot listen on 192.0.2.1" in result.err
+    )
+    assert len(result.err_lines) == 2

@@ -147,13 +147,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from retlm.serve import ServeSettings, create_app
     from retlm.serve.server import exposure_warning, listen, make_server
 
+    warning = exposure_warning(opts.host, opts.api_key)
+    if warning:
+        print(f"retlm serve: {warning}", file=sys.stderr)
     try:
         sock = listen(opts.host, opts.port)  # before the model loads: a taken port fails at once
     except OSError as err:
         raise UsageError(f"cannot listen on {opts.host}:{opts.port}: {err.strerror or err}") from None
-    warning = exposure_warning(opts.host, opts.api_key)
-    if warning:
-        print(f"retlm serve: {warning}", file=sys.stderr)
     backend = load_backend(opts)
     settings = ServeSettings(
         model_id=opts.served_model_name or opts.model,
