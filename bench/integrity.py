@@ -1,7 +1,7 @@
 """What the integrity checks of ``RetrievalDatabase.open`` cost on a 1M-chunk database.
 
 Writes (once, then reuses) a synthetic database of ``--chunks`` chunks in the real layout: chunk_size 64,
-MiniLM's tokenizer, 384-d float16 embeddings, 2 neighbours, an ``IVF1024,SQ8`` index (1M x 384 SQ8 codes,
+MiniLM's tokenizer, 384-d float16 embeddings, 2 neighbors, an ``IVF1024,SQ8`` index (1M x 384 SQ8 codes,
 the size the default ``IVF4096,SQ8`` index has) and a manifest written by ``write_manifest``. Then times,
 warm page cache, median of ``--repeat``:
 

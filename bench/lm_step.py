@@ -5,7 +5,7 @@
     .venv/bin/python bench/lm_step.py --threads 2 --repeats 5
 
 The model is `retro-tiny` (the config `retlm demo` trains) at the demo's shape: batches of 8 sequences of
-256 tokens, 2 neighbours of 128 tokens per 64-token chunk. One step is forward, cross-entropy, backward
+256 tokens, 2 neighbors of 128 tokens per 64-token chunk. One step is forward, cross-entropy, backward
 and an AdamW step, exactly what the trainer runs. Three variants, the same random batch each:
 
 - ``wordpiece-30522``: the vocabulary before this change (``--tokenizer bert``), untied head;

@@ -3,7 +3,7 @@
 synthetic embeddings: the previous default (IVF 4 sqrt(n), SQ8), the new one (fast-scan PQ with a
 float16 re-rank), variants (float32 re-rank, HNSW coarse quantizer) and, when a separate virtualenv with
 it is given, autofaiss, side by side at each size: train / add / tune time, recall@2 against exact search
-on fresh queries and on the neighbour stage's own output, neighbour-stage throughput (wall clock and per
+on fresh queries and on the neighbor stage's own output, neighbor-stage throughput (wall clock and per
 2 CPU-seconds, with the load average), index bytes per vector and peak memory.
 
     python bench/retrieval.py embed --chunks 1024 [--backends torch onnx onnx-int8 openvino]
@@ -60,7 +60,7 @@ def load_average() -> float:
 
 
 def child_ours(args) -> dict:
-    """Train, add, tune, then time the neighbour stage, in this (child) process; prints one json line."""
+    """Train, add, tune, then time the neighbor stage, in this (child) process; prints one json line."""
     from retlm.retrieval.index import (
         add_rows,
         exact_search,
@@ -90,12 +90,12 @@ def child_ours(args) -> dict:
         tuning = {"nprobe": t.nprobe, "k_factor": t.k_factor, "recall_tuning": t.recall}
     tune_s = time.perf_counter() - start
     loads.append(load_average())
-    # fresh queries, asked exactly as the neighbour stage asks (k + extra results, first k kept)
+    # fresh queries, asked exactly as the neighbor stage asks (k + extra results, first k kept)
     start = time.perf_counter()
     ids, _ = search_excluding(index, queries, K, np.zeros(len(x), dtype=np.int32), None, EXTRA)
     query_s = time.perf_counter() - start
     np.save(args.out, ids)
-    # the neighbour stage itself on the first rows (one document per chunk: only itself is excluded)
+    # the neighbor stage itself on the first rows (one document per chunk: only itself is excluded)
     rows = min(len(x), args.rows)
     doc_ids = np.arange(len(x), dtype=np.int32)
     walls, cpus = [], []
@@ -121,9 +121,9 @@ def child_ours(args) -> dict:
         "tune_s": tune_s,
         **tuning,
         "query_s": query_s,
-        "neighbour_rows": rows,
-        "neighbours_per_s": rows / min(walls),
-        "neighbours_per_2cpu_s": 2 * rows / min(cpus),
+        "neighbor_rows": rows,
+        "neighbors_per_s": rows / min(walls),
+        "neighbors_per_2cpu_s": 2 * rows / min(cpus),
         "stage_recall_at_2": stage_recall,
         "index_bytes_per_vector": index_bytes / len(x),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -234,11 +234,11 @@ def bench_index(n: int, args) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> str:
-    """A markdown table of one size's rows, with each index's neighbour rate over the previous default's."""
+    """A markdown table of one size's rows, with each index's neighbor rate over the previous default's."""
     base = next((r for r in rows if r["method"].startswith("before") and "error" not in r), None)
     lines = [
         "| method | index | nprobe | k_factor | train s | add s | tune s | recall@2 (fresh queries) "
-        "| recall@2 (stage) | neighbours/s wall | per 2 CPU-s | vs before | bytes/vector | peak RSS GiB "
+        "| recall@2 (stage) | neighbors/s wall | per 2 CPU-s | vs before | bytes/vector | peak RSS GiB "
         "| load avg |",
         "|" + "---|" * 15,
     ]
@@ -250,8 +250,8 @@ def summary(rows: list[dict]) -> str:
         def f(key: str, fmt: str = ".1f", r: dict = r) -> str:
             return format(r[key], fmt) if r.get(key) is not None else "–"
 
-        rate = r.get("neighbours_per_s") or r.get("search_k12_per_s")
-        ratio = f"{rate / base['neighbours_per_s']:.1f}x" if base and rate else "–"
+        rate = r.get("neighbors_per_s") or r.get("search_k12_per_s")
+        ratio = f"{rate / base['neighbors_per_s']:.1f}x" if base and rate else "–"
         load = r.get("load_average") or ["–"]
         nprobe = r.get("nprobe") or r.get("nprobe_params") or "–"
         cells = [
@@ -265,7 +265,7 @@ def summary(rows: list[dict]) -> str:
             f("recall_at_2", ".3f"),
             f("stage_recall_at_2", ".3f"),
             format(rate, ".0f") if rate else "–",
-            f("neighbours_per_2cpu_s", ".0f"),
+            f("neighbors_per_2cpu_s", ".0f"),
             ratio,
             f("index_bytes_per_vector", ".0f"),
             f("peak_rss_gib", ".2f"),
@@ -278,7 +278,7 @@ def summary(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- scale
 def child_scale(args) -> dict:
     """The index-side stages of a build of ``n`` chunks on synthetic float16 embeddings, timed one by
-    one with the default settings: train, add, tune, the neighbour stage (on ``rows`` rows, its rate
+    one with the default settings: train, add, tune, the neighbor stage (on ``rows`` rows, its rate
     extrapolated to all), and finalize's checksums; peak memory and the files' bytes per chunk."""
     from retlm.retrieval._storage import sha256_file
     from retlm.retrieval.index import add_rows, choose_factory, train_index, tune_search, write_index
@@ -324,10 +324,10 @@ def child_scale(args) -> dict:
         "train_s": times["train"],
         "add_s": times["add"],
         "tune_s": times["tune"],
-        "neighbour_rows": rows,
-        "neighbours_per_s": rows / wall,
-        "neighbours_per_2cpu_s": 2 * rows / cpu,
-        "neighbours_stage_s": n * wall / rows,
+        "neighbor_rows": rows,
+        "neighbors_per_s": rows / wall,
+        "neighbors_per_2cpu_s": 2 * rows / cpu,
+        "neighbors_stage_s": n * wall / rows,
         "index_bytes_per_chunk": index_bytes / n,
         "checksum_s_per_gb": checksum_s_per_byte * 1e9,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -359,7 +359,7 @@ def scale_summary(rows: list[dict], chunking: dict, embed_rate: float) -> str:
     c = 64
     per_chunk_files = (c + 1) * 4 + 4 + 4 * chunking["seqs"] / chunking["chunks"] + DIM * 2 + K * 4
     lines = [
-        "| n | index | nprobe / k_factor | chunk s* | embed s* | train s | add s | tune s | neighbours s "
+        "| n | index | nprobe / k_factor | chunk s* | embed s* | train s | add s | tune s | neighbors s "
         "(rate/s wall, per 2 CPU-s) | checksums s | disk bytes/chunk (index) | peak RSS GiB | load avg |",
         "|" + "---|" * 13,
     ]
@@ -379,7 +379,7 @@ def scale_summary(rows: list[dict], chunking: dict, embed_rate: float) -> str:
             f"{r['train_s']:.1f}",
             f"{r['add_s']:.1f}",
             f"{r['tune_s']:.1f}",
-            f"{r['neighbours_stage_s']:.0f} ({r['neighbours_per_s']:.0f}, {r['neighbours_per_2cpu_s']:.0f})",
+            f"{r['neighbors_stage_s']:.0f} ({r['neighbors_per_s']:.0f}, {r['neighbors_per_2cpu_s']:.0f})",
             f"{checksum_s:.1f}",
             f"{disk:.0f} ({r['index_bytes_per_chunk']:.0f})",
             f"{r['peak_rss_gib']:.2f}",
@@ -408,8 +408,8 @@ def main() -> None:
     i.add_argument("--n", type=int, nargs="+", default=[200_000, 1_000_000])
     i.add_argument("--queries", type=int, default=1000, help="fresh query vectors (not in the database)")
     i.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="of the vectors")
-    i.add_argument("--rows", type=int, default=50_000, help="rows of the timed neighbour stage")
-    i.add_argument("--repeats", type=int, default=3, help="neighbour-stage runs (the fastest is kept)")
+    i.add_argument("--rows", type=int, default=50_000, help="rows of the timed neighbor stage")
+    i.add_argument("--repeats", type=int, default=3, help="neighbor-stage runs (the fastest is kept)")
     i.add_argument("--autofaiss-python", default=None, help="python of a virtualenv with autofaiss")
     i.add_argument("--autofaiss-max-n", type=int, default=200_000)
     i.add_argument(
@@ -423,7 +423,7 @@ def main() -> None:
     i.add_argument("--keep", action="store_true")
     c = sub.add_parser("scale")
     c.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000, 3_000_000])
-    c.add_argument("--rows", type=int, default=50_000, help="rows of the timed neighbour stage")
+    c.add_argument("--rows", type=int, default=50_000, help="rows of the timed neighbor stage")
     c.add_argument("--embed-rate", type=float, default=153.0, help="embedding chunks/s (from `embed`)")
     c.add_argument("--timeout", type=float, default=3600)
     c.add_argument("--workdir", default=None)

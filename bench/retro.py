@@ -18,7 +18,7 @@ Two parts, each run in this one process and printed as markdown tables with rati
    Steps are interleaved (peer, ours, ... per repetition) after warm-up, and medians are reported.
 2. generate: `generate_with_retrieval` for 2,048 new tokens (greedy, batch 1) after a one-chunk
    prompt, transformer decoder (KV cache) vs RetNet decoder (recurrent state), retrieving at every
-   chunk boundary from a synthetic database whose `search` is embedding-free (neighbour tokens are a
+   chunk boundary from a synthetic database whose `search` is embedding-free (neighbor tokens are a
    cheap function of the query chunk), so retrieval costs microseconds and the model's time dominates.
    Each model call is timed through a thin wrapper, which gives per-token latencies at the start and
    at the end of the 2,048 tokens.
@@ -92,7 +92,7 @@ SIZES = {
     ),
 }
 BATCH = {"small": 2, "seed": 2}
-NUM_NEIGHBOURS = 2
+NUM_NEIGHBORS = 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def make_batch(kwargs: dict, batch: int, device: torch.device) -> tuple[torch.Te
     generator = torch.Generator().manual_seed(0)
     n, c, vocab = kwargs["max_seq_len"], kwargs["chunk_size"], kwargs["num_tokens"]
     seq = torch.randint(1, vocab, (batch, n + 1), generator=generator)
-    retrieved = torch.randint(1, vocab, (batch, n // c, NUM_NEIGHBOURS, 2 * c), generator=generator)
+    retrieved = torch.randint(1, vocab, (batch, n // c, NUM_NEIGHBORS, 2 * c), generator=generator)
     return seq.to(device), retrieved.to(device)
 
 
@@ -228,7 +228,7 @@ def bench_train(peer_module, kwargs: dict, batch: int, device: torch.device, war
     peer_cpu = statistics.median(cpu_times[names[0]])
     print(
         f"\n### train: forward + backward + AdamW step, batch {batch} x seq {kwargs['max_seq_len']}, "
-        f"{NUM_NEIGHBOURS} neighbours x {2 * kwargs['chunk_size']} tokens, medians of {repeats} "
+        f"{NUM_NEIGHBORS} neighbors x {2 * kwargs['chunk_size']} tokens, medians of {repeats} "
         f"interleaved steps after {warmup} warm-up\n"
     )
     print(
@@ -268,12 +268,12 @@ def profile_step(models: dict, seq, retrieved, rows: int) -> None:
 
 
 class SyntheticDatabase:
-    """A duck-typed retrieval database without embeddings: the k neighbours (+ continuations) of a query
+    """A duck-typed retrieval database without embeddings: the k neighbors (+ continuations) of a query
     chunk are a deterministic function of the chunk's token sum (a few microseconds per search)."""
 
     pad_id = 0
 
-    def __init__(self, chunk_size: int, vocab: int, num_neighbors: int = NUM_NEIGHBOURS) -> None:
+    def __init__(self, chunk_size: int, vocab: int, num_neighbors: int = NUM_NEIGHBORS) -> None:
         self.chunk_size, self.vocab, self.num_neighbors = chunk_size, vocab, num_neighbors
         self.searches = 0
 
@@ -315,7 +315,7 @@ class TimedModel:
 
 def cache_bytes(cache) -> int:
     """Bytes of every tensor a RetroCache holds (per-layer KV or retention state, chunk context,
-    encoded neighbours and their mask)."""
+    encoded neighbors and their mask)."""
     tensors = []
 
     def collect(value) -> None:
@@ -327,7 +327,7 @@ def cache_bytes(cache) -> int:
         elif isinstance(value, KVCache):  # count the allocated buffers, not only the filled part
             collect([value.keys, value.values])
 
-    collect([cache.layers, cache.context, cache.neighbours, cache.neighbour_mask])
+    collect([cache.layers, cache.context, cache.neighbors, cache.neighbor_mask])
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -380,7 +380,7 @@ def bench_generate(kwargs: dict, new_tokens: int, device: torch.device, rounds: 
     window = best["transformer"]["window"]
     print(
         f"\n### generate: {new_tokens} new tokens (greedy, batch 1) after a {c}-token prompt, retrieving "
-        f"{NUM_NEIGHBOURS} neighbours at each of the {new_tokens // c} chunk boundaries from a synthetic "
+        f"{NUM_NEIGHBORS} neighbors at each of the {new_tokens // c} chunk boundaries from a synthetic "
         f"database; median of {rounds} interleaved rounds; ms/token = median over the first / last "
         f"{window} steps\n"
     )

@@ -9,8 +9,8 @@ retrofit keeps it (retlm refuses another) and the held-out documents are never a
 either; this is checked here on the sequences each run trains on. ``WORK/gpt2`` is a retlm run
 directory: ``retlm retrofit --base WORK/gpt2`` (or ``WORK/gpt2/model``, a plain HF folder) takes it.
 
-Each retrofitting checkpoint (``--steps``) is scored on the held-out documents with its real neighbours,
-with another held-out sequence's neighbours, and with retrieval off, which must give the base's losses
+Each retrofitting checkpoint (``--steps``) is scored on the held-out documents with its real neighbors,
+with another held-out sequence's neighbors, and with retrieval off, which must give the base's losses
 exactly (checked), in bits per byte by overlap bucket with paired bootstrap 95% intervals, and the gain's
 trend with steps is extrapolated to the run that would resolve it (``retrofit.trend``).
 

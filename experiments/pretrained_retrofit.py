@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     final = report["retrofit"][last]["buckets"][-1]["bits_per_byte"]
     report["summary"] = {
         "base": final["base"],
-        "retrofit_real": final["real_neighbours"],
-        "retrofit_other": final["other_neighbours"],
+        "retrofit_real": final["real_neighbors"],
+        "retrofit_other": final["other_neighbors"],
     }
     if ralm_nll is not None:
         report["summary"]["in_context"] = float(buckets.bits(ralm_nll).sum() / buckets.bytes.sum())

@@ -14,8 +14,8 @@ metric, comparable across tokenizers: ``--tokenizer gpt2``, the default, or ``be
 - a paired bootstrap (over held-out sequences) of the per-token loss difference, control minus RETRO
   with retrieval, so that a difference can be told apart from noise;
 - the loss change that retrieval brings on *copyable* target tokens (the bigram that ends at the
-  target occurs in a neighbour, or its continuation, that the token may read) against the other
-  tokens: if the model reads its neighbours, the gain concentrates on the copyable ones.
+  target occurs in a neighbor, or its continuation, that the token may read) against the other
+  tokens: if the model reads its neighbors, the gain concentrates on the copyable ones.
 
 Re-running the command reuses the database and finished training runs (the scores are recomputed).
 
@@ -85,7 +85,7 @@ def per_token_losses(
 
 
 def copyable_mask(dataset: Any, chunk_size: int) -> np.ndarray:
-    """``(n_sequences, seq_len)`` bool: the target's bigram (previous token, target) occurs in a neighbour
+    """``(n_sequences, seq_len)`` bool: the target's bigram (previous token, target) occurs in a neighbor
     (or its continuation) that the target may read, i.e. one retrieved for the previous chunk."""
     masks = []
     for i in range(len(dataset)):
@@ -93,12 +93,12 @@ def copyable_mask(dataset: Any, chunk_size: int) -> np.ndarray:
         targets = len(seq) - 1
         mask = np.zeros(targets, dtype=bool)
         for t in range(targets):  # target seq[t + 1], read at position t
-            chunk = (t + 1) // chunk_size  # position t reads neighbours of chunks < (t + 1) // chunk_size
+            chunk = (t + 1) // chunk_size  # position t reads neighbors of chunks < (t + 1) // chunk_size
             if chunk == 0:
                 continue
-            neighbours = retrieved[chunk - 1]  # (k, 2 * chunk_size)
+            neighbors = retrieved[chunk - 1]  # (k, 2 * chunk_size)
             pairs = set(
-                zip(neighbours[:, :-1].ravel().tolist(), neighbours[:, 1:].ravel().tolist(), strict=True)
+                zip(neighbors[:, :-1].ravel().tolist(), neighbors[:, 1:].ravel().tolist(), strict=True)
             )
             mask[t] = (int(seq[t]), int(seq[t + 1])) in pairs
         masks.append(mask)

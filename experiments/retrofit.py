@@ -1,17 +1,17 @@
 """RETRO-fitting (the paper's section 4.2) the control of ``retrieval_helps.py`` with ``retlm retrofit``,
-scored by neighbour-overlap bucket, at several training lengths.
+scored by neighbor-overlap bucket, at several training lengths.
 
 The control (a RETRO with a RetNet decoder trained with no retrieval) is the base: it stays frozen and
-only the new parameters train (a RETRO encoder of the neighbours and chunked cross-attention after the
+only the new parameters train (a RETRO encoder of the neighbors and chunked cross-attention after the
 chosen decoder layers, each starting at zero), through the library's trainer, with retrieval, on the
 training documents. With retrieval off the retrofitted model *is* the control, weight for weight (checked
 here), so a held-out difference comes from what the CCA layers read and not from training noise.
 
 Each checkpoint (``--steps``, e.g. 100,300,900 of one run) is scored on the held-out documents three
-ways: with its real neighbours, with the neighbours of another held-out sequence (real text, but
+ways: with its real neighbors, with the neighbors of another held-out sequence (real text, but
 unrelated: what a model gains from extra capacity alone), and with retrieval off (the base). The
-numbers are bits per byte, overall and per bucket of how much of each chunk its neighbours contain
-(:mod:`retlm.training.overlap`; buckets by the real neighbours, so the same tokens are compared), with
+numbers are bits per byte, overall and per bucket of how much of each chunk its neighbors contain
+(:mod:`retlm.training.overlap`; buckets by the real neighbors, so the same tokens are compared), with
 paired bootstrap 95% intervals over held-out sequences. From the trend of the gain with training steps
 it estimates the run that would resolve it.
 
@@ -55,8 +55,8 @@ BUCKETS = [*range(len(BUCKET_NAMES)), UNBUCKETED]
 NAMES = [*BUCKET_NAMES, UNBUCKETED_NAME]
 
 
-class OtherNeighbours(Dataset):
-    """``dataset`` with each sequence given the neighbours of the sequence half the dataset away."""
+class OtherNeighbors(Dataset):
+    """``dataset`` with each sequence given the neighbors of the sequence half the dataset away."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -71,7 +71,7 @@ class OtherNeighbours(Dataset):
 
 
 class Buckets:
-    """Where every held-out target and byte goes: per sequence, per bucket (by the real neighbours)."""
+    """Where every held-out target and byte goes: per sequence, per bucket (by the real neighbors)."""
 
     def __init__(self, heldout: Any, db: Any) -> None:
         c, pad = int(db.chunk_size), int(db.pad_id)
@@ -139,17 +139,17 @@ def score_retrofit(
     """``check_base``: also score with retrieval off and check that it is the base exactly (one more pass
     over the held-out set; without it the base's scores stand for retrieval off)."""
     real, _ = token_nll(model, heldout, pad_id=pad, retrieval=True, eos_id=eos)
-    other, _ = token_nll(model, OtherNeighbours(heldout), pad_id=pad, retrieval=True, eos_id=eos)
+    other, _ = token_nll(model, OtherNeighbors(heldout), pad_id=pad, retrieval=True, eos_id=eos)
     off = control_nll
     if check_base:
         off, _ = token_nll(model, heldout, pad_id=pad, retrieval=False, eos_id=eos)
         assert np.array_equal(off, control_nll), "retrieval off must give the base (the control) exactly"
     return {
         "buckets": buckets.table(
-            {"real_neighbours": real, "other_neighbours": other, "base": off},
+            {"real_neighbors": real, "other_neighbors": other, "base": off},
             {
-                "base_minus_real": ("base", "real_neighbours"),
-                "other_minus_real": ("other_neighbours", "real_neighbours"),
+                "base_minus_real": ("base", "real_neighbors"),
+                "other_minus_real": ("other_neighbors", "real_neighbors"),
             },
         )
     }
@@ -257,9 +257,9 @@ def retrofit_and_score(
         "lr": args.lr,
         "batch_size": args.batch_size,
     }
-    # the gain over the base, and (trend_of_neighbour_gain) over the same model reading another
-    # sequence's neighbours: what the neighbours' text itself gives, without the adapter's extra capacity
-    for key, pair in (("trend_of_gain", "base_minus_real"), ("trend_of_neighbour_gain", "other_minus_real")):
+    # the gain over the base, and (trend_of_neighbor_gain) over the same model reading another
+    # sequence's neighbors: what the neighbors' text itself gives, without the adapter's extra capacity
+    for key, pair in (("trend_of_gain", "base_minus_real"), ("trend_of_neighbor_gain", "other_minus_real")):
         for j, name in [*enumerate(NAMES), (len(NAMES), "all")]:
             rows = [report["retrofit"][s]["buckets"][j] for s in steps]
             if all(pair in r for r in rows):
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         off, _ = token_nll(retro, heldout, pad_id=pad, retrieval=False, eos_id=eos)
         filtered_view = OverlapView(heldout, int(db.chunk_size), pad, args.max_overlap)
         filtered, _ = token_nll(retro, filtered_view, pad_id=pad, retrieval=True, eos_id=eos)
-        report["filtered_neighbours_dropped"] = [filtered_view.dropped, filtered_view.neighbours]
+        report["filtered_neighbors_dropped"] = [filtered_view.dropped, filtered_view.neighbors]
         report["trained_pair"] = buckets.table(
             {
                 "retro_on": on,

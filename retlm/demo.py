@@ -72,7 +72,7 @@ class DemoOptions:
     )
     seq_len: int = option(256, help="training sequence length")
     chunk_size: int = option(64, help="tokens per retrieval chunk")
-    num_neighbors: int = option(2, flag="--neighbors", aliases=("--neighbours",), help="neighbours per chunk")
+    num_neighbors: int = option(2, flag="--neighbors", aliases=("--neighbours",), help="neighbors per chunk")
     batch_size: int = option(8, help="training batch size")
     lr: float = option(2e-3, help="peak learning rate")
     eval_sequences: int | None = option(
@@ -266,7 +266,7 @@ def generate_samples(
     opts: DemoOptions, db: Any, model: Any, prompts: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Generate from each prompt and print it readably; the records of ``report.json``'s generations."""
-    from retlm.generation import generate_text, print_neighbours
+    from retlm.generation import generate_text, print_neighbors
 
     source = (
         "the first chunk of a held-out document, to its last sentence end"
@@ -302,14 +302,14 @@ def generate_samples(
         _say("=== continuation ===")
         _say(quoted(generated.continuation))
         _say("=== what the model read, chunk by chunk ===")
-        print_neighbours(generated)
+        print_neighbors(generated)
         records.append(
             {
                 **p,
                 "continuation": generated.continuation,
                 "text": generated.text,
                 "chunks": [
-                    {"query": query, "neighbours": [n.__dict__ for n in ns]} for query, ns in generated.chunks
+                    {"query": query, "neighbors": [n.__dict__ for n in ns]} for query, ns in generated.chunks
                 ],
             }
         )
@@ -370,7 +370,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "path": str(db.path),
             "chunks": int(db.num_chunks),
             "chunk_size": int(db.chunk_size),
-            "neighbours": int(db.num_neighbors),
+            "neighbors": int(db.num_neighbors),
             "tokenizer": db.tokenizer_name,
         },
         "training": {

@@ -123,11 +123,13 @@ def coerce(action: argparse.Action, key: str, value: Any) -> Any:
 def config_defaults(sub: argparse.ArgumentParser, command: str, values: dict[str, Any]) -> dict[str, Any]:
     """``--config`` values, by option ``dest``, checked against the subcommand's options."""
     wanted = [a for a in sub._actions if a.dest not in ("help", "config")]
-    actions = {a.dest: a for a in wanted}
-    spellings = dict(actions)  # a key may also be any of an option's flags: neighbours -> num_neighbors
+    actions: dict[str, argparse.Action] = {}
+    for action in wanted:  # the first is the flag help shows; a hidden alias shares its dest
+        actions.setdefault(action.dest, action)
+    spellings = dict(actions)  # a key may also be any of an option's flags: neighbors -> num_neighbors
     for action in wanted:
         for flag in action.option_strings:
-            spellings.setdefault(flag.lstrip("-").replace("-", "_"), action)
+            spellings.setdefault(flag.lstrip("-").replace("-", "_"), actions[action.dest])
     defaults: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -151,7 +153,7 @@ def config_defaults(sub: argparse.ArgumentParser, command: str, values: dict[str
 # required) comes from the field itself:
 #   help       the help text (required: `retlm CMD --help` shows every option with help and default)
 #   flag       the flag, default ``--field-name``; ``positional=True``: a positional argument instead
-#   aliases    other accepted spellings (e.g. ``--neighbours`` for ``--neighbors``), listed beside the flag
+#   aliases    other accepted spellings (e.g. ``--neighbours`` for ``--neighbors``), hidden from help
 #   choices, metavar, type (argparse ``type`` when the annotation is not enough), group (an argument
 #   group title), cli (False: a Python-only keyword)
 #   negate     a bool field that defaults to True and is switched off by ``flag`` (``--no-progress``)
@@ -238,7 +240,7 @@ def add_dataclass_arguments(
             else (f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
         )
         aliases = tuple(meta.get("aliases", ()))
-        kwargs: dict[str, Any] = {"help": meta["help"]}  # argparse lists the aliases beside the flag
+        kwargs: dict[str, Any] = {"help": meta["help"]}
         kind = _base_type(hints[f.name])
         if kind is bool:
             if meta.get("negate"):
@@ -248,7 +250,7 @@ def add_dataclass_arguments(
             else:
                 kwargs.update(action="store_true", dest=f.name, default=bool(default))
             flag = meta.get("flag", "--" + _dest(f).replace("_", "-"))
-            actions[f.name] = target.add_argument(flag, *aliases, **kwargs)
+            actions[f.name] = _add_with_hidden_aliases(target, flag, aliases, kwargs)
             continue
         kwargs["type"] = meta.get("type", kind if kind in (int, float, Path) else None)
         for key in ("choices", "metavar"):
@@ -263,8 +265,20 @@ def add_dataclass_arguments(
         kwargs.update(dest=f.name, default=default)
         if required:
             kwargs["required"] = True
-        actions[f.name] = target.add_argument(flag, *aliases, **kwargs)
+        actions[f.name] = _add_with_hidden_aliases(target, flag, aliases, kwargs)
     return actions
+
+
+def _add_with_hidden_aliases(
+    target: Any, flag: str, aliases: tuple[str, ...], kwargs: dict[str, Any]
+) -> argparse.Action:
+    """The flag as help shows it, and each older spelling as an argument of its own that help hides
+    (same destination; no default of its own, so the flag's default stands)."""
+    action = target.add_argument(flag, **kwargs)
+    if aliases:
+        hidden = {**kwargs, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS, "required": False}
+        target.add_argument(*aliases, **hidden)
+    return action
 
 
 def options_from(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:

@@ -114,3 +114,20 @@ def retlm_home() -> Path:
     """The folder where retlm caches what it builds once per machine (converted or exported models):
     ``$RETLM_HOME``, default ``~/.cache/retlm``. Created on first use by whoever writes into it."""
     return Path(os.environ.get(RETLM_HOME_ENV) or Path.home() / ".cache" / "retlm").expanduser()
+
+
+def deprecated_aliases(module: str, renamed: dict[str, str]) -> Callable[[str], object]:
+    """A module ``__getattr__`` serving each old public name (``renamed``: old -> new) for one release,
+    with a ``DeprecationWarning`` naming the new one."""
+    import importlib
+    import warnings
+
+    def __getattr__(name: str) -> object:
+        if name not in renamed:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{module}.{name} is deprecated; use {module}.{renamed[name]}", DeprecationWarning, stacklevel=2
+        )
+        return getattr(importlib.import_module(module), renamed[name])
+
+    return __getattr__

@@ -84,7 +84,7 @@ def test_defaults_of_the_command_line_are_the_dataclass_defaults(command):
 
 
 @pytest.mark.parametrize("command", ["build-db", "generate", "demo"])
-def test_neighbours_alias_equals_neighbors(command):
+def test_neighbors_alias_equals_neighbors(command):
     cls, required = COMMANDS[command]
     one = options_from(_parse([command, *required, "--neighbors", "3"]), cls)
     other = options_from(_parse([command, *required, "--neighbours", "3"]), cls)
@@ -108,7 +108,7 @@ def test_yaml_config_and_flags_give_the_same_options(tmp_path):
 
 def test_command_line_wins_over_config_and_zero_means_none(tmp_path):
     config = tmp_path / "demo.yaml"
-    config.write_text("neighbours: 5\neval_sequences: 0\nlr: 0.01\n")
+    config.write_text("neighbors: 5\neval_sequences: 0\nlr: 0.01\n")
     opts = options_from(_parse(["demo", "--config", config, "--neighbors", "4"]), DemoOptions)
     assert opts == DemoOptions(num_neighbors=4, eval_sequences=None, lr=0.01)
 

@@ -56,9 +56,9 @@ def assert_failure(result, message):
 # ---- defect 2: options bounded by what the data allows, before any work ----
 
 
-def test_huge_k_and_neighbours_are_refused_before_any_work(robust, tmp_path):
+def test_huge_k_and_neighbors_are_refused_before_any_work(robust, tmp_path):
     assert_usage(cli("search", robust.db, "a query", "-k", 10**9), "-k must be at most")
-    # the model is corrupted: had generate loaded it before checking --neighbours, it would exit 1
+    # the model is corrupted: had generate loaded it before checking --neighbors, it would exit 1
     model = copy_tree(robust.model, tmp_path / "model")
     flip(model / "model.safetensors")
     result = cli("generate", model, "The assert statement", "--db", robust.db, "--neighbours", 10**6)
@@ -222,7 +222,7 @@ def test_empty_query_and_bad_exclude_doc_are_refused(robust):
 
     db = RetrievalDatabase.open(robust.db)
     with pytest.raises(ValueError, match="query 0 holds no token"):
-        db.search([""], k=1)  # the library too: not the neighbours of the padding chunk
+        db.search([""], k=1)  # the library too: not the neighbors of the padding chunk
     with pytest.raises(ValueError, match="exclude_doc_ids must be document ids"):
         db.search(["a query"], k=1, exclude_doc_ids=[10])
 

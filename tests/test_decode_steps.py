@@ -133,7 +133,7 @@ def test_retnet_continuation_from_a_returned_cache_feeds_only_new_tokens(name: s
 
 
 class FakeDatabase:
-    """Neighbours are a deterministic function of the query chunk."""
+    """Neighbors are a deterministic function of the query chunk."""
 
     chunk_size, pad_id, num_neighbors = C, 0, 2
 

@@ -111,7 +111,7 @@ def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_y
     lines = first.stdout.strip().splitlines()
     assert lines[-3].startswith("held-out perplexity with retrieval:") and "bits per byte" in lines[-3]
     assert lines[-1].startswith("ratio (without / with):")
-    # two prompts from held-out documents, cased text, every neighbour under its document's name
+    # two prompts from held-out documents, cased text, every neighbor under its document's name
     model_config = json.loads((work / "run" / "model" / "config.json").read_text())
     heldout_docs = set(model_config["retlm_data"]["split"]["heldout_docs"])
     generations = report["generations"]
@@ -119,10 +119,10 @@ def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_y
     for i, g in enumerate(generations, 1):
         assert g["prompt"].startswith("Note ") and g["text"].startswith(g["prompt"])
         assert f"=== prompt {i} of 2 (held out: {g['document']}) ===" in first.stdout
-        neighbours = [n for chunk in g["chunks"] for n in chunk["neighbours"]]
-        assert neighbours and all(n["doc_name"].startswith("doc") for n in neighbours)
-        assert all(n["doc_id"] != g["doc_id"] for n in neighbours)  # the prompt's own document is excluded
-    assert "chunk 0: (of the prompt)" in first.stdout and "  neighbour 1: doc" in first.stdout
+        neighbors = [n for chunk in g["chunks"] for n in chunk["neighbors"]]
+        assert neighbors and all(n["doc_name"].startswith("doc") for n in neighbors)
+        assert all(n["doc_id"] != g["doc_id"] for n in neighbors)  # the prompt's own document is excluded
+    assert "chunk 0: (of the prompt)" in first.stdout and "  neighbor 1: doc" in first.stdout
     assert "    | Note " in first.stdout
     # the pretrained LM first: held-out bits per byte three ways, then its continuations with sources
     pretrained = report["pretrained"]

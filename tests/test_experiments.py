@@ -15,17 +15,17 @@ retrieval_helps = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(retrieval_helps)
 
 
-def test_copyable_means_the_bigram_is_in_a_neighbour_the_target_may_read():
-    # chunk_size 2, seq_len 4: position t reads the neighbours of chunk (t + 1) // 2 - 1
+def test_copyable_means_the_bigram_is_in_a_neighbor_the_target_may_read():
+    # chunk_size 2, seq_len 4: position t reads the neighbors of chunk (t + 1) // 2 - 1
     seq = torch.tensor([1, 2, 3, 4, 5])
     retrieved = torch.tensor(
         [
-            [[9, 3, 4, 9]],  # neighbours of chunk 0: read from position 1 on
+            [[9, 3, 4, 9]],  # neighbors of chunk 0: read from position 1 on
             [[1, 2, 4, 5]],
         ]
-    )  # neighbours of chunk 1: read from position 3 on
+    )  # neighbors of chunk 1: read from position 3 on
     mask = retrieval_helps.copyable_mask([(seq, retrieved)], chunk_size=2)
-    # t=0 reads nothing; t=1 (2->3) and t=2 (3->4) read chunk 0's neighbour; t=3 (4->5) chunk 1's
+    # t=0 reads nothing; t=1 (2->3) and t=2 (3->4) read chunk 0's neighbor; t=3 (4->5) chunk 1's
     assert mask.tolist() == [[False, False, True, True]]
 
 
@@ -213,11 +213,11 @@ def test_gpt2_trained_from_scratch_then_retrofitted(tmp_path, monkeypatch):
         for row in rows:
             if "bits_per_byte" not in row:
                 continue  # a bucket with no chunk
-            assert set(row["bits_per_byte"]) == {"real_neighbours", "other_neighbours", "base"}
+            assert set(row["bits_per_byte"]) == {"real_neighbors", "other_neighbors", "base"}
             for pair in ("base_minus_real", "other_minus_real"):
                 low, high = row[pair]["ci95"]
                 assert low <= row[pair]["mean"] <= high
-    assert "all" in report["trend_of_gain"] and "all" in report["trend_of_neighbour_gain"]
+    assert "all" in report["trend_of_gain"] and "all" in report["trend_of_neighbor_gain"]
     assert report["tokens_per_step"] == 2 * 64
 
     # `retlm retrofit --base` takes the run directory as it is

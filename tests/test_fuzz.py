@@ -185,7 +185,7 @@ def command_specs(robust, out: Path) -> dict:
                 "--neighbours",
                 "--sample",
                 "--no-retrieval",
-                "--show-neighbours",
+                "--show-neighbors",
             ],
         ),
         "demo": (
@@ -287,7 +287,7 @@ def test_random_option_values_give_one_line_errors_or_success(robust, no_demo_wo
             "--verify",
             "--sample",
             "--no-retrieval",
-            "--show-neighbours",
+            "--show-neighbors",
             "--no-progress",
         )
         if through_config:

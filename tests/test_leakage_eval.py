@@ -1,10 +1,10 @@
-"""Loss and bits per byte bucketed by neighbour overlap (retlm/training/leakage.py), against a float64
+"""Loss and bits per byte bucketed by neighbor overlap (retlm/training/leakage.py), against a float64
 reference that scores every target by hand and buckets it with the naive overlap of test_overlap.py;
 the filtered evaluation; the `retlm eval` table and plot.
 
-On the twin database (tests/training_helpers.py) each chunk's first neighbour is the same chunk of an
+On the twin database (tests/training_helpers.py) each chunk's first neighbor is the same chunk of an
 identical document, so its continuation holds the next chunk whole: most chunks overlap their
-neighbours fully, which is what the filtered evaluation must remove.
+neighbors fully, which is what the filtered evaluation must remove.
 """
 
 from __future__ import annotations
@@ -105,12 +105,12 @@ def test_buckets_add_up_to_the_plain_evaluation(db, trained):
             assert math.isclose(result[key][metric], plain[key][metric], rel_tol=1e-6), (key, metric)
         nats = sum(r[key]["loss"] * r["tokens"] for r in rows if r["tokens"])
         assert math.isclose(nats / result["tokens"], result[key]["loss"], rel_tol=1e-9)
-    # retrieval off does not depend on the neighbours; the first chunk reads none either way
+    # retrieval off does not depend on the neighbors; the first chunk reads none either way
     unbucketed = rows[-1]
     assert unbucketed["bucket"] == UNBUCKETED_NAME
 
 
-def test_max_overlap_drops_exactly_the_neighbours_above_it(db, trained):
+def test_max_overlap_drops_exactly_the_neighbors_above_it(db, trained):
     _, model, heldout = trained
     view = OverlapView(heldout, C, 0, max_overlap=0.5)
     assert view.dropped > 0
@@ -125,7 +125,7 @@ def test_max_overlap_drops_exactly_the_neighbours_above_it(db, trained):
         model, heldout, pad_id=0, chunk_size=C, tokenizer=db.tokenizer, max_overlap=0.5
     )
     full = score_by_overlap(model, heldout, pad_id=0, chunk_size=C, tokenizer=db.tokenizer)
-    assert filtered["overlap"]["dropped_neighbours"] == view.dropped
+    assert filtered["overlap"]["dropped_neighbors"] == view.dropped
     assert filtered["without_retrieval"] == full["without_retrieval"]
     assert filtered["with_retrieval"]["loss"] != full["with_retrieval"]["loss"]
     assert filtered["overlap"]["buckets"][3]["tokens"] < full["overlap"]["buckets"][3]["tokens"]

@@ -162,7 +162,7 @@ KILL_POINTS = [
     pytest.param("embed_rows", 1, "before", id="before-embedding", marks=pytest.mark.slow),
     pytest.param("_concat_files", 1, "after", id="after-embeddings-concatenated", marks=pytest.mark.slow),
     pytest.param("write_index", 1, "after", id="after-index-written", marks=pytest.mark.slow),
-    pytest.param("compute_neighbors", 1, "after", id="after-neighbours", marks=pytest.mark.slow),
+    pytest.param("compute_neighbors", 1, "after", id="after-neighbors", marks=pytest.mark.slow),
     pytest.param("replace:chunks.g", 1, "after", id="after-first-file-moved", marks=pytest.mark.slow),
     pytest.param("replace:knn.g", 1, "after", id="after-fifth-file-moved"),
     pytest.param("replace:index.g", 1, "after", id="after-last-file-moved", marks=pytest.mark.slow),

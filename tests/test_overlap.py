@@ -1,4 +1,4 @@
-"""The neighbour-overlap measure (retlm/training/overlap.py) against a naive reference that tries every
+"""The neighbor-overlap measure (retlm/training/overlap.py) against a naive reference that tries every
 span of the chunk, and its alignment with what each target token reads."""
 
 from __future__ import annotations
@@ -20,26 +20,26 @@ from retlm.training.overlap import (
 PAD = 0
 
 
-def naive_span(chunk: list[int], neighbour: list[int]) -> tuple[int, int]:
-    """(length, start) of the longest chunk span occurring contiguously in the neighbour; the leftmost."""
+def naive_span(chunk: list[int], neighbor: list[int]) -> tuple[int, int]:
+    """(length, start) of the longest chunk span occurring contiguously in the neighbor; the leftmost."""
     best, best_start = 0, 0
     for i in range(len(chunk)):
         for j in range(i + 1, len(chunk) + 1):
             span = chunk[i:j]
             if any(t == PAD or t < 0 for t in span):
                 break
-            found = any(neighbour[s : s + len(span)] == span for s in range(len(neighbour) - len(span) + 1))
+            found = any(neighbor[s : s + len(span)] == span for s in range(len(neighbor) - len(span) + 1))
             if found and len(span) > best:
                 best, best_start = len(span), i
     return best, best_start
 
 
-def naive_overlap(chunk: list[int], neighbours: list[list[int]]) -> tuple[float, list[float]]:
+def naive_overlap(chunk: list[int], neighbors: list[list[int]]) -> tuple[float, list[float]]:
     real = max(1, sum(t != PAD and t >= 0 for t in chunk))
     covered = set()
     single = []
-    for neighbour in neighbours:
-        length, start = naive_span(chunk, neighbour)
+    for neighbor in neighbors:
+        length, start = naive_span(chunk, neighbor)
         covered |= set(range(start, start + length))
         single.append(length / real)
     return len(covered) / real, single
@@ -55,7 +55,7 @@ def test_spans_and_overlaps_match_the_naive_reference(data):
     k = data.draw(st.integers(1, 3))
     m = data.draw(st.integers(1, 3))
     chunks = np.array(data.draw(st.lists(st.lists(tokens, min_size=n, max_size=n), min_size=m, max_size=m)))
-    neighbours = np.array(
+    neighbors = np.array(
         data.draw(
             st.lists(
                 st.lists(st.lists(tokens, min_size=r, max_size=r), min_size=k, max_size=k),
@@ -64,22 +64,22 @@ def test_spans_and_overlaps_match_the_naive_reference(data):
             )
         )
     )
-    lengths, starts = longest_common_spans(chunks, neighbours, PAD)
-    overlap, single = chunk_overlaps(chunks, neighbours, PAD)
+    lengths, starts = longest_common_spans(chunks, neighbors, PAD)
+    overlap, single = chunk_overlaps(chunks, neighbors, PAD)
     for i in range(m):
         for j in range(k):
-            assert (lengths[i, j], starts[i, j]) == naive_span(chunks[i].tolist(), neighbours[i, j].tolist())
-        expected, expected_single = naive_overlap(chunks[i].tolist(), neighbours[i].tolist())
+            assert (lengths[i, j], starts[i, j]) == naive_span(chunks[i].tolist(), neighbors[i, j].tolist())
+        expected, expected_single = naive_overlap(chunks[i].tolist(), neighbors[i].tolist())
         assert abs(overlap[i] - expected) < 1e-12
         np.testing.assert_allclose(single[i], expected_single, atol=1e-12)
 
 
 def test_examples():
     chunk = np.array([[5, 6, 7, 8, 9, 10, 11, 12]])
-    neighbours = np.array([[[1, 5, 6, 7, 2, 2, 2, 2], [9, 10, 11, 12, 5, 6, 7, 8]]])
-    lengths, starts = longest_common_spans(chunk, neighbours, PAD)
+    neighbors = np.array([[[1, 5, 6, 7, 2, 2, 2, 2], [9, 10, 11, 12, 5, 6, 7, 8]]])
+    lengths, starts = longest_common_spans(chunk, neighbors, PAD)
     assert lengths.tolist() == [[3, 4]] and starts.tolist() == [[0, 0]]  # ties: the leftmost span in C
-    overlap, single = chunk_overlaps(chunk, neighbours, PAD)
+    overlap, single = chunk_overlaps(chunk, neighbors, PAD)
     assert overlap.tolist() == [4 / 8] and single.tolist() == [[3 / 8, 4 / 8]]
     # padding never matches padding, and the fraction counts real tokens only
     overlap, _ = chunk_overlaps(np.array([[5, 6, PAD, PAD]]), np.array([[[5, 6, PAD, PAD]]]), PAD)
@@ -99,7 +99,7 @@ def test_buckets_are_the_papers():
     ]
 
 
-def test_chunk_v_is_compared_with_the_neighbours_retrieved_for_chunk_v_minus_1():
+def test_chunk_v_is_compared_with_the_neighbors_retrieved_for_chunk_v_minus_1():
     c = 4
     seq = np.arange(1, 3 * c + 2)  # 13 tokens: chunks [1..4] [5..8] [9..12] and the extra target 13
     retrieved = np.full((3, 1, 2 * c), 50)

@@ -1,4 +1,4 @@
-"""RetrievalDatabase: neighbours against a float64 brute force, exclusion, search, add, shards, recall,
+"""RetrievalDatabase: neighbors against a float64 brute force, exclusion, search, add, shards, recall,
 manifest validation and bad input; both tokenizers (GPT-2 chunks embedded from their re-tokenized text,
 and the seed's WordPiece ids fed to the embedder) against an independent HF encoding. A tiny random-weight
 BERT (MiniLM's tokenizer) keeps it fast."""
@@ -82,11 +82,11 @@ def test_layout_and_manifest(db, docs):
     assert not list(db.path.glob("*.partial")) and not list(db.path.glob("*.progress"))
 
 
-def test_neighbours_are_the_exact_nearest_of_other_documents(db):
+def test_neighbors_are_the_exact_nearest_of_other_documents(db):
     doc_ids = np.asarray(db.doc_ids)
     knn = np.asarray(db.knn)
     assert (knn >= 0).all()
-    assert (doc_ids[knn] != doc_ids[:, None]).all()  # own-document exclusion, every neighbour
+    assert (doc_ids[knn] != doc_ids[:, None]).all()  # own-document exclusion, every neighbor
     _, ref_scores = brute_force_knn(db.embeddings, doc_ids, K)
     x = np.asarray(db.embeddings, dtype=np.float64)
     got_scores = np.einsum("nd,nkd->nk", x, x[knn])
@@ -112,7 +112,7 @@ def test_search_finds_own_text_and_excludes_documents(db, docs):
     assert len(texts) == 4 and texts[0][0] == db.chunk_text(first_chunks[0])
 
 
-def test_retrieved_tokens_are_neighbour_plus_continuation(db):
+def test_retrieved_tokens_are_neighbor_plus_continuation(db):
     ids = np.array([[0, len(db) - 1], [-1, 5]])
     out = db.retrieved_tokens(ids)
     doc_ids = np.asarray(db.doc_ids)
@@ -232,7 +232,7 @@ def test_empty_database_gives_empty_results(tiny_encoder, tmp_path):
     with pytest.raises(ValueError, match="k must be at most 2"):
         empty.search(["hello world"], k=K + 1)
     empty.add(["now a first document with some words in it"])
-    assert len(empty) == 1 and (empty.knn == -1).all()  # no other document to be a neighbour
+    assert len(empty) == 1 and (empty.knn == -1).all()  # no other document to be a neighbor
 
 
 def test_bad_arguments_raise_value_errors(db, docs, tiny_encoder, tmp_path):

@@ -134,7 +134,7 @@ def test_tuner_reaches_the_target_with_the_smallest_k_factor(vectors):
         assert not within_margin(measured(tuning.nprobe, smaller), target)
     assert within_margin(tuning.recall, target)
 
-    # and on fresh queries, through the neighbour search, with exact re-ranked scores
+    # and on fresh queries, through the neighbor search, with exact re-ranked scores
     set_search_params(index, tuning.nprobe, tuning.k_factor)
     fresh = structured(500, seed=5)
     ids, scores = search_excluding(index, fresh, k, np.zeros(len(vectors), dtype=np.int32), None, fetch - k)

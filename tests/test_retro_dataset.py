@@ -105,7 +105,7 @@ def test_items_equal_retro_pytorch_and_files_stay_untouched(files, monkeypatch, 
     )
     before = digest(paths)
     ours = make(paths)
-    # Where the two rules differ (the neighbour-layout fix, see retlm.retrieval.layout): retro-pytorch
+    # Where the two rules differ (the neighbor-layout fix, see retlm.retrieval.layout): retro-pytorch
     # drops a continuation when the row holds EOS anywhere, including the extra column, which is the
     # next chunk's first token. Chunk 20 holds EOS only there: its document goes on into chunk 21, so
     # its continuation is chunk 21 (generation's layout too). And the last chunk has no next one:
@@ -124,7 +124,7 @@ def test_items_equal_retro_pytorch_and_files_stay_untouched(files, monkeypatch, 
         ids = torch.from_numpy(knn[seqs_chunks(i, ours)]).long()
         same = ~torch.from_numpy(np.isin(ids.numpy(), differs))
         assert torch.equal(retrieved[same], expected_retrieved[same])
-        assert torch.equal(retrieved[..., :C], expected_retrieved[..., :C])  # the neighbours themselves
+        assert torch.equal(retrieved[..., :C], expected_retrieved[..., :C])  # the neighbors themselves
         for u, j in zip(*np.nonzero(~same.numpy()), strict=True):
             cid = int(ids[u, j])
             seen += 1
@@ -139,7 +139,7 @@ def test_items_equal_retro_pytorch_and_files_stay_untouched(files, monkeypatch, 
 def test_conventions(files):
     paths, chunks, knn, seqs = files
     ds = make(paths)
-    seq, retrieved = ds[1]  # chunks 4..7: neighbours of chunk 5 are [3, -1, 11]
+    seq, retrieved = ds[1]  # chunks 4..7: neighbors of chunk 5 are [3, -1, 11]
     row = retrieved[1]
     assert torch.equal(row[0, :C], torch.from_numpy(chunks[3, :C]).long())
     assert (row[0, C:] == 0).all()  # chunk 3 holds EOS: its continuation is dropped

@@ -1,6 +1,6 @@
-"""Generation that retrieves at chunk boundaries: the loop must feed each chunk's neighbours exactly
+"""Generation that retrieves at chunk boundaries: the loop must feed each chunk's neighbors exactly
 when training would (from the chunk's last token on), so greedy decoding equals the argmax of one full
-forward pass over the final sequence with the neighbours the loop logged."""
+forward pass over the final sequence with the neighbors the loop logged."""
 
 from types import SimpleNamespace
 
@@ -28,7 +28,7 @@ CONFIG = dict(
 
 
 class FakeDatabase:
-    """Neighbours are a deterministic function of the query chunk, so a wrong query shows up."""
+    """Neighbors are a deterministic function of the query chunk, so a wrong query shows up."""
 
     chunk_size, pad_id, num_neighbors = C, 0, 2
 
@@ -55,7 +55,7 @@ def model_for(decoder):
 
 @pytest.mark.parametrize("decoder", ["transformer", "retnet"])
 @pytest.mark.parametrize("prompt_len", [1, 3, 4, 9])
-def test_greedy_matches_full_forward_with_logged_neighbours(decoder, prompt_len):
+def test_greedy_matches_full_forward_with_logged_neighbors(decoder, prompt_len):
     model, db = model_for(decoder), FakeDatabase()
     prompt = torch.randint(1, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     out = generate_with_retrieval(model, db, prompt, max_new_tokens=14)
@@ -72,7 +72,7 @@ def test_greedy_matches_full_forward_with_logged_neighbours(decoder, prompt_len)
     retrieved = torch.stack(
         [torch.stack([torch.as_tensor(r.tokens) for r in rows]) for rows in out.retrievals]
     )
-    # full forward over all fed tokens, padded to whole chunks' worth of neighbours
+    # full forward over all fed tokens, padded to whole chunks' worth of neighbors
     logits = model(input_ids=seq[:, :fed], retrieved=retrieved[:, : fed // C]).logits
     assert torch.equal(logits[:, prompt_len - 1 :].argmax(-1), seq[:, prompt_len:])
 

@@ -28,7 +28,7 @@ def test_checkpointed_gradients_equal_plain_gradients(decoder, reentrant):
     model = RetroForCausalLM(config).train()
     seq = torch.randint(1, 64, (3, 33))
     retrieved = torch.randint(0, 64, (3, 4, 2, 16))
-    retrieved[0, 1] = 0  # a chunk whose neighbours are all padding
+    retrieved[0, 1] = 0  # a chunk whose neighbors are all padding
     plain_loss, plain = loss_and_grads(model, seq, retrieved)
 
     if hasattr(model, "activation_checkpointing_enable"):  # newer transformers renamed it; the old name warns

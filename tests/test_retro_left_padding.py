@@ -1,9 +1,9 @@
 """RETRO on a left-padded batch: prompts of different lengths in one batch, each row computed as if alone.
 
 A RETRO chunk is counted from a row's first real token, so a left-padded row's chunk boundaries, its
-neighbours (``retrieved[i, u]`` = row i's u-th chunk) and the causality of chunked cross-attention are
+neighbors (``retrieved[i, u]`` = row i's u-th chunk) and the causality of chunked cross-attention are
 those of the same prompt unpadded. A model that cut chunks at the batch's columns would read other
-neighbours, at other tokens, in every padded row whose padding is not a whole number of chunks (the
+neighbors, at other tokens, in every padded row whose padding is not a whole number of chunks (the
 lengths below are chosen so that none is).
 """
 
@@ -75,7 +75,7 @@ def test_padded_forward_equals_each_row_alone(decoder: str, extra: dict) -> None
 
 @pytest.mark.parametrize("decoder", ["transformer", "retnet"])
 def test_padded_prompt_then_token_by_token_equals_full_forward(decoder: str) -> None:
-    """The incremental API on a left-padded cache: each call gets the neighbours of the chunks its rows
+    """The incremental API on a left-padded cache: each call gets the neighbors of the chunks its rows
     complete (a row completing none ignores its entry); the logits equal one full forward per row."""
     torch.manual_seed(0)
     model = RETRO(**small_config(), decoder=decoder).eval()
@@ -87,7 +87,7 @@ def test_padded_prompt_then_token_by_token_equals_full_forward(decoder: str) -> 
     ids, mask = left_pad(prompts)
     pad = [ids.shape[1] - len(p) for p in prompts]
 
-    def neighbours(row_chunks: list[range]) -> torch.Tensor | None:
+    def neighbors(row_chunks: list[range]) -> torch.Tensor | None:
         width = max(len(u) for u in row_chunks)
         if width == 0:
             return None
@@ -101,13 +101,13 @@ def test_padded_prompt_then_token_by_token_equals_full_forward(decoder: str) -> 
         first = model(
             input_ids=ids,
             attention_mask=mask,
-            retrieved=neighbours([range(len(p) // C) for p in prompts]),
+            retrieved=neighbors([range(len(p) // C) for p in prompts]),
             use_cache=True,
         )
         cache, steps = first.past_key_values, [first.logits]
         for t in range(12):
             positions = [len(p) + t for p in prompts]
-            r = neighbours([range(n // C, (n + 1) // C) for n in positions])
+            r = neighbors([range(n // C, (n + 1) // C) for n in positions])
             column = torch.stack([full[i][positions[i]] for i in range(len(full))])[:, None]
             out = model(input_ids=column, retrieved=None if r is None else r[:, 0], past_key_values=cache)
             steps.append(out.logits)

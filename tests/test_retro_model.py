@@ -48,7 +48,7 @@ def data(seq_len, k=2, seed=1, batch=2):
     retrieved = torch.randint(1, SMALL["num_tokens"], (batch, seq_len // C, k, 2 * C), generator=g)
     retrieved[:, :, 0, -2:] = 0  # padded continuation
     if seq_len // C > 1 and k > 1:
-        retrieved[0, 1, 1] = -1  # a missing neighbour
+        retrieved[0, 1, 1] = -1  # a missing neighbor
     return seq, retrieved
 
 
@@ -67,7 +67,7 @@ def test_perturbing_token_t_changes_no_earlier_logit(decoder):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_neighbours_of_chunk_u_reach_only_tokens_from_its_last_token_on(decoder):
+def test_neighbors_of_chunk_u_reach_only_tokens_from_its_last_token_on(decoder):
     model = make(decoder)
     seq, retrieved = data(18)
     with torch.no_grad():
@@ -81,12 +81,12 @@ def test_neighbours_of_chunk_u_reach_only_tokens_from_its_last_token_on(decoder)
             assert (logits[:, first_reader] - base[:, first_reader]).abs().max() > 1e-6
 
 
-def test_retrieval_changes_logits_and_missing_neighbours_are_masked():
+def test_retrieval_changes_logits_and_missing_neighbors_are_masked():
     model = make()
     seq, retrieved = data(16)
     with torch.no_grad():
         with_retrieval, without = model(seq, retrieved), model(seq)
-        # -1 (missing) and pad_id are the same thing; a fully missing neighbour's tokens do not matter
+        # -1 (missing) and pad_id are the same thing; a fully missing neighbor's tokens do not matter
         as_pad = retrieved.clone()
         as_pad[as_pad == -1] = 0
         assert torch.equal(model(seq, as_pad), with_retrieval)
@@ -97,7 +97,7 @@ def test_retrieval_changes_logits_and_missing_neighbours_are_masked():
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_zero_init_cca_starts_as_the_decoder_alone_and_then_learns_to_use_neighbours(decoder):
+def test_zero_init_cca_starts_as_the_decoder_alone_and_then_learns_to_use_neighbors(decoder):
     torch.manual_seed(0)
     model = RetroForCausalLM(RetroConfig(**SMALL, decoder=decoder, zero_init_cca=True)).double()
     seq, retrieved = data(17)
@@ -112,7 +112,7 @@ def test_zero_init_cca_starts_as_the_decoder_alone_and_then_learns_to_use_neighb
     optimizer.step()
     with torch.no_grad():
         assert maxdiff(model(seq[:, :16], retrieved=retrieved).logits, model(seq[:, :16]).logits) > 1e-4
-    # the default keeps retro-pytorch's initialisation: neighbours change the logits from the start
+    # the default keeps retro-pytorch's initialisation: neighbors change the logits from the start
     assert not RetroConfig(**SMALL).zero_init_cca
     # and the option changes nothing but the zeroed projections: the same seed gives every other weight
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_zero_init_cca_starts_as_the_decoder_alone_and_then_learns_to_use_neighb
     assert differ == ["model.layers.1.cca.attn.to_out.weight", "model.layers.3.cca.attn.to_out.weight"]
 
 
-def test_three_dim_retrieved_is_one_neighbour_and_loss_works_in_eval_mode():
+def test_three_dim_retrieved_is_one_neighbor_and_loss_works_in_eval_mode():
     model = make()
     seq, retrieved = data(17, k=1)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_heads_is_honoured():
 
 
 def feed_incrementally(model, seq, retrieved, pieces):
-    """Feed ``seq`` in pieces of the given lengths, passing the neighbours of each chunk completed."""
+    """Feed ``seq`` in pieces of the given lengths, passing the neighbors of each chunk completed."""
     cache, logits, start = None, [], 0
     for length in pieces:
         end = start + length
@@ -206,7 +206,7 @@ def test_retnet_decoder_modes_give_the_same_logits():
 def test_bad_input_is_refused_with_the_expected_shape():
     model = make()
     seq, retrieved = data(16)
-    with pytest.raises(ValueError, match=r"\(batch=2, num_chunks=4, num_neighbours, 8\)"):
+    with pytest.raises(ValueError, match=r"\(batch=2, num_chunks=4, num_neighbors, 8\)"):
         model(seq, retrieved[:, :3])
     with pytest.raises(ValueError, match=r"num_chunks=3"):
         model(seq[:, :-1], retrieved)  # 15 tokens complete only 3 chunks

@@ -38,7 +38,7 @@ def inputs(kwargs, seq_len, k=2, seed=1):
     retrieved = torch.randint(1, kwargs["num_tokens"], (2, seq_len // c, k, 2 * c), generator=g)
     retrieved[0, :, 0, -3:] = 0  # padded tails
     if seq_len // c:
-        retrieved[1, 0, 1] = 0  # a missing neighbour
+        retrieved[1, 0, 1] = 0  # a missing neighbor
     return seq, retrieved
 
 

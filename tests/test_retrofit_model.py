@@ -1,9 +1,9 @@
 """RETRO-fitting HF causal LMs (GPT-2, Llama, retlm's RetNet and a RETRO control), tiny random bases.
 
 At initialisation the retrofitted model computes exactly its base; once its CCA layers are non-zero
-(drawn at random here, as if trained), no logit moves when a later token or a later chunk's neighbours
+(drawn at random here, as if trained), no logit moves when a later token or a later chunk's neighbors
 change; generation that retrieves at chunk boundaries equals a full forward pass over the final
-sequence with the neighbours it read, and decodes one token per call from the base's own cache; the
+sequence with the neighbors it read, and decodes one token per call from the base's own cache; the
 adapter saves alone and loads back, with its base, to equal logits.
 """
 
@@ -25,7 +25,7 @@ from retlm.models.retrofit import RetroFitForCausalLM, RetroFitLayer, decoder_la
 
 VOCAB = 61
 C = 4  # chunk size
-K = 2  # neighbours per chunk
+K = 2  # neighbors per chunk
 FAMILIES = ["gpt2", "llama", "retnet", "retro-control"]
 
 
@@ -104,7 +104,7 @@ def data(seq_len: int, batch: int = 2, seed: int = 1):
     seq = torch.randint(1, VOCAB, (batch, seq_len), generator=g)
     retrieved = torch.randint(1, VOCAB, (batch, seq_len // C, K, 2 * C), generator=g)
     retrieved[:, :, 0, -2:] = 0  # a padded continuation
-    retrieved[0, 1, 1] = -1  # a missing neighbour
+    retrieved[0, 1, 1] = -1  # a missing neighbor
     return seq, retrieved
 
 
@@ -167,7 +167,7 @@ def test_perturbing_token_t_changes_no_earlier_logit(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_neighbours_of_chunk_u_reach_only_tokens_from_its_last_token_on(family):
+def test_neighbors_of_chunk_u_reach_only_tokens_from_its_last_token_on(family):
     _, model = make(family)
     seq, retrieved = data(18)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_neighbours_of_chunk_u_reach_only_tokens_from_its_last_token_on(family):
 
 
 class FakeDatabase:
-    """Neighbours are a deterministic function of the query chunk, so a wrong query shows up."""
+    """Neighbors are a deterministic function of the query chunk, so a wrong query shows up."""
 
     chunk_size, pad_id, num_neighbors = C, 0, K
 
@@ -200,7 +200,7 @@ class FakeDatabase:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("prompt_len", [3, 9])
-def test_retrieval_generation_equals_a_full_forward_with_the_neighbours_it_read(family, prompt_len):
+def test_retrieval_generation_equals_a_full_forward_with_the_neighbors_it_read(family, prompt_len):
     _, model = make(family)
     prompt = torch.randint(1, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     new = 15
@@ -214,14 +214,14 @@ def test_retrieval_generation_equals_a_full_forward_with_the_neighbours_it_read(
     with torch.no_grad():
         logits = model(input_ids=seq[:, :fed], retrieved=retrieved).logits
     assert torch.equal(logits[:, prompt_len - 1 :].argmax(-1), seq[:, prompt_len:])
-    # the neighbours mattered: without retrieval the same model continues differently
+    # the neighbors mattered: without retrieval the same model continues differently
     plain = generate_with_retrieval(model, None, prompt, max_new_tokens=new).sequences
     assert not torch.equal(plain, seq)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_incremental_logits_equal_the_full_forward(family):
-    """Token by token through the base's cache, neighbours fed as each chunk completes."""
+    """Token by token through the base's cache, neighbors fed as each chunk completes."""
     _, model = make(family)
     seq, retrieved = data(13)
     with torch.no_grad():

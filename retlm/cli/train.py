@@ -27,7 +27,7 @@ from retlm.training.options import PRECISIONS, TrainOptions
 
 TRAIN_DESCRIPTION = (
     "Train a RETRO model on the sequences of a retrieval database (see `retlm build-db`), with the "
-    "neighbours precomputed there. Documents are split into training and held-out ones (--train-fraction); "
+    "neighbors precomputed there. Documents are split into training and held-out ones (--train-fraction); "
     "held-out documents are never trained on, nor retrieved during training. Checkpoints (safetensors) go "
     "to RUN_DIR; re-running the same command after a kill resumes on the same loss curve. Losses are logged "
     "to RUN_DIR/metrics.jsonl. The same command runs under `torchrun --nproc_per_node N` or "
@@ -115,7 +115,7 @@ class EvalOptions:
         None,
         type=parse_fraction,
         metavar="X",
-        help="filtered evaluation: drop every neighbour whose longest common span covers "
+        help="filtered evaluation: drop every neighbor whose longest common span covers "
         "more than X of the chunk that reads it (a fraction, or a percentage: 12.5%%)",
     )
     plot: Path | None = option(

@@ -1,17 +1,17 @@
-"""RETRODataset: training sequences and their neighbours, read from a retrieval database.
+"""RETRODataset: training sequences and their neighbors, read from a retrieval database.
 
 The arrays come from :mod:`retlm.retrieval` (:class:`retlm.retrieval.layout.ChunkStore`, which owns the
-file layout), and the neighbour tokens from :func:`retlm.retrieval.layout.neighbour_tokens`, the same
+file layout), and the neighbor tokens from :func:`retlm.retrieval.layout.neighbor_tokens`, the same
 function that ``RetrievalDatabase.search`` uses at generation time.
 
 Item ``i`` is ``(seq (seq_len + 1,), retrieved (seq_len // chunk_size, num_neighbors, 2 * chunk_size))``
 with retro-pytorch's conventions, where retro-pytorch writes 0 this writes ``pad_id`` (0 for BERT, as
 there; GPT-2 has no pad token and pads with its end-of-document token): tokens after the first EOS are
-padding (one document per sequence); each neighbour is followed by its continuation (the next chunk)
-when that chunk belongs to the same document, else by padding; a -1 neighbour becomes all ``pad_id``.
+padding (one document per sequence); each neighbor is followed by its continuation (the next chunk)
+when that chunk belongs to the same document, else by padding; a -1 neighbor becomes all ``pad_id``.
 
-One difference from retro-pytorch, a fix: retro-pytorch drops a neighbour's continuation when the
-neighbour's row holds EOS anywhere, including the extra (``chunk_size + 1``-th) column, which belongs to
+One difference from retro-pytorch, a fix: retro-pytorch drops a neighbor's continuation when the
+neighbor's row holds EOS anywhere, including the extra (``chunk_size + 1``-th) column, which belongs to
 the next chunk. Here the database's ``doc_ids`` decide, and for retro-pytorch's own files (the memmap-path
 signature, no ``doc_ids``) a chunk ends its document when its own ``chunk_size`` tokens hold EOS, which is
 how that format lays documents out (see :mod:`retlm.retrieval.layout`). Unlike retro-pytorch the memmaps
@@ -83,7 +83,7 @@ class RETRODataset(Dataset):
         self.num_sequences, self.num_neighbors = len(store.seqs), store.num_neighbors
         self.seq_num_chunks = seq_len // chunk_size
         self.eos_id, self.pad_id, self.add_continuations = store.eos_id, store.pad_id, add_continuations
-        self.neighbors_used: int | None = None  # from_database may keep only the first neighbours
+        self.neighbors_used: int | None = None  # from_database may keep only the first neighbors
 
     @classmethod
     def from_database(
@@ -98,7 +98,7 @@ class RETRODataset(Dataset):
         with a ``path`` to one).
 
         Shapes, ``pad_id`` and ``eos_id`` come from its manifest. ``seq_len`` defaults to the
-        database's; ``num_neighbors`` (at most the database's k) keeps the first neighbours.
+        database's; ``num_neighbors`` (at most the database's k) keeps the first neighbors.
         """
         from retlm.retrieval import RetrievalDatabase
 
@@ -132,15 +132,15 @@ class RETRODataset(Dataset):
         rows = np.concatenate(
             (chunks[begin:end], np.full((missing, self.chunk_size + 1), self.pad_id, np.int32))
         )
-        neighbours = np.concatenate((knn[begin:end], np.full((missing, self.num_neighbors), -1, np.int32)))
+        neighbors = np.concatenate((knn[begin:end], np.full((missing, self.num_neighbors), -1, np.int32)))
         if self.neighbors_used is not None:
-            neighbours = neighbours[:, : self.neighbors_used]
+            neighbors = neighbors[:, : self.neighbors_used]
 
         seq = np.concatenate((rows[:, :-1].reshape(-1), rows[-1, -1:]))
         after_eos = np.cumsum(seq == self.eos_id) - (seq == self.eos_id) > 0
         seq = np.where(after_eos, self.pad_id, seq)
 
-        retrieved = store.retrieved_tokens(neighbours)
+        retrieved = store.retrieved_tokens(neighbors)
         if not self.add_continuations:
             retrieved = retrieved[..., : self.chunk_size]
         return torch.from_numpy(seq.astype(np.int64)), torch.from_numpy(retrieved)

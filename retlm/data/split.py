@@ -2,7 +2,7 @@
 
 The split is by document, never by sequence: every sequence of a held-out document is held out, so
 no held-out token is ever a training target. Held-out documents are also hidden from the
-neighbours that training sequences retrieve, so the model never reads held-out text at all.
+neighbors that training sequences retrieve, so the model never reads held-out text at all.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def open_database(db: Any) -> Any:
         raise ValueError(f"{path} is a file; a retrieval database is a directory made by `retlm build-db`")
     from retlm.retrieval import RetrievalDatabase
 
-    return RetrievalDatabase.open(path, read_index=False)  # training reads the neighbours, not the index
+    return RetrievalDatabase.open(path, read_index=False)  # training reads the neighbors, not the index
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ class SplitSequences(Dataset):
     """The sequences of one side of a ``DocumentSplit``, as ``(seq, retrieved)`` pairs.
 
     ``seq`` is ``(seq_len + 1,)`` and ``retrieved`` is ``(seq_len / chunk_size, k, 2 * chunk_size)``,
-    exactly as the wrapped ``RETRODataset`` yields them. With ``hide_docs``, neighbours that come from
-    those documents are replaced by padding, which the model treats as a missing neighbour.
+    exactly as the wrapped ``RETRODataset`` yields them. With ``hide_docs``, neighbors that come from
+    those documents are replaced by padding, which the model treats as a missing neighbor.
     """
 
     def __init__(
@@ -100,18 +100,18 @@ class SplitSequences(Dataset):
         seq, retrieved = torch.as_tensor(np.asarray(seq)), torch.as_tensor(np.asarray(retrieved))
         if self.hide_docs is not None:
             retrieved = retrieved.clone()
-            retrieved[self._hidden_neighbours(index, retrieved.shape[0])] = self.pad_id
+            retrieved[self._hidden_neighbors(index, retrieved.shape[0])] = self.pad_id
         return seq, retrieved
 
-    def _hidden_neighbours(self, index: int, n_chunks: int) -> torch.Tensor:
+    def _hidden_neighbors(self, index: int, n_chunks: int) -> torch.Tensor:
         """``(n_chunks, k)`` bool: which retrieved slots come from a hidden document."""
         first = int(self.seqs[index])
         rows = np.arange(first, first + n_chunks)
         rows = rows[rows < len(self.knn)]
-        neighbours = np.asarray(self.knn[rows], dtype=np.int64)
-        hidden = np.zeros((n_chunks, neighbours.shape[1]), dtype=bool)
-        found = neighbours >= 0
-        hidden[: len(rows)][found] = np.isin(np.asarray(self.doc_ids)[neighbours[found]], self.hide_docs)
+        neighbors = np.asarray(self.knn[rows], dtype=np.int64)
+        hidden = np.zeros((n_chunks, neighbors.shape[1]), dtype=bool)
+        found = neighbors >= 0
+        hidden[: len(rows)][found] = np.isin(np.asarray(self.doc_ids)[neighbors[found]], self.hide_docs)
         return torch.from_numpy(hidden)
 
 

@@ -1,7 +1,7 @@
 """Retrieval-augmented generation from text, two ways.
 
 - RETRO (:func:`generate_text`): tokenize a prompt with the database's tokenizer, generate with retrieval
-  at every chunk boundary through chunked cross-attention, and report the neighbours used, as text. The
+  at every chunk boundary through chunked cross-attention, and report the neighbors used, as text. The
   token-level loop is :func:`retlm.models.retro.generation.generate_with_retrieval`; this layer adds the
   text on both ends (the database and the model share one tokenizer, the database's LM tokenizer).
 - In-context, for any frozen causal LM (:func:`generate_in_context`, In-Context RALM): every ``stride``
@@ -24,9 +24,11 @@ from retlm.generation.in_context import (
 )
 from retlm.generation.neighbors import NeighborText
 from retlm.models.retro.generation import ChunkRetrieval, RetrievalGenerateOutput, generate_with_retrieval
-from retlm.utils import quoted
+from retlm.utils import deprecated_aliases, quoted
 
-NeighbourText = NeighborText  # the older spelling, kept for existing callers
+__getattr__ = deprecated_aliases(
+    __name__, {"NeighbourText": "NeighborText", "print_neighbours": "print_neighbors"}
+)
 
 __all__ = [
     "ChunkRetrieval",
@@ -34,13 +36,12 @@ __all__ = [
     "InContextRetrieval",
     "InContextText",
     "NeighborText",
-    "NeighbourText",
     "RetrievalGenerateOutput",
     "generate_in_context",
     "generate_text",
     "generate_with_retrieval",
     "print_generation",
-    "print_neighbours",
+    "print_neighbors",
     "search_neighbors",
 ]
 
@@ -60,12 +61,12 @@ class _Excluding:
 @dataclass
 class GeneratedText:
     """``prompt`` + ``continuation`` = ``text``; ``chunks[i]`` = (text of completed chunk i, its
-    neighbours), in the order the model read them; the first ``prompt_chunks`` of them are the prompt's."""
+    neighbors), in the order the model read them; the first ``prompt_chunks`` of them are the prompt's."""
 
     prompt: str
     continuation: str
     text: str
-    chunks: list[tuple[str, list[NeighbourText]]] = field(default_factory=list)
+    chunks: list[tuple[str, list[NeighborText]]] = field(default_factory=list)
     prompt_chunks: int = 0
 
 
@@ -115,39 +116,39 @@ def generate_text(
         real = [t for t in r.query.tolist() if t != database.pad_id]
         query = tokenizer.decode(real, skip_special_tokens=True)
         name = getattr(database, "doc_name", None)
-        neighbours = [
-            NeighbourText(int(i), int(d), float(s), database.chunk_text(int(i)), name(int(d)) if name else "")
+        neighbors = [
+            NeighborText(int(i), int(d), float(s), database.chunk_text(int(i)), name(int(d)) if name else "")
             for i, d, s in zip(r.chunk_ids, r.doc_ids, r.scores, strict=True)
             if i >= 0
         ]
-        chunks.append((query, neighbours))
+        chunks.append((query, neighbors))
     continuation = tokenizer.decode(new, skip_special_tokens=True)
     text = tokenizer.decode(out.sequences[0].tolist(), skip_special_tokens=True)
     return GeneratedText(prompt, continuation, text, chunks, len(ids) // int(database.chunk_size))
 
 
-def print_neighbours(result: GeneratedText) -> None:
-    """Each completed chunk of ``result``, then the neighbours the model read for it, each under the name
-    of its source document, with their layout kept (the CLI's ``--show-neighbours`` and the demo)."""
+def print_neighbors(result: GeneratedText) -> None:
+    """Each completed chunk of ``result``, then the neighbors the model read for it, each under the name
+    of its source document, with their layout kept (the CLI's ``--show-neighbors`` and the demo)."""
     if not result.chunks:
         print("(no chunk was completed, so nothing was retrieved)")
-    for i, (query, neighbours) in enumerate(result.chunks):
+    for i, (query, neighbors) in enumerate(result.chunks):
         where = "of the prompt" if i < result.prompt_chunks else "generated"
         print(f"chunk {i}: ({where})")
         print(quoted(query))
-        if not neighbours:
-            print("  (no neighbour)")
-        for rank, n in enumerate(neighbours, 1):
+        if not neighbors:
+            print("  (no neighbor)")
+        for rank, n in enumerate(neighbors, 1):
             print(
-                f"  neighbour {rank}: {n.doc_name or f'doc {n.doc_id}'}  "
+                f"  neighbor {rank}: {n.doc_name or f'doc {n.doc_id}'}  "
                 f"(score {n.score:.3f}, doc {n.doc_id}, chunk {n.chunk_id})"
             )
             print(quoted(n.text))
 
 
-def print_generation(result: GeneratedText, show_neighbours: bool) -> None:
-    """Print the text, and (optionally) each completed chunk with the neighbours the model read."""
+def print_generation(result: GeneratedText, show_neighbors: bool) -> None:
+    """Print the text, and (optionally) each completed chunk with the neighbors the model read."""
     print(result.text)
-    if show_neighbours:
+    if show_neighbors:
         print()
-        print_neighbours(result)
+        print_neighbors(result)

@@ -172,7 +172,7 @@ class ChunkedCrossAttention(nn.Module):
     """RETRO's causal chunked cross-attention.
 
     Group u (the last token of chunk u and the first c-1 tokens of chunk u+1, see
-    :mod:`retlm.ops.attention`) attends to the encoded neighbours of chunk u (each neighbour with its
+    :mod:`retlm.ops.attention`) attends to the encoded neighbors of chunk u (each neighbor with its
     continuation) plus a learned null key/value. Tokens before position c-1 get zeros.
 
     Args: ``dim`` (decoder width), ``chunk_size``, ``heads``, ``dim_head``, ``dropout``, ``rotary_dim``,
@@ -202,8 +202,8 @@ class ChunkedCrossAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        neighbours: Tensor,
-        neighbour_mask: Tensor,
+        neighbors: Tensor,
+        neighbor_mask: Tensor,
         *,
         start: int = 0,
         group_valid: Tensor | None = None,
@@ -211,12 +211,12 @@ class ChunkedCrossAttention(nn.Module):
         """
         Args:
             x: ``(batch, seq, dim)`` normalised decoder states of positions ``start .. start+seq-1``.
-            neighbours: ``(batch, groups, k, r, dim)`` encoded neighbours (r = neighbour + continuation
+            neighbors: ``(batch, groups, k, r, dim)`` encoded neighbors (r = neighbor + continuation
                 length) for every group the positions touch, in order (see
                 :func:`retlm.ops.attention.cca_groups`).
-            neighbour_mask: ``(batch, groups, k, r)`` bool, True = real token.
+            neighbor_mask: ``(batch, groups, k, r)`` bool, True = real token.
             start: absolute position of ``x[:, 0]``.
-            group_valid: ``(groups,)`` bool; groups marked False (no neighbours retrieved) output zeros.
+            group_valid: ``(groups,)`` bool; groups marked False (no neighbors retrieved) output zeros.
 
         Returns ``(batch, seq, dim)``.
         """
@@ -224,19 +224,19 @@ class ChunkedCrossAttention(nn.Module):
         _, num_groups = attention_ops.cca_groups(start, seq_len, c)
         if num_groups == 0:
             return torch.zeros_like(x)
-        if neighbours.shape[1] != num_groups:
+        if neighbors.shape[1] != num_groups:
             raise ValueError(
-                f"positions {start}..{start + seq_len - 1} need neighbours for {num_groups} chunk(s), "
-                f"got {neighbours.shape[1]}"
+                f"positions {start}..{start + seq_len - 1} need neighbors for {num_groups} chunk(s), "
+                f"got {neighbors.shape[1]}"
             )
         groups, left = attention_ops.to_groups(x, start, c)
-        num_neighbours, r = neighbours.shape[2:4]
+        num_neighbors, r = neighbors.shape[2:4]
         q_positions = attention_ops.cca_query_positions(c, self.query_positions, x.device)
-        k_positions = torch.arange(r, device=x.device).repeat(num_neighbours)
+        k_positions = torch.arange(r, device=x.device).repeat(num_neighbors)
         out, _ = self.attn(
             rearrange(groups, "b g n d -> (b g) n d"),
-            rearrange(neighbours, "b g k r d -> (b g) (k r) d"),
-            key_mask=rearrange(neighbour_mask, "b g k r -> (b g) (k r)"),
+            rearrange(neighbors, "b g k r d -> (b g) (k r) d"),
+            key_mask=rearrange(neighbor_mask, "b g k r -> (b g) (k r)"),
             q_positions=q_positions,
             k_positions=k_positions,
         )

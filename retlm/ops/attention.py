@@ -2,7 +2,7 @@
 RETRO's chunked cross-attention (CCA, arXiv 2112.04426 section 2.4).
 
 CCA alignment. With chunk size c, the sequence is cut into chunks u = 0, 1, ... of c tokens. The
-neighbours retrieved for chunk u are computed from chunk u's own tokens, so only tokens that have
+neighbors retrieved for chunk u are computed from chunk u's own tokens, so only tokens that have
 seen all of chunk u may look at them: the last token of chunk u and the first c - 1 tokens of
 chunk u + 1. That window of c tokens is *group* u:
 
@@ -113,7 +113,7 @@ def from_groups(groups: Tensor, start: int, seq_len: int, left_pad: int) -> Tens
 
 def cca_query_positions(chunk_size: int, style: str, device: torch.device) -> Tensor:
     """Rotary positions ``(chunk_size,)`` of the queries of one group, relative to the start of the chunk
-    whose neighbours they read (the neighbour occupies 0..c-1, its continuation c..2c-1).
+    whose neighbors they read (the neighbor occupies 0..c-1, its continuation c..2c-1).
 
     "paper": the true offsets c-1 .. 2c-2 (the last token of chunk u, then chunk u+1).
     "retro_pytorch": [2c-2, 0, 0, ..., 0], what retro-pytorch 0.3.9 computes (its shift of the position

@@ -1,4 +1,4 @@
-"""The retrieval database of RETRO: chunks, embeddings, a faiss index and precomputed neighbours.
+"""The retrieval database of RETRO: chunks, embeddings, a faiss index and precomputed neighbors.
 
 Imports nothing from ``retlm.models`` or ``retlm.layers``.
 """

@@ -1,5 +1,5 @@
 """Adding documents to a built database (``RetrievalDatabase.add``): only the new chunks are embedded,
-the index is extended in place, the neighbours are updated, and one rename of ``manifest.json``
+the index is extended in place, the neighbors are updated, and one rename of ``manifest.json``
 publishes the new files."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A build runs five stages, each resumable and each leaving its files complete or 
                (+ tokenizer/, the LM tokenizer)                                 one job
     embed      chunk rows -> embeddings.dat                                     shardable (--shard i/n)
     index      embeddings (merging the shards) -> index.faiss, nprobe tuned    one job
-    neighbors  every chunk's k neighbours -> knn.dat                            shardable (--shard i/n)
+    neighbors  every chunk's k neighbors -> knn.dat                            shardable (--shard i/n)
     finalize   merge knn shards, checksums -> manifest.json                     one job
 
 ``stage="all"`` runs them in order in one process. ``manifest.json`` is written last: a directory with
@@ -384,7 +384,7 @@ class _Builder:
         return self.config.index_factory or choose_factory(n, self.config.exact_threshold, dim)
 
     def tune_and_write_index(self, index, factory: str) -> None:
-        """Tune the search of a filled index for the neighbour stage, then write it and index.json."""
+        """Tune the search of a filled index for the neighbor stage, then write it and index.json."""
         k = self.config.num_neighbors
         tuning = tune_search(
             index, self.embeddings(), k, self.config.target_recall, fetch=k + self.config.extra_neighbors
@@ -409,7 +409,7 @@ class _Builder:
             rows=shard_rows(len(doc_ids), shard),
             extra=self.config.extra_neighbors,
             progress=self.progress,
-            desc="neighbours" if shard is None else f"neighbours {shard[0]}/{shard[1]}",
+            desc="neighbors" if shard is None else f"neighbors {shard[0]}/{shard[1]}",
         )
 
     def searcher(self):

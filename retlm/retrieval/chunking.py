@@ -11,7 +11,7 @@ Layout (retro-pytorch's, see docs/retrieval.md):
 
 - ``doc_names.jsonl``: one JSON string per line, the name of each document (its path relative to the source
   folder, its record's id or place, or ``doc-<i>`` for the i-th string of a list; see
-  ``retlm.retrieval.sources``), so that neighbours can be shown with their source.
+  ``retlm.retrieval.sources``), so that neighbors can be shown with their source.
 
 Nothing holds a whole document, let alone the corpus, in memory: files are read in bounded pieces, and each
 piece is tokenized on its own. A piece ends just before a whitespace character that follows a non-whitespace

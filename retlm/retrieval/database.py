@@ -30,7 +30,7 @@ from retlm.retrieval._storage import CorruptDatabaseError, open_memmap, read_jso
 from retlm.retrieval.add import _Adder
 from retlm.retrieval.build import build_database
 from retlm.retrieval.embedding import Embedder, embed_token_chunks
-from retlm.retrieval.layout import neighbour_tokens
+from retlm.retrieval.layout import neighbor_tokens
 from retlm.retrieval.manifest import FORMAT_VERSION, LOCK_FILE
 from retlm.retrieval.neighbors import search_excluding
 from retlm.retrieval.sources import SourceOptions, open_source
@@ -42,11 +42,11 @@ from retlm.tokenization import vocabulary_sha256
 
 @dataclass
 class SearchResult:
-    """Neighbours of ``n`` queries: numpy ``chunk_ids, doc_ids (n, k)`` (-1: none), ``scores (n, k)``
+    """Neighbors of ``n`` queries: numpy ``chunk_ids, doc_ids (n, k)`` (-1: none), ``scores (n, k)``
     (the retriever's: cosine similarity for dense, BM25 score for bm25, fused reciprocal-rank score for
-    hybrid; -inf: none), ``tokens (n, k, 2 * chunk_size)`` (neighbour + continuation, pad where
+    hybrid; -inf: none), ``tokens (n, k, 2 * chunk_size)`` (neighbor + continuation, pad where
     none); ``n`` is the query batch shape. ``retrieved`` is ``tokens`` as a LongTensor; ``texts`` the
-    decoded neighbours, a list per query (flattened batch)."""
+    decoded neighbors, a list per query (flattened batch)."""
 
     chunk_ids: np.ndarray
     doc_ids: np.ndarray
@@ -65,7 +65,7 @@ class SearchResult:
 
     @property
     def doc_names(self) -> list[list[str]]:
-        """The source document name of each neighbour, a list per query (flattened batch), as ``texts``."""
+        """The source document name of each neighbor, a list per query (flattened batch), as ``texts``."""
         rows = self.doc_ids.reshape(-1, self.doc_ids.shape[-1])
         return [[self.database.doc_name(int(d)) for d in row if d >= 0] for row in rows]
 
@@ -223,7 +223,7 @@ class RetrievalDatabase:
         Every open checks the manifest's seal and fields, the size and sampled digest of every array
         file, and reads ``index.faiss`` into memory, comparing its sha256 before faiss parses it (see
         ``retlm.retrieval.integrity``); ``verify`` also hashes every array file whole. ``read_index=False``
-        (training, which reads only the precomputed neighbours) leaves the index to its first use, where
+        (training, which reads only the precomputed neighbors) leaves the index to its first use, where
         it is read and checked the same way. ``tokenizer`` / ``embedder``: names the caller expects; a
         database built with others is refused. ``embed_backend``: embed queries with this backend
         instead of the one that embedded the chunks (a ``UserWarning`` says so: the vectors then differ
@@ -327,10 +327,10 @@ class RetrievalDatabase:
         """``(...)`` chunk ids -> ``(..., 2 * chunk_size)`` int64: each chunk and its continuation.
 
         The continuation is the next chunk of the same document, or padding after a document's last
-        chunk; an id of -1 gives all padding (:func:`retlm.retrieval.layout.neighbour_tokens`, the one
+        chunk; an id of -1 gives all padding (:func:`retlm.retrieval.layout.neighbor_tokens`, the one
         implementation that training and generation share).
         """
-        return neighbour_tokens(self.chunks, chunk_ids, pad_id=self.pad_id, doc_ids=self.doc_ids)
+        return neighbor_tokens(self.chunks, chunk_ids, pad_id=self.pad_id, doc_ids=self.doc_ids)
 
     def retrieved_for_chunks(self, chunk_ids: np.ndarray) -> np.ndarray:
         """``(...)`` training chunk ids -> ``(..., num_neighbors, 2 * chunk_size)``, from knn.dat."""
@@ -415,7 +415,7 @@ class RetrievalDatabase:
         return SearchResult(ids, doc_ids, scores, self.retrieved_tokens(ids), self)
 
     def check_k(self, k: Any, what: str = "k") -> None:
-        """Refuse a neighbour count the database cannot serve: ``1 <= k <= max(num_chunks,
+        """Refuse a neighbor count the database cannot serve: ``1 <= k <= max(num_chunks,
         num_neighbors)`` (a larger ``k`` would only allocate room for ``-1`` entries)."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise OptionError(f"{what} must be a positive integer, got {k!r}")
@@ -439,14 +439,14 @@ class RetrievalDatabase:
         progress: bool = False,
         wait: bool = True,
     ) -> RetrievalDatabase:
-        """Append documents: embed only their chunks, add them to the index, update the neighbours.
+        """Append documents: embed only their chunks, add them to the index, update the neighbors.
 
         ``docs``: any source ``build`` reads (a folder, a JSONL, Parquet or CSV file, a Hugging Face
         dataset, strings), with the same options (``retlm.retrieval.sources``); the source is checked
         before the lock is taken, and recorded in the manifest's ``sources``.
 
         With an exact index the result equals a full rebuild; with an IVF index the existing lists are
-        kept (no retraining), ``nprobe`` is re-tuned and every chunk's neighbours are recomputed.
+        kept (no retraining), ``nprobe`` is re-tuned and every chunk's neighbors are recomputed.
 
         The database's lock is held throughout: a second writer waits (``wait=False``: ``LockedError``
         naming the holder's PID). The new files get new names and one atomic rename of

@@ -9,7 +9,7 @@ Index keys and queries are embedded the same way, from one of two inputs:
   model's position limit) keeps its first ``max_length - 2`` WordPiece tokens, as sentence-transformers
   truncates; the database manifest counts such chunks. Rows are padded to their own length rounded up to a
   multiple of 16 and batched with rows of the same width, so a chunk's vector depends on its text only,
-  not on its neighbours in the batch.
+  not on its neighbors in the batch.
 - **tokens** (retro-pytorch's way, ``--tokenizer bert``: the LM reads the embedder's vocabulary): the chunk's
   ids without padding, wrapped as ``[CLS] chunk [SEP]``, padded to the fixed width ``chunk_size + 2``.
 

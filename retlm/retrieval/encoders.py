@@ -51,7 +51,7 @@ INT8_NODES = ("attention", "attention-output")
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b  # integers, floats or strings",
-    "Retrieval-enhanced transformers read neighbouring chunks from a database of text.",
+    "Retrieval-enhanced transformers read neighboring chunks from a database of text.",
     "x",
 )
 PROBE_MIN_COSINE = {"onnx": 0.9999, "onnx-int8": 0.98, "openvino": 0.9999}

@@ -1,6 +1,6 @@
 """The faiss index over unit-norm chunk embeddings (inner product = cosine similarity).
 
-- Below ``EXACT_THRESHOLD`` vectors: ``Flat`` (exact). Precomputing every chunk's neighbours costs
+- Below ``EXACT_THRESHOLD`` vectors: ``Flat`` (exact). Precomputing every chunk's neighbors costs
   ``n^2 * dim`` multiply-adds: at 100k x 384 that is 3.8e12, about a minute on two CPU cores, and it grows
   quadratically, so this is where approximate search starts paying for itself.
 - Above it: ``IVF{nlist},PQ{dim/4}x4fs,Refine(SQfp16)``. ``nlist`` is the power of two nearest
@@ -14,7 +14,7 @@
 - ``tune_search`` picks ``nprobe`` and ``k_factor``: the cheapest pair (by a fixed cost model, so the
   choice is reproducible) whose recall@k on held-out database rows reaches the target against exact
   search. On the structured synthetic vectors of ``bench/retrieval.py`` at 1M this index answers the
-  neighbour stage's queries several times faster than the earlier ``IVF{4 sqrt n},SQ8`` at the same
+  neighbor stage's queries several times faster than the earlier ``IVF{4 sqrt n},SQ8`` at the same
   recall (docs/benchmarks.md).
 - ``mergeable_empty`` / ``merge_indexes`` let shards add their vectors to copies of one trained index in
   parallel and merge the results into the index a single ``add`` would have built (the Ray engine).
@@ -236,8 +236,8 @@ def tune_search(
 ) -> Tuning:
     """The cheapest ``nprobe`` / ``k_factor`` whose recall@k on held-out database rows reaches ``target``.
 
-    The queries are chunks of the database itself (the precomputed neighbour search is exactly such a
-    query), each asking for ``fetch`` results (default ``k + 1``; the neighbour stage asks for
+    The queries are chunks of the database itself (the precomputed neighbor search is exactly such a
+    query), each asking for ``fetch`` results (default ``k + 1``; the neighbor stage asks for
     ``k + extra_neighbors``, and a re-ranking index keeps ``k_factor * fetch`` candidates); each query's
     own row is removed before its first ``k`` results are compared with the exact top-k. A setting
     reaches the target when its measured recall minus ``margin`` standard errors does (a sample of

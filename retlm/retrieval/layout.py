@@ -1,13 +1,13 @@
-"""The chunk layout, read in one place: chunk ids -> neighbour (+ continuation) tokens, and the arrays
+"""The chunk layout, read in one place: chunk ids -> neighbor (+ continuation) tokens, and the arrays
 a dataset reads (``chunks``, ``knn``, ``seqs``, ``doc_ids``).
 
-:func:`neighbour_tokens` is the only implementation of the neighbour layout. Training
+:func:`neighbor_tokens` is the only implementation of the neighbor layout. Training
 (``retlm.data.RETRODataset``), evaluation (which reads that dataset) and generation
 (``RetrievalDatabase.search`` -> ``RetrievalDatabase.retrieved_tokens``) all call it, so a model reads
 at generation time exactly the layout it was trained on.
 
-The rule: a neighbour chunk is followed by its continuation, the next chunk, when that chunk belongs
-to the same document, and by padding otherwise; a ``-1`` neighbour is all padding. "The same document"
+The rule: a neighbor chunk is followed by its continuation, the next chunk, when that chunk belongs
+to the same document, and by padding otherwise; a ``-1`` neighbor is all padding. "The same document"
 comes from ``doc_ids.dat`` when the files have one (every database that ``retlm build-db`` writes).
 
 retro-pytorch's memmaps (opened through ``RETRODataset``'s memmap-path signature) have no document
@@ -34,9 +34,12 @@ from typing import Any
 import numpy as np
 
 from retlm.retrieval import integrity
+from retlm.utils import deprecated_aliases
 
 CHUNKS_FILE, KNN_FILE, SEQS_FILE, DOC_IDS_FILE = "chunks.dat", "knn.dat", "seqs.dat", "doc_ids.dat"
 MANIFEST_FILE = "manifest.json"
+
+__getattr__ = deprecated_aliases(__name__, {"neighbour_tokens": "neighbor_tokens"})
 
 
 def next_in_document(
@@ -58,7 +61,7 @@ def next_in_document(
     return has_next & ~np.any(np.asarray(chunks[chunk_ids, :c]) == eos_id, axis=-1)
 
 
-def neighbour_tokens(
+def neighbor_tokens(
     chunks: np.ndarray,
     chunk_ids: np.ndarray,
     *,
@@ -205,7 +208,7 @@ class ChunkStore:
     num_neighbors = property(lambda self: int(self.files["knn"][1][1]))
 
     def retrieved_tokens(self, chunk_ids: np.ndarray) -> np.ndarray:
-        """``(...)`` chunk ids -> ``(..., 2 * chunk_size)`` int64 (:func:`neighbour_tokens`)."""
-        return neighbour_tokens(
+        """``(...)`` chunk ids -> ``(..., 2 * chunk_size)`` int64 (:func:`neighbor_tokens`)."""
+        return neighbor_tokens(
             self.chunks, chunk_ids, pad_id=self.pad_id, doc_ids=self.doc_ids, eos_id=self.eos_id
         )

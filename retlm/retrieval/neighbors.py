@@ -1,4 +1,4 @@
-"""k nearest neighbours that exclude a document: for queries, and precomputed for every chunk.
+"""k nearest neighbors that exclude a document: for queries, and precomputed for every chunk.
 
 Like retro-pytorch, a search asks faiss for ``k + extra`` results and drops those of the excluded document.
 Unlike retro-pytorch, a row that still has fewer than ``k`` after dropping (a long document whose own chunks
@@ -55,7 +55,7 @@ def search_excluding(
     scores = np.full((nq, k), -np.inf, dtype=np.float32)
     todo = np.arange(nq)
     # Always k + extra, excluding or not: a re-ranking index keeps k_factor * fetch candidates, and its
-    # k_factor was tuned for the neighbour stage's fetch of k + extra.
+    # k_factor was tuned for the neighbor stage's fetch of k + extra.
     fetch = k + extra
     while len(todo) and index.ntotal:
         fetch = min(fetch, index.ntotal)
@@ -88,9 +88,9 @@ def compute_neighbors(
     extra: int = 10,
     block: int = 4096,
     progress: bool = True,
-    desc: str = "neighbours",
+    desc: str = "neighbors",
 ) -> Path:
-    """Neighbours of database rows ``lo:hi`` into the int32 file ``out_path (hi - lo, k)``; resumable.
+    """Neighbors of database rows ``lo:hi`` into the int32 file ``out_path (hi - lo, k)``; resumable.
 
     ``embeddings``: the rows' vectors for a faiss ``index``, or the ``sparse.ChunkQueries`` of a sparse or
     hybrid searcher. Each chunk's own document (itself included) is excluded. Blocks are fixed row
@@ -123,10 +123,10 @@ def compute_neighbors(
 def merge_new_neighbors(
     knn: np.ndarray, embeddings: np.ndarray, new_start: int, k: int, block: int = 4096
 ) -> np.ndarray:
-    """Update old rows' neighbour lists ``knn (new_start, k)`` with rows ``new_start:`` added since.
+    """Update old rows' neighbor lists ``knn (new_start, k)`` with rows ``new_start:`` added since.
 
     New rows belong to new documents, so no exclusion applies between old and new. An old row's list
-    changes only where a new chunk beats its current k-th neighbour; candidates come from an exact
+    changes only where a new chunk beats its current k-th neighbor; candidates come from an exact
     search of the old rows among the new ones.
     """
     new = faiss.IndexFlatIP(embeddings.shape[1])
@@ -136,8 +136,8 @@ def merge_new_neighbors(
         stop = min(start + block, new_start)
         queries = as_float32(embeddings[start:stop])
         old_ids = merged[start:stop]
-        neighbours = as_float32(embeddings[np.maximum(old_ids, 0).ravel()]).reshape(*old_ids.shape, -1)
-        old_scores = np.where(old_ids >= 0, np.einsum("qd,qkd->qk", queries, neighbours), -np.inf)
+        neighbors = as_float32(embeddings[np.maximum(old_ids, 0).ravel()]).reshape(*old_ids.shape, -1)
+        old_scores = np.where(old_ids >= 0, np.einsum("qd,qkd->qk", queries, neighbors), -np.inf)
         new_scores, new_ids = new.search(queries, min(k, new.ntotal))
         new_ids = np.where(new_ids >= 0, new_ids + new_start, -1)
         new_scores = np.where(new_ids >= 0, new_scores, -np.inf)

@@ -190,7 +190,7 @@ def check_index_factory(factory: str | None, dim: int) -> None:
 
 
 def check_index_fits(factory: str | None, num_chunks: int, num_neighbors: int | None = None) -> None:
-    """Checked after chunking, before embedding: the neighbours per chunk cannot exceed the chunks, and
+    """Checked after chunking, before embedding: the neighbors per chunk cannot exceed the chunks, and
     an IVF index needs at least as many vectors as lists to train on."""
     if num_neighbors is not None and num_chunks and num_neighbors > num_chunks:
         raise OptionError(

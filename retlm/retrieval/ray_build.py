@@ -15,13 +15,13 @@ build, so both write the same database):
                same bytes as one ``add``), tunes the search and writes index.faiss
     neighbors  S tasks over row shards, each searching the whole index with all of a node's CPUs (so a
                node holds one copy of the index)                            -> shards/knn-i
-    finalize   1 task: concatenates the neighbour shards, checksums, manifest.json
+    finalize   1 task: concatenates the neighbor shards, checksums, manifest.json
 
 Result: chunks, document ids and embeddings identical to the single-process build with the same
-options, the same index file, and so the same neighbours (faiss's searches here are deterministic: a
+options, the same index file, and so the same neighbors (faiss's searches here are deterministic: a
 query's results do not depend on its batch or on the thread count).
 
-Failures: Ray retries a task whose worker died (``max_retries``). The embed and neighbour shards resume
+Failures: Ray retries a task whose worker died (``max_retries``). The embed and neighbor shards resume
 from their progress markers, the other tasks redo their (bounded) piece; finished pieces are kept, so
 re-running the build after a crash of the driver resumes too.
 
@@ -207,11 +207,11 @@ class _Driver:
             self.wait(refs, "index merge + tune")
         refs = [
             self.submit(
-                _stage_task, path, opts, "neighbors", (i, s), name=f"neighbours {i}/{s}", whole_node=True
+                _stage_task, path, opts, "neighbors", (i, s), name=f"neighbors {i}/{s}", whole_node=True
             )
             for i in range(s)
         ]
-        self.wait(refs, "neighbours")
+        self.wait(refs, "neighbors")
         refs = [self.submit(_stage_task, path, opts, "finalize", None, name="finalize", whole_node=True)]
         self.wait(refs, "finalize")
 

@@ -303,10 +303,10 @@ def evaluate(
     "trained_with_retrieval"}``. For a model trained without retrieval (``--no-retrieval``) only the
     "without_retrieval" numbers are meaningful.
 
-    ``by_overlap`` (default) adds ``"overlap"``: the same numbers per bucket of neighbour overlap
+    ``by_overlap`` (default) adds ``"overlap"``: the same numbers per bucket of neighbor overlap
     (:func:`retlm.training.leakage.score_by_overlap`, from the same forward passes); ``max_overlap`` drops
-    the neighbours that overlap the chunk reading them by more than that fraction (the paper's filtered
-    evaluation; the "with_retrieval" numbers are then those of the filtered neighbours).
+    the neighbors that overlap the chunk reading them by more than that fraction (the paper's filtered
+    evaluation; the "with_retrieval" numbers are then those of the filtered neighbors).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

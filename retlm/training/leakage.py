@@ -1,10 +1,10 @@
 """Evaluation that tells copying from leakage: held-out loss and bits per byte bucketed by how much of
-each evaluated chunk its neighbours contain (:mod:`retlm.training.overlap`), with retrieval on and off,
-and the paper's filtered evaluation (``max_overlap``: neighbours that overlap the chunk reading them by
+each evaluated chunk its neighbors contain (:mod:`retlm.training.overlap`), with retrieval on and off,
+and the paper's filtered evaluation (``max_overlap``: neighbors that overlap the chunk reading them by
 more than that fraction are dropped).
 
 The RETRO paper (section 4.4, and Norlund et al. 2023) finds most of retrieval's gain on chunks whose
-neighbours contain them: that is the model copying text it was shown, which a test set that leaks into
+neighbors contain them: that is the model copying text it was shown, which a test set that leaks into
 the database rewards. The buckets show where a gain comes from; the filtered evaluation what retrieval
 gives without the leaked text.
 
@@ -36,16 +36,16 @@ from retlm.training.overlap import (
     target_buckets,
 )
 
-UNBUCKETED_NAME = "not bucketed"  # chunk 0 of each sequence (reads no neighbour) and the extra target
+UNBUCKETED_NAME = "not bucketed"  # chunk 0 of each sequence (reads no neighbor) and the extra target
 VARIANTS = (("with_retrieval", True), ("without_retrieval", False))
 
 
 class OverlapView(Dataset):
     """``dataset``'s ``(seq, retrieved)`` items, with the overlaps of every target chunk and, when
-    ``max_overlap`` is given, the neighbours above it replaced by padding (computed once, up front).
+    ``max_overlap`` is given, the neighbors above it replaced by padding (computed once, up front).
 
-    Attributes: ``overlap (N, n)`` (chunk v = 1..n of each sequence against the neighbours it reads, on
-    what is fed), ``neighbours`` (real neighbours fed), ``dropped`` (neighbours removed by the filter).
+    Attributes: ``overlap (N, n)`` (chunk v = 1..n of each sequence against the neighbors it reads, on
+    what is fed), ``neighbors`` (real neighbors fed), ``dropped`` (neighbors removed by the filter).
     """
 
     def __init__(
@@ -60,15 +60,15 @@ class OverlapView(Dataset):
             raise ValueError(f"max_overlap must be a fraction in [0, 1], got {max_overlap}")
         self.dataset, self.chunk_size, self.pad_id = dataset, chunk_size, pad_id
         self.items: list[tuple[torch.Tensor, torch.Tensor]] = []
-        overlaps, self.dropped, self.neighbours = [], 0, 0
+        overlaps, self.dropped, self.neighbors = [], 0, 0
         indices = range(len(dataset))
-        for i in tqdm(indices, desc="neighbour overlap", leave=False) if progress else indices:
+        for i in tqdm(indices, desc="neighbor overlap", leave=False) if progress else indices:
             seq, retrieved = (np.asarray(t) for t in dataset[i])
             if max_overlap is not None:
                 retrieved, dropped = drop_overlapping(seq, retrieved, chunk_size, pad_id, max_overlap)
                 self.dropped += dropped
             overlap, _ = sequence_overlaps(seq, retrieved, chunk_size, pad_id)
-            self.neighbours += int(((retrieved != pad_id) & (retrieved >= 0)).any(axis=-1).sum())
+            self.neighbors += int(((retrieved != pad_id) & (retrieved >= 0)).any(axis=-1).sum())
             overlaps.append(overlap)
             self.items.append((torch.as_tensor(seq), torch.as_tensor(retrieved)))
         self.overlap = np.stack(overlaps) if overlaps else np.zeros((0, 0))
@@ -168,8 +168,8 @@ def score_by_overlap(
 
     Returns the keys of :func:`retlm.training.evaluation.compare_retrieval` (``with_retrieval``,
     ``without_retrieval``, ``perplexity_ratio``, ``tokens``, ``bytes``, ``sequences``; with ``max_overlap``
-    the retrieval numbers are those of the filtered neighbours) plus ``overlap``: ``{"max_overlap",
-    "neighbours", "dropped_neighbours", "buckets": [{"bucket", "chunks", "tokens", "bytes",
+    the retrieval numbers are those of the filtered neighbors) plus ``overlap``: ``{"max_overlap",
+    "neighbors", "dropped_neighbors", "buckets": [{"bucket", "chunks", "tokens", "bytes",
     "with_retrieval": {loss, perplexity, bits_per_byte}, "without_retrieval": {...},
     "loss_change_from_retrieval"}, ...]}``, the four overlap buckets then the unbucketed targets.
     """
@@ -237,8 +237,8 @@ def score_by_overlap(
         "sequences": len(view),
         "overlap": {
             "max_overlap": max_overlap,
-            "neighbours": view.neighbours,
-            "dropped_neighbours": view.dropped,
+            "neighbors": view.neighbors,
+            "dropped_neighbors": view.dropped,
             "buckets": rows,
         },
     }
@@ -252,7 +252,7 @@ def format_overlap_table(result: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     header = (
-        "chunk overlap with its neighbours",
+        "chunk overlap with its neighbors",
         "chunks",
         "tokens",
         "loss on",
@@ -295,11 +295,11 @@ def format_overlap_table(result: dict[str, Any]) -> str:
     what = "nats per token; bpb: bits per byte; on/off: retrieval"
     if overlap["max_overlap"] is not None:
         what += (
-            f"; filtered: {overlap['dropped_neighbours']} neighbours overlapping their chunk by more than "
-            f"{100 * overlap['max_overlap']:g}% dropped, {overlap['neighbours']} read"
+            f"; filtered: {overlap['dropped_neighbors']} neighbors overlapping their chunk by more than "
+            f"{100 * overlap['max_overlap']:g}% dropped, {overlap['neighbors']} read"
         )
     lines.append(
-        f"({what}; '{UNBUCKETED_NAME}': each sequence's first chunk, which reads no neighbour, and "
+        f"({what}; '{UNBUCKETED_NAME}': each sequence's first chunk, which reads no neighbor, and "
         "its one extra target)"
     )
     return "\n".join(lines)

@@ -68,7 +68,7 @@ class TrainOptions:
         True,
         negate=True,
         group=DATA,
-        help="train without neighbours: the no-retrieval baseline of the same model",
+        help="train without neighbors: the no-retrieval baseline of the same model",
     )
     seq_len: int | None = option(None, group=DATA, help="tokens per sequence; None: the database's")
     resume: str = option(

@@ -1,15 +1,15 @@
-"""How much of an evaluated chunk its neighbours contain: the RETRO paper's leakage measure (section 2.6).
+"""How much of an evaluated chunk its neighbors contain: the RETRO paper's leakage measure (section 2.6).
 
-For an evaluated chunk C and one neighbour N (a retrieved chunk with its continuation), the *longest
+For an evaluated chunk C and one neighbor N (a retrieved chunk with its continuation), the *longest
 common span* is the longest run of tokens that occurs contiguously in both (padding and missing tokens
 never match). The chunk's **overlap** is the fraction of its real tokens covered by the longest common
-spans with its neighbours (the union over the neighbours, one span each: the leftmost in C when several
-are as long). A neighbour's own overlap is its span's length over the chunk's real tokens.
+spans with its neighbors (the union over the neighbors, one span each: the leftmost in C when several
+are as long). A neighbor's own overlap is its span's length over the chunk's real tokens.
 
-Which neighbours a chunk is compared with follows RETRO's causal shift: the target tokens of chunk v
-(sequence positions ``v*c .. v*c + c - 1``) are all predicted by positions that read the neighbours
+Which neighbors a chunk is compared with follows RETRO's causal shift: the target tokens of chunk v
+(sequence positions ``v*c .. v*c + c - 1``) are all predicted by positions that read the neighbors
 retrieved for chunk v-1, so chunk v is compared with ``retrieved[v - 1]``. Two kinds of target stay out
-of the buckets (:data:`UNBUCKETED`): those of chunk 0, which read no neighbour, and the sequence's one
+of the buckets (:data:`UNBUCKETED`): those of chunk 0, which read no neighbor, and the sequence's one
 extra target (position ``n*c``, the first token of the next chunk), a chunk of a single token.
 
 Buckets (the paper's): ``[0, 12.5%)``, ``[12.5%, 25%)``, ``[25%, 50%)``, ``[50%, 100%]``.
@@ -29,24 +29,24 @@ def _valid(tokens: np.ndarray, pad_id: int) -> np.ndarray:
 
 
 def longest_common_spans(
-    chunks: np.ndarray, neighbours: np.ndarray, pad_id: int
+    chunks: np.ndarray, neighbors: np.ndarray, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Longest common contiguous spans of each chunk with each of its neighbours.
+    """Longest common contiguous spans of each chunk with each of its neighbors.
 
     Args:
         chunks: ``(m, n)`` token ids of m evaluated chunks.
-        neighbours: ``(m, k, r)`` token ids of their k neighbours each (``pad_id`` / negative = none).
+        neighbors: ``(m, k, r)`` token ids of their k neighbors each (``pad_id`` / negative = none).
 
     Returns ``(lengths (m, k), starts (m, k))``: the span's length and its first position in the chunk
     (the leftmost of the longest; 0 where the length is 0).
     """
     chunks = np.asarray(chunks, dtype=np.int64)
-    neighbours = np.asarray(neighbours, dtype=np.int64)
+    neighbors = np.asarray(neighbors, dtype=np.int64)
     m, n = chunks.shape
-    k, r = neighbours.shape[1:]
-    equal = (chunks[:, None, :, None] == neighbours[:, :, None, :]) & _valid(chunks, pad_id)[:, None, :, None]
-    equal &= _valid(neighbours, pad_id)[:, :, None, :]
-    # run[i, j]: length of the common run ending at chunk position i and neighbour position j
+    k, r = neighbors.shape[1:]
+    equal = (chunks[:, None, :, None] == neighbors[:, :, None, :]) & _valid(chunks, pad_id)[:, None, :, None]
+    equal &= _valid(neighbors, pad_id)[:, :, None, :]
+    # run[i, j]: length of the common run ending at chunk position i and neighbor position j
     run = np.zeros((m, k, n, r), dtype=np.int32)
     run[:, :, 0] = equal[:, :, 0]
     for i in range(1, n):
@@ -59,12 +59,12 @@ def longest_common_spans(
     return lengths.astype(np.int64), starts.astype(np.int64)
 
 
-def chunk_overlaps(chunks: np.ndarray, neighbours: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(overlap (m,), per_neighbour (m, k))`` fractions of each chunk's real tokens covered by its
-    neighbours' longest common spans (the union over neighbours), and by each neighbour's alone. A chunk
+def chunk_overlaps(chunks: np.ndarray, neighbors: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(overlap (m,), per_neighbor (m, k))`` fractions of each chunk's real tokens covered by its
+    neighbors' longest common spans (the union over neighbors), and by each neighbor's alone. A chunk
     with no real token has overlap 0."""
     chunks = np.asarray(chunks, dtype=np.int64)
-    lengths, starts = longest_common_spans(chunks, neighbours, pad_id)
+    lengths, starts = longest_common_spans(chunks, neighbors, pad_id)
     real = _valid(chunks, pad_id).sum(axis=1)
     positions = np.arange(chunks.shape[1])
     covered = (positions >= starts[..., None]) & (positions < (starts + lengths)[..., None])  # (m, k, n)
@@ -81,7 +81,7 @@ def bucket_of(overlap: np.ndarray) -> np.ndarray:
 
 
 def sequence_chunks(seq: np.ndarray, chunk_size: int) -> list[np.ndarray]:
-    """The target chunks of a ``(n*c + 1,)`` training sequence that read neighbours: chunk v = 1..n is
+    """The target chunks of a ``(n*c + 1,)`` training sequence that read neighbors: chunk v = 1..n is
     ``seq[v*c : v*c + c]`` (the last one holds the single extra target)."""
     n = (len(seq) - 1) // chunk_size
     return [seq[v * chunk_size : v * chunk_size + chunk_size] for v in range(1, n + 1)]
@@ -90,10 +90,10 @@ def sequence_chunks(seq: np.ndarray, chunk_size: int) -> list[np.ndarray]:
 def sequence_overlaps(
     seq: np.ndarray, retrieved: np.ndarray, chunk_size: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Overlaps of the target chunks v = 1..n of one sequence with the neighbours they read.
+    """Overlaps of the target chunks v = 1..n of one sequence with the neighbors they read.
 
     ``seq (n*c + 1,)``, ``retrieved (n, k, r)`` (as ``RETRODataset`` yields them). Returns
-    ``(overlap (n,), per_neighbour (n, k))``; entry v-1 is chunk v against ``retrieved[v - 1]``; the last
+    ``(overlap (n,), per_neighbor (n, k))``; entry v-1 is chunk v against ``retrieved[v - 1]``; the last
     entry is the one-token extra target.
     """
     seq, retrieved = np.asarray(seq), np.asarray(retrieved)
@@ -107,7 +107,7 @@ def sequence_overlaps(
 
 def target_buckets(overlap: np.ndarray, seq_len: int, chunk_size: int) -> np.ndarray:
     """Bucket id of every target of a sequence (label position t predicts ``seq[t + 1]``), ``(seq_len,)``:
-    the bucket of its target chunk ``(t + 1) // c``, or :data:`UNBUCKETED` for chunk 0 (no neighbour
+    the bucket of its target chunk ``(t + 1) // c``, or :data:`UNBUCKETED` for chunk 0 (no neighbor
     read) and for the extra target."""
     c = chunk_size
     n = seq_len // c
@@ -121,11 +121,11 @@ def target_buckets(overlap: np.ndarray, seq_len: int, chunk_size: int) -> np.nda
 def drop_overlapping(
     seq: np.ndarray, retrieved: np.ndarray, chunk_size: int, pad_id: int, max_overlap: float
 ) -> tuple[np.ndarray, int]:
-    """The paper's filtered evaluation: ``retrieved`` with every neighbour whose overlap with the chunk
-    that reads it exceeds ``max_overlap`` replaced by padding (a missing neighbour). Returns
+    """The paper's filtered evaluation: ``retrieved`` with every neighbor whose overlap with the chunk
+    that reads it exceeds ``max_overlap`` replaced by padding (a missing neighbor). Returns
     ``(filtered copy, number dropped)``."""
-    _, per_neighbour = sequence_overlaps(seq, retrieved, chunk_size, pad_id)
-    drop = per_neighbour > max_overlap + 1e-12
+    _, per_neighbor = sequence_overlaps(seq, retrieved, chunk_size, pad_id)
+    drop = per_neighbor > max_overlap + 1e-12
     filtered = np.array(retrieved, copy=True)
     filtered[drop] = pad_id
     return filtered, int(drop.sum())

@@ -64,7 +64,7 @@ def plot_loss_curves(
 
 
 def plot_overlap_buckets(result: Mapping, png: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Held-out loss (and bits per byte, when counted) per bucket of neighbour overlap, with retrieval on
+    """Held-out loss (and bits per byte, when counted) per bucket of neighbor overlap, with retrieval on
     and off, from an evaluation result holding ``"overlap"`` (``retlm.training.evaluate`` with
     ``by_overlap``); empty buckets are left out. Returns ``png``."""
     import matplotlib
@@ -87,13 +87,13 @@ def plot_overlap_buckets(result: Mapping, png: str | os.PathLike[str], title: st
         ):
             ax.plot(x, [r[key][metric] for r in rows], label=label, linewidth=2, **style)
         ax.set_xticks(list(x), labels, fontsize=8)
-        ax.set_xlabel("share of the chunk's tokens in its neighbours' longest common spans")
+        ax.set_xlabel("share of the chunk's tokens in its neighbors' longest common spans")
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
         ax.legend()
     limit = result["overlap"].get("max_overlap")
-    suffix = f" (neighbours over {100 * limit:g}% overlap dropped)" if limit is not None else ""
-    fig.suptitle((title or "held-out loss by neighbour overlap") + suffix)
+    suffix = f" (neighbors over {100 * limit:g}% overlap dropped)" if limit is not None else ""
+    fig.suptitle((title or "held-out loss by neighbor overlap") + suffix)
     png = Path(png)
     atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)

@@ -4,7 +4,7 @@
 RETRO control; a known name such as ``smollm2-135m``, a .gguf file, a folder, a run directory, a Hub id or
 a model) into a
 :class:`~retlm.models.retrofit.RetroFitForCausalLM`, freezes it, and trains only the new parameters
-(the neighbour encoder and the chunked cross-attention layers) with :func:`retlm.training.train`: the
+(the neighbor encoder and the chunked cross-attention layers) with :func:`retlm.training.train`: the
 same time budget, resume, atomic checkpoints, held-out evaluation with and without retrieval, and run
 files. The run's ``model/`` holds the adapter's weights and a config that names the base.
 """

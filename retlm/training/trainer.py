@@ -273,8 +273,8 @@ def train(
     stops the run cleanly in any case), or both (whichever ends first). With neither: one epoch.
 
     Data: documents are split ``train_fraction`` / rest with ``seed``; held-out documents are never
-    training targets and are hidden from training sequences' neighbours. ``retrieval=False`` trains
-    the same model without retrieved neighbours (the paper's no-retrieval baseline).
+    training targets and are hidden from training sequences' neighbors. ``retrieval=False`` trains
+    the same model without retrieved neighbors (the paper's no-retrieval baseline).
 
     ``resume="auto"`` continues from the newest checkpoint in ``out_dir`` on the same loss curve as an
     uninterrupted run; a run that already reached its steps or budget is returned as it is.
@@ -441,7 +441,7 @@ def _training_arguments(
         fp16=precision == "fp16",
         use_cpu=cpu,
         ddp_backend="gloo" if cpu and distributed else None,
-        ddp_find_unused_parameters=not opts.retrieval,  # the encoder and CCA sit idle without neighbours
+        ddp_find_unused_parameters=not opts.retrieval,  # the encoder and CCA sit idle without neighbors
         logging_strategy="steps",
         logging_steps=opts.log_every,
         eval_strategy="steps" if opts.eval_every and has_eval else "no",

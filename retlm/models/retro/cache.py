@@ -21,23 +21,23 @@ class RetroCache:
             (RetNet decoder: constant size), or None before the first call.
         context: ``(batch, position % chunk_size, dec_dim)`` decoder states, at the first CCA layer, of
             the current incomplete chunk; the encoder is conditioned on them once the chunk completes.
-        neighbours: ``(batch, k, r, dec_dim)`` encoded neighbours of the last completed chunk (read by the
+        neighbors: ``(batch, k, r, dec_dim)`` encoded neighbors of the last completed chunk (read by the
             tokens up to the end of the following chunk), or None when that chunk had no retrieval.
-        neighbour_mask: ``(batch, k, r)`` bool, True = real neighbour token.
+        neighbor_mask: ``(batch, k, r)`` bool, True = real neighbor token.
         padding: ``(batch,)`` leading padding columns of each row when the prompt was left-padded, else
             None. Row ``i``'s token at column ``t`` then sits at position ``t - padding[i]``, its chunks
             are counted from its first real token, and (left-padded mode only) ``context`` holds the
-            states of the last ``chunk_size - 1`` columns, ``neighbours`` each row's own last completed
-            chunk's encoded neighbours, ``neighbour_valid (batch,)`` whether that chunk had retrieval.
+            states of the last ``chunk_size - 1`` columns, ``neighbors`` each row's own last completed
+            chunk's encoded neighbors, ``neighbor_valid (batch,)`` whether that chunk had retrieval.
     """
 
     position: int = 0
     layers: list[Any] = field(default_factory=list)
     context: Tensor | None = None
-    neighbours: Tensor | None = None
-    neighbour_mask: Tensor | None = None
+    neighbors: Tensor | None = None
+    neighbor_mask: Tensor | None = None
     padding: Tensor | None = None
-    neighbour_valid: Tensor | None = None
+    neighbor_valid: Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
@@ -54,7 +54,7 @@ class RetroCache:
                 return next((n for n in map(rows, value) if n is not None), None)
             return None
 
-        return rows([self.context, self.neighbours, self.padding, self.layers])
+        return rows([self.context, self.neighbors, self.padding, self.layers])
 
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keep (or reorder, e.g. for beam search) the batch rows ``indices``."""
@@ -69,11 +69,11 @@ class RetroCache:
             return value
 
         self.layers = [select(state) for state in self.layers]
-        self.context, self.neighbours, self.neighbour_mask = (
+        self.context, self.neighbors, self.neighbor_mask = (
             select(self.context),
-            select(self.neighbours),
-            select(self.neighbour_mask),
+            select(self.neighbors),
+            select(self.neighbor_mask),
         )
-        self.padding, self.neighbour_valid = select(self.padding), select(self.neighbour_valid)
+        self.padding, self.neighbor_valid = select(self.padding), select(self.neighbor_valid)
 
     reorder_cache = batch_select_indices

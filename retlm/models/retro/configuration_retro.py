@@ -39,7 +39,7 @@ class RetroConfig(PretrainedConfig):
             ``config.decoder_type``.
         ff_mult: feed-forward width multiplier (4).
         rotary_dim: rotated features per head (default ``min(dim_head, 32)``, as retro-pytorch).
-        cca_query_positions: "paper" (queries at their true offsets c-1..2c-2 from the neighbour's chunk
+        cca_query_positions: "paper" (queries at their true offsets c-1..2c-2 from the neighbor's chunk
             start) or "retro_pytorch" ([2c-2, 0, ..., 0], needed for exact imports).
         absolute_position_embedding: add a learned absolute position table to the token embeddings
             (retro-pytorch does; the native model relies on rotary positions only).

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from retlm.layers.attention import Attention
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.neighbours import cross_attend
+from retlm.models.retro.neighbors import cross_attend
 from retlm.models.retro.padding import RowPadding
 from retlm.models.retro.sublayers import Residual, chunked_cross_attention, feed_forward
 
@@ -81,8 +81,8 @@ class RetroDecoderLayer(nn.Module):
             )
         return self.self_attn_norm.post(x, h), state
 
-    def cross(self, x: Tensor, start: int, neighbours: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
-        return cross_attend(self.cca, self.cca_norm, x, start, neighbours)
+    def cross(self, x: Tensor, start: int, neighbors: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+        return cross_attend(self.cca, self.cca_norm, x, start, neighbors)
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return self.ff_norm.post(x, self.ff(self.ff_norm.pre(x)))
@@ -96,13 +96,13 @@ class RetroDecoderLayer(nn.Module):
         keep_state: bool,
         mode: str,
         retnet_chunk_size: int,
-        neighbours: Any = None,
+        neighbors: Any = None,
         padding: RowPadding | None = None,
     ) -> tuple[Tensor, Any]:
         """One decoder layer for positions ``start ..``: ``x (batch, seq, dec_dim)`` -> ``(x, new_state)``.
 
-        ``neighbours``: the encoded neighbours of the groups these positions touch (see
-        :meth:`RetroModel.neighbours_for_call`), or a callable that computes them from this layer's
+        ``neighbors``: the encoded neighbors of the groups these positions touch (see
+        :meth:`RetroModel.neighbors_for_call`), or a callable that computes them from this layer's
         post-attention states (the first CCA layer conditions the encoder on them), or None.
         """
         x, state = self.mix(
@@ -114,10 +114,10 @@ class RetroDecoderLayer(nn.Module):
             retnet_chunk_size=retnet_chunk_size,
             padding=padding,
         )
-        if callable(neighbours):
-            neighbours = neighbours(x)
-        if self.cca is not None and neighbours is not None:
-            x = self.cross(x, start, neighbours)
+        if callable(neighbors):
+            neighbors = neighbors(x)
+        if self.cca is not None and neighbors is not None:
+            x = self.cross(x, start, neighbors)
         return self.feed_forward(x), state
 
 
@@ -137,7 +137,7 @@ def cross_and_feed_forward(
     mask: Tensor | None,
     group_valid: Tensor | None,
 ) -> Tensor:
-    """A decoder layer's chunked cross-attention (when it has one and there are neighbours: ``encoded
+    """A decoder layer's chunked cross-attention (when it has one and there are neighbors: ``encoded
     (batch, groups, k, r, dim)``, ``mask (batch, groups, k, r)``) and its feed-forward."""
     if layer.cca is not None and encoded is not None:
         x = layer.cross(x, start, (encoded, mask, group_valid))

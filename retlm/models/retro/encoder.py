@@ -1,4 +1,4 @@
-"""RETRO's encoder: each neighbour (+ continuation) is encoded bidirectionally, cross-attending to the
+"""RETRO's encoder: each neighbor (+ continuation) is encoded bidirectionally, cross-attending to the
 decoder states of the chunk that retrieved it (used by RETRO and by RETRO-fitting)."""
 
 from __future__ import annotations
@@ -35,27 +35,27 @@ class RetroEncoderLayer(nn.Module):
         key_mask: Tensor,
         context: Tensor,
         positions: Tensor,
-        neighbour_positions: Tensor,
+        neighbor_positions: Tensor,
         context_positions: Tensor,
     ) -> Tensor:
         """One encoder layer: ``x ((chunks * k), r, enc_dim)`` -> same shape.
 
         ``key_mask ((chunks * k), r)`` bool, True = real token; ``context (chunks, chunk_size, dec_dim)``;
-        ``positions (r,)`` of a neighbour's tokens, ``neighbour_positions (k * r,)`` the same for all k
-        neighbours of a chunk (one query block), ``context_positions (chunk_size,)``.
+        ``positions (r,)`` of a neighbor's tokens, ``neighbor_positions (k * r,)`` the same for all k
+        neighbors of a chunk (one query block), ``context_positions (chunk_size,)``.
         """
-        num_neighbours = neighbour_positions.shape[0] // positions.shape[0]
+        num_neighbors = neighbor_positions.shape[0] // positions.shape[0]
         h, _ = self.self_attn(self.self_attn_norm.pre(x), key_mask=key_mask, q_positions=positions)
         x = self.self_attn_norm.post(x, h)
         if self.cross_attn is not None:
-            h = rearrange(self.cross_attn_norm.pre(x), "(u k) r d -> u (k r) d", k=num_neighbours)
-            h, _ = self.cross_attn(h, context, q_positions=neighbour_positions, k_positions=context_positions)
-            x = self.cross_attn_norm.post(x, rearrange(h, "u (k r) d -> (u k) r d", k=num_neighbours))
+            h = rearrange(self.cross_attn_norm.pre(x), "(u k) r d -> u (k r) d", k=num_neighbors)
+            h, _ = self.cross_attn(h, context, q_positions=neighbor_positions, k_positions=context_positions)
+            x = self.cross_attn_norm.post(x, rearrange(h, "u (k r) d -> (u k) r d", k=num_neighbors))
         return self.ff_norm.post(x, self.ff(self.ff_norm.pre(x)))
 
 
 class RetroEncoder(nn.Module):
-    """Encodes neighbours (+ continuations) bidirectionally, cross-attending to the retrieving chunk."""
+    """Encodes neighbors (+ continuations) bidirectionally, cross-attending to the retrieving chunk."""
 
     def __init__(self, config: RetroConfig) -> None:
         super().__init__()
@@ -68,20 +68,20 @@ class RetroEncoder(nn.Module):
     def forward(self, x: Tensor, mask: Tensor, context: Tensor) -> Tensor:
         """
         Args:
-            x: ``(chunks, k, r, enc_dim)`` embedded neighbours of ``chunks`` retrieving chunks.
+            x: ``(chunks, k, r, enc_dim)`` embedded neighbors of ``chunks`` retrieving chunks.
             mask: ``(chunks, k, r)`` bool, True = real token.
             context: ``(chunks, chunk_size, dec_dim)`` decoder states of each retrieving chunk.
 
         Returns ``(chunks, k, r, dec_dim)``.
         """
-        num_neighbours, r = x.shape[1:3]
+        num_neighbors, r = x.shape[1:3]
         positions = torch.arange(r, device=x.device)
-        # all k neighbours of a chunk attend to the same context: one query block of k * r tokens
-        neighbour_positions = positions.repeat(num_neighbours)
+        # all k neighbors of a chunk attend to the same context: one query block of k * r tokens
+        neighbor_positions = positions.repeat(num_neighbors)
         context_positions = torch.arange(context.shape[1], device=x.device)
         x = rearrange(x, "u k r d -> (u k) r d")
         key_mask = rearrange(mask, "u k r -> (u k) r")
         for layer in self.layers:
-            x = layer(x, key_mask, context, positions, neighbour_positions, context_positions)
+            x = layer(x, key_mask, context, positions, neighbor_positions, context_positions)
         x = self.project_out(self.norm_out(x))
-        return rearrange(x, "(u k) r d -> u k r d", k=num_neighbours)
+        return rearrange(x, "(u k) r d -> u k r d", k=num_neighbors)

@@ -1,10 +1,10 @@
 """Generation that retrieves: at every chunk boundary, search the database with the chunk just
-completed and continue with its neighbours in chunked cross-attention.
+completed and continue with its neighbors in chunked cross-attention.
 
 The loop drives :class:`RetroForCausalLM`'s incremental API (see ``modeling_retro``): a call receives
-the neighbours of every chunk whose LAST token is among its ``input_ids``. Because the tokens of a
+the neighbors of every chunk whose LAST token is among its ``input_ids``. Because the tokens of a
 chunk are all known before that chunk's last token is fed, the database is searched just before that
-call, so the last token of chunk u already reads the neighbours of chunk u, exactly as in training.
+call, so the last token of chunk u already reads the neighbors of chunk u, exactly as in training.
 
 The database is duck-typed (this module imports nothing from ``retlm.retrieval``): anything with
 ``chunk_size``, ``pad_id``, ``num_neighbors`` and ``search(token_chunks (..., chunk_size), k)``
@@ -50,8 +50,8 @@ class ChunkRetrieval:
     """What was retrieved for one completed chunk of one row.
 
     ``chunk_index``: which chunk of the sequence (0-based); ``query``: its token ids ``(chunk_size,)``;
-    ``chunk_ids``, ``doc_ids``, ``scores``: ``(k,)`` database neighbours (-1: none);
-    ``tokens``: ``(k, 2 * chunk_size)`` neighbour + continuation as fed to the model.
+    ``chunk_ids``, ``doc_ids``, ``scores``: ``(k,)`` database neighbors (-1: none);
+    ``tokens``: ``(k, 2 * chunk_size)`` neighbor + continuation as fed to the model.
     """
 
     chunk_index: int
@@ -120,7 +120,7 @@ class _Retriever:
         self.log: list[list[ChunkRetrieval]] = [[] for _ in self.padding]
 
     def __call__(self, sequence: Tensor, chunks: list[range]) -> Tensor | None:
-        """Neighbours of row i's ``chunks[i]`` of ``sequence (batch, n)``: ``(batch, m, k, 2c)`` with ``m``
+        """Neighbors of row i's ``chunks[i]`` of ``sequence (batch, n)``: ``(batch, m, k, 2c)`` with ``m``
         the longest list (a shorter row's extra entries are -1: missing), or None when none is asked."""
         width = max(len(u) for u in chunks)
         if width == 0:

@@ -2,34 +2,34 @@
 
     tokens --token_emb (enc_dim) [+ absolute positions] --> to_decoder_model_dim --> decoder layers:
         x = x + SelfAttention(norm(x))           causal attention, or multi-scale retention (RetNet)
-        [first CCA layer: encode the neighbours of every completed chunk, conditioned on x of that chunk]
-        x = x + CCA(norm(x), encoded neighbours)  at dec_cross_attn_layers
+        [first CCA layer: encode the neighbors of every completed chunk, conditioned on x of that chunk]
+        x = x + CCA(norm(x), encoded neighbors)  at dec_cross_attn_layers
         x = x + FFN(norm(x))
     --> norm --> to_logits
 
-Encoder (per neighbour + continuation, bidirectional): self-attention over the neighbour's tokens,
+Encoder (per neighbor + continuation, bidirectional): self-attention over the neighbor's tokens,
 cross-attention to the decoder states of the chunk that retrieved it, FFN; then norm and a projection
 to dec_dim. CCA alignment and causality are described in :mod:`retlm.ops.attention`: the tokens of
-chunk u+1 (and the last token of chunk u) read the neighbours of chunk u, never a neighbour
+chunk u+1 (and the last token of chunk u) read the neighbors of chunk u, never a neighbor
 retrieved with their own future.
 
 Incremental decoding (the generation loop drives it):
 
     cache = None
-    out = model(input_ids=prompt, retrieved=neighbours_of_prompt_chunks, use_cache=True)
+    out = model(input_ids=prompt, retrieved=neighbors_of_prompt_chunks, use_cache=True)
     cache = out.past_key_values                     # RetroCache
     out = model(input_ids=next_tokens, past_key_values=cache, retrieved=r)
 
-A call must receive, in ``retrieved``, the neighbours of every chunk whose LAST token is among its
+A call must receive, in ``retrieved``, the neighbors of every chunk whose LAST token is among its
 ``input_ids`` (chunk u ends at position u*c + c - 1): shape ``(batch, num_completed, k, 2c)``, or
 ``(batch, k, 2c)`` for one chunk when a cache is passed. The caller can retrieve for chunk u before the
 call because all of chunk u's tokens are then known. ``retrieved=None`` means "no retrieval" for those
 chunks (their groups skip cross-attention). Token-by-token decoding gives the same logits as one full
-forward with the same neighbours (tested).
+forward with the same neighbors (tested).
 
 Left padding (``attention_mask`` of zeros, then ones) batches prompts of different lengths: each row's
-positions, chunks and neighbours are counted from its first real token, as if it ran alone
-(:mod:`retlm.models.retro.padding`, :func:`retlm.models.retro.neighbours.row_neighbours_for_call`).
+positions, chunks and neighbors are counted from its first real token, as if it ran alone
+(:mod:`retlm.models.retro.padding`, :func:`retlm.models.retro.neighbors.row_neighbors_for_call`).
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
 from retlm.models.retro.decoder import RetroDecoderLayer, cross_and_feed_forward, mix_only
 from retlm.models.retro.encoder import RetroEncoder, RetroEncoderLayer  # noqa: F401  (importable here)
-from retlm.models.retro.neighbours import (
+from retlm.models.retro.neighbors import (
     check_retrieved,
-    encode_neighbours,
-    neighbours_for_call,
-    row_neighbours_for_call,
+    encode_neighbors,
+    neighbors_for_call,
+    row_neighbors_for_call,
 )
 from retlm.models.retro.padding import (  # noqa: F401  (check_right_padding: importable here)
     RowPadding,
@@ -173,12 +173,12 @@ class RetroModel(RetroPreTrainedModel):
             x = x + self.pos_emb(positions)
         return self.to_decoder_model_dim(x)
 
-    def encode_neighbours(self, retrieved: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_neighbors(self, retrieved: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """``retrieved (batch, u, k, r)`` token ids (pad or -1 = missing), ``context (batch, u, c, dec_dim)``
         -> ``(encoded (batch, u, k, r, dec_dim), mask (batch, u, k, r))``."""
-        return encode_neighbours(self.token_emb, self.encoder, self.config.pad_id, retrieved, context)
+        return encode_neighbors(self.token_emb, self.encoder, self.config.pad_id, retrieved, context)
 
-    def neighbours_for_call(
+    def neighbors_for_call(
         self,
         x: Tensor,
         retrieved: Tensor | None,
@@ -186,11 +186,11 @@ class RetroModel(RetroPreTrainedModel):
         cache: RetroCache | None,
         padding: RowPadding | None = None,
     ) -> Any:
-        """See :func:`neighbours_for_call`, and :func:`row_neighbours_for_call` for a left-padded batch."""
+        """See :func:`neighbors_for_call`, and :func:`row_neighbors_for_call` for a left-padded batch."""
         c = self.config.chunk_size
         if padding is not None:
-            return row_neighbours_for_call(x, retrieved, padding.row_starts, cache, c, self.encode_neighbours)
-        return neighbours_for_call(x, retrieved, start, cache, c, self.encode_neighbours)
+            return row_neighbors_for_call(x, retrieved, padding.row_starts, cache, c, self.encode_neighbors)
+        return neighbors_for_call(x, retrieved, start, cache, c, self.encode_neighbors)
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -209,14 +209,14 @@ class RetroModel(RetroPreTrainedModel):
         """
         Args:
             input_ids: ``(batch, seq)`` new tokens (after those already in ``past_key_values``).
-            retrieved: neighbours (+ continuations) token ids of the chunks completed by these tokens,
+            retrieved: neighbors (+ continuations) token ids of the chunks completed by these tokens,
                 ``(batch, num_chunks, k, 2 * chunk_size)`` (without a cache: ``num_chunks = seq //
-                chunk_size``; a 3-D tensor is ``(batch, num_chunks, r)``, one neighbour), or with a cache
+                chunk_size``; a 3-D tensor is ``(batch, num_chunks, r)``, one neighbor), or with a cache
                 ``(batch, k, r)`` for one chunk. ``pad_id`` and -1 tokens are masked. None = no retrieval.
             attention_mask: ``(batch, seq)``, or ``(batch, past + seq)`` with a cache (generate's growing
                 mask); 1 = token, 0 = padding. Left padding (zeros, then ones) batches prompts of different
-                lengths: each row's positions, chunks and neighbours are then counted from its first real
-                token, as if it ran alone, and ``retrieved[i, u]`` holds the neighbours of row i's u-th
+                lengths: each row's positions, chunks and neighbors are then counted from its first real
+                token, as if it ran alone, and ``retrieved[i, u]`` holds the neighbors of row i's u-th
                 chunk (``num_chunks`` = the most chunks a row completes; extra entries of shorter rows are
                 ignored). Right padding is accepted without a cache only (it needs no masking); holes are
                 refused.
@@ -264,17 +264,17 @@ class RetroModel(RetroPreTrainedModel):
 
         x = self.embed(input_ids, start, padding)
         hidden_states = [x] if output_hidden_states else None
-        found: dict[str, Any] = {}  # the encoded neighbours, once the first CCA layer has computed them
+        found: dict[str, Any] = {}  # the encoded neighbors, once the first CCA layer has computed them
 
         def encode_at_context_layer(h: Tensor) -> Any:
-            found["neighbours"] = self.neighbours_for_call(h, retrieved, start, keep, padding)
-            return found["neighbours"]
+            found["neighbors"] = self.neighbors_for_call(h, retrieved, start, keep, padding)
+            return found["neighbors"]
 
         # Gradient checkpointing (training without a cache): each layer's sublayers, and the encoder run,
         # keep only their inputs and are recomputed in backward (dropout replays the same masks).
         # (a left-padded batch, for generation, runs without it)
         checkpointing = self.gradient_checkpointing and self.training and keep is None and padding is None
-        neighbours = None
+        neighbors = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if not checkpointing:
@@ -285,9 +285,7 @@ class RetroModel(RetroPreTrainedModel):
                     keep_state=keep is not None,
                     mode=mode,
                     retnet_chunk_size=config.retnet_chunk_size,
-                    neighbours=encode_at_context_layer
-                    if i == self.context_layer
-                    else found.get("neighbours"),
+                    neighbors=encode_at_context_layer if i == self.context_layer else found.get("neighbors"),
                     padding=padding,
                 )
             else:
@@ -295,11 +293,11 @@ class RetroModel(RetroPreTrainedModel):
                     mix_only, layer, x, start, mode, config.retnet_chunk_size
                 )
                 if i == self.context_layer and retrieved is not None:
-                    neighbours = self._gradient_checkpointing_func(
-                        self.neighbours_for_call, x, retrieved, start, None
+                    neighbors = self._gradient_checkpointing_func(
+                        self.neighbors_for_call, x, retrieved, start, None
                     )
-                # the neighbours go in as separate tensors: a reentrant checkpoint tracks only top-level ones
-                parts = neighbours if neighbours is not None else (None, None, None)
+                # the neighbors go in as separate tensors: a reentrant checkpoint tracks only top-level ones
+                parts = neighbors if neighbors is not None else (None, None, None)
                 x = self._gradient_checkpointing_func(cross_and_feed_forward, layer, x, start, *parts)
             if keep is not None:
                 keep.layers[i] = state
@@ -353,7 +351,7 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         """HF ``generate``, or, with ``retrieval_database=db``, generation that retrieves from ``db`` at
         every chunk boundary (see :func:`retlm.models.retro.generation.generate_with_retrieval`, whose
         keyword options it takes: ``max_new_tokens, do_sample, temperature, top_k, top_p, ...``); it then
-        returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbours used per chunk.
+        returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbors used per chunk.
         Either way, a left-padded ``attention_mask`` batches prompts of different lengths (each row as if
         alone, retrieving at its own chunk boundaries)."""
         if retrieval_database is None:

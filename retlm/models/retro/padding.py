@@ -1,8 +1,8 @@
 """Padding of a RETRO batch: which ``attention_mask`` is accepted (:func:`left_padding`,
 :func:`check_right_padding`), and a left-padded call's per-row positions and masks (:class:`RowPadding`).
 
-A left-padded row's positions, chunks and neighbours are counted from its first real token, so it
-computes what the same prompt computes alone (the neighbours side: :func:`row_neighbours_for_call`).
+A left-padded row's positions, chunks and neighbors are counted from its first real token, so it
+computes what the same prompt computes alone (the neighbors side: :func:`row_neighbors_for_call`).
 """
 
 from __future__ import annotations

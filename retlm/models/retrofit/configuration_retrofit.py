@@ -52,7 +52,7 @@ class RetroFitConfig(PretrainedConfig):
             (default :func:`default_cca_layers`).
         chunk_size, pad_id: the retrieval database's chunk length and padding id.
         max_seq_len: longest sequence the base accepts (its position table; None: unbounded).
-        enc_dim, enc_depth: width and depth of the RETRO encoder of the neighbours (default width: the
+        enc_dim, enc_depth: width and depth of the RETRO encoder of the neighbors (default width: the
             base's hidden size capped at 896, the paper's encoder width; depth 2, as the paper).
         heads, dim_head: attention heads of the encoder and of every CCA (default: the base's heads, and
             ``hidden_size // heads``).
@@ -128,7 +128,7 @@ class RetroFitConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def retro_config(self) -> RetroConfig:
-        """The :class:`RetroConfig` of the adapter's RETRO pieces: the encoder reads ``enc_dim`` neighbour
+        """The :class:`RetroConfig` of the adapter's RETRO pieces: the encoder reads ``enc_dim`` neighbor
         vectors and cross-attends to, and projects out to, the base's ``hidden_size``; every CCA starts
         with a zero output projection."""
         if not (self.hidden_size and self.num_hidden_layers and self.heads and self.cca_layers):

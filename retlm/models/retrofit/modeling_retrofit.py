@@ -1,9 +1,9 @@
 """RETRO-fitting (arXiv 2112.04426, section 4.2) of any HF causal LM: a frozen base decoder, chunked
-cross-attention (CCA) after chosen decoder layers, and a trainable RETRO encoder of the neighbours.
+cross-attention (CCA) after chosen decoder layers, and a trainable RETRO encoder of the neighbors.
 
-    base embeddings -> base layer 1 -> ... -> base layer L -> [ x + CCA(norm(x), encoded neighbours) ]
+    base embeddings -> base layer 1 -> ... -> base layer L -> [ x + CCA(norm(x), encoded neighbors) ]
                     -> ... -> base head
-    neighbours (+ continuations) -> base input embeddings (frozen) -> projection -> RETRO encoder,
+    neighbors (+ continuations) -> base input embeddings (frozen) -> projection -> RETRO encoder,
         conditioned on the base's states at the first CCA layer of the chunk that retrieved them
 
 Nothing of the base is copied or re-implemented: each chosen decoder layer module is wrapped
@@ -14,16 +14,16 @@ CCA output projection starts at zero, so a fresh RETRO-fitted model computes exa
 base's parameters are frozen, and only the adapter (:class:`RetroFitAdapter`) trains.
 
 The encoder, the CCA layers and the chunk alignment are RETRO's own (:mod:`retlm.models.retro.modeling_retro`,
-:mod:`retlm.models.retro.neighbours`): the tokens of chunk u+1 (and the last token of chunk u) read the
-neighbours retrieved for chunk u, never a neighbour retrieved with their own future.
+:mod:`retlm.models.retro.neighbors`): the tokens of chunk u+1 (and the last token of chunk u) read the
+neighbors retrieved for chunk u, never a neighbor retrieved with their own future.
 
 Incremental decoding follows :class:`~retlm.models.retro.RetroForCausalLM`'s contract (the loop of
-:mod:`retlm.models.retro.generation` drives it): a call receives, in ``retrieved``, the neighbours of
+:mod:`retlm.models.retro.generation` drives it): a call receives, in ``retrieved``, the neighbors of
 every chunk whose last token is among its ``input_ids``. The adapter's decoding state (position, the
-states of the current chunk, the encoded neighbours of the last completed one) travels on the base's
+states of the current chunk, the encoded neighbors of the last completed one) travels on the base's
 own cache object, as its attribute :data:`STATE_ATTR`.
 
-Known limits: one call at a time per model object (the wrappers read the current call's neighbours
+Known limits: one call at a time per model object (the wrappers read the current call's neighbors
 from the model; ``torch.nn.DataParallel`` threads would share them, DDP is fine); rows of a batch share
 one position (right padding only, when retrieving); ``output_hidden_states`` reports the base's own
 layer outputs (before the CCA).
@@ -49,11 +49,11 @@ from retlm.models.retro.cache import RetroCache
 from retlm.models.retro.configuration_retro import RetroConfig
 from retlm.models.retro.encoder import RetroEncoder
 from retlm.models.retro.modeling_retro import check_right_padding
-from retlm.models.retro.neighbours import (
+from retlm.models.retro.neighbors import (
     check_retrieved,
     cross_attend,
-    encode_neighbours,
-    neighbours_for_call,
+    encode_neighbors,
+    neighbors_for_call,
 )
 from retlm.models.retro.sublayers import Residual, chunked_cross_attention
 from retlm.models.retro.weights import init_retro_module
@@ -77,7 +77,7 @@ UNBOUNDED = 2**31 - 1  # max_seq_len of a base without a position table (RetNet)
 
 
 class RetroFitBlock(nn.Module):
-    """The sub-layer added after one base decoder layer: ``x + CCA(norm(x), encoded neighbours)``, with
+    """The sub-layer added after one base decoder layer: ``x + CCA(norm(x), encoded neighbors)``, with
     the CCA output projection zero at initialisation. Parameter names are those of
     :class:`~retlm.models.retro.modeling_retro.RetroDecoderLayer` (``cca``, ``cca_norm``)."""
 
@@ -87,13 +87,13 @@ class RetroFitBlock(nn.Module):
         self.cca = chunked_cross_attention(retro.dec_dim, retro)
         self.cca.attn.to_out.zero_init = True  # read by init_retro_module
 
-    def forward(self, x: Tensor, start: int, neighbours: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    def forward(self, x: Tensor, start: int, neighbors: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
         """``x (batch, seq, hidden)`` of positions ``start ..`` -> same shape."""
-        return cross_attend(self.cca, self.cca_norm, x, start, neighbours)
+        return cross_attend(self.cca, self.cca_norm, x, start, neighbors)
 
 
 class RetroFitAdapter(nn.Module):
-    """Every new parameter: the projection of the base's (frozen) token embeddings of the neighbours to
+    """Every new parameter: the projection of the base's (frozen) token embeddings of the neighbors to
     the encoder width, the RETRO encoder, and one :class:`RetroFitBlock` per chosen layer."""
 
     def __init__(self, config: RetroFitConfig) -> None:
@@ -106,27 +106,27 @@ class RetroFitAdapter(nn.Module):
 
 @dataclass
 class _Call:
-    """What the wrapped layers of one forward call need: where its tokens start, the neighbours of the
-    chunks it completes, the decoding state to update (None: a full forward), and the encoded neighbours
+    """What the wrapped layers of one forward call need: where its tokens start, the neighbors of the
+    chunks it completes, the decoding state to update (None: a full forward), and the encoded neighbors
     once the first CCA layer has computed them."""
 
     start: int
     retrieved: Tensor | None
     state: RetroCache | None
-    neighbours: tuple[Tensor, Tensor, Tensor | None] | None = None
+    neighbors: tuple[Tensor, Tensor, Tensor | None] | None = None
 
 
 # -- the model -----------------------------------------------------------------------------------------
 
 
 class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
-    """A frozen HF causal LM (``.base``) with RETRO's chunked cross-attention and neighbour encoder
+    """A frozen HF causal LM (``.base``) with RETRO's chunked cross-attention and neighbor encoder
     (``.retrofit``, the only trained and saved parameters).
 
     Build one with :meth:`from_base`; load a trained one with :meth:`from_pretrained` (or
     ``AutoModelForCausalLM.from_pretrained`` once ``retlm.models.retrofit`` is imported), which loads the
     base the config names and then the adapter. ``forward(input_ids, retrieved=None, ...)`` takes the
-    arguments of :class:`~retlm.models.retro.RetroForCausalLM`; ``retrieved=None`` (and no neighbours
+    arguments of :class:`~retlm.models.retro.RetroForCausalLM`; ``retrieved=None`` (and no neighbors
     in the cache) computes exactly the base.
     """
 
@@ -348,7 +348,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _encode(self, retrieved: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         embed = self.base.get_input_embeddings()
-        return encode_neighbours(
+        return encode_neighbors(
             lambda ids: self.retrofit.embed_proj(embed(ids)),
             self.retrofit.encoder,
             self.config.pad_id,
@@ -359,12 +359,12 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
     def _after_layer(self, number: int, hidden: Tensor, call: _Call) -> Tensor:
         """Called by the wrapper of decoder layer ``number`` with its output ``(batch, seq, hidden)``."""
         if number == self._encoder_layer:
-            call.neighbours = neighbours_for_call(
+            call.neighbors = neighbors_for_call(
                 hidden, call.retrieved, call.start, call.state, self.config.chunk_size, self._encode
             )
-        if call.neighbours is None:
+        if call.neighbors is None:
             return hidden
-        return self.retrofit.blocks[str(number)](hidden, call.start, call.neighbours)
+        return self.retrofit.blocks[str(number)](hidden, call.start, call.neighbors)
 
     def forward(
         self,
@@ -382,10 +382,10 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
         """
         Args:
             input_ids: ``(batch, seq)`` new tokens (after those already in the cache).
-            retrieved: neighbours (+ continuations) of the chunks completed by these tokens, as for
+            retrieved: neighbors (+ continuations) of the chunks completed by these tokens, as for
                 :meth:`RetroForCausalLM.forward`: ``(batch, num_chunks, k, 2 * chunk_size)``, or
                 ``(batch, k, 2 * chunk_size)`` for one chunk when a cache is passed; pad / -1 = missing.
-            attention_mask: passed to the base; right padding only while neighbours are read.
+            attention_mask: passed to the base; right padding only while neighbors are read.
             labels: passed to the base (HF convention: not shifted; -100 = ignored).
             past_key_values: the base's cache from an earlier call of this model (or ``cache=``).
             use_cache: return the base's cache, carrying the adapter's decoding state.
@@ -417,7 +417,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
                     "states of its incomplete chunk are unknown; start from no cache, or at a chunk boundary"
                 )
             state = RetroCache(position=start)
-        if retrieved is not None or (state is not None and state.neighbours is not None):
+        if retrieved is not None or (state is not None and state.neighbors is not None):
             check_right_padding(attention_mask)
         if self._mode_kwarg is not None:
             if (

@@ -1,12 +1,12 @@
-"""How much do a database's neighbours say about the text that follows a chunk?
+"""How much do a database's neighbors say about the text that follows a chunk?
 
 For each chunk u with a successor in its document, compare the tokens of chunk u+1 (what the model
-must predict after reading chunk u's neighbours) with the tokens of chunk u's retrieved neighbours
+must predict after reading chunk u's neighbors) with the tokens of chunk u's retrieved neighbors
 (+ continuations), and with those of random chunks from other documents as a control. Reports the
 fraction of u+1's distinct tokens present, and the fraction of its 4-grams present (verbatim copying
 potential, which is where RETRO's large gains come from).
 
-    .venv/bin/python bench/neighbour_quality.py DB [--samples 2000]
+    .venv/bin/python bench/neighbor_quality.py DB [--samples 2000]
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ def main() -> None:
     doc_ids, knn, c = np.asarray(db.doc_ids), np.asarray(db.knn), db.chunk_size
     has_next = np.flatnonzero(doc_ids[:-1] == doc_ids[1:])
     chosen = rng.choice(has_next, size=min(args.samples, len(has_next)), replace=False)
-    rows = {"neighbours": {1: [], 4: []}, "random chunks": {1: [], 4: []}}
+    rows = {"neighbors": {1: [], 4: []}, "random chunks": {1: [], 4: []}}
     for u in chosen:
         target = np.asarray(db.chunks[u + 1, :c])
-        neighbours = db.retrieved_tokens(knn[u])
+        neighbors = db.retrieved_tokens(knn[u])
         others = rng.choice(np.flatnonzero(doc_ids != doc_ids[u]), size=knn.shape[1], replace=False)
         randoms = db.retrieved_tokens(others)
         for n in (1, 4):
-            rows["neighbours"][n].append(overlap(target, neighbours, n))
+            rows["neighbors"][n].append(overlap(target, neighbors, n))
             rows["random chunks"][n].append(overlap(target, randoms, n))
     print(f"{db.path}: {len(chosen)} chunks, k={knn.shape[1]}, chunk_size={c}")
     print(f"{'source':<16}{'tokens of chunk u+1 found':>28}{'4-grams of chunk u+1 found':>30}")

@@ -1,7 +1,7 @@
-"""Training and generation read one neighbour layout (issue #11's bug).
+"""Training and generation read one neighbor layout (issue #11's bug).
 
 The dataset (training, evaluation) and ``RetrievalDatabase.search`` (generation) must turn the same
-chunk ids into the same neighbour (+ continuation) tokens. Two databases where the old dataset rule
+chunk ids into the same neighbor (+ continuation) tokens. Two databases where the old dataset rule
 ("blank the continuation when the row holds EOS anywhere, the extra column included") disagreed with
 the database's rule ("keep it when the next chunk is of the same document"):
 

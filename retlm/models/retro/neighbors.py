@@ -1,5 +1,5 @@
-"""The retrieved neighbours of a RETRO call: validating ``retrieved``, encoding the neighbours, collecting
-the encoded neighbours of every CCA group a call touches (from the call and from the cache), and the
+"""The retrieved neighbors of a RETRO call: validating ``retrieved``, encoding the neighbors, collecting
+the encoded neighbors of every CCA group a call touches (from the call and from the cache), and the
 residual chunked cross-attention sub-layer that reads them. Shared by RETRO and RETRO-fitting."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ def cross_attend(
     cca_norm: Residual,
     x: Tensor,
     start: int,
-    neighbours: tuple[Tensor, Tensor, Tensor | None],
+    neighbors: tuple[Tensor, Tensor, Tensor | None],
 ) -> Tensor:
-    """The residual CCA sub-layer ``x + CCA(norm(x), neighbours)`` for positions ``start ..`` of
-    ``x (batch, seq, dim)``; ``neighbours`` as returned by :func:`neighbours_for_call`."""
-    if isinstance(neighbours, RowNeighbours):
-        return neighbours.cross_attend(cca, cca_norm, x)
-    encoded, mask, group_valid = neighbours
+    """The residual CCA sub-layer ``x + CCA(norm(x), neighbors)`` for positions ``start ..`` of
+    ``x (batch, seq, dim)``; ``neighbors`` as returned by :func:`neighbors_for_call`."""
+    if isinstance(neighbors, RowNeighbors):
+        return neighbors.cross_attend(cca, cca_norm, x)
+    encoded, mask, group_valid = neighbors
     h = cca(cca_norm.pre(x), encoded, mask, start=start, group_valid=group_valid)
     return cca_norm.post(x, h)
 
@@ -54,10 +54,10 @@ def check_retrieved(
         _, num_new = chunks_completed(start, seq_len, c)
     else:
         num_new = max(row_chunks_completed(s, seq_len, c)[1] for s in row_starts.tolist())
-    if retrieved.dim() == 3:  # one chunk's k neighbours (decoding), or retro-pytorch's single neighbour
+    if retrieved.dim() == 3:  # one chunk's k neighbors (decoding), or retro-pytorch's single neighbor
         retrieved = retrieved[:, None] if incremental else retrieved[:, :, None]
     where = f"positions {start}..{start + seq_len - 1}" if incremental else f"sequence length {seq_len}"
-    expected = f"(batch={batch}, num_chunks={num_new}, num_neighbours, {2 * c})"
+    expected = f"(batch={batch}, num_chunks={num_new}, num_neighbors, {2 * c})"
     if retrieved.dim() != 4 or retrieved.shape[0] != batch or retrieved.shape[1] != num_new:
         raise ValueError(
             f"retrieved must have shape {expected} for {where} with chunk_size={c} "
@@ -65,7 +65,7 @@ def check_retrieved(
         )
     if retrieved.shape[3] < c:
         raise ValueError(
-            f"retrieved chunks must hold at least chunk_size={c} tokens (neighbour + continuation: "
+            f"retrieved chunks must hold at least chunk_size={c} tokens (neighbor + continuation: "
             f"{2 * c}); expected shape {expected}, got {tuple(retrieved.shape)}"
         )
     if retrieved.is_floating_point():
@@ -73,10 +73,10 @@ def check_retrieved(
     return retrieved
 
 
-def encode_neighbours(
+def encode_neighbors(
     embed: Callable[[Tensor], Tensor], encoder: nn.Module, pad_id: int, retrieved: Tensor, context: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Embed (``embed``: token ids -> ``enc_dim`` vectors) and encode neighbours.
+    """Embed (``embed``: token ids -> ``enc_dim`` vectors) and encode neighbors.
 
     ``retrieved (batch, u, k, r)`` token ids (``pad_id`` or -1 = missing), ``context (batch, u, c, dec_dim)``
     decoder states of the retrieving chunks -> ``(encoded (batch, u, k, r, dec_dim), mask (batch, u, k, r))``.
@@ -92,7 +92,7 @@ def encode_neighbours(
     return rearrange(encoded, "(b u) k r d -> b u k r d", b=batch), mask
 
 
-def neighbours_for_call(
+def neighbors_for_call(
     x: Tensor,
     retrieved: Tensor | None,
     start: int,
@@ -100,14 +100,14 @@ def neighbours_for_call(
     chunk_size: int,
     encode: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
-    """Encode the neighbours of the chunks completed by this call and collect, for every CCA group the
-    call's positions touch, its encoded neighbours.
+    """Encode the neighbors of the chunks completed by this call and collect, for every CCA group the
+    call's positions touch, its encoded neighbors.
 
     ``x (batch, seq, dec_dim)``: decoder states of positions ``start ..`` at the layer that conditions the
     encoder; ``retrieved (batch, completed_chunks, k, r)`` or None; ``cache``: the decoding state (its
-    ``context``, ``neighbours`` and ``neighbour_mask`` are read and updated), or None for a full forward;
-    ``encode(retrieved, context)`` as :func:`encode_neighbours`. Returns ``(encoded (b, g, k, r, d),
-    mask (b, g, k, r), group_valid (g,) or None)`` or None when no group has neighbours.
+    ``context``, ``neighbors`` and ``neighbor_mask`` are read and updated), or None for a full forward;
+    ``encode(retrieved, context)`` as :func:`encode_neighbors`. Returns ``(encoded (b, g, k, r, d),
+    mask (b, g, k, r), group_valid (g,) or None)`` or None when no group has neighbors.
     """
     c = chunk_size
     _, num_new = chunks_completed(start, x.shape[1], c)
@@ -119,19 +119,19 @@ def neighbours_for_call(
     _, num_groups = cca_groups(start, x.shape[1], c)
     from_cache = num_groups - num_new  # 1 when the first group's chunk was completed earlier
     old = None
-    if from_cache and cache is not None and cache.neighbours is not None:
-        old = (cache.neighbours[:, None], cache.neighbour_mask[:, None])
+    if from_cache and cache is not None and cache.neighbors is not None:
+        old = (cache.neighbors[:, None], cache.neighbor_mask[:, None])
     if cache is not None:
         cache.context = context[:, num_new * c :]
         if num_new > 0:
-            cache.neighbours = None if new is None else new[0][:, -1]
-            cache.neighbour_mask = None if new is None else new[1][:, -1]
+            cache.neighbors = None if new is None else new[0][:, -1]
+            cache.neighbor_mask = None if new is None else new[1][:, -1]
     if num_groups == 0 or (new is None and old is None):
         return None
     template = new if new is not None else old
     if new is not None and old is not None and new[1].shape[2:] != old[1].shape[2:]:
         raise ValueError(
-            "the neighbours of consecutive chunks must have the same (num_neighbours, length); "
+            "the neighbors of consecutive chunks must have the same (num_neighbors, length); "
             f"cached {tuple(old[1].shape[2:])}, new {tuple(new[1].shape[2:])}"
         )
     encoded, masks, flags = [], [], []
@@ -158,20 +158,20 @@ def row_chunks_completed(row_start: int, seq_len: int, chunk_size: int) -> tuple
 
 
 @dataclass
-class RowNeighbours:
-    """The encoded neighbours of one call on a left-padded batch, and where each row's tokens sit.
+class RowNeighbors:
+    """The encoded neighbors of one call on a left-padded batch, and where each row's tokens sit.
 
     Row ``i``'s chunks start at its own first real token, so its CCA groups sit at other columns than
     another row's. Chunked cross-attention treats every query independently: its output depends on the
-    query, its offset inside its group and that group's neighbours only. So each row is moved by a whole
+    query, its offset inside its group and that group's neighbors only. So each row is moved by a whole
     number of groups, onto a shared window where its first group is group 0, and ONE
     :class:`ChunkedCrossAttention` call at ``start`` serves the batch; the outputs are moved back.
 
     ``encoded (batch, groups, k, r, dim)``, ``mask (batch, groups, k, r)``: row i's groups, in order;
     ``source (batch, window)``: the column each window slot reads; ``window_valid (batch, window)``: the
-    slot holds a token of the row whose group has neighbours; ``back (batch, seq)``: the slot each column's
+    slot holds a token of the row whose group has neighbors; ``back (batch, seq)``: the slot each column's
     output comes from; ``column_valid (batch, seq)``: the column gets cross-attention (position >= c - 1);
-    ``row_valid (batch,)``: the row reads neighbours at all (else its CCA sub-layer is skipped, as for
+    ``row_valid (batch,)``: the row reads neighbors at all (else its CCA sub-layer is skipped, as for
     a row alone whose call has none).
     """
 
@@ -196,21 +196,21 @@ class RowNeighbours:
         return torch.where(self.row_valid[:, None, None], cca_norm.post(x, out), x)
 
 
-def row_neighbours_for_call(
+def row_neighbors_for_call(
     x: Tensor,
     retrieved: Tensor | None,
     row_starts: Tensor,
     cache: RetroCache | None,
     chunk_size: int,
     encode: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-) -> RowNeighbours | None:
-    """:func:`neighbours_for_call` for a left-padded batch: row ``i``'s column ``t`` is at position
+) -> RowNeighbors | None:
+    """:func:`neighbors_for_call` for a left-padded batch: row ``i``'s column ``t`` is at position
     ``row_starts[i] + t`` (negative = padding), its chunks and groups are counted from its position 0.
 
-    ``x (batch, seq, dec_dim)``; ``retrieved (batch, n, k, r)``: row i's entry j holds the neighbours of
+    ``x (batch, seq, dec_dim)``; ``retrieved (batch, n, k, r)``: row i's entry j holds the neighbors of
     the j-th chunk the row completes in this call (``n`` the most any row completes; the others' extra
     entries are ignored), or None; ``cache`` (its left-padded fields, see :class:`RetroCache`) is read
-    and updated, or None for a full forward. Returns None when no row reads neighbours.
+    and updated, or None for a full forward. Returns None when no row reads neighbors.
     """
     c = chunk_size
     batch, seq_len, dim = x.shape
@@ -235,25 +235,25 @@ def row_neighbours_for_call(
         new = encode(retrieved, context.gather(1, idx).view(batch, num_new, c, dim))
     counts = torch.tensor([n for _, n in completed], device=device)  # chunks each row completes
 
-    # candidates per row: slot 0 the cached last chunk's neighbours, slots 1.. this call's chunks'
+    # candidates per row: slot 0 the cached last chunk's neighbors, slots 1.. this call's chunks'
     old_valid = torch.zeros(batch, dtype=torch.bool, device=device)
-    if cache is not None and cache.neighbours is not None:
-        old = (cache.neighbours, cache.neighbour_mask)
-        if cache.neighbour_valid is not None:
-            old_valid = cache.neighbour_valid
+    if cache is not None and cache.neighbors is not None:
+        old = (cache.neighbors, cache.neighbor_mask)
+        if cache.neighbor_valid is not None:
+            old_valid = cache.neighbor_valid
     elif new is not None:
         old = tuple(t[:, 0].new_zeros(t[:, 0].shape) for t in new)
     else:
         old = None
     if cache is not None:
         cache.context = context[:, context.shape[1] - (c - 1) :]
-    if old is None:  # nothing retrieved, now or before: no row reads neighbours
+    if old is None:  # nothing retrieved, now or before: no row reads neighbors
         if cache is not None:
-            cache.neighbour_valid = old_valid
+            cache.neighbor_valid = old_valid
         return None
     if new is not None and old[1].shape[1:] != new[1].shape[2:]:
         raise ValueError(
-            "the neighbours of consecutive chunks must have the same (num_neighbours, length); "
+            "the neighbors of consecutive chunks must have the same (num_neighbors, length); "
             f"cached {tuple(old[1].shape[1:])}, new {tuple(new[1].shape[2:])}"
         )
     tail = new if new is not None else tuple(t[:, None].new_zeros(t[:, None].shape) for t in old)
@@ -268,9 +268,9 @@ def row_neighbours_for_call(
             for t in candidates
         )
 
-    if cache is not None:  # each row keeps the neighbours of its own last completed chunk
+    if cache is not None:  # each row keeps the neighbors of its own last completed chunk
         last = counts.clamp(max=candidates[0].shape[1] - 1)[:, None]  # slot 0 when none completed
-        (cache.neighbours, cache.neighbour_mask), cache.neighbour_valid = (
+        (cache.neighbors, cache.neighbor_mask), cache.neighbor_valid = (
             tuple(t[:, 0] for t in take(last)),
             torch.where(counts > 0, (counts > 0) & (new is not None), old_valid),
         )
@@ -303,7 +303,7 @@ def row_neighbours_for_call(
     column_valid = positions >= c - 1
     back = (positions - shift[:, None] - start).clamp(0, end - start - 1)
     encoded, mask = take(pick)
-    return RowNeighbours(
+    return RowNeighbors(
         start=start,
         encoded=encoded,
         mask=mask,
