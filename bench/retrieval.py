@@ -424,7 +424,7 @@ def main() -> None:
     c = sub.add_parser("scale")
     c.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000, 3_000_000])
     c.add_argument("--rows", type=int, default=50_000, help="rows of the timed neighbor stage")
-    c.add_argument("--embed-rate", type=float, default=153.0, help="embedding chunks/s (from `embed`)")
+    c.add_argument("--embed-rate", type=float, default=99.5, help="embedding chunks/s (from `embed`)")
     c.add_argument("--timeout", type=float, default=3600)
     c.add_argument("--workdir", default=None)
     c.add_argument("--keep", action="store_true")
