@@ -69,7 +69,13 @@ class RetroDecoderLayer(nn.Module):
             offset: int | Tensor = start if padding is None else padding.retention_offset
             mask = None if padding is None else padding.token_mask
             h, state = self.self_attn(
-                h, offset, mask, state, mode=mode, chunk_size=retnet_chunk_size, return_state=keep_state
+                h,
+                offset,
+                mask,
+                state,
+                retention_mode=mode,
+                block_size=retnet_chunk_size,
+                return_state=keep_state,
             )
         else:
             # rotary positions are relative: the columns give a padded row the same scores as its own
