@@ -38,7 +38,13 @@ class CharacterDataset(Dataset):
 
 def tiny_model(**overrides) -> RetNetForCausalLM:
     fields = dict(
-        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, v_dim=128, ffn_proj_size=128, chunk_size=16
+        vocab_size=256,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        v_dim=128,
+        ffn_proj_size=128,
+        retention_block_size=16,
     )
     fields.update(overrides)
     torch.manual_seed(0)
@@ -65,7 +71,7 @@ NEW_NAME_ONLY_LATER = pytest.mark.skipif(
 def test_trainer_with_gradient_checkpointing_lowers_the_loss(tmp_path, forward_impl: str, flag: str) -> None:
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model(forward_impl=forward_impl)
+    model = tiny_model(retention_mode=forward_impl)
     args = TrainingArguments(
         **{flag: True},
         output_dir=str(tmp_path),
@@ -95,7 +101,7 @@ def test_checkpointed_gradients_equal_plain_gradients() -> None:
     ids = CharacterDataset(TEXT, seq_len=40)[0]["input_ids"][None].repeat(2, 1)
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(forward_impl="chunkwise").train()
+        model = tiny_model(retention_mode="chunkwise").train()
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
             enable({"use_reentrant": True})
