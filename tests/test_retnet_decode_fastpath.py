@@ -214,7 +214,7 @@ def test_frozen_step_compiles_again_only_when_a_weight_changes() -> None:
 def test_frozen_step_falls_back_when_the_gemm_template_fails(monkeypatch, caplog) -> None:
     """torch 2.6's CPU GEMM template emits C++ that does not compile on some machines: the step then
     compiles again without the template (frozen weights, ATen's products) and still decodes right."""
-    from retlm.models.retnet import decoding as compiled_decoding
+    from retlm.models.retnet import decoding
 
     real_compile, seen = torch.compile, []
 
@@ -230,12 +230,12 @@ def test_frozen_step_falls_back_when_the_gemm_template_fails(monkeypatch, caplog
 
         return fail
 
-    monkeypatch.setattr(compiled_decoding.torch, "compile", compile_failing_with_template)
+    monkeypatch.setattr(decoding.torch, "compile", compile_failing_with_template)
     model = tiny().eval()
     ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(6))
     expected, _ = decode_tokens(model, ids, 3, grad=False)
     model.model.compile_decoding()
-    with caplog.at_level("WARNING", logger=compiled_decoding.__name__):
+    with caplog.at_level("WARNING", logger=decoding.__name__):
         logits, _ = decode_tokens(model, ids, 3, grad=False)
     assert torch.equal(logits, expected)  # the "eager" backend computes what eager does
     assert [("max_autotune" in options) for options in seen] == [True, False]

@@ -61,17 +61,19 @@ NEW_NAME_ONLY_LATER = pytest.mark.skipif(
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize(
-    "forward_impl, flag",
+    "retention_mode, flag",
     [
         ("parallel", "gradient_checkpointing"),
         pytest.param("chunkwise", "activation_checkpointing", marks=NEW_NAME_ONLY_LATER),
         ("chunkwise", "gradient_checkpointing"),
     ],
 )
-def test_trainer_with_gradient_checkpointing_lowers_the_loss(tmp_path, forward_impl: str, flag: str) -> None:
+def test_trainer_with_gradient_checkpointing_lowers_the_loss(
+    tmp_path, retention_mode: str, flag: str
+) -> None:
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model(retention_mode=forward_impl)
+    model = tiny_model(retention_mode=retention_mode)
     args = TrainingArguments(
         **{flag: True},
         output_dir=str(tmp_path),
@@ -93,7 +95,7 @@ def test_trainer_with_gradient_checkpointing_lowers_the_loss(tmp_path, forward_i
     assert model.model.gradient_checkpointing, "Trainer did not switch gradient checkpointing on"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) >= 5
-    print(f"{forward_impl} losses: {losses}")
+    print(f"{retention_mode} losses: {losses}")
     assert losses[-1] < 0.6 * losses[0], f"loss did not fall: {losses}"
 
 
