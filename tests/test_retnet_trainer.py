@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel
 
 from retlm import RetNetConfig, RetNetForCausalLM
+from retlm.compat import output_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -99,14 +100,23 @@ def test_trainer_with_gradient_checkpointing_lowers_the_loss(
     assert losses[-1] < 0.6 * losses[0], f"loss did not fall: {losses}"
 
 
-def test_checkpointed_gradients_equal_plain_gradients() -> None:
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_gradients_equal_plain_gradients(reentrant: bool) -> None:
+    """Checkpointing recomputes every block in backward (its retention runs twice) and gives the
+    gradients of a plain backward; no cache is returned while it is on."""
     ids = CharacterDataset(TEXT, seq_len=40)[0]["input_ids"][None].repeat(2, 1)
     grads = []
     for checkpointing in (False, True):
         model = tiny_model(retention_mode="chunkwise").train()
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-            enable({"use_reentrant": True})
-        model(ids, labels=ids).loss.backward()
+            enable({"use_reentrant": reentrant})
+        runs = []
+        for layer in model.model.layers:
+            layer.retention.register_forward_pre_hook(lambda module, args, runs=runs: runs.append(module))
+        out = model(ids, labels=ids, use_cache=True)
+        out.loss.backward()
+        assert (output_cache(out) is None) == checkpointing
+        assert len(runs) == len(model.model.layers) * (2 if checkpointing else 1)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
