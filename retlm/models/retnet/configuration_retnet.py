@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA, check_block_size
+from retlm.utils import renamed_argument
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_ENCODINGS = ("rotary", "xpos")
@@ -24,6 +25,22 @@ RENAMED_FIELDS = {"forward_impl": "retention_mode", "chunk_size": "retention_blo
 
 def warn_renamed(old: str, new: str) -> None:
     warnings.warn(f"RetNetConfig.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+
+
+def renamed_retention_kwargs(
+    kwargs: dict, retention_mode: str | None, retention_block_size: int | None
+) -> tuple[str | None, int | None]:
+    """``(retention_mode, retention_block_size)``, taking their deprecated names ``forward_impl`` and
+    ``chunk_size`` out of a forward's ``kwargs`` (kept for one release, with a DeprecationWarning)."""
+    if "forward_impl" in kwargs:
+        retention_mode = renamed_argument(
+            "RetNet", "forward_impl", "retention_mode", kwargs.pop("forward_impl"), retention_mode
+        )
+    if "chunk_size" in kwargs:
+        retention_block_size = renamed_argument(
+            "RetNet", "chunk_size", "retention_block_size", kwargs.pop("chunk_size"), retention_block_size
+        )
+    return retention_mode, retention_block_size
 
 
 class RetNetConfig(PreTrainedConfig):

@@ -25,10 +25,9 @@ from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
 from retlm.layers.retention import MultiScaleRetention, RetentionState, StepTables
 from retlm.models.retnet.cache import RetNetCache
-from retlm.models.retnet.configuration_retnet import RetNetConfig
+from retlm.models.retnet.configuration_retnet import RetNetConfig, renamed_retention_kwargs
 from retlm.models.retnet.decoding import RetNetDecodingMixin
 from retlm.ops.retention import RETENTION_MODES, check_block_size
-from retlm.utils import renamed_argument
 
 
 class RetNetDecoderLayer(GradientCheckpointingLayer):
@@ -347,22 +346,6 @@ class RetNetModel(RetNetPreTrainedModel, RetNetDecodingMixin):
         return BaseModelOutputWithCache(
             last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(cache)
         )
-
-
-def renamed_retention_kwargs(
-    kwargs: dict, retention_mode: str | None, retention_block_size: int | None
-) -> tuple[str | None, int | None]:
-    """``(retention_mode, retention_block_size)``, taking their deprecated names ``forward_impl`` and
-    ``chunk_size`` out of a forward's ``kwargs`` (kept for one release, with a DeprecationWarning)."""
-    if "forward_impl" in kwargs:
-        retention_mode = renamed_argument(
-            "RetNet", "forward_impl", "retention_mode", kwargs.pop("forward_impl"), retention_mode
-        )
-    if "chunk_size" in kwargs:
-        retention_block_size = renamed_argument(
-            "RetNet", "chunk_size", "retention_block_size", kwargs.pop("chunk_size"), retention_block_size
-        )
-    return retention_mode, retention_block_size
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
