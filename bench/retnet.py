@@ -39,7 +39,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from retlm import RetNetConfig, RetNetForCausalLM
 from retlm.compat import cache_kwargs, output_cache
-from retlm.models.retnet.compiled_decoding import FrozenWeightsStep
+from retlm.models.retnet.decoding import FrozenWeightsStep
 from retlm.ops.retention import decay_gammas, retention
 
 MiB = 2**20
@@ -131,7 +131,7 @@ def bench_ops(lengths: list[int], heads: int, key_dim: int, value_dim: int, chun
         outputs = {}
 
         def step(mode, q=q, k=k, v=v, outputs=outputs):
-            out, _ = retention(q, k, v, log_gamma, mode=mode, chunk_size=chunk_size)
+            out, _ = retention(q, k, v, log_gamma, retention_mode=mode, block_size=chunk_size)
             out.square().mean().backward()
             outputs[mode] = out.detach()
 
@@ -159,8 +159,8 @@ def bench_train(model: RetNetForCausalLM, lengths: list[int], chunk_size: int, r
             out = model(
                 input_ids=input_ids,
                 labels=input_ids,
-                forward_impl=mode,
-                chunk_size=chunk_size,
+                retention_mode=mode,
+                retention_block_size=chunk_size,
                 use_cache=False,
             )
             out.loss.backward()
@@ -186,7 +186,9 @@ def bench_train(model: RetNetForCausalLM, lengths: list[int], chunk_size: int, r
 def prefill(model, prompt: torch.Tensor, is_retnet: bool, chunk: int = 1024):
     """Run the prompt and return the cache (RetNet: one chunkwise call; Llama: 1k-token pieces)."""
     if is_retnet:
-        return output_cache(model(input_ids=prompt, forward_impl="chunkwise", chunk_size=256, use_cache=True))
+        return output_cache(
+            model(input_ids=prompt, retention_mode="chunkwise", retention_block_size=256, use_cache=True)
+        )
     cache = DynamicCache()
     for start in range(0, prompt.shape[1], chunk):
         model(input_ids=prompt[:, start : start + chunk], use_cache=True, **cache_kwargs(cache))
@@ -196,7 +198,7 @@ def prefill(model, prompt: torch.Tensor, is_retnet: bool, chunk: int = 1024):
 @torch.inference_mode()
 def decode(model, cache, token: torch.Tensor, steps: int, is_retnet: bool) -> float:
     """Greedy decoding of ``steps`` tokens, one forward per token; returns the wall time."""
-    extra = {"forward_impl": "recurrent"} if is_retnet else {}
+    extra = {"retention_mode": "recurrent"} if is_retnet else {}
     start = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=token, use_cache=True, **cache_kwargs(cache), **extra)

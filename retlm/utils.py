@@ -131,3 +131,16 @@ def deprecated_aliases(module: str, renamed: dict[str, str]) -> Callable[[str], 
         return getattr(importlib.import_module(module), renamed[name])
 
     return __getattr__
+
+
+def renamed_argument(where: str, old: str, new: str, old_value: object, new_value: object) -> object:
+    """The value of a keyword argument renamed from ``old`` to ``new`` (kept for one release):
+    ``new_value``, or else ``old_value`` with a ``DeprecationWarning``. None means "not passed"."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"{where}: pass {new}= only ({old}= is its deprecated name)")
+    import warnings
+
+    warnings.warn(f"{where}: {old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+    return old_value

@@ -139,7 +139,7 @@ def reference_per_row(q, k, v, gammas, prefix, call_start):
 
 
 def run_mode(mode, q, k, v, log_gamma, chunk_size, **kwargs):
-    return retention(q, k, v, log_gamma, mode=mode, chunk_size=chunk_size, **kwargs)
+    return retention(q, k, v, log_gamma, retention_mode=mode, block_size=chunk_size, **kwargs)
 
 
 def assert_close(actual, expected, dtype, what):
@@ -398,7 +398,7 @@ def test_half_precision_4096_tokens(mode, dtype):
 
     out, (kv, z) = run_mode(mode, q, k, v, log_gamma, 256, return_state=True)
     expected, (kv_ref, z_ref) = chunkwise_retention(
-        q.float(), k.float(), v.float(), log_gamma, chunk_size=256, return_state=True
+        q.float(), k.float(), v.float(), log_gamma, block_size=256, return_state=True
     )
     assert out.dtype == dtype and kv.dtype == torch.float32 and z.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(kv).all() and torch.isfinite(z).all()
@@ -435,11 +435,11 @@ def _good_inputs():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(mode="sideways"), "unknown retention mode 'sideways'; expected one of"),
-        (dict(mode="chunkwise", chunk_size=0), "chunk_size must be a positive integer"),
-        (dict(mode="chunkwise", chunk_size=-3), "chunk_size must be a positive integer"),
-        (dict(mode="chunkwise", chunk_size=None), "chunk_size must be a positive integer"),
-        (dict(mode="chunkwise", chunk_size=2.5), "chunk_size must be a positive integer"),
+        (dict(retention_mode="sideways"), "unknown retention mode 'sideways'; expected one of"),
+        (dict(retention_mode="chunkwise", block_size=0), "block_size must be a positive integer"),
+        (dict(retention_mode="chunkwise", block_size=-3), "block_size must be a positive integer"),
+        (dict(retention_mode="chunkwise", block_size=None), "block_size must be a positive integer"),
+        (dict(retention_mode="chunkwise", block_size=2.5), "block_size must be a positive integer"),
         (dict(k=torch.randn(2, 3, 5, 5)), "same shape"),
         (dict(v=torch.randn(2, 3, 4, 6)), "same shape"),
         (dict(q=torch.randn(3, 5, 4)), "must be 4-D"),
@@ -460,7 +460,7 @@ def _good_inputs():
 @pytest.mark.parametrize("mode", RETENTION_MODES)
 def test_bad_input_raises_value_error(change, message, mode):
     q, k, v, log_gamma = _good_inputs()
-    args = dict(q=q, k=k, v=v, log_gamma=log_gamma, mode=mode, chunk_size=2)
+    args = dict(q=q, k=k, v=v, log_gamma=log_gamma, retention_mode=mode, block_size=2)
     args.update(change)
     with pytest.raises(ValueError, match=message):
         retention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_gamma"), **args)
@@ -490,7 +490,7 @@ def test_fla_path_glue_with_emulated_kernel(monkeypatch):
     """The ones-channel trick, layouts and normalisation around fla's kernel give our retention; the
     one-time self-check accepts a faithful kernel and refuses one that scales differently; CPU tensors
     never take the path."""
-    import retlm.ops.retention_fla as ops
+    import retlm.ops.retention.fla as ops
 
     gen = torch.Generator().manual_seed(3)
     b, h, t, dk, dv = 2, 3, 70, 8, 6
@@ -517,7 +517,7 @@ def test_fla_path_glue_with_emulated_kernel(monkeypatch):
     "call",
     [
         lambda q, k, v, g, **kw: parallel_retention(q, k, v, g, **kw),
-        lambda q, k, v, g, **kw: chunkwise_retention(q, k, v, g, chunk_size=2, **kw),
+        lambda q, k, v, g, **kw: chunkwise_retention(q, k, v, g, block_size=2, **kw),
         lambda q, k, v, g, **kw: recurrent_retention(q, k, v, g, **kw),
     ],
     ids=RETENTION_MODES,
@@ -529,3 +529,18 @@ def test_each_public_mode_function_checks_its_inputs(call):
         call(q, k, v, log_gamma, state=(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4)))
     with pytest.raises(ValueError, match="log_gamma must be negative"):
         call(q, k, v, torch.zeros(3))
+
+
+def test_old_argument_names_still_work_with_a_deprecation_warning():
+    """``mode`` and ``chunk_size`` (the names before ``retention_mode`` and ``block_size``) give the same
+    result for one release, with a DeprecationWarning; passing both names is an error."""
+    q, k, v, log_gamma = _good_inputs()
+    expected, _ = retention(q, k, v, log_gamma, retention_mode="chunkwise", block_size=2)
+    with pytest.warns(DeprecationWarning, match="mode= is deprecated; use retention_mode="):
+        old, _ = retention(q, k, v, log_gamma, mode="chunkwise", block_size=2)
+    assert torch.equal(old, expected)
+    with pytest.warns(DeprecationWarning, match="chunk_size= is deprecated; use block_size="):
+        old, _ = chunkwise_retention(q, k, v, log_gamma, chunk_size=2)
+    assert torch.equal(old, expected)
+    with pytest.raises(TypeError, match="pass block_size= only"):
+        retention(q, k, v, log_gamma, retention_mode="chunkwise", block_size=2, chunk_size=2)

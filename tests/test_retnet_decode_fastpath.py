@@ -43,7 +43,7 @@ def test_decoding_in_inference_mode_then_training_recurrently():
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=3, do_sample=False)
     model.train()
-    out = model(ids, forward_impl="recurrent", labels=ids)
+    out = model(ids, retention_mode="recurrent", labels=ids)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -72,7 +72,7 @@ def decode_tokens(model, ids, steps: int, *, grad: bool):
         out = model(prompt, use_cache=True)
         cache, logits = out.past_key_values, [out.logits]
         for t in range(steps):
-            out = model(tail[:, t : t + 1], past_key_values=cache, use_cache=True, forward_impl="recurrent")
+            out = model(tail[:, t : t + 1], past_key_values=cache, use_cache=True, retention_mode="recurrent")
             cache = out.past_key_values
             logits.append(out.logits)
     return torch.cat(logits, dim=1).detach(), cache
@@ -214,7 +214,7 @@ def test_frozen_step_compiles_again_only_when_a_weight_changes() -> None:
 def test_frozen_step_falls_back_when_the_gemm_template_fails(monkeypatch, caplog) -> None:
     """torch 2.6's CPU GEMM template emits C++ that does not compile on some machines: the step then
     compiles again without the template (frozen weights, ATen's products) and still decodes right."""
-    from retlm.models.retnet import compiled_decoding
+    from retlm.models.retnet import decoding
 
     real_compile, seen = torch.compile, []
 
@@ -230,12 +230,12 @@ def test_frozen_step_falls_back_when_the_gemm_template_fails(monkeypatch, caplog
 
         return fail
 
-    monkeypatch.setattr(compiled_decoding.torch, "compile", compile_failing_with_template)
+    monkeypatch.setattr(decoding.torch, "compile", compile_failing_with_template)
     model = tiny().eval()
     ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(6))
     expected, _ = decode_tokens(model, ids, 3, grad=False)
     model.model.compile_decoding()
-    with caplog.at_level("WARNING", logger=compiled_decoding.__name__):
+    with caplog.at_level("WARNING", logger=decoding.__name__):
         logits, _ = decode_tokens(model, ids, 3, grad=False)
     assert torch.equal(logits, expected)  # the "eager" backend computes what eager does
     assert [("max_autotune" in options) for options in seen] == [True, False]

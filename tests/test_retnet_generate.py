@@ -40,7 +40,7 @@ def argmax_decode(model: RetNetForCausalLM, ids: torch.Tensor, steps: int) -> to
     """Reference greedy decoding: recompute the whole sequence in parallel mode at every step."""
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(ids, forward_impl="parallel", use_cache=False).logits
+            logits = model(ids, retention_mode="parallel", use_cache=False).logits
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
 
@@ -50,7 +50,7 @@ def argmax_decode(model: RetNetForCausalLM, ids: torch.Tensor, steps: int) -> to
     [
         dict(),
         dict(parallel_compute_prompt=False),
-        dict(forward_impl="chunkwise", chunk_size=3),
+        dict(retention_mode="chunkwise", retention_block_size=3),
         dict(use_cache=False),
     ],
     ids=["parallel-prompt", "recurrent-prompt", "chunkwise-prompt", "no-cache"],
@@ -63,7 +63,7 @@ def test_greedy_equals_stepwise_argmax(options: dict) -> None:
 
 
 def test_chunkwise_config_prompts_chunkwise() -> None:
-    model = tiny_model(forward_impl="chunkwise", chunk_size=4)
+    model = tiny_model(retention_mode="chunkwise", retention_block_size=4)
     ids = prompt(10)
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), argmax_decode(model, ids, 6))
 
@@ -124,7 +124,7 @@ def test_beam_sampling_is_reproducible() -> None:
     [
         dict(),
         dict(parallel_compute_prompt=False),
-        dict(forward_impl="chunkwise", chunk_size=4),
+        dict(retention_mode="chunkwise", retention_block_size=4),
         dict(num_beams=3),
     ],
     ids=["greedy", "recurrent-prompt", "chunkwise-prompt", "beam"],

@@ -4,6 +4,7 @@ the seed README runs, save/load and Auto classes work, and bad input is refused 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from itertools import product
 
@@ -85,7 +86,13 @@ def test_modes_agree(dtype, length, chunk_size, norm_eps, offset) -> None:
     ids = random_ids(2, length, seed=length)
     with torch.no_grad():
         outs = {
-            mode: model(ids, forward_impl=mode, chunk_size=chunk_size, sequence_offset=offset, use_cache=True)
+            mode: model(
+                ids,
+                retention_mode=mode,
+                retention_block_size=chunk_size,
+                sequence_offset=offset,
+                use_cache=True,
+            )
             for mode in MODES
         }
     for mode in ("chunkwise", "recurrent"):
@@ -108,9 +115,11 @@ def test_seed_defaults_agree_across_architectures() -> None:
     )
     ids = random_ids(2, 41)
     with torch.no_grad():
-        ref = model(ids, forward_impl="parallel").logits
+        ref = model(ids, retention_mode="parallel").logits
         for mode in ("chunkwise", "recurrent"):
-            assert_close(model(ids, forward_impl=mode, chunk_size=6).logits, ref, torch.float32, mode)
+            assert_close(
+                model(ids, retention_mode=mode, retention_block_size=6).logits, ref, torch.float32, mode
+            )
 
 
 @pytest.mark.parametrize("first, second", list(product(MODES, MODES)))
@@ -119,10 +128,12 @@ def test_cache_handoff_between_modes(first: str, second: str) -> None:
     model = tiny_model(torch.float64)
     ids = random_ids(2, 29, seed=5)
     with torch.no_grad():
-        whole = model(ids, forward_impl="parallel", use_cache=True)
-        head = model(ids[:, :11], forward_impl=first, chunk_size=4, use_cache=True)
+        whole = model(ids, retention_mode="parallel", use_cache=True)
+        head = model(ids[:, :11], retention_mode=first, retention_block_size=4, use_cache=True)
         cache = head.past_key_values
-        tail = model(ids[:, 11:], forward_impl=second, chunk_size=3, past_key_values=cache, use_cache=True)
+        tail = model(
+            ids[:, 11:], retention_mode=second, retention_block_size=3, past_key_values=cache, use_cache=True
+        )
     logits = torch.cat([head.logits, tail.logits], dim=1)
     assert_close(logits, whole.logits, torch.float64, f"{first}->{second}")
     assert_caches_close(tail.past_key_values, whole.past_key_values, torch.float64, f"{first}->{second}")
@@ -134,7 +145,7 @@ def test_backward_agrees_between_modes() -> None:
     grads = {}
     for mode in MODES:
         model.zero_grad()
-        model(ids, labels=ids, forward_impl=mode, chunk_size=4, use_cache=False).loss.backward()
+        model(ids, labels=ids, retention_mode=mode, retention_block_size=4, use_cache=False).loss.backward()
         grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
     for mode in ("chunkwise", "recurrent"):
         assert_close(grads[mode], grads["parallel"], torch.float64, f"{mode} gradients")
@@ -146,7 +157,7 @@ def test_half_precision_long_sequence_is_finite(dtype, position_encoding: str) -
     model = tiny_model(dtype, position_encoding=position_encoding)
     ids = random_ids(1, 4096)
     with torch.no_grad():
-        out = model(ids, forward_impl="chunkwise", chunk_size=256, use_cache=True)
+        out = model(ids, retention_mode="chunkwise", retention_block_size=256, use_cache=True)
     assert torch.isfinite(out.logits).all()
     kv, z = out.past_key_values.get_state(0)
     assert kv.dtype == torch.float32 and torch.isfinite(kv).all() and torch.isfinite(z).all()
@@ -168,14 +179,14 @@ def test_left_padding_matches_rows_alone(mode: str) -> None:
         ids[i, width - len(row) :] = row
         mask[i, width - len(row) :] = 1
     with torch.no_grad():
-        batch = model(ids, attention_mask=mask, forward_impl=mode, chunk_size=4, use_cache=True)
+        batch = model(ids, attention_mask=mask, retention_mode=mode, retention_block_size=4, use_cache=True)
         # one more token for every row, recurrently, with the growing mask generate() would pass
         step_ids = random_ids(len(rows), 1, seed=99)
         step_mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         cache = batch.past_key_values
         step = model(step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
         for i, row in enumerate(rows):
-            alone = model(row[None], forward_impl="parallel", use_cache=True)
+            alone = model(row[None], retention_mode="parallel", use_cache=True)
             n = len(row)
             assert_close(batch.logits[i, width - n :], alone.logits[0], torch.float32, f"row {i}")
             alone_step = model(step_ids[i : i + 1], past_key_values=alone.past_key_values, use_cache=True)
@@ -190,7 +201,7 @@ def test_right_padding_leaves_real_tokens_untouched() -> None:
     mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 4)], dim=1).long()
     with torch.no_grad():
         alone = model(ids).logits
-        batch = model(padded, attention_mask=mask, forward_impl="chunkwise", chunk_size=3).logits
+        batch = model(padded, attention_mask=mask, retention_mode="chunkwise", retention_block_size=3).logits
     assert_close(batch[:, :10], alone, torch.float32, "right padding")
 
 
@@ -209,20 +220,20 @@ SEED_EXAMPLE_FLOAT32_TOLERANCE = 8 * 4 * 1024**0.5 * 2.0**-24
 
 def seed_example_outputs(model: RetNetModel, input_ids: torch.Tensor) -> dict:
     """The seed README's three computations: ``{mode: (last_hidden_state, cache)}``."""
-    parallel_outputs = model(input_ids, forward_impl="parallel", use_cache=True)
+    parallel_outputs = model(input_ids, retention_mode="parallel", use_cache=True)
     past_kv = None
     rnn_state = []
     for i in range(input_ids.shape[1]):
         rnn_out = model(
             input_ids[:, i : i + 1],
-            forward_impl="recurrent",
+            retention_mode="recurrent",
             past_key_values=past_kv,
             use_cache=True,
             sequence_offset=i,
         )  # noqa: E501
         rnn_state.append(rnn_out.last_hidden_state)
         past_kv = rnn_out.past_key_values
-    chunk_outputs = model(input_ids, forward_impl="chunkwise", use_cache=True, chunk_size=4)
+    chunk_outputs = model(input_ids, retention_mode="chunkwise", use_cache=True, retention_block_size=4)
     return {
         "parallel": (parallel_outputs.last_hidden_state, parallel_outputs.past_key_values),
         "recurrent": (torch.cat(rnn_state, dim=1), rnn_out.past_key_values),
@@ -392,21 +403,52 @@ def test_inputs_embeds_equal_input_ids() -> None:
 # bad input
 
 
-def test_unknown_forward_impl() -> None:
+def test_unknown_retention_mode() -> None:
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"forward_impl 'fast'.*parallel.*chunkwise.*recurrent"):
-        model(random_ids(1, 4), forward_impl="fast")
-    with pytest.raises(ValueError, match="forward_impl"):
-        tiny_config(forward_impl="fast")
+    with pytest.raises(ValueError, match=r"retention_mode 'fast'.*parallel.*chunkwise.*recurrent"):
+        model(random_ids(1, 4), retention_mode="fast")
+    with pytest.raises(ValueError, match="retention_mode"):
+        tiny_config(retention_mode="fast")
 
 
-@pytest.mark.parametrize("chunk_size", [0, -3])
-def test_non_positive_chunk_size(chunk_size: int) -> None:
+@pytest.mark.parametrize("block_size", [0, -3])
+def test_non_positive_retention_block_size(block_size: int) -> None:
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer"):
-        model(random_ids(1, 4), forward_impl="chunkwise", chunk_size=chunk_size)
-    with pytest.raises(ValueError, match="chunk_size"):
-        tiny_config(chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=r"retention_block_size must be a positive integer"):
+        model(random_ids(1, 4), retention_mode="chunkwise", retention_block_size=block_size)
+    with pytest.raises(ValueError, match="retention_block_size"):
+        tiny_config(retention_block_size=block_size)
+
+
+def test_old_names_of_the_retention_mode_and_block_still_work_with_a_warning(tmp_path) -> None:
+    """``forward_impl`` / ``chunk_size`` (config keys, config attributes, forward and generate keywords)
+    are the deprecated names of ``retention_mode`` / ``retention_block_size``: same results, and a
+    DeprecationWarning, for one release. A config.json written before the rename loads."""
+    model = tiny_model().eval()
+    ids = random_ids(2, 9)
+    expected = model(ids, retention_mode="chunkwise", retention_block_size=4).logits
+    with pytest.warns(DeprecationWarning, match="forward_impl= is deprecated; use retention_mode="):
+        old = model(ids, forward_impl="chunkwise", retention_block_size=4).logits
+    assert torch.equal(old, expected)
+    with pytest.warns(DeprecationWarning, match="chunk_size= is deprecated; use retention_block_size="):
+        old = model.model(ids, retention_mode="chunkwise", chunk_size=4).last_hidden_state
+    assert torch.equal(model.lm_head(old), expected)
+    with pytest.warns(DeprecationWarning, match="forward_impl"):
+        out = model.generate(
+            ids[:1], max_new_tokens=3, do_sample=False, forward_impl="chunkwise", chunk_size=4
+        )
+    assert torch.equal(out, model.generate(ids[:1], max_new_tokens=3, do_sample=False))
+
+    old_json = {**tiny_config().to_dict(), "forward_impl": "chunkwise", "chunk_size": 3}
+    for key in ("retention_mode", "retention_block_size"):
+        old_json.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(old_json))
+    with pytest.warns(DeprecationWarning, match="RetNetConfig.forward_impl is deprecated"):
+        config = RetNetConfig.from_pretrained(tmp_path)
+    assert (config.retention_mode, config.retention_block_size) == ("chunkwise", 3)
+    with pytest.warns(DeprecationWarning, match="RetNetConfig.chunk_size is deprecated"):
+        assert config.chunk_size == 3
+    assert "chunk_size" not in config.to_dict() and "forward_impl" not in config.to_dict()
 
 
 @pytest.mark.parametrize("other", [dict(num_layers=3), dict(num_heads=2), dict(v_dim=64)])

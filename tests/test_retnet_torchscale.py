@@ -92,7 +92,7 @@ def test_logits_match_torchscale_parallel(case: str, weight_scale: float) -> Non
     with torch.no_grad():
         reference, _ = decoder(tokens)
         for mode in ("parallel", "chunkwise", "recurrent"):
-            logits = model(tokens, forward_impl=mode, chunk_size=16).logits
+            logits = model(tokens, retention_mode=mode, retention_block_size=16).logits
             err = relative_error(logits, reference)
             assert err <= 1e-5, f"{case} {mode}: relative error {err:.2e} against torchscale parallel"
 

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel
 
 from retlm import RetNetConfig, RetNetForCausalLM
+from retlm.compat import output_cache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +39,13 @@ class CharacterDataset(Dataset):
 
 def tiny_model(**overrides) -> RetNetForCausalLM:
     fields = dict(
-        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, v_dim=128, ffn_proj_size=128, chunk_size=16
+        vocab_size=256,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        v_dim=128,
+        ffn_proj_size=128,
+        retention_block_size=16,
     )
     fields.update(overrides)
     torch.manual_seed(0)
@@ -55,17 +62,19 @@ NEW_NAME_ONLY_LATER = pytest.mark.skipif(
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize(
-    "forward_impl, flag",
+    "retention_mode, flag",
     [
         ("parallel", "gradient_checkpointing"),
         pytest.param("chunkwise", "activation_checkpointing", marks=NEW_NAME_ONLY_LATER),
         ("chunkwise", "gradient_checkpointing"),
     ],
 )
-def test_trainer_with_gradient_checkpointing_lowers_the_loss(tmp_path, forward_impl: str, flag: str) -> None:
+def test_trainer_with_gradient_checkpointing_lowers_the_loss(
+    tmp_path, retention_mode: str, flag: str
+) -> None:
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model(forward_impl=forward_impl)
+    model = tiny_model(retention_mode=retention_mode)
     args = TrainingArguments(
         **{flag: True},
         output_dir=str(tmp_path),
@@ -87,18 +96,27 @@ def test_trainer_with_gradient_checkpointing_lowers_the_loss(tmp_path, forward_i
     assert model.model.gradient_checkpointing, "Trainer did not switch gradient checkpointing on"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) >= 5
-    print(f"{forward_impl} losses: {losses}")
+    print(f"{retention_mode} losses: {losses}")
     assert losses[-1] < 0.6 * losses[0], f"loss did not fall: {losses}"
 
 
-def test_checkpointed_gradients_equal_plain_gradients() -> None:
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_gradients_equal_plain_gradients(reentrant: bool) -> None:
+    """Checkpointing recomputes every block in backward (its retention runs twice) and gives the
+    gradients of a plain backward; no cache is returned while it is on."""
     ids = CharacterDataset(TEXT, seq_len=40)[0]["input_ids"][None].repeat(2, 1)
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(forward_impl="chunkwise").train()
+        model = tiny_model(retention_mode="chunkwise").train()
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-            enable({"use_reentrant": True})
-        model(ids, labels=ids).loss.backward()
+            enable({"use_reentrant": reentrant})
+        runs = []
+        for layer in model.model.layers:
+            layer.retention.register_forward_pre_hook(lambda module, args, runs=runs: runs.append(module))
+        out = model(ids, labels=ids, use_cache=True)
+        out.loss.backward()
+        assert (output_cache(out) is None) == checkpointing
+        assert len(runs) == len(model.model.layers) * (2 if checkpointing else 1)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -255,7 +255,7 @@ class CallLog:
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.calls.append((ids.shape[1], cache.get_seq_length() if cache is not None else 0))
-        self.modes.append(kwargs.get("forward_impl"))  # a RetNet base's retention mode
+        self.modes.append(kwargs.get("retention_mode"))  # a RetNet base's retention mode
 
 
 def assert_incremental(calls: list[tuple[int, int]], prompt_len: int, steps: int) -> None:

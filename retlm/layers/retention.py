@@ -184,8 +184,8 @@ class MultiScaleRetention(nn.Module):
         position_offset: int | Tensor = 0,
         attention_mask: Tensor | None = None,
         state: RetentionState | None = None,
-        mode: str = "parallel",
-        chunk_size: int | None = None,
+        retention_mode: str = "parallel",
+        block_size: int | None = None,
         return_state: bool = False,
         step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState | None]:
@@ -198,8 +198,8 @@ class MultiScaleRetention(nn.Module):
                 get zero keys and values, so they leave no trace in later tokens or in the state.
             state: the retention state ``(kv (batch, heads, key_dim, head_value_dim), z (batch, heads,
                 key_dim))`` after the previous token, or None for a fresh start.
-            mode: "parallel", "chunkwise" or "recurrent"; all compute the same function.
-            chunk_size: block length for "chunkwise".
+            retention_mode: "parallel", "chunkwise" or "recurrent"; all compute the same function.
+            block_size: block length for "chunkwise".
             return_state: also return the state after the last token.
             step_memo: a dict shared by the layers of one model call; one-token recurrent steps keep
                 their position tables there (see :meth:`step_tables`).
@@ -208,7 +208,7 @@ class MultiScaleRetention(nn.Module):
             ``(output (batch, seq, hidden_size), new_state or None)``.
         """
         seq_len = hidden_states.shape[1]
-        if mode == "recurrent" and seq_len == 1:
+        if retention_mode == "recurrent" and seq_len == 1:
             out, new_state = self.decode_step(
                 hidden_states, position_offset, attention_mask, state, step_memo
             )
@@ -223,8 +223,8 @@ class MultiScaleRetention(nn.Module):
             k,
             v,
             log_gamma,
-            mode=mode,
-            chunk_size=chunk_size,
+            retention_mode=retention_mode,
+            block_size=block_size,
             position_offset=position_offset,
             state=state,
             return_state=return_state,

@@ -1,20 +1,46 @@
-"""RetNet configuration: syncdoth/RetNet's field names (its configs load unchanged) plus the switches
-needed to express torchscale exactly."""
+"""RetNet configuration: syncdoth/RetNet's field names plus the switches needed to express torchscale
+exactly. Two fields were renamed so that each name means one thing: ``forward_impl`` is
+``retention_mode`` and ``chunk_size`` (the chunkwise block, not a retrieval chunk) is
+``retention_block_size``; configs with the old keys still load, with a DeprecationWarning."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import yaml
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA
+from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA, check_block_size
+from retlm.utils import renamed_argument
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_ENCODINGS = ("rotary", "xpos")
 CONFIGS_DIR = Path(__file__).parent / "configs"
+# Old field -> new field; the old keys still load (config.json, yaml, keyword) for one release.
+RENAMED_FIELDS = {"forward_impl": "retention_mode", "chunk_size": "retention_block_size"}
+
+
+def warn_renamed(old: str, new: str) -> None:
+    warnings.warn(f"RetNetConfig.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+
+
+def renamed_retention_kwargs(
+    kwargs: dict, retention_mode: str | None, retention_block_size: int | None
+) -> tuple[str | None, int | None]:
+    """``(retention_mode, retention_block_size)``, taking their deprecated names ``forward_impl`` and
+    ``chunk_size`` out of a forward's ``kwargs`` (kept for one release, with a DeprecationWarning)."""
+    if "forward_impl" in kwargs:
+        retention_mode = renamed_argument(
+            "RetNet", "forward_impl", "retention_mode", kwargs.pop("forward_impl"), retention_mode
+        )
+    if "chunk_size" in kwargs:
+        retention_block_size = renamed_argument(
+            "RetNet", "chunk_size", "retention_block_size", kwargs.pop("chunk_size"), retention_block_size
+        )
+    return retention_mode, retention_block_size
 
 
 class RetNetConfig(PreTrainedConfig):
@@ -29,8 +55,9 @@ class RetNetConfig(PreTrainedConfig):
         ffn_proj_size: feed-forward inner width (default 2d).
         use_default_gamma: decays 1 - 2^(-5-h) (torchscale) if True, else the paper's LM schedule
             1 - exp(linspace(log 1/32, log 1/512, H)).
-        forward_impl: default retention mode, "parallel" | "chunkwise" | "recurrent".
-        chunk_size: default block length of the chunkwise mode.
+        retention_mode: default retention mode, "parallel" | "chunkwise" | "recurrent" (was
+            ``forward_impl``).
+        retention_block_size: default block length of the chunkwise mode (was ``chunk_size``).
         norm_type: "rmsnorm" (torchscale) or "layernorm" (syncdoth/RetNet) for the block and final norms.
         norm_eps: epsilon of every norm, the per-head retention norm included (torchscale `layernorm_eps`).
         use_glu: GLU feed-forward ``fc2(act(fc1 x) * gate x)`` (torchscale) or plain ``fc2(act(fc1 x))``.
@@ -57,8 +84,8 @@ class RetNetConfig(PreTrainedConfig):
     v_dim: int | None = None
     ffn_proj_size: int | None = None
     use_default_gamma: bool = USE_DEFAULT_GAMMA
-    forward_impl: str = "parallel"
-    chunk_size: int = 512
+    retention_mode: str = "parallel"
+    retention_block_size: int = 512
     norm_type: str = "rmsnorm"
     norm_eps: float = 1e-6
     use_glu: bool = True
@@ -81,6 +108,10 @@ class RetNetConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        for old, new in RENAMED_FIELDS.items():
+            if old in kwargs:
+                warn_renamed(old, new)
+                setattr(self, new, kwargs.pop(old))
         self.qk_dim = self.qk_dim or self.hidden_size
         self.v_dim = self.v_dim or 2 * self.hidden_size
         self.ffn_proj_size = self.ffn_proj_size or 2 * self.hidden_size
@@ -90,7 +121,7 @@ class RetNetConfig(PreTrainedConfig):
     def validate_retnet(self) -> None:
         """Raise ValueError naming the first inconsistent field and its allowed values."""
         choices = {
-            "forward_impl": RETENTION_MODES,
+            "retention_mode": RETENTION_MODES,
             "norm_type": NORM_TYPES,
             "position_encoding": POSITION_ENCODINGS,
         }
@@ -99,8 +130,7 @@ class RetNetConfig(PreTrainedConfig):
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {allowed}")
         if self.activation not in ACT2FN:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACT2FN)}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        check_block_size(self.retention_block_size, "retention_block_size")
         for name in ("qk_dim", "v_dim"):
             if getattr(self, name) % self.num_heads:
                 raise ValueError(
@@ -108,6 +138,28 @@ class RetNetConfig(PreTrainedConfig):
                 )
         if (self.qk_dim // self.num_heads) % 2:
             raise ValueError(f"the key head dim qk_dim/num_heads = {self.key_dim} must be even")
+
+    @property
+    def forward_impl(self) -> str:
+        """Deprecated name of :attr:`retention_mode`."""
+        warn_renamed("forward_impl", "retention_mode")
+        return self.retention_mode
+
+    @forward_impl.setter
+    def forward_impl(self, value: str) -> None:
+        warn_renamed("forward_impl", "retention_mode")
+        self.retention_mode = value
+
+    @property
+    def chunk_size(self) -> int:
+        """Deprecated name of :attr:`retention_block_size`."""
+        warn_renamed("chunk_size", "retention_block_size")
+        return self.retention_block_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int) -> None:
+        warn_renamed("chunk_size", "retention_block_size")
+        self.retention_block_size = value
 
     @property
     def key_dim(self) -> int:

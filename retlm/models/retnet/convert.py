@@ -71,7 +71,7 @@ def config_from_torchscale(args: Any, vocab_size: int, **overrides: Any) -> RetN
         scale_embedding=not _arg(args, "no_scale_embedding", True),
         layernorm_embedding=_arg(args, "layernorm_embedding", False),
         position_encoding="rotary",
-        chunk_size=_arg(args, "recurrent_chunk_size", 512),
+        retention_block_size=_arg(args, "recurrent_chunk_size", 512),
         dropout=_arg(args, "dropout", 0.0),
         activation_dropout=_arg(args, "activation_dropout", 0.0),
         tie_word_embeddings=_arg(args, "share_decoder_input_output_embed", False),
@@ -112,7 +112,7 @@ def from_torchscale(
     Args:
         args: the ``torchscale.architecture.config.RetNetConfig`` the decoder was built with.
         state_dict: ``decoder.state_dict()`` (keys may carry a fairseq ``decoder.`` prefix).
-        config_overrides: RetNetConfig fields to set on top (e.g. ``forward_impl="chunkwise"``,
+        config_overrides: RetNetConfig fields to set on top (e.g. ``retention_mode="chunkwise"``,
             ``pad_token_id``).
     """
     embed_key = next((k for k in state_dict if k.endswith("embed_tokens.weight")), None)

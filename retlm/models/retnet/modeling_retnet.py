@@ -5,9 +5,10 @@ Block (pre-norm, torchscale's layout and parameter names):
     x = x + dropout(MSR(norm(x)))        MSR: retlm.layers.retention.MultiScaleRetention
     x = x + FFN(norm(x))                 FFN: GLU or plain, retlm.layers.feedforward.FeedForward
 
-Every forward picks a retention mode ("parallel", "chunkwise", "recurrent"); the three compute the
-same function, and a cache written in one mode can be continued in any other. Padding is handled
-per row: positions start at each row's first real token, and padded positions leave no trace.
+Every forward picks a retention mode (``retention_mode``: "parallel", "chunkwise", "recurrent"); the
+three compute the same function, and a cache written in one mode can be continued in any other.
+Padding is handled per row: positions start at each row's first real token, and padded positions
+leave no trace. One-token decoding steps take the path of :mod:`retlm.models.retnet.decoding`.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import math
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
-from retlm.layers.retention import MultiScaleRetention, RetentionState, StepTables, step_dtype
+from retlm.layers.retention import MultiScaleRetention, RetentionState, StepTables
 from retlm.models.retnet.cache import RetNetCache
-from retlm.models.retnet.compiled_decoding import FrozenWeightsStep
-from retlm.models.retnet.configuration_retnet import RetNetConfig
-from retlm.ops.retention import RETENTION_MODES
+from retlm.models.retnet.configuration_retnet import RetNetConfig, renamed_retention_kwargs
+from retlm.models.retnet.decoding import RetNetDecodingMixin
+from retlm.ops.retention import RETENTION_MODES, check_block_size
 
 
-class RetNetDecoderLayer(nn.Module):
-    """One pre-norm RetNet block: retention then feed-forward, each with a residual.
+class RetNetDecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm RetNet block: retention then feed-forward, each with a residual. Under
+    ``gradient_checkpointing_enable()`` the block is recomputed in backward (HF's
+    ``GradientCheckpointingLayer``); the model then keeps no cache.
 
     ``config`` is a :class:`RetNetConfig` (or any object with its field names).
     """
@@ -69,8 +73,8 @@ class RetNetDecoderLayer(nn.Module):
         position_offset: int | Tensor = 0,
         attention_mask: Tensor | None = None,
         state: RetentionState | None = None,
-        mode: str = "parallel",
-        chunk_size: int | None = None,
+        retention_mode: str = "parallel",
+        block_size: int | None = None,
         return_state: bool = False,
         step_memo: dict | None = None,
     ) -> tuple[Tensor, RetentionState | None]:
@@ -81,8 +85,8 @@ class RetNetDecoderLayer(nn.Module):
             position_offset,
             attention_mask,
             state,
-            mode,
-            chunk_size,
+            retention_mode,
+            block_size,
             return_state,
             step_memo,
         )
@@ -120,8 +124,10 @@ def leading_padding(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) == 0).sum(-1)
 
 
-class RetNetModel(RetNetPreTrainedModel):
+class RetNetModel(RetNetPreTrainedModel, RetNetDecodingMixin):
     """Embeddings, RetNet blocks and the final norm; returns hidden states and the retention cache."""
+
+    decoder_layer_class = RetNetDecoderLayer  # the blocks whose ``step`` the decoding path calls
 
     def __init__(self, config: RetNetConfig) -> None:
         super().__init__(config)
@@ -137,7 +143,6 @@ class RetNetModel(RetNetPreTrainedModel):
         # Per-layer state shape (heads, key_dim, head_value_dim), checked at every call: kept here because
         # reading a config attribute costs microseconds on transformers >= 5.24, at every decoding step.
         self.state_shape = (config.num_heads, config.key_dim, config.head_value_dim)
-        self._compiled_layer_steps = self._frozen_step = None  # see compile_decoding
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -147,15 +152,109 @@ class RetNetModel(RetNetPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    # -- input checks ----------------------------------------------------------------------------
-    def resolve_mode(self, forward_impl: str | None, chunk_size: int | None) -> tuple[str, int]:
-        mode = forward_impl or self.config.forward_impl
-        if mode not in RETENTION_MODES:
-            raise ValueError(f"unknown forward_impl {mode!r}; expected one of {RETENTION_MODES}")
-        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive integer (>= 1), got {chunk_size!r}")
-        return mode, chunk_size
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        retention_mode: str | None = None,
+        retention_block_size: int | None = None,
+        sequence_offset: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithCache | tuple:
+        """
+        Args:
+            input_ids: ``(batch, seq)`` token ids, or give ``inputs_embeds (batch, seq, hidden)`` instead.
+            attention_mask: ``(batch, seq)`` or ``(batch, past + seq)`` (generate's growing mask), 1 = token,
+                0 = padding. Padding belongs on the left of a prompt; rows then start at position 0 at
+                their first real token, exactly as if run alone.
+            past_key_values: a :class:`RetNetCache` from an earlier call, updated in place (or ``cache=``).
+            use_cache: return the cache (default ``config.use_cache``; never while checkpointing).
+            retention_mode: "parallel" | "chunkwise" | "recurrent" (default ``config.retention_mode``).
+            retention_block_size: block length of the chunkwise mode (default from the config).
+            sequence_offset: absolute position of the first token when no cache is given
+                (syncdoth/RetNet's argument); with a cache it must equal the tokens the cache has seen.
+            kwargs: ``forward_impl`` / ``chunk_size``, the deprecated names of the retention arguments.
+        """
+        past_key_values = resolve_cache(past_key_values, kwargs)
+        mode, block_size = self.retention_settings(retention_mode, retention_block_size, kwargs)
+        self.validate_inputs(input_ids, inputs_embeds, past_key_values, mode, block_size, sequence_offset)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = use_cache and not (self.gradient_checkpointing and self.training)  # blocks are replayed
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        inputs_embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        offsets, position_offset, mask = self.positions(
+            attention_mask, past_key_values, sequence_offset, inputs_embeds
+        )
+        cache = past_key_values if past_key_values is not None else RetNetCache(len(self.layers))
+
+        hidden = self.scale_embeddings(inputs_embeds)
+        all_hidden = [hidden] if output_hidden_states else None
+        if self.takes_step_path(mode, hidden.shape[1], mask, output_hidden_states):  # decoding.py
+            hidden = self.decode_step_layers(hidden, position_offset, cache, use_cache)
+        else:
+            step_memo: dict = {}  # one-token recurrent steps share their position tables across blocks
+            for idx, layer in enumerate(self.layers):
+                state = cache.get_state(idx)
+                hidden, state = layer(
+                    hidden, position_offset, mask, state, mode, block_size, use_cache, step_memo
+                )
+                if use_cache:
+                    cache.set_state(idx, state)
+                if output_hidden_states:
+                    all_hidden.append(hidden)
+        hidden = self.layer_norm(hidden)
+        if use_cache:
+            cache.advance(offsets + hidden.shape[1], hidden.shape[1])
+        return self.outputs(hidden, cache if use_cache else None, all_hidden, return_dict)
+
+    # -- input checks and positions ---------------------------------------------------------------
+    def retention_settings(
+        self, retention_mode: str | None, retention_block_size: int | None, kwargs: dict
+    ) -> tuple[str, int]:
+        """``(retention_mode, retention_block_size)`` of a call: as given, else the config's. Takes the
+        deprecated ``forward_impl`` / ``chunk_size`` out of ``kwargs`` (one release, with a warning)."""
+        retention_mode, retention_block_size = renamed_retention_kwargs(
+            kwargs, retention_mode, retention_block_size
+        )
+        mode = retention_mode or self.config.retention_mode
+        block_size = (
+            self.config.retention_block_size if retention_block_size is None else retention_block_size
+        )
+        return mode, block_size
+
+    def validate_inputs(
+        self,
+        input_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        cache: RetNetCache | None,
+        retention_mode: str,
+        retention_block_size: int,
+        sequence_offset: int | None,
+    ) -> None:
+        """Raise ValueError, once per call, on inputs this model cannot run: the retention mode and block
+        size, exactly one of ``input_ids (batch, seq)`` (ids within the vocabulary) or ``inputs_embeds``,
+        and a cache from this config and batch that agrees with ``sequence_offset``."""
+        if retention_mode not in RETENTION_MODES:
+            raise ValueError(f"unknown retention_mode {retention_mode!r}; expected one of {RETENTION_MODES}")
+        check_block_size(retention_block_size, "retention_block_size")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
+        if cache is not None:
+            self.check_cache(cache, (input_ids if input_ids is not None else inputs_embeds).shape[0])
+            seen = cache.get_seq_length()
+            if cache.position_offset is not None and sequence_offset not in (None, seen):
+                raise ValueError(
+                    f"sequence_offset={sequence_offset} disagrees with past_key_values, which has seen "
+                    f"{seen} tokens; pass sequence_offset=None to continue from the cache"
+                )
 
     def check_input_ids(self, input_ids: Tensor) -> None:
         vocab = self.embed_tokens.num_embeddings  # the truth, also after resize_token_embeddings
@@ -193,77 +292,27 @@ class RetNetModel(RetNetPreTrainedModel):
                     f"{expected_kv}"
                 )
 
-    def row_offsets(
+    def positions(
         self,
+        attention_mask: Tensor | None,
         cache: RetNetCache | None,
         sequence_offset: int | None,
-        batch_size: int,
-        device: torch.device,
-    ) -> Tensor:
-        """Absolute position of each row's next token before this call, ``(batch,)``."""
-        if cache is not None and cache.position_offset is not None:
-            if sequence_offset is not None and sequence_offset != cache.get_seq_length():
-                raise ValueError(
-                    f"sequence_offset={sequence_offset} disagrees with past_key_values, which has seen "
-                    f"{cache.get_seq_length()} tokens; pass sequence_offset=None to continue from the cache"
-                )
-            return cache.position_offset.to(device)
-        start = 0 if sequence_offset is None else sequence_offset
-        return torch.full((batch_size,), start, dtype=torch.long, device=device)
-
-    # -- forward ---------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: Tensor | None = None,
-        past_key_values: RetNetCache | None = None,
-        inputs_embeds: Tensor | None = None,
-        use_cache: bool | None = None,
-        forward_impl: str | None = None,
-        chunk_size: int | None = None,
-        sequence_offset: int | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithCache | tuple:
-        """
-        Args:
-            input_ids: ``(batch, seq)`` token ids, or give ``inputs_embeds (batch, seq, hidden)`` instead.
-            attention_mask: ``(batch, seq)`` or ``(batch, past + seq)`` (generate's growing mask), 1 = token,
-                0 = padding. Padding belongs on the left of a prompt; rows then start at position 0 at
-                their first real token, exactly as if run alone.
-            past_key_values: a :class:`RetNetCache` from an earlier call; it is updated in place. It may be
-                passed as ``cache=`` instead (transformers >= 5.24's name).
-            use_cache: return the cache (default ``config.use_cache``).
-            forward_impl: "parallel" | "chunkwise" | "recurrent" (default ``config.forward_impl``).
-            chunk_size: block length of the chunkwise mode (default ``config.chunk_size``).
-            sequence_offset: absolute position of the first token when no cache is given
-                (syncdoth/RetNet's argument); with a cache it must equal the number of tokens the cache
-                has seen.
-        """
-        past_key_values = resolve_cache(past_key_values, kwargs)
-        mode, chunk_size = self.resolve_mode(forward_impl, chunk_size)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            self.check_input_ids(input_ids)
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds: Tensor,
+    ) -> tuple[Tensor, int | Tensor, Tensor | None]:
+        """Where this call's tokens sit: ``(offsets (batch,), position_offset, mask)``. ``offsets``: each
+        row's absolute position before the call (a left-padded row lags by its padding);
+        ``position_offset``: the same for the retention, an int when all rows agree (shared rotation
+        tables); ``mask (batch, seq)``: this call's columns of ``attention_mask``, None without padding."""
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if past_key_values is not None:
-            self.check_cache(past_key_values, batch_size)
-        checkpointing = self.gradient_checkpointing and self.training
-        if checkpointing:
-            use_cache = False  # a checkpointed block is replayed in backward and must not write a cache
-
+        device = inputs_embeds.device
+        if cache is not None and cache.position_offset is not None:
+            offsets = cache.position_offset.to(device)
+        else:
+            start = 0 if sequence_offset is None else sequence_offset
+            offsets = torch.full((batch_size,), start, dtype=torch.long, device=device)
         mask = None
-        offsets = self.row_offsets(past_key_values, sequence_offset, batch_size, inputs_embeds.device)
         if attention_mask is not None:
-            mask = attention_mask[:, -seq_len:].to(inputs_embeds.device)
+            mask = attention_mask[:, -seq_len:].to(device)
             if bool(mask.all()):  # the common case (every decoding step): nothing to shift or mask
                 mask = None
             else:
@@ -271,96 +320,9 @@ class RetNetModel(RetNetPreTrainedModel):
         position_offset: int | Tensor = offsets
         if batch_size == 1 or (batch_size and bool((offsets == offsets[0]).all())):
             position_offset = int(offsets[0])  # one offset for all rows: shared rotation tables
+        return offsets, position_offset, mask
 
-        hidden = self.scale_embeddings(inputs_embeds)
-        all_hidden = [hidden] if output_hidden_states else None
-        cache = past_key_values if past_key_values is not None else RetNetCache(len(self.layers))
-        step_memo: dict = {}  # per-position tables shared by the layers (one-token recurrent steps)
-        one_step = (
-            mode == "recurrent" and seq_len == 1 and mask is None and not output_hidden_states
-            and not self.training and not torch.is_grad_enabled() and self.blocks_run_as_steps()
-        )  # fmt: skip
-        if one_step:  # decoding: the layers' step functions, compiled if asked for (same results)
-            hidden = self.decode_step_layers(hidden, position_offset, cache, use_cache)
-        for idx, layer in enumerate(() if one_step else self.layers):
-            state = cache.get_state(idx)
-            if checkpointing:
-                hidden, _ = self._gradient_checkpointing_func(
-                    layer.__call__, hidden, position_offset, mask, state, mode, chunk_size, False
-                )
-            else:
-                hidden, new_state = layer(
-                    hidden, position_offset, mask, state, mode, chunk_size, use_cache, step_memo
-                )
-                if use_cache:
-                    cache.set_state(idx, new_state)
-            if output_hidden_states:
-                all_hidden.append(hidden)
-        hidden = self.layer_norm(hidden)
-        if use_cache:
-            cache.advance(offsets + seq_len, seq_len)
-
-        all_hidden = tuple(all_hidden) if output_hidden_states else None
-        cache = cache if use_cache else None
-        if not return_dict:  # what ModelOutput.to_tuple() gives, without building the ModelOutput
-            return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
-        return BaseModelOutputWithCache(
-            last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(cache)
-        )
-
-    # -- decoding ---------------------------------------------------------------------------------
-    def decode_step_layers(
-        self, hidden: Tensor, position_offset: int | Tensor, cache: RetNetCache, use_cache: bool
-    ) -> Tensor:
-        """All blocks for one token without padding, in eval without autograd: ``hidden (batch, 1, hidden)``
-        -> the last block's output; the cache's states are replaced when ``use_cache``.
-        The position tables are built once (every layer has the same retention shape); the blocks then
-        run :meth:`layer_steps`, or its compiled version after :meth:`compile_decoding`."""
-        retention = self.layers[0].retention
-        tables = retention.step_tables(position_offset, hidden.device, step_dtype(hidden.dtype), None)
-        states = [cache.get_state(idx) for idx in range(len(self.layers))]
-        run = self.layer_steps
-        if self._compiled_layer_steps is not None and all(state is not None for state in states):
-            run = self._compiled_layer_steps
-        hidden, new_states = run(hidden, tables, states)
-        if use_cache:
-            for idx, state in enumerate(new_states):
-                cache.set_state(idx, state)
-        return hidden
-
-    def blocks_run_as_steps(self) -> bool:
-        """Whether calling every block's ``step`` does what calling the block would: the one-token path
-        bypasses ``nn.Module.__call__``, so a wrapped block (RETRO-fitting puts its CCA after chosen
-        blocks), a subclass with its own ``forward``, or a block with forward hooks takes the general path."""
-        return len(self.layers) > 0 and all(
-            type(layer).forward is RetNetDecoderLayer.forward
-            and not (layer._forward_hooks or layer._forward_pre_hooks)
-            for layer in self.layers
-        )
-
-    def layer_steps(
-        self, hidden: Tensor, tables: StepTables, states: list[RetentionState | None]
-    ) -> tuple[Tensor, list[RetentionState]]:
-        """:meth:`RetNetDecoderLayer.step` of every block in turn -> ``(hidden (batch, 1, hidden), states)``.
-        This is the function :meth:`compile_decoding` compiles."""
-        new_states = []
-        for layer, state in zip(self.layers, states, strict=True):
-            hidden, new_state = layer.step(hidden, tables, state)
-            new_states.append(new_state)
-        return hidden, new_states
-
-    def compile_decoding(self, enabled: bool = True, **compile_kwargs) -> None:
-        """Run the blocks of every later one-token recurrent step (``generate``'s decoding steps) through
-        ``torch.compile(self.layer_steps, **compile_kwargs)``, weights frozen into the compiled code
-        (:class:`~retlm.models.retnet.compiled_decoding.FrozenWeightsStep`); ``enabled=False``: eager.
-        Opt-in: the first steps pay the compilation (tens of seconds on CPU; again per batch size or
-        dtype), packed weights add about one copy of the weight matrices to memory, and results equal
-        the eager step's within float32 rounding. Padded, autograd and first steps stay eager.
-        ``compile_decoding(False)`` then ``compile_decoding()`` with the same arguments reuses the code."""
-        if enabled and (self._frozen_step is None or self._frozen_step.arguments != compile_kwargs):
-            self._frozen_step = FrozenWeightsStep(self.layer_steps, self, **compile_kwargs)  # reused below
-        self._compiled_layer_steps = self._frozen_step if enabled else None
-
+    # -- embeddings and outputs ----------------------------------------------------------------------
     def scale_embeddings(self, inputs_embeds: Tensor) -> Tensor:
         """Token embeddings -> first block input: scale, optional norm, dropout."""
         # x * 1.0 is x, bit for bit: the (default) unscaled embedding skips the call
@@ -368,6 +330,22 @@ class RetNetModel(RetNetPreTrainedModel):
         if self.layernorm_embedding is not None:
             hidden = self.layernorm_embedding(hidden)
         return self.dropout(hidden) if self.training else hidden
+
+    def outputs(
+        self,
+        hidden: Tensor,
+        cache: RetNetCache | None,
+        all_hidden: list[Tensor] | None,
+        return_dict: bool | None,
+    ) -> BaseModelOutputWithCache | tuple:
+        """The result of :meth:`forward`: a ``BaseModelOutputWithCache``, or what its ``to_tuple()`` would
+        give (without building it) when ``return_dict`` (default ``config.return_dict``) is False."""
+        all_hidden = tuple(all_hidden) if all_hidden is not None else None
+        if not (self.config.return_dict if return_dict is None else return_dict):
+            return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
+        return BaseModelOutputWithCache(
+            last_hidden_state=hidden, hidden_states=all_hidden, **cache_kwargs(cache)
+        )
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
@@ -406,8 +384,8 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        forward_impl: str | None = None,
-        chunk_size: int | None = None,
+        retention_mode: str | None = None,
+        retention_block_size: int | None = None,
         sequence_offset: int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -418,14 +396,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         inside, as in every HF causal LM) and ``logits_to_keep`` (only the last n positions' logits)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         past_key_values = resolve_cache(past_key_values, kwargs)
+        retention_mode, retention_block_size = renamed_retention_kwargs(
+            kwargs, retention_mode, retention_block_size
+        )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            forward_impl=forward_impl,
-            chunk_size=chunk_size,
+            retention_mode=retention_mode,
+            retention_block_size=retention_block_size,
             sequence_offset=sequence_offset,
             output_hidden_states=output_hidden_states,
             return_dict=False,  # a tuple: one ModelOutput less per decoding step
@@ -440,10 +421,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithCache(
-            loss=loss,
-            logits=logits,
-            hidden_states=all_hidden,
-            **cache_kwargs(cache),
+            loss=loss, logits=logits, hidden_states=all_hidden, **cache_kwargs(cache)
         )
         return out if return_dict else out.to_tuple()
 
@@ -456,31 +434,35 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         use_cache: bool = True,
         cache: RetNetCache | None = None,
         parallel_compute_prompt: bool = True,
-        forward_impl: str | None = None,
-        chunk_size: int | None = None,
+        retention_mode: str | None = None,
+        retention_block_size: int | None = None,
         is_first_iteration: bool | None = False,
         next_sequence_length: int | None = None,
+        forward_impl: str | None = None,
+        chunk_size: int | None = None,
         **kwargs,
     ) -> dict:
-        """Feed only the tokens the cache has not seen. The prompt runs in ``forward_impl`` (default:
+        """Feed only the tokens the cache has not seen. The prompt runs in ``retention_mode`` (default:
         chunkwise if the config says so, else parallel), or recurrently when
         ``parallel_compute_prompt=False`` (syncdoth/RetNet's switch); every later step runs recurrently.
-        ``generate`` hands the cache over as ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+        ``generate`` hands the cache over as ``cache`` (transformers >= 5.24) or ``past_key_values``.
+        ``forward_impl`` / ``chunk_size``: the deprecated names of the retention arguments."""
+        retention_mode, retention_block_size = renamed_retention_kwargs(
+            {"forward_impl": forward_impl, "chunk_size": chunk_size}, retention_mode, retention_block_size
+        )
         past_key_values = resolve_cache(past_key_values, {"cache": cache})
         seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if seen > 0:
-            mode = "recurrent"
-        elif not parallel_compute_prompt:
+        if seen > 0 or not parallel_compute_prompt:
             mode = "recurrent"
         else:
-            default = "parallel" if self.config.forward_impl == "recurrent" else self.config.forward_impl
-            mode = forward_impl or default
+            default = self.config.retention_mode
+            mode = retention_mode or ("parallel" if default == "recurrent" else default)
         inputs = {
             "attention_mask": attention_mask,
             "use_cache": use_cache,
             **cache_kwargs(past_key_values),
-            "forward_impl": mode,
-            "chunk_size": chunk_size,
+            "retention_mode": mode,
+            "retention_block_size": retention_block_size,
         }
         if inputs_embeds is not None and seen == 0:
             inputs["input_ids"] = None

@@ -68,9 +68,7 @@ class RetroDecoderLayer(nn.Module):
         if self.is_retnet:
             offset: int | Tensor = start if padding is None else padding.retention_offset
             mask = None if padding is None else padding.token_mask
-            h, state = self.self_attn(
-                h, offset, mask, state, mode=mode, chunk_size=retnet_chunk_size, return_state=keep_state
-            )
+            h, state = self.self_attn(h, offset, mask, state, mode, retnet_chunk_size, keep_state)
         else:
             # rotary positions are relative: the columns give a padded row the same scores as its own
             # positions; the padding columns are masked as keys

@@ -155,7 +155,10 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
             layers[number - 1] = RetroFitLayer(layers[number - 1], number, self)
         self._encoder_layer = min(config.cca_layers)  # its states condition the encoder
         params = inspect.signature(base.forward).parameters
-        self._mode_kwarg = next((n for n in ("forward_impl", "retnet_mode") if n in params), None)
+        self._mode_kwarg = next((n for n in ("retention_mode", "retnet_mode") if n in params), None)
+        # RETRO-fitting decides how the base runs: a RetNet base decodes one cached token recurrently
+        # (its blocks then run as modules, CCA included, since RetroFitLayer wraps them).
+        self._decodes_recurrently = getattr(base.config, "model_type", None) == "retnet"
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -420,12 +423,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
         if retrieved is not None or (state is not None and state.neighbors is not None):
             check_right_padding(attention_mask)
         if self._mode_kwarg is not None:
-            if (
-                retnet_mode is None
-                and cache is not None
-                and seq_len == 1
-                and self._mode_kwarg == "forward_impl"
-            ):
+            if retnet_mode is None and cache is not None and seq_len == 1 and self._decodes_recurrently:
                 retnet_mode = "recurrent"
             if retnet_mode is not None:
                 kwargs[self._mode_kwarg] = retnet_mode

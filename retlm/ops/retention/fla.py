@@ -1,14 +1,14 @@
 """Chunkwise retention through flash-linear-attention (fla)'s GPU kernel: an optional fast path.
 
-:func:`retlm.ops.retention.chunkwise_retention` imports this module only for CUDA inputs, and takes the
-path only when :func:`fla_available` says so; it is never taken on CPU. UNTESTED on a GPU: none was
+:func:`retlm.ops.retention.chunkwise.run_chunkwise` takes this path only when :func:`fla_available`
+says so; it is never taken on CPU (fla itself is imported only then). UNTESTED on a GPU: none was
 available when this was written (the glue is tested on CPU against an emulated kernel).
 
 fla's kernel computes only the unnormalised decayed sums, with the fixed decays gamma_h = 1 - 2^(-5-h)
 (``decay_gammas(heads, use_default_gamma=True)``). We feed it an extra all-ones value channel, whose
 output is the denominator (z is the state of that channel), and normalise ourselves. The path is used
 only after a one-time numerical comparison with the reference chunk formula
-(:func:`retlm.ops.retention.retention_chunks`) succeeds for the device and dtype.
+(:func:`retlm.ops.retention.common.retention_chunks`) succeeds for the device and dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import functools
 import torch
 from torch import Tensor
 
-from retlm.ops.retention import (
+from retlm.ops.retention.common import (
     RetentionState,
     decay_gammas,
     empty_state,
