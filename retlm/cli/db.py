@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.main import UsageError
+from retlm.errors import OptionError
 from retlm.options import add_dataclass_arguments, option, options_from
 from retlm.utils import quoted
 
@@ -247,19 +247,19 @@ def run_build(args: argparse.Namespace) -> int:
     from retlm.retrieval.chunking import EmptySourceError
 
     if args.engine == "ray" and (args.stage != "all" or args.shard):
-        raise UsageError("--engine ray runs every stage itself: drop --stage / --shard")
+        raise OptionError("--engine ray runs every stage itself: drop --stage / --shard")
     if args.engine != "ray" and (args.address or args.shards):
-        raise UsageError("--address and --shards need --engine ray")
+        raise OptionError("--address and --shards need --engine ray")
     if args.shards is not None and args.shards <= 0:
-        raise UsageError(f"--shards must be a positive integer, got {args.shards}")
+        raise OptionError(f"--shards must be a positive integer, got {args.shards}")
     opts = options_from(args, BuildOptions)
     try:
         db = RetrievalDatabase.build(opts.source, opts.out, **opts.build_kwargs())
     except (EmptySourceError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
+        raise OptionError(str(err)) from None
     except ValueError as err:
         if "must" in str(err):  # an option with a bad value
-            raise UsageError(str(err)) from None
+            raise OptionError(str(err)) from None
         raise
     if db is None:
         print(f"stage {args.stage}{' shard ' + args.shard if args.shard else ''} done: {args.out}")
@@ -274,13 +274,13 @@ def run_add(args: argparse.Namespace) -> int:
 
     opts = options_from(args, AddOptions)
     if not (opts.db / "manifest.json").is_file():
-        raise UsageError(f"DB: no retrieval database at {opts.db} (build one with `retlm build-db`)")
+        raise OptionError(f"DB: no retrieval database at {opts.db} (build one with `retlm build-db`)")
     db = RetrievalDatabase.open(opts.db, verify=False)
     before = (db.num_docs, db.num_chunks)
     try:
         db.add(opts.source, **opts.add_kwargs())
     except (EmptySourceError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
+        raise OptionError(str(err)) from None
     print(
         f"added {db.num_docs - before[0]} documents ({db.num_chunks - before[1]} chunks) to {opts.db}: "
         f"now {db.num_docs} documents, {db.num_chunks} chunks"
@@ -292,14 +292,14 @@ def run_search(args: argparse.Namespace) -> int:
     from retlm.retrieval import RetrievalDatabase
 
     if args.k <= 0:
-        raise UsageError(f"-k must be a positive integer, got {args.k}")
+        raise OptionError(f"-k must be a positive integer, got {args.k}")
     for query in args.query:
         if not query.strip():
-            raise UsageError("QUERY is empty: give some text to search for")
+            raise OptionError("QUERY is empty: give some text to search for")
     db = RetrievalDatabase.open(args.db, verify=False, embed_backend=args.embed_backend)
     db.check_k(args.k, "-k")  # before any embedding: a huge -k is refused, not allocated
     if args.exclude_doc is not None and not 0 <= args.exclude_doc < db.num_docs:
-        raise UsageError(
+        raise OptionError(
             f"--exclude-doc must be a document id in 0..{db.num_docs - 1}, got {args.exclude_doc}"
         )
     result = db.search(args.query, args.k, exclude_doc_ids=args.exclude_doc)

@@ -9,7 +9,7 @@ from typing import Any
 
 from retlm.cli.in_context import DEFAULT_QUERY_TOKENS, DEFAULT_STRIDE, IN_CONTEXT
 from retlm.cli.in_context import check_options as check_in_context_options
-from retlm.cli.main import UsageError
+from retlm.errors import OptionError
 from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
@@ -104,23 +104,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def validate(args: GenerateOptions) -> None:
     if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise OptionError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not 0 < args.temperature < float("inf"):
-        raise UsageError(f"--temperature must be a finite number > 0, got {args.temperature}")
+        raise OptionError(f"--temperature must be a finite number > 0, got {args.temperature}")
     if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in 0..2**63-1, got {args.seed}")
+        raise OptionError(f"--seed must be in 0..2**63-1, got {args.seed}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise OptionError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+        raise OptionError(f"--top-k must be >= 1, got {args.top_k}")
     if args.repetition_penalty is not None and not 0 < args.repetition_penalty < float("inf"):
-        raise UsageError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
+        raise OptionError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
     if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 1:
-        raise UsageError(f"--no-repeat-ngram-size must be >= 1, got {args.no_repeat_ngram_size}")
+        raise OptionError(f"--no-repeat-ngram-size must be >= 1, got {args.no_repeat_ngram_size}")
     if args.num_neighbors is not None and args.num_neighbors < 1:
-        raise UsageError(f"--neighbors must be >= 1, got {args.num_neighbors}")
+        raise OptionError(f"--neighbors must be >= 1, got {args.num_neighbors}")
     if not args.prompt.strip():
-        raise UsageError("PROMPT is empty")
+        raise OptionError("PROMPT is empty")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.main import UsageError
+from retlm.errors import OptionError
 
 IN_CONTEXT = "in-context retrieval (--in-context: MODEL is any causal LM)"
 DEFAULT_STRIDE = 32
@@ -31,7 +31,7 @@ def load_causal_lm(name: str | Path, *, dtype: Any = None, device: Any = None) -
     try:
         return load(str(name), dtype=dtype, device=device)
     except FileNotFoundError as err:
-        raise UsageError(f"MODEL: {err}") from None
+        raise OptionError(f"MODEL: {err}") from None
 
 
 def check_options(opts: Any, only_in_context: tuple[str, ...]) -> None:
@@ -40,23 +40,23 @@ def check_options(opts: Any, only_in_context: tuple[str, ...]) -> None:
     if not opts.in_context:
         if given:
             flag = "--" + given[0].replace("_", "-").replace("num-neighbors", "neighbors")
-            raise UsageError(f"{flag} applies to --in-context retrieval only")
+            raise OptionError(f"{flag} applies to --in-context retrieval only")
         return
     for name in ("stride", "query_tokens", "num_neighbors", "context", "max_tokens"):
         value = getattr(opts, name, None)
         if value is not None and value < 1:
             flag = "--" + name.replace("_", "-").replace("num-neighbors", "neighbors")
-            raise UsageError(f"{flag} must be >= 1, got {value}")
+            raise OptionError(f"{flag} must be >= 1, got {value}")
     fraction = getattr(opts, "heldout_fraction", None)
     if fraction is not None and not 0.0 <= fraction < 1.0:
-        raise UsageError(f"--heldout-fraction must be in [0, 1), got {fraction}")
+        raise OptionError(f"--heldout-fraction must be in [0, 1), got {fraction}")
 
 
 def _open(db_path: Path, neighbors: int) -> Any:
     from retlm.retrieval import RetrievalDatabase
 
     if not Path(db_path).exists():
-        raise UsageError(f"--db: no retrieval database at {db_path}")
+        raise OptionError(f"--db: no retrieval database at {db_path}")
     db = RetrievalDatabase.open(db_path)
     db.check_k(neighbors, "--neighbors")  # before the model is loaded
     return db
@@ -66,11 +66,11 @@ def run_eval(opts: Any) -> int:
     """`retlm eval MODEL --db DB --in-context`: the report, as a table or json, and --output."""
     for name in ("max_sequences", "plot"):
         if getattr(opts, name) is not None:
-            raise UsageError(
+            raise OptionError(
                 f"--{name.replace('_', '-')} applies to RETRO models; use --max-tokens with --in-context"
             )
     if opts.split == "heldout" and opts.heldout_fraction == 0:
-        raise UsageError("--heldout-fraction 0 holds out no document; give a fraction, or --split all")
+        raise OptionError("--heldout-fraction 0 holds out no document; give a fraction, or --split all")
     from retlm.training.in_context import evaluate_in_context
     from retlm.training.in_context_report import format_in_context_table
     from retlm.training.precision import autocast_for, resolve_device, resolve_precision
@@ -115,7 +115,7 @@ def run_eval(opts: Any) -> int:
 def run_generate(opts: Any) -> int:
     """`retlm generate MODEL PROMPT --db DB --in-context`: the text, then the sources read."""
     if not opts.retrieval:
-        raise UsageError("--no-retrieval applies to RETRO models; --in-context always retrieves")
+        raise OptionError("--no-retrieval applies to RETRO models; --in-context always retrieves")
     from retlm.generation import generate_in_context
 
     neighbors = opts.num_neighbors or DEFAULT_NEIGHBORS

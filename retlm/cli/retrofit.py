@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.main import UsageError
 from retlm.cli.train import add_training_arguments, print_training_result, training_options
+from retlm.errors import OptionError
 from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
@@ -88,7 +88,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_retrofit(args: argparse.Namespace) -> int:
-    from retlm.errors import OptionError
     from retlm.models.pretrained import model_kind
     from retlm.training.retrofit import retrofit
 
@@ -97,13 +96,13 @@ def run_retrofit(args: argparse.Namespace) -> int:
     for name in ("enc_dim", "enc_depth", "heads", "dim_head"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise OptionError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.db.exists():
-        raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
+        raise OptionError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
     try:
         model_kind(args.base)
     except (OptionError, FileNotFoundError) as err:
-        raise UsageError(f"--base: {err}") from None
+        raise OptionError(f"--base: {err}") from None
     opts = options_from(args, RetrofitOptions)
     result = retrofit(opts.base, opts.db, opts.out, **opts.adapter_kwargs(), **options)
     return print_training_result(result, args.out)

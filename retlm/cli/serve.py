@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.main import UsageError
+from retlm.errors import OptionError
 from retlm.options import add_dataclass_arguments, option, options_from
 
 DESCRIPTION = (
@@ -88,22 +88,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def validate(opts: ServeOptions) -> None:
     if not 0 <= opts.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535, got {opts.port}")
+        raise OptionError(f"--port must be in 0..65535, got {opts.port}")
     for name in ("max_tokens", "max_batch", "max_queue", "max_body_bytes", "stride", "query_tokens"):
         if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+            raise OptionError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     if not 0 <= opts.batch_wait_ms <= 10_000:
-        raise UsageError(f"--batch-wait-ms must be in 0..10000, got {opts.batch_wait_ms}")
+        raise OptionError(f"--batch-wait-ms must be in 0..10000, got {opts.batch_wait_ms}")
     if not 0 <= opts.shutdown_grace <= 600:
-        raise UsageError(f"--shutdown-grace must be in 0..600 seconds, got {opts.shutdown_grace}")
+        raise OptionError(f"--shutdown-grace must be in 0..600 seconds, got {opts.shutdown_grace}")
     if opts.db is None and not opts.in_context:
-        raise UsageError("--db is needed to serve a RETRO model (or give --in-context for a causal LM)")
+        raise OptionError("--db is needed to serve a RETRO model (or give --in-context for a causal LM)")
     if opts.db is not None and not opts.db.is_dir():
-        raise UsageError(f"--db: no database folder at {opts.db}")
+        raise OptionError(f"--db: no database folder at {opts.db}")
     if opts.api_key is not None and not opts.api_key.strip():
-        raise UsageError("--api-key is empty")
+        raise OptionError("--api-key is empty")
     if opts.served_model_name is not None and not 0 < len(opts.served_model_name) <= 256:
-        raise UsageError("--served-model-name must hold 1 to 256 characters")
+        raise OptionError("--served-model-name must hold 1 to 256 characters")
 
 
 def load_backend(opts: ServeOptions) -> Any:
@@ -141,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as err:
-        raise UsageError(
+        raise OptionError(
             f"retlm serve needs the serve extra: pip install 'retlm[serve]' ({err.name} missing)"
         ) from None
     from retlm.serve import ServeSettings, create_app
@@ -153,7 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         sock = listen(opts.host, opts.port)  # before the model loads: a taken port fails at once
     except OSError as err:
-        raise UsageError(f"cannot listen on {opts.host}:{opts.port}: {err.strerror or err}") from None
+        raise OptionError(f"cannot listen on {opts.host}:{opts.port}: {err.strerror or err}") from None
     backend = load_backend(opts)
     settings = ServeSettings(
         model_id=opts.served_model_name or opts.model,

@@ -21,7 +21,7 @@ from retlm.cli.in_context import (
     IN_CONTEXT,
 )
 from retlm.cli.in_context import check_options as check_in_context_options
-from retlm.cli.main import UsageError
+from retlm.errors import OptionError
 from retlm.options import add_dataclass_arguments, option, option_values, options_from
 from retlm.training.options import PRECISIONS, TrainOptions
 
@@ -178,7 +178,7 @@ def training_options(args: argparse.Namespace, **completed: Any) -> dict[str, An
     try:
         TrainOptions(**{**values, **completed})
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise OptionError(str(err)) from None
     return values
 
 
@@ -187,13 +187,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     options = training_options(args)
     if not args.db.exists():
-        raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
+        raise OptionError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
     from retlm.training.config import read_model_config
 
     try:
         read_model_config(args.model_config)  # exists, is yaml, holds only RetroConfig keys
     except FileNotFoundError as err:
-        raise UsageError(f"--model-config: {err}") from None
+        raise OptionError(f"--model-config: {err}") from None
     result = train(args.db, args.model_config, args.out, **options)
     return print_training_result(result, args.out)
 
@@ -241,20 +241,20 @@ def run_eval(args: argparse.Namespace) -> int:
     opts = options_from(args, EvalOptions)
     check_in_context_options(opts, IN_CONTEXT_ONLY)
     if args.split not in SPLITS:
-        raise UsageError(f"unknown --split {args.split!r}; choose one of {', '.join(SPLITS)}")
+        raise OptionError(f"unknown --split {args.split!r}; choose one of {', '.join(SPLITS)}")
     if args.batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+        raise OptionError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_sequences is not None and args.max_sequences <= 0:
-        raise UsageError(f"--max-sequences must be positive, got {args.max_sequences}")
+        raise OptionError(f"--max-sequences must be positive, got {args.max_sequences}")
     if not args.checkpoint.exists() and not opts.in_context:  # in-context: MODEL may be a model name
-        raise UsageError(f"MODEL: no such file or folder: {args.checkpoint}")
+        raise OptionError(f"MODEL: no such file or folder: {args.checkpoint}")
     if not args.db.exists():
-        raise UsageError(f"--db: no retrieval database at {args.db}")
+        raise OptionError(f"--db: no retrieval database at {args.db}")
     if args.output is not None:
         if args.output.is_dir():
-            raise UsageError(f"--output {args.output} is a folder; give a file name")
+            raise OptionError(f"--output {args.output} is a folder; give a file name")
         if not args.output.parent.is_dir():
-            raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
+            raise OptionError(f"--output {args.output}: the folder {args.output.parent} does not exist")
     if opts.in_context:
         from retlm.cli.in_context import run_eval as run_in_context_eval
 
