@@ -180,8 +180,8 @@ def config_defaults(sub: argparse.ArgumentParser, command: str, values: dict[str
 #   help       the help text (required: `retlm CMD --help` shows every option with help and default)
 #   flag       the flag, default ``--field-name``; ``positional=True``: a positional argument instead
 #   aliases    other accepted spellings (e.g. ``--neighbours`` for ``--neighbors``), hidden from help
-#   choices, metavar, type (argparse ``type`` when the annotation is not enough), group (an argument
-#   group title), cli (False: a Python-only keyword)
+#   choices, metavar, nargs, type (argparse ``type`` when the annotation is not enough), group (an
+#   argument group title), cli (False: a Python-only keyword)
 #   negate     a bool field that defaults to True and is switched off by ``flag`` (``--no-progress``)
 #   to_value   converts the parsed value to the field's value (e.g. ``0`` -> None)
 # ``--config`` keys are the fields' names (``no_progress`` for a negated one), their flags or any alias,
@@ -200,6 +200,7 @@ OPTION_KEYS = frozenset(
         "negate",
         "to_value",
         "positional",
+        "nargs",
     )
 )
 
@@ -279,7 +280,7 @@ def add_dataclass_arguments(
             actions[f.name] = _add_with_hidden_aliases(target, flag, aliases, kwargs)
             continue
         kwargs["type"] = meta.get("type", kind if kind in (int, float, Path) else None)
-        for key in ("choices", "metavar"):
+        for key in ("choices", "metavar", "nargs"):
             if key in meta:
                 kwargs[key] = meta[key]
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))

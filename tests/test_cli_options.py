@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from retlm.cli.db import AddOptions, BuildOptions
+from retlm.cli.db import AddOptions, BuildCommandOptions, SearchOptions
 from retlm.cli.generate import GenerateOptions
 from retlm.cli.main import _apply_config, build_parser
 from retlm.cli.retrofit import RetrofitOptions
@@ -23,8 +23,9 @@ from retlm.options import cli_fields, options_from
 from retlm.training.options import TrainOptions
 
 COMMANDS = {
-    "build-db": (BuildOptions, ["TEXT", "--out", "DB"]),
+    "build-db": (BuildCommandOptions, ["TEXT", "--out", "DB"]),
     "add": (AddOptions, ["DB", "TEXT"]),
+    "search": (SearchOptions, ["DB", "a query"]),
     "generate": (GenerateOptions, ["CKPT", "a prompt", "--db", "DB"]),
     "demo": (DemoOptions, []),
     "retrofit": (RetrofitOptions, ["--base", "gpt2", "--db", "DB", "--out", "RUN"]),
@@ -94,16 +95,18 @@ def test_neighbors_alias_equals_neighbors(command):
 
 def test_yaml_config_and_flags_give_the_same_options(tmp_path):
     flags = ["--neighbours", "3", "--chunk-size", "32", "--pooling", "cls", "--no-progress", "--no-wait"]
-    by_flags = options_from(_parse(["build-db", "TEXT", "--out", "DB", *flags]), BuildOptions)
+    by_flags = options_from(_parse(["build-db", "TEXT", "--out", "DB", *flags]), BuildCommandOptions)
     for spelling in ("neighbors", "neighbours", "num_neighbors"):
         config = tmp_path / f"{spelling}.yaml"
         values = {spelling: 3, "chunk-size": 32, "pooling": "cls", "no_progress": True, "no_wait": True}
         config.write_text(yaml.safe_dump(values))
-        by_yaml = options_from(_parse(["build-db", "TEXT", "--out", "DB", "--config", config]), BuildOptions)
+        by_yaml = options_from(
+            _parse(["build-db", "TEXT", "--out", "DB", "--config", config]), BuildCommandOptions
+        )
         assert by_yaml == by_flags, spelling
     assert by_flags.num_neighbors == 3 and by_flags.chunk_size == 32
     assert by_flags.progress is False and by_flags.wait is False
-    assert by_flags != BuildOptions(source=by_flags.source, out=by_flags.out)
+    assert by_flags != BuildCommandOptions(source=by_flags.source, out=by_flags.out)
 
 
 def test_command_line_wins_over_config_and_zero_means_none(tmp_path):
@@ -124,13 +127,17 @@ def test_one_option_twice_in_a_config_is_a_one_line_usage_error(tmp_path, capsys
 
 
 def test_build_options_are_keywords_of_the_database_build():
-    from retlm.retrieval import RetrievalDatabase
+    from retlm.retrieval import BuildOptions
 
-    params = inspect.signature(RetrievalDatabase.build).parameters
-    kwargs = BuildOptions(source="T", out="D").build_kwargs()
-    assert set(kwargs) <= set(params), set(kwargs) - set(params)
-    ray = BuildOptions(source="T", out="D", engine="ray", shards=3).build_kwargs()
-    assert ray["engine"] == "ray" and ray["num_shards"] == 3 and set(ray) <= set(params)
+    kwargs = dataclasses.asdict(BuildCommandOptions(source="T", out="D").build_options())
+    assert set(kwargs) <= {f.name for f in dataclasses.fields(BuildOptions)}
+    assert BuildOptions(**kwargs) == BuildOptions()  # the command's defaults are the library's
+    ray = BuildCommandOptions(source="T", out="D", engine="ray", num_shards=3).build_options()
+    assert ray.engine == "ray" and ray.num_shards == 3 and isinstance(ray, BuildOptions)
+    parsed = options_from(
+        _parse(["build-db", "TEXT", "--out", "DB", "--engine", "ray", "--shards", "3"]), BuildCommandOptions
+    )
+    assert parsed.build_options() == ray
 
 
 def test_eval_options_are_keywords_of_evaluate():

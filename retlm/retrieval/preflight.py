@@ -208,26 +208,10 @@ def check_index_fits(factory: str | None, num_chunks: int, num_neighbors: int | 
         )
 
 
-def _positive_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise OptionError(f"{name} must be {kind}, got {value!r}")
-
-
 def check_options(config: Any) -> EmbedderShape:
-    """Types and ranges of every build option, and those that depend on the embedder."""
-    for name in ("chunk_size", "num_neighbors", "seq_len", "batch_size"):
-        _positive_int(name, getattr(config, name))
-    for name in ("exact_threshold", "extra_neighbors"):
-        _positive_int(name, getattr(config, name), low=0)
-    try:
-        config.validate()
-    except OptionError:
-        raise
-    except ValueError as err:
-        raise OptionError(str(err)) from None
-    if isinstance(config.target_recall, bool) or not isinstance(config.target_recall, int | float):
-        raise OptionError(f"target_recall must be a number in (0, 1], got {config.target_recall!r}")
+    """Types and ranges of every build option (``BuildConfig.validate``), and those that depend on the
+    embedder."""
+    config.validate()
     shape = embedder_shape(config.embedder)
     if config.chunk_size + 2 > shape.max_positions:
         raise OptionError(
