@@ -308,6 +308,15 @@ def _add_with_hidden_aliases(
     return action
 
 
+def flag_of(cls: type, name: str) -> str:
+    """How the command line spells field ``name`` of options dataclass ``cls`` (``num_neighbors`` ->
+    ``--neighbors``; a positional: its metavar), for messages."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.metadata.get("positional"):
+        return f.metadata.get("metavar", name.upper())
+    return f.metadata.get("flag", "--" + _dest(f).replace("_", "-"))
+
+
 def options_from(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:
     """The ``cls`` instance that the parsed command line (``--config`` included) describes.
 

@@ -42,6 +42,7 @@ from retlm.data import (
 )
 from retlm.models.auto import load_model, resolve_model_dir
 from retlm.training.checkpoint import check_model_fits_database
+from retlm.training.options import SPLITS
 from retlm.training.precision import autocast_for, resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
 
@@ -242,9 +243,6 @@ def compare_retrieval(
 def _eos_id(db: Any) -> int | None:
     eos = getattr(db, "eos_id", None)
     return None if eos is None else int(eos)
-
-
-SPLITS = ("heldout", "train", "all")
 
 
 def _tokenizer_of(db: Any) -> Any:

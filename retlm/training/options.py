@@ -18,6 +18,7 @@ from retlm.options import option, zero_is_none
 
 SCHEDULES = ("cosine", "linear", "constant")
 RESUME_MODES = ("auto", "never")
+SPLITS = ("heldout", "train", "all")  # the documents evaluate() scores
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # resolve_precision (training.precision) checks them
 
 LENGTH = "length (with neither: one epoch)"
@@ -80,6 +81,11 @@ class TrainOptions:
     progress: bool = option(True, negate=True, group=RUNS, help="hide the progress bar")
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every option's type and range (run on construction: a ``TrainOptions`` is always valid)."""
+
         def positive(name: str, optional: bool = False) -> None:
             value = getattr(self, name)
             if (value is not None or not optional) and not (value is not None and value > 0):
