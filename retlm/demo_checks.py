@@ -93,7 +93,7 @@ def _check_model(opts: Any, shape: Any) -> None:
     try:
         vocab = len(load_tokenizer(getattr(opts, "tokenizer", "gpt2"), embedder=DEFAULT_EMBEDDER))
     except (OSError, ValueError) as err:
-        raise OptionError(f"--tokenizer {getattr(opts, 'tokenizer', 'gpt2')!r}: {err}") from None
+        raise OptionError(f"--tokenizer {short_repr(getattr(opts, 'tokenizer', 'gpt2'))}: {err}") from None
     defaults = {"num_tokens": vocab, "chunk_size": opts.chunk_size, "pad_id": 0, "max_seq_len": opts.seq_len}
     try:
         config = RetroConfig(**{**defaults, **mapping})

@@ -185,7 +185,7 @@ class BuildOptions(BuildConfig, SourceOptions):
         elif self.address is not None or self.num_shards is not None:
             raise OptionError("address and num_shards apply to engine 'ray' only")
         if self.shard is not None and self.stage not in SHARDED_STAGES:
-            raise OptionError(f"--shard applies to the stages {SHARDED_STAGES}, not {self.stage!r}")
+            raise OptionError(f"--shard applies to the stages {SHARDED_STAGES}, not {short_repr(self.stage)}")
 
     def source_options(self) -> SourceOptions:
         """How the source is read."""

@@ -310,9 +310,9 @@ def matching_files(root: Path, glob: str) -> list[Path]:
     try:
         paths = sorted(p for p in Path(root).glob(glob) if p.is_file())
     except (ValueError, NotImplementedError) as err:  # a pattern pathlib refuses
-        raise OptionError(f"glob {glob!r} is not a valid pattern: {err}") from None
+        raise OptionError(f"glob {short_repr(glob)} is not a valid pattern: {err}") from None
     if not paths:
-        raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
+        raise EmptySourceError(f"no file in {root} matches the glob {short_repr(glob)}")
     return paths
 
 

@@ -40,6 +40,7 @@ from retlm.data import (
     split_datasets,
     spread_subset,
 )
+from retlm.errors import short_repr
 from retlm.models.auto import load_model, resolve_model_dir
 from retlm.training.checkpoint import check_model_fits_database
 from retlm.training.options import SPLITS
@@ -307,7 +308,7 @@ def evaluate(
     evaluation; the "with_retrieval" numbers are then those of the filtered neighbors).
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {short_repr(split)}; choose one of {', '.join(SPLITS)}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = resolve_device(device)  # a bad device or precision is refused before anything is loaded

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retlm.data import DocumentSplit
-from retlm.errors import OptionError, check_int
+from retlm.errors import OptionError, check_int, short_repr
 from retlm.generation.in_context import context_limit, fit_neighbors, neighbor_budget, search_neighbors
 from retlm.generation.neighbors import NeighborText
 from retlm.training.in_context_report import build_report
@@ -47,7 +47,7 @@ DEFAULT_CONTEXT = 1024
 def split_documents(database: Any, split: str, train_fraction: float, seed: int) -> np.ndarray:
     """Sorted document ids of ``split`` ("heldout", "train" or "all") under training's document split."""
     if split not in SPLITS:
-        raise OptionError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise OptionError(f"unknown split {short_repr(split)}; choose one of {', '.join(SPLITS)}")
     docs = np.unique(np.asarray(database.doc_ids, dtype=np.int64))
     docs = docs[docs >= 0]
     if split == "all":
