@@ -46,9 +46,23 @@ class AddOptions(SourceOptions):
     progress: bool = option(True, negate=True, help="hide progress bars")
     wait: bool = option(True, negate=True, help=WAIT_HELP)
 
+    def validate(self) -> None:
+        SourceOptions.validate(self)
+        if not (self.db / "manifest.json").is_file():
+            raise OptionError(f"DB: no retrieval database at {self.db} (build one with `retlm build-db`)")
+
     def add_kwargs(self) -> dict[str, Any]:
         names = [f.name for f in fields(SourceOptions)] + ["progress", "wait"]
         return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfoOptions:
+    """The options of `retlm db-info`."""
+
+    db: Path = option(positional=True, metavar="DB", help="database folder")
+    verify: bool = option(False, help="check file checksums (reads every file)")
+    json: bool = option(False, help="print the whole manifest as json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,9 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print a database's manifest: sizes, tokenizer, embedder, index and its measured "
         "recall. --verify also checks every file against its sha256 checksum.",
     )
-    info.add_argument("db", type=Path, metavar="DB", help="database folder")
-    info.add_argument("--verify", action="store_true", help="check file checksums (reads every file)")
-    info.add_argument("--json", action="store_true", help="print the whole manifest as json")
+    add_dataclass_arguments(info, InfoOptions)
     info.set_defaults(func=run_info)
 
 
@@ -151,8 +163,7 @@ def run_add(args: argparse.Namespace) -> int:
     from retlm.retrieval.chunking import EmptySourceError
 
     opts = options_from(args, AddOptions)
-    if not (opts.db / "manifest.json").is_file():
-        raise OptionError(f"DB: no retrieval database at {opts.db} (build one with `retlm build-db`)")
+    opts.validate()
     db = RetrievalDatabase.open(opts.db, verify=False)
     before = (db.num_docs, db.num_chunks)
     try:
@@ -213,12 +224,13 @@ def run_search(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from retlm.retrieval import RetrievalDatabase
 
-    db = RetrievalDatabase.open(args.db, verify=args.verify)
+    opts = options_from(args, InfoOptions)
+    db = RetrievalDatabase.open(opts.db, verify=opts.verify)
     m = db.manifest
-    if args.json:
+    if opts.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
-    size = sum(f.stat().st_size for f in Path(args.db).iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in Path(opts.db).iterdir() if f.is_file())
     lines = [
         ("path", str(db.path)),
         ("chunks", f"{m['num_chunks']} of {m['chunk_size']} tokens, from {m['num_docs']} documents"),
@@ -260,7 +272,7 @@ def run_info(args: argparse.Namespace) -> int:
         (
             "checksums",
             "every file verified"
-            if args.verify
+            if opts.verify
             else "manifest, index and sampled array blocks checked (every byte: --verify)",
         ),
     ]
