@@ -192,3 +192,64 @@ def test_retrofit_offers_no_no_retrieval_and_keeps_its_base_defaults():
     args = _parse(["retrofit", "--base", "gpt2", "--db", "DB", "--out", "RUN", "--cca-layers", "2,4"])
     assert not hasattr(args, "no_retrieval") and args.seed is None and args.train_fraction is None
     assert options_from(args, RetrofitOptions).adapter_kwargs()["cca_layers"] == [2, 4]
+
+
+def test_config_alias_bombs_and_big_files_are_refused_before_parsing(tmp_path, capsys):
+    from retlm.options import MAX_CONFIG_BYTES
+
+    bomb = tmp_path / "bomb.yaml"
+    rows = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    rows += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    bomb.write_text("\n".join(rows) + "\nneighbors: *i\n")
+    big = tmp_path / "big.yaml"
+    big.write_text("neighbors: 2\n" + "#" * MAX_CONFIG_BYTES)
+    for config, reason in ((bomb, "aliases (*name) are not accepted"), (big, "at most 1048576 are read")):
+        with pytest.raises(SystemExit) as exit_info:
+            _parse(["build-db", "TEXT", "--out", "DB", "--config", config])
+        assert exit_info.value.code == 2
+        assert reason in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_option_errors_show_values_cut_short(tmp_path, capsys):
+    from retlm.errors import OptionError, check_int, short_repr
+
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({"pooling": "x" * 100_000, "chunk_size": 2}))
+    with pytest.raises(SystemExit):
+        _parse(["build-db", "TEXT", "--out", "DB", "--config", config])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(--pooling) must be one of mean, cls" in last and len(last) < 300
+    nested = [[list(range(10_000))] * 1000] * 1000  # a billion items, by reference
+    assert len(short_repr(nested)) <= 80 and len(short_repr(10**10_000)) <= 80
+    with pytest.raises(OptionError, match=r"^k must be a positive integer, got \[0, 0, 0, 0, \.\.\.\]$"):
+        check_int("k", [0] * 1_000_000)
+    for value in (True, 0, 1.0, "3"):
+        with pytest.raises(OptionError, match="k must be a positive integer"):
+            check_int("k", value)
+    check_int("k", 3)
+    check_int("k", 0, low=0)
+
+
+def test_build_takes_one_options_object_or_its_keywords():
+    from retlm.retrieval import BuildConfig, BuildOptions, RetrievalDatabase
+
+    with pytest.raises(TypeError, match="chunk_sise"):
+        RetrievalDatabase.build(["text"], "unused", chunk_sise=32)
+    for options in (BuildOptions(engine="ray", stage="embed"), BuildOptions(num_shards=2)):
+        with pytest.raises(ValueError, match="engine 'ray'|apply to engine 'ray' only"):
+            RetrievalDatabase.build(["text"], "unused", options)
+    with pytest.raises(ValueError, match="num_shards must be a positive integer"):
+        BuildOptions(engine="ray", num_shards=0).validate()
+    assert BuildOptions(chunk_size=32).content() == BuildConfig(
+        chunk_size=32, embed_backend=BuildOptions().content().embed_backend
+    )
+
+
+def test_the_old_error_names_are_deprecated_aliases_of_option_error():
+    import retlm.cli.main
+    import retlm.options
+    from retlm.errors import OptionError
+
+    for module, name in ((retlm.cli.main, "UsageError"), (retlm.options, "UsageProblem")):
+        with pytest.warns(DeprecationWarning, match="retlm.errors.OptionError"):
+            assert getattr(module, name) is OptionError
