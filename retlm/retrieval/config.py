@@ -123,8 +123,10 @@ class BuildConfig:
                 raise OptionError(f"{name} must be one of {choices}, got {short_repr(getattr(self, name))}")
 
     def content(self) -> BuildConfig:
-        """The ``BuildConfig`` of these options (the embed backend resolved to this machine's default)."""
+        """The ``BuildConfig`` of these options (an embedder of None: the default one; an embed backend
+        of None: this machine's default)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(BuildConfig)}
+        values["embedder"] = values["embedder"] or DEFAULT_EMBEDDER
         if values["embed_backend"] is None:
             from retlm.retrieval.encoders import default_backend
 
