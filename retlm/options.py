@@ -247,11 +247,13 @@ def add_dataclass_arguments(
     """One argparse option per field of ``cls`` (see ``option``); returns the actions by field name.
 
     Type, default and ``required`` come from the field; help, flag, aliases, choices and group from
-    its metadata. ``skip``: field names the command adds itself (or does not offer)."""
+    its metadata. The options outside a group come first, then each group's, in field order.
+    ``skip``: field names the command adds itself (or does not offer)."""
     hints = typing.get_type_hints(cls)
     groups: dict[str, Any] = {}
     actions = {}
-    for f in cli_fields(cls):
+    # the options outside a group first (a base class's grouped fields come first in its fields)
+    for f in sorted(cli_fields(cls), key=lambda f: bool(f.metadata.get("group"))):
         if f.name in skip:
             continue
         meta = f.metadata

@@ -34,7 +34,7 @@ STAGE_HELP = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class BuildConfig:
     """Every build option that changes the database's content."""
 
@@ -134,7 +134,7 @@ class BuildConfig:
         return BuildConfig(**values)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class BuildOptions(BuildConfig, SourceOptions):
     """Every option of ``RetrievalDatabase.build``: the content ones (``BuildConfig``), how the source is
     read (``SourceOptions``) and how the build runs (stage, shard, engine, lock, progress)."""
