@@ -100,18 +100,11 @@ class DemoOptions:
     progress: bool = option(True, negate=True, help="hide progress bars")
 
     def validate(self) -> None:
-        if not self.minutes > 0:
-            raise ValueError(f"--minutes must be positive (a training time budget), got {self.minutes}")
-        if self.corpus is not None:
-            corpus = Path(self.corpus)
-            if not corpus.is_dir():
-                raise FileNotFoundError(f"--corpus {corpus}: no such folder")
-            if not any(p.is_file() for p in corpus.rglob("*")):
-                raise FileNotFoundError(f"--corpus {corpus}: the folder holds no file")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_prompts < 1:
-            raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        """Every option, before the first step (``retlm.demo_checks``: ranges, the prompt, the corpus,
+        the model config, and whether a training step fits in memory)."""
+        from retlm.demo_checks import check_options
+
+        check_options(self)
 
 
 def _say(message: str) -> None:
@@ -324,10 +317,7 @@ def _scores_line(scores: dict[str, Any]) -> str:
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run the six steps (see the module docstring); returns the report also written to report.json."""
-    from retlm.demo_checks import check_options
-
-    check_options(opts)  # every option, before the first step
-    opts.validate()
+    opts.validate()  # every option, before the first step
     opts.work_dir = Path(opts.work_dir)
     ensure_writable_dir(opts.work_dir, "work directory", "; pass --work-dir DIR with a writable folder")
     db = build_database(opts)

@@ -1,10 +1,10 @@
 """Every option of ``retlm demo`` checked before its first step (the demo builds, trains, evaluates and
 generates for minutes; a bad value must not surface at the end).
 
-``check_options(opts)`` raises ``OptionError`` (CLI exit code 2) for a value out of range, a prompt
-with no text, a model config that does not exist or holds an unknown key, a chunk size the embedder
-cannot read, a corpus folder without text, and ``ResourceError`` for a sequence length whose training
-step cannot fit in memory.
+``check_options(opts)`` (the body of ``DemoOptions.validate``) raises ``OptionError`` (CLI exit code 2)
+for a value out of range, a prompt with no text, a model config that does not exist or holds an unknown
+key, a chunk size the embedder cannot read, a corpus folder without text, and ``ResourceError`` for a
+sequence length whose training step cannot fit in memory.
 """
 
 from __future__ import annotations
@@ -13,19 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from retlm.errors import OptionError
-
-
-def _integer(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise OptionError(f"{name} must be {kind}, got {value!r}")
-
-
-def _positive(name: str, value: Any) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value <= 0:
-        raise OptionError(f"{name} must be a positive number, got {value!r}")
+from retlm.errors import OptionError, check_int, check_number, short_repr
 
 
 def check_options(opts: Any) -> None:
@@ -35,24 +23,29 @@ def check_options(opts: Any) -> None:
     from retlm.retrieval.preflight import embedder_shape
     from retlm.retrieval.sources import scan_source
 
-    _positive("--minutes", opts.minutes)
+    minutes = opts.minutes
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not 0 < minutes < math.inf:
+        raise OptionError(f"--minutes must be positive (a training time budget), got {short_repr(minutes)}")
     _check_pretrained(opts)
-    _positive("--lr", opts.lr)
-    _positive("--repetition-penalty", opts.repetition_penalty)
-    _integer("--no-repeat-ngram-size", opts.no_repeat_ngram_size, low=0)
+    check_number("--lr", opts.lr)
+    check_number("--repetition-penalty", opts.repetition_penalty)
+    check_int("--no-repeat-ngram-size", opts.no_repeat_ngram_size, low=0)
     for name, value in (
         ("--seq-len", opts.seq_len),
         ("--chunk-size", opts.chunk_size),
         ("--neighbors", opts.num_neighbors),
         ("--batch-size", opts.batch_size),
         ("--max-new-tokens", opts.max_new_tokens),
+        ("--num-prompts", opts.num_prompts),
     ):
-        _integer(name, value)
-    _integer("--seed", opts.seed, low=0)
+        check_int(name, value)
+    check_int("--seed", opts.seed, low=0)
     if opts.seed >= 2**32:
-        raise OptionError(f"--seed must be below 2**32, got {opts.seed}")
-    if opts.eval_sequences is not None:
-        _integer("--eval-sequences", opts.eval_sequences)
+        raise OptionError(f"--seed must be below 2**32, got {short_repr(opts.seed)}")
+    if opts.eval_sequences is not None:  # the command line's 0 (all) is None by now
+        if isinstance(opts.eval_sequences, int) and opts.eval_sequences < 0:
+            raise OptionError(f"--eval-sequences must be >= 0 (0: all), got {opts.eval_sequences}")
+        check_int("--eval-sequences", opts.eval_sequences)
     if opts.seq_len % opts.chunk_size:
         raise OptionError(
             f"--seq-len must be a multiple of --chunk-size {opts.chunk_size} (a sequence is a whole number "
@@ -100,7 +93,7 @@ def _check_model(opts: Any, shape: Any) -> None:
     try:
         vocab = len(load_tokenizer(getattr(opts, "tokenizer", "gpt2"), embedder=DEFAULT_EMBEDDER))
     except (OSError, ValueError) as err:
-        raise OptionError(f"--tokenizer {getattr(opts, 'tokenizer', 'gpt2')!r}: {err}") from None
+        raise OptionError(f"--tokenizer {short_repr(getattr(opts, 'tokenizer', 'gpt2'))}: {err}") from None
     defaults = {"num_tokens": vocab, "chunk_size": opts.chunk_size, "pad_id": 0, "max_seq_len": opts.seq_len}
     try:
         config = RetroConfig(**{**defaults, **mapping})
@@ -125,4 +118,4 @@ def _check_pretrained(opts: Any) -> None:
         model_kind(name)
     except FileNotFoundError as err:
         raise OptionError(f"--pretrained: {err}") from None
-    _integer("--pretrained-tokens", opts.pretrained_tokens)
+    check_int("--pretrained-tokens", opts.pretrained_tokens)

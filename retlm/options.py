@@ -3,7 +3,9 @@ are derived (``option``, ``add_dataclass_arguments``, ``options_from``); and che
 before a subcommand runs: ``--config`` values get the same types and choices as the options they set,
 and every argument is valid UTF-8.
 
-Both raise ``UsageProblem`` with a one-line message; ``main`` reports it through argparse (exit code 2).
+Both raise ``retlm.errors.OptionError`` with a one-line message; ``main`` reports it through argparse
+(exit code 2). Messages show values through ``short_repr`` (cut short), and a ``--config`` file is refused
+above ``MAX_CONFIG_BYTES`` before it is parsed, by a YAML loader without anchors and aliases.
 """
 
 from __future__ import annotations
@@ -18,11 +20,23 @@ from typing import Any
 
 import yaml
 
-from retlm.errors import did_you_mean
+from retlm.errors import OptionError, did_you_mean, short_repr
+from retlm.utils import deprecated_aliases
+
+__getattr__ = deprecated_aliases(__name__, {"UsageProblem": "retlm.errors.OptionError"})
+
+MAX_CONFIG_BYTES = 1 << 20  # a --config file is a page of options, not data
 
 
-class UsageProblem(ValueError):
-    """A bad ``--config`` file or a bad argument, found before the command runs."""
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases: an alias is a reference, and a few nested ones
+    (the "billion laughs") make a structure whose size is exponential in the file's."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not accepted, line {mark.line + 1}")
+        return super().compose_node(parent, index)
 
 
 def check_utf8(argv: Sequence[str]) -> None:
@@ -32,30 +46,43 @@ def check_utf8(argv: Sequence[str]) -> None:
             arg.encode("utf-8")
         except UnicodeEncodeError:
             shown = arg.encode("utf-8", "surrogateescape")[:40]
-            raise UsageProblem(f"argument {i} is not valid UTF-8 text: {shown!r}") from None
+            raise OptionError(f"argument {i} is not valid UTF-8 text: {shown!r}") from None
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """The yaml document in ``path``, read at a cost its size predicts: a file over ``MAX_CONFIG_BYTES``
+    is refused before it is read, and anchors/aliases are refused (``_ConfigLoader``). ``what`` names
+    the file in the one-line ``OptionError``s (``"--config"``, ``"model config"``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionError(f"{what}: no such file: {path}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise OptionError(f"{what}: {path} holds {size} bytes; at most {MAX_CONFIG_BYTES} are read")
+        with path.open("rb") as file:  # the file may grow between stat and read
+            text = file.read(MAX_CONFIG_BYTES + 1)[:MAX_CONFIG_BYTES].decode("utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(f"{what}: {path} is not a UTF-8 text file (binary?)") from None
+    except OSError as err:
+        raise OptionError(f"{what}: cannot read {path}: {err.strerror or err}") from None
+    if "\x00" in text:
+        raise OptionError(f"{what}: {path} is not a text file (it holds NUL bytes)")
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader without aliases)
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of over 4300 digits
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise OptionError(f"{what}: {path} is not valid yaml: {reason}") from None
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The mapping of a ``--config`` yaml file (one-line errors for a missing, binary or bad file)."""
-    if not path.is_file():
-        raise UsageProblem(f"--config: no such file: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageProblem(f"--config: {path} is not a UTF-8 text file (binary?)") from None
-    except OSError as err:
-        raise UsageProblem(f"--config: cannot read {path}: {err.strerror or err}") from None
-    if "\x00" in text:
-        raise UsageProblem(f"--config: {path} is not a text file (it holds NUL bytes)")
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        reason = " ".join(str(err).split())
-        raise UsageProblem(f"--config: {path} is not valid yaml: {reason}") from None
+    """The mapping of a ``--config`` yaml file (one-line errors for a missing, big, binary or bad file)."""
+    values = load_yaml(path, "--config")
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise UsageProblem(f"--config: {path} must hold a mapping of option names to values")
+        raise OptionError(f"--config: {path} must hold a mapping of option names to values")
     return values
 
 
@@ -65,38 +92,37 @@ def _flag(action: argparse.Action) -> str:
 
 def _scalar(action: argparse.Action, key: str, value: Any) -> Any:
     """One config value converted as argparse converts a command-line string for ``action``."""
-    name = f"--config: {key!r} ({_flag(action)})"
+    name = f"--config: {short_repr(key)} ({_flag(action)})"
     if isinstance(value, list | dict | tuple | set):
-        raise UsageProblem(f"{name} takes a single value, got {value!r}")
+        raise OptionError(f"{name} takes a single value, got {short_repr(value)}")
     kind = action.type
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int | str):
-            raise UsageProblem(f"{name} must be an integer, got {value!r}")
+            raise OptionError(f"{name} must be an integer, got {short_repr(value)}")
         try:
             value = int(value)
         except ValueError:
-            raise UsageProblem(f"{name} must be an integer, got {value!r}") from None
+            raise OptionError(f"{name} must be an integer, got {short_repr(value)}") from None
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise UsageProblem(f"{name} must be a number, got {value!r}")
+            raise OptionError(f"{name} must be a number, got {short_repr(value)}")
         try:
             value = float(value)
         except ValueError:
-            raise UsageProblem(f"{name} must be a number, got {value!r}") from None
+            raise OptionError(f"{name} must be a number, got {short_repr(value)}") from None
     else:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise UsageProblem(f"{name} must be a string, got {value!r}")
+            raise OptionError(f"{name} must be a string, got {short_repr(value)}")
         value = str(value)
         if kind is not None:
             try:
                 value = kind(value)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-                raise UsageProblem(f"{name}: {err}") from None
+                raise OptionError(f"{name}: {err}") from None
     if action.choices is not None and value not in action.choices:
         choices = [str(c) for c in action.choices]
-        raise UsageProblem(
-            f"{name} must be one of {', '.join(choices)}, got {value!r}{did_you_mean(str(value), choices)}"
-        )
+        hint = did_you_mean(str(value)[:100], choices)
+        raise OptionError(f"{name} must be one of {', '.join(choices)}, got {short_repr(value)}{hint}")
     return value
 
 
@@ -104,18 +130,17 @@ def coerce(action: argparse.Action, key: str, value: Any) -> Any:
     """A ``--config`` value for ``action``, with the type, arity and choices of the option it sets."""
     if action.nargs == 0:  # store_true / store_false
         if not isinstance(value, bool):
-            raise UsageProblem(
-                f"--config: {key!r} ({_flag(action)}) is a switch (true or false), got {value!r}"
-            )
+            name = f"--config: {short_repr(key)} ({_flag(action)})"
+            raise OptionError(f"{name} is a switch (true or false), got {short_repr(value)}")
         return value
     if value is None:
         if action.required or action.default is not None:
-            raise UsageProblem(f"--config: {key!r} ({_flag(action)}) needs a value, got null")
+            raise OptionError(f"--config: {short_repr(key)} ({_flag(action)}) needs a value, got null")
         return None
     if action.nargs in ("+", "*"):
         items = value if isinstance(value, list) else [value]
         if not items and action.nargs == "+":
-            raise UsageProblem(f"--config: {key!r} ({_flag(action)}) needs at least one value")
+            raise OptionError(f"--config: {short_repr(key)} ({_flag(action)}) needs at least one value")
         return [_scalar(action, key, item) for item in items]
     return _scalar(action, key, value)
 
@@ -135,13 +160,14 @@ def config_defaults(sub: argparse.ArgumentParser, command: str, values: dict[str
         name = str(key).replace("-", "_")
         if name not in spellings:
             known = sorted(actions)
-            raise UsageProblem(
-                f"--config: unknown option {key!r} for `retlm {command}`{did_you_mean(name, known)} "
+            hint = did_you_mean(name[:100], known)
+            raise OptionError(
+                f"--config: unknown option {short_repr(key)} for `retlm {command}`{hint} "
                 f"(known: {', '.join(known)})"
             )
         action = spellings[name]
         if action.dest in defaults:
-            raise UsageProblem(f"--config: {key!r} sets {_flag(action)} a second time")
+            raise OptionError(f"--config: {short_repr(key)} sets {_flag(action)} a second time")
         defaults[action.dest] = coerce(action, str(key), value)
     return defaults
 
@@ -154,8 +180,8 @@ def config_defaults(sub: argparse.ArgumentParser, command: str, values: dict[str
 #   help       the help text (required: `retlm CMD --help` shows every option with help and default)
 #   flag       the flag, default ``--field-name``; ``positional=True``: a positional argument instead
 #   aliases    other accepted spellings (e.g. ``--neighbours`` for ``--neighbors``), hidden from help
-#   choices, metavar, type (argparse ``type`` when the annotation is not enough), group (an argument
-#   group title), cli (False: a Python-only keyword)
+#   choices, metavar, nargs, type (argparse ``type`` when the annotation is not enough), group (an
+#   argument group title), cli (False: a Python-only keyword)
 #   negate     a bool field that defaults to True and is switched off by ``flag`` (``--no-progress``)
 #   to_value   converts the parsed value to the field's value (e.g. ``0`` -> None)
 # ``--config`` keys are the fields' names (``no_progress`` for a negated one), their flags or any alias,
@@ -174,6 +200,7 @@ OPTION_KEYS = frozenset(
         "negate",
         "to_value",
         "positional",
+        "nargs",
     )
 )
 
@@ -220,11 +247,13 @@ def add_dataclass_arguments(
     """One argparse option per field of ``cls`` (see ``option``); returns the actions by field name.
 
     Type, default and ``required`` come from the field; help, flag, aliases, choices and group from
-    its metadata. ``skip``: field names the command adds itself (or does not offer)."""
+    its metadata. The options outside a group come first, then each group's, in field order.
+    ``skip``: field names the command adds itself (or does not offer)."""
     hints = typing.get_type_hints(cls)
     groups: dict[str, Any] = {}
     actions = {}
-    for f in cli_fields(cls):
+    # the options outside a group first (a base class's grouped fields come first in its fields)
+    for f in sorted(cli_fields(cls), key=lambda f: bool(f.metadata.get("group"))):
         if f.name in skip:
             continue
         meta = f.metadata
@@ -253,7 +282,7 @@ def add_dataclass_arguments(
             actions[f.name] = _add_with_hidden_aliases(target, flag, aliases, kwargs)
             continue
         kwargs["type"] = meta.get("type", kind if kind in (int, float, Path) else None)
-        for key in ("choices", "metavar"):
+        for key in ("choices", "metavar", "nargs"):
             if key in meta:
                 kwargs[key] = meta[key]
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
@@ -279,6 +308,15 @@ def _add_with_hidden_aliases(
         hidden = {**kwargs, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS, "required": False}
         target.add_argument(*aliases, **hidden)
     return action
+
+
+def flag_of(cls: type, name: str) -> str:
+    """How the command line spells field ``name`` of options dataclass ``cls`` (``num_neighbors`` ->
+    ``--neighbors``; a positional: its metavar), for messages."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.metadata.get("positional"):
+        return f.metadata.get("metavar", name.upper())
+    return f.metadata.get("flag", "--" + _dest(f).replace("_", "-"))
 
 
 def options_from(args: argparse.Namespace, cls: type, **overrides: Any) -> Any:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from retlm.cli.db import AddOptions, BuildOptions
+from retlm.cli.db import AddOptions, BuildCommandOptions, SearchOptions
 from retlm.cli.generate import GenerateOptions
 from retlm.cli.main import _apply_config, build_parser
 from retlm.cli.retrofit import RetrofitOptions
@@ -23,8 +23,9 @@ from retlm.options import cli_fields, options_from
 from retlm.training.options import TrainOptions
 
 COMMANDS = {
-    "build-db": (BuildOptions, ["TEXT", "--out", "DB"]),
+    "build-db": (BuildCommandOptions, ["TEXT", "--out", "DB"]),
     "add": (AddOptions, ["DB", "TEXT"]),
+    "search": (SearchOptions, ["DB", "a query"]),
     "generate": (GenerateOptions, ["CKPT", "a prompt", "--db", "DB"]),
     "demo": (DemoOptions, []),
     "retrofit": (RetrofitOptions, ["--base", "gpt2", "--db", "DB", "--out", "RUN"]),
@@ -94,16 +95,18 @@ def test_neighbors_alias_equals_neighbors(command):
 
 def test_yaml_config_and_flags_give_the_same_options(tmp_path):
     flags = ["--neighbours", "3", "--chunk-size", "32", "--pooling", "cls", "--no-progress", "--no-wait"]
-    by_flags = options_from(_parse(["build-db", "TEXT", "--out", "DB", *flags]), BuildOptions)
+    by_flags = options_from(_parse(["build-db", "TEXT", "--out", "DB", *flags]), BuildCommandOptions)
     for spelling in ("neighbors", "neighbours", "num_neighbors"):
         config = tmp_path / f"{spelling}.yaml"
         values = {spelling: 3, "chunk-size": 32, "pooling": "cls", "no_progress": True, "no_wait": True}
         config.write_text(yaml.safe_dump(values))
-        by_yaml = options_from(_parse(["build-db", "TEXT", "--out", "DB", "--config", config]), BuildOptions)
+        by_yaml = options_from(
+            _parse(["build-db", "TEXT", "--out", "DB", "--config", config]), BuildCommandOptions
+        )
         assert by_yaml == by_flags, spelling
     assert by_flags.num_neighbors == 3 and by_flags.chunk_size == 32
     assert by_flags.progress is False and by_flags.wait is False
-    assert by_flags != BuildOptions(source=by_flags.source, out=by_flags.out)
+    assert by_flags != BuildCommandOptions(source=by_flags.source, out=by_flags.out)
 
 
 def test_command_line_wins_over_config_and_zero_means_none(tmp_path):
@@ -124,13 +127,17 @@ def test_one_option_twice_in_a_config_is_a_one_line_usage_error(tmp_path, capsys
 
 
 def test_build_options_are_keywords_of_the_database_build():
-    from retlm.retrieval import RetrievalDatabase
+    from retlm.retrieval import BuildOptions
 
-    params = inspect.signature(RetrievalDatabase.build).parameters
-    kwargs = BuildOptions(source="T", out="D").build_kwargs()
-    assert set(kwargs) <= set(params), set(kwargs) - set(params)
-    ray = BuildOptions(source="T", out="D", engine="ray", shards=3).build_kwargs()
-    assert ray["engine"] == "ray" and ray["num_shards"] == 3 and set(ray) <= set(params)
+    kwargs = dataclasses.asdict(BuildCommandOptions(source="T", out="D").build_options())
+    assert set(kwargs) <= {f.name for f in dataclasses.fields(BuildOptions)}
+    assert BuildOptions(**kwargs) == BuildOptions()  # the command's defaults are the library's
+    ray = BuildCommandOptions(source="T", out="D", engine="ray", num_shards=3).build_options()
+    assert ray.engine == "ray" and ray.num_shards == 3 and isinstance(ray, BuildOptions)
+    parsed = options_from(
+        _parse(["build-db", "TEXT", "--out", "DB", "--engine", "ray", "--shards", "3"]), BuildCommandOptions
+    )
+    assert parsed.build_options() == ray
 
 
 def test_eval_options_are_keywords_of_evaluate():
@@ -185,3 +192,64 @@ def test_retrofit_offers_no_no_retrieval_and_keeps_its_base_defaults():
     args = _parse(["retrofit", "--base", "gpt2", "--db", "DB", "--out", "RUN", "--cca-layers", "2,4"])
     assert not hasattr(args, "no_retrieval") and args.seed is None and args.train_fraction is None
     assert options_from(args, RetrofitOptions).adapter_kwargs()["cca_layers"] == [2, 4]
+
+
+def test_config_alias_bombs_and_big_files_are_refused_before_parsing(tmp_path, capsys):
+    from retlm.options import MAX_CONFIG_BYTES
+
+    bomb = tmp_path / "bomb.yaml"
+    rows = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    rows += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    bomb.write_text("\n".join(rows) + "\nneighbors: *i\n")
+    big = tmp_path / "big.yaml"
+    big.write_text("neighbors: 2\n" + "#" * MAX_CONFIG_BYTES)
+    for config, reason in ((bomb, "aliases (*name) are not accepted"), (big, "at most 1048576 are read")):
+        with pytest.raises(SystemExit) as exit_info:
+            _parse(["build-db", "TEXT", "--out", "DB", "--config", config])
+        assert exit_info.value.code == 2
+        assert reason in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_option_errors_show_values_cut_short(tmp_path, capsys):
+    from retlm.errors import OptionError, check_int, short_repr
+
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({"pooling": "x" * 100_000, "chunk_size": 2}))
+    with pytest.raises(SystemExit):
+        _parse(["build-db", "TEXT", "--out", "DB", "--config", config])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(--pooling) must be one of mean, cls" in last and len(last) < 300
+    nested = [[list(range(10_000))] * 1000] * 1000  # a billion items, by reference
+    assert len(short_repr(nested)) <= 80 and len(short_repr(10**10_000)) <= 80
+    with pytest.raises(OptionError, match=r"^k must be a positive integer, got \[0, 0, 0, 0, \.\.\.\]$"):
+        check_int("k", [0] * 1_000_000)
+    for value in (True, 0, 1.0, "3"):
+        with pytest.raises(OptionError, match="k must be a positive integer"):
+            check_int("k", value)
+    check_int("k", 3)
+    check_int("k", 0, low=0)
+
+
+def test_build_takes_one_options_object_or_its_keywords():
+    from retlm.retrieval import BuildConfig, BuildOptions, RetrievalDatabase
+
+    with pytest.raises(TypeError, match="chunk_sise"):
+        RetrievalDatabase.build(["text"], "unused", chunk_sise=32)
+    for options in (BuildOptions(engine="ray", stage="embed"), BuildOptions(num_shards=2)):
+        with pytest.raises(ValueError, match="engine 'ray'|apply to engine 'ray' only"):
+            RetrievalDatabase.build(["text"], "unused", options)
+    with pytest.raises(ValueError, match="num_shards must be a positive integer"):
+        BuildOptions(engine="ray", num_shards=0).validate()
+    assert BuildOptions(chunk_size=32).content() == BuildConfig(
+        chunk_size=32, embed_backend=BuildOptions().content().embed_backend
+    )
+
+
+def test_the_old_error_names_are_deprecated_aliases_of_option_error():
+    import retlm.cli.main
+    import retlm.options
+    from retlm.errors import OptionError
+
+    for module, name in ((retlm.cli.main, "UsageError"), (retlm.options, "UsageProblem")):
+        with pytest.warns(DeprecationWarning, match="retlm.errors.OptionError"):
+            assert getattr(module, name) is OptionError

@@ -354,7 +354,9 @@ def test_decoding_penalties_out_of_range_are_usage_errors(robust, tmp_path):
         cli(*generate, "--repetition-penalty", "0"), "--repetition-penalty must be a finite number > 0"
     )
     assert_usage(cli(*generate, "--repetition-penalty", "nan"), "--repetition-penalty must be a finite")
-    assert_usage(cli(*generate, "--no-repeat-ngram-size", "0"), "--no-repeat-ngram-size must be >= 1")
+    assert_usage(
+        cli(*generate, "--no-repeat-ngram-size", "0"), "--no-repeat-ngram-size must be a positive integer"
+    )
     work = tmp_path / "work"
     demo = ("demo", "--work-dir", work, "--corpus", robust.corpus, "--no-progress")
     assert_usage(cli(*demo, "--repetition-penalty", "-1"), "--repetition-penalty must be a positive number")

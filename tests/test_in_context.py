@@ -344,7 +344,7 @@ def test_generate_command_in_context_prints_its_sources(db, lm_dir):
     "argv, message",
     [
         (["eval", "MODEL", "--stride", "8"], "--stride applies to --in-context retrieval only"),
-        (["eval", "MODEL", "--in-context", "--stride", "0"], "--stride must be >= 1"),
+        (["eval", "MODEL", "--in-context", "--stride", "0"], "--stride must be a positive integer"),
         (["eval", "MODEL", "--in-context", "--max-sequences", "3"], "--max-sequences applies to RETRO"),
         (["eval", "nowhere", "--in-context"], "nowhere"),
         (["generate", "MODEL", "hi", "--query-tokens", "4"], "--query-tokens applies to --in-context"),

@@ -265,7 +265,7 @@ def test_a_base_with_another_tokenizer_is_refused_in_one_line(real, tmp_path, ca
     "argv, message",
     [
         (["--cca-layers", "x"], "comma-separated layer numbers"),
-        (["--enc-depth", "0"], "--enc-depth must be positive"),
+        (["--enc-depth", "0"], "--enc-depth must be a positive integer"),
         (["--lr", "-1"], "lr must be positive"),
     ],
 )

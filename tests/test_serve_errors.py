@@ -257,7 +257,7 @@ def test_cli_refusals_are_one_line(serve_paths, tmp_path):
     result = cli("serve", serve_paths["model"], "--db", tmp_path / "none", "--port", "0")
     assert result.code == 2 and "no database folder" in result.err
     result = cli("serve", serve_paths["model"], "--db", serve_paths["db"], "--max-batch", "0")
-    assert result.code == 2 and "--max-batch must be >= 1" in result.err
+    assert result.code == 2 and "--max-batch must be a positive integer" in result.err
     # beyond loopback without a key: the warning, then (192.0.2.1 is a documentation address, not this
     # machine's) a one-line refusal to bind
     result = cli("serve", serve_paths["model"], "--db", serve_paths["db"], "--host", "192.0.2.1")

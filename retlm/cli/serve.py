@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.cli.main import UsageError
-from retlm.options import add_dataclass_arguments, option, options_from
+from retlm.errors import OptionError, check_int
+from retlm.options import add_dataclass_arguments, flag_of, option, options_from
 
 DESCRIPTION = (
     "Serve MODEL over HTTP with OpenAI's API (POST /v1/completions, /v1/chat/completions; GET /v1/models), "
@@ -32,7 +32,7 @@ API_KEY_VARIABLE = "RETLM_API_KEY"
 
 @dataclass
 class ServeOptions:
-    """The options of `retlm serve`."""
+    """The options of `retlm serve` (``validate()`` checks them all before anything loads)."""
 
     model: str = option(
         positional=True,
@@ -74,6 +74,25 @@ class ServeOptions:
         "warning", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's log level"
     )
 
+    def validate(self) -> None:
+        """Every option (and that --db is a folder), before the port is taken or the model loads."""
+        if not 0 <= self.port <= 65535:
+            raise OptionError(f"--port must be in 0..65535, got {self.port}")
+        for name in ("max_tokens", "max_batch", "max_queue", "max_body_bytes", "stride", "query_tokens"):
+            check_int(flag_of(ServeOptions, name), getattr(self, name))
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise OptionError(f"--batch-wait-ms must be in 0..10000, got {self.batch_wait_ms}")
+        if not 0 <= self.shutdown_grace <= 600:
+            raise OptionError(f"--shutdown-grace must be in 0..600 seconds, got {self.shutdown_grace}")
+        if self.db is None and not self.in_context:
+            raise OptionError("--db is needed to serve a RETRO model (or give --in-context for a causal LM)")
+        if self.db is not None and not self.db.is_dir():
+            raise OptionError(f"--db: no database folder at {self.db}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise OptionError("--api-key is empty")
+        if self.served_model_name is not None and not 0 < len(self.served_model_name) <= 256:
+            raise OptionError("--served-model-name must hold 1 to 256 characters")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -84,26 +103,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_dataclass_arguments(parser, ServeOptions)
     parser.set_defaults(func=run_serve)
-
-
-def validate(opts: ServeOptions) -> None:
-    if not 0 <= opts.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535, got {opts.port}")
-    for name in ("max_tokens", "max_batch", "max_queue", "max_body_bytes", "stride", "query_tokens"):
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if not 0 <= opts.batch_wait_ms <= 10_000:
-        raise UsageError(f"--batch-wait-ms must be in 0..10000, got {opts.batch_wait_ms}")
-    if not 0 <= opts.shutdown_grace <= 600:
-        raise UsageError(f"--shutdown-grace must be in 0..600 seconds, got {opts.shutdown_grace}")
-    if opts.db is None and not opts.in_context:
-        raise UsageError("--db is needed to serve a RETRO model (or give --in-context for a causal LM)")
-    if opts.db is not None and not opts.db.is_dir():
-        raise UsageError(f"--db: no database folder at {opts.db}")
-    if opts.api_key is not None and not opts.api_key.strip():
-        raise UsageError("--api-key is empty")
-    if opts.served_model_name is not None and not 0 < len(opts.served_model_name) <= 256:
-        raise UsageError("--served-model-name must hold 1 to 256 characters")
 
 
 def load_backend(opts: ServeOptions) -> Any:
@@ -136,12 +135,12 @@ def run_serve(args: argparse.Namespace) -> int:
     opts = options_from(args, ServeOptions)
     if opts.api_key is None:
         opts.api_key = os.environ.get(API_KEY_VARIABLE) or None
-    validate(opts)
+    opts.validate()
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as err:
-        raise UsageError(
+        raise OptionError(
             f"retlm serve needs the serve extra: pip install 'retlm[serve]' ({err.name} missing)"
         ) from None
     from retlm.serve import ServeSettings, create_app
@@ -153,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         sock = listen(opts.host, opts.port)  # before the model loads: a taken port fails at once
     except OSError as err:
-        raise UsageError(f"cannot listen on {opts.host}:{opts.port}: {err.strerror or err}") from None
+        raise OptionError(f"cannot listen on {opts.host}:{opts.port}: {err.strerror or err}") from None
     backend = load_backend(opts)
     settings = ServeSettings(
         model_id=opts.served_model_name or opts.model,

@@ -11,19 +11,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from retlm.cli.in_context import (
-    DEFAULT_HELDOUT_FRACTION,
-    DEFAULT_NEIGHBORS,
-    DEFAULT_QUERY_TOKENS,
-    DEFAULT_STRIDE,
-    IN_CONTEXT,
-)
-from retlm.cli.in_context import check_options as check_in_context_options
-from retlm.cli.main import UsageError
-from retlm.options import add_dataclass_arguments, option, option_values, options_from
-from retlm.training.options import PRECISIONS, TrainOptions
+from retlm.cli.in_context import DEFAULT_HELDOUT_FRACTION, DEFAULT_NEIGHBORS, IN_CONTEXT, InContextOptions
+from retlm.errors import OptionError, check_int, short_repr
+from retlm.options import add_dataclass_arguments, flag_of, option, option_values, options_from
+from retlm.training.options import PRECISIONS, SPLITS, TrainOptions
 
 TRAIN_DESCRIPTION = (
     "Train a RETRO model on the sequences of a retrieval database (see `retlm build-db`), with the "
@@ -86,10 +79,21 @@ def parse_fraction(text: str) -> float:
     return value
 
 
-@dataclass
-class EvalOptions:
-    """The options of `retlm eval`; ``evaluate_kwargs()`` are the keywords of
-    ``retlm.training.evaluation.evaluate(checkpoint, db, **kwargs)``."""
+@dataclass(kw_only=True)
+class EvalOptions(InContextOptions):
+    """The options of `retlm eval` (``validate()`` checks them all before anything loads);
+    ``evaluate_kwargs()`` are the keywords of ``retlm.training.evaluation.evaluate(checkpoint, db,
+    **kwargs)``."""
+
+    IN_CONTEXT_ONLY: ClassVar[tuple[str, ...]] = (
+        "stride",
+        "query_tokens",
+        "num_neighbors",
+        "context",
+        "max_tokens",
+        "heldout_fraction",
+        "seed",
+    )
 
     checkpoint: Path = option(
         positional=True,
@@ -100,7 +104,7 @@ class EvalOptions:
     db: Path = option(metavar="DB", help="the retrieval database the model was trained on (or reads from)")
     split: str = option(
         "heldout",
-        choices=("heldout", "train", "all"),
+        choices=SPLITS,
         help="the documents training held out, the ones it trained on, or all",
     )
     batch_size: int = option(8, help="sequences per forward pass")
@@ -125,20 +129,12 @@ class EvalOptions:
         "the checkpoint folder is an input)",
     )
     progress: bool = option(True, negate=True, help="hide progress bars")
-    in_context: bool = option(
+    in_context: bool = option(  # InContextOptions' field, with eval's help
         False,
         group=IN_CONTEXT,
         help="In-Context RALM: score the database's documents (of --split, by --heldout-fraction and "
         "--seed) with MODEL frozen, without retrieval, with its neighbors' text in front of the context "
         "and with unrelated neighbors; bits per byte with paired bootstrap intervals",
-    )
-    stride: int | None = option(
-        None, group=IN_CONTEXT, help=f"retrieve every this many tokens (default {DEFAULT_STRIDE})"
-    )
-    query_tokens: int | None = option(
-        None,
-        group=IN_CONTEXT,
-        help=f"the last this many tokens are the query (default {DEFAULT_QUERY_TOKENS})",
     )
     num_neighbors: int | None = option(
         None,
@@ -157,6 +153,35 @@ class EvalOptions:
         f"{DEFAULT_HELDOUT_FRACTION}: `retlm train --train-fraction 0.9`)",
     )
     seed: int | None = option(None, group=IN_CONTEXT, help="the seed of training's split (default 0)")
+
+    def validate(self) -> None:
+        """Every option, and the files it names (MODEL, DB, --output's folder), before anything loads."""
+        self.validate_in_context()
+        if self.split not in SPLITS:
+            raise OptionError(f"unknown --split {short_repr(self.split)}; choose one of {', '.join(SPLITS)}")
+        check_int("--batch-size", self.batch_size)
+        if self.max_sequences is not None:
+            check_int("--max-sequences", self.max_sequences)
+        if not self.checkpoint.exists() and not self.in_context:  # in-context: MODEL may be a model name
+            raise OptionError(f"MODEL: no such file or folder: {self.checkpoint}")
+        if not self.db.exists():
+            raise OptionError(f"--db: no retrieval database at {self.db}")
+        if self.output is not None:
+            if self.output.is_dir():
+                raise OptionError(f"--output {self.output} is a folder; give a file name")
+            if not self.output.parent.is_dir():
+                raise OptionError(f"--output {self.output}: the folder {self.output.parent} does not exist")
+        if self.in_context:
+            for name in ("max_sequences", "plot"):
+                if getattr(self, name) is not None:
+                    raise OptionError(
+                        f"{flag_of(EvalOptions, name)} applies to RETRO models; use --max-tokens with "
+                        "--in-context"
+                    )
+            if self.split == "heldout" and self.heldout_fraction == 0:
+                raise OptionError(
+                    "--heldout-fraction 0 holds out no document; give a fraction, or --split all"
+                )
 
     def evaluate_kwargs(self) -> dict[str, Any]:
         names = ("split", "batch_size", "max_sequences", "device", "precision", "progress", "max_overlap")
@@ -178,7 +203,7 @@ def training_options(args: argparse.Namespace, **completed: Any) -> dict[str, An
     try:
         TrainOptions(**{**values, **completed})
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise OptionError(str(err)) from None
     return values
 
 
@@ -187,13 +212,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     options = training_options(args)
     if not args.db.exists():
-        raise UsageError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
+        raise OptionError(f"--db: no retrieval database at {args.db} (build one with `retlm build-db`)")
     from retlm.training.config import read_model_config
 
     try:
         read_model_config(args.model_config)  # exists, is yaml, holds only RetroConfig keys
     except FileNotFoundError as err:
-        raise UsageError(f"--model-config: {err}") from None
+        raise OptionError(f"--model-config: {err}") from None
     result = train(args.db, args.model_config, args.out, **options)
     return print_training_result(result, args.out)
 
@@ -224,37 +249,11 @@ def print_training_result(result: Any, out: Path) -> int:
     return 0
 
 
-IN_CONTEXT_ONLY = (
-    "stride",
-    "query_tokens",
-    "num_neighbors",
-    "context",
-    "max_tokens",
-    "heldout_fraction",
-    "seed",
-)
-
-
 def run_eval(args: argparse.Namespace) -> int:
-    from retlm.training.evaluation import SPLITS, evaluate, format_table
+    from retlm.training.evaluation import evaluate, format_table
 
     opts = options_from(args, EvalOptions)
-    check_in_context_options(opts, IN_CONTEXT_ONLY)
-    if args.split not in SPLITS:
-        raise UsageError(f"unknown --split {args.split!r}; choose one of {', '.join(SPLITS)}")
-    if args.batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.max_sequences is not None and args.max_sequences <= 0:
-        raise UsageError(f"--max-sequences must be positive, got {args.max_sequences}")
-    if not args.checkpoint.exists() and not opts.in_context:  # in-context: MODEL may be a model name
-        raise UsageError(f"MODEL: no such file or folder: {args.checkpoint}")
-    if not args.db.exists():
-        raise UsageError(f"--db: no retrieval database at {args.db}")
-    if args.output is not None:
-        if args.output.is_dir():
-            raise UsageError(f"--output {args.output} is a folder; give a file name")
-        if not args.output.parent.is_dir():
-            raise UsageError(f"--output {args.output}: the folder {args.output.parent} does not exist")
+    opts.validate()
     if opts.in_context:
         from retlm.cli.in_context import run_eval as run_in_context_eval
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from retlm.compat import cache_kwargs, output_cache
-from retlm.errors import OptionError
+from retlm.errors import OptionError, check_int
 from retlm.generation.neighbors import NeighborText
 from retlm.models.retro.generation import _logits_processors
 
@@ -273,7 +273,6 @@ def _continuation(tokenizer: Any, prompt_text: str, ids: Sequence[int]) -> str:
 
 def _check_schedule(stride: int, query_tokens: int, num_neighbors: int, max_new_tokens: int) -> None:
     for name, value in (("stride", stride), ("query_tokens", query_tokens), ("num_neighbors", num_neighbors)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, value)
     if max_new_tokens < 0:
         raise OptionError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

@@ -42,8 +42,17 @@ def write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+MAX_JSON_BYTES = 64 << 20  # manifest.json and the build's state files: far below this
+
+
 def read_json(path: Path) -> Any:
+    """A database's json file (``manifest.json``, ...), refused before parsing above ``MAX_JSON_BYTES``."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CorruptDatabaseError(
+                f"{path} holds {size} bytes; a database's json file holds at most {MAX_JSON_BYTES}"
+            )
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CorruptDatabaseError(f"missing file: {path}") from None

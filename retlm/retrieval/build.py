@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,8 @@ from retlm.locking import writer_lock
 from retlm.retrieval import preflight
 from retlm.retrieval._storage import is_complete, open_memmap, read_json, write_json
 from retlm.retrieval.chunking import Document, SkipReport, write_chunks
-from retlm.retrieval.config import BuildConfig
+from retlm.retrieval.config import SHARDED_STAGES, STAGES, BuildConfig, BuildOptions
 from retlm.retrieval.embedding import (
-    DEFAULT_EMBEDDER,
     Embedder,
     count_truncated_chunks,
     embed_block,
@@ -44,9 +43,7 @@ from retlm.retrieval.embedding import (
     load_tokenizer,
     resolve_model_path,
 )
-from retlm.retrieval.encoders import default_backend
 from retlm.retrieval.index import (
-    EXACT_THRESHOLD,
     Tuning,
     build_index,
     choose_factory,
@@ -57,54 +54,29 @@ from retlm.retrieval.index import (
 from retlm.retrieval.manifest import CHUNK_FILES, LOCK_FILE, tuning_info, write_manifest
 from retlm.retrieval.neighbors import compute_neighbors
 from retlm.retrieval.shards import _merge_shards, _shard_file, parse_shard, shard_rows
-from retlm.retrieval.sources import Source, SourceOptions, empty_error, provenance
+from retlm.retrieval.sources import Source, empty_error, provenance
 from retlm.retrieval.sparse import ChunkQueries, build_bm25, has_dense, has_sparse, make_searcher
-from retlm.tokenization import GPT2, describe, special_ids
+from retlm.tokenization import describe, special_ids
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 
 if TYPE_CHECKING:
     from retlm.retrieval.database import RetrievalDatabase
-
-STAGES = ("chunk", "embed", "index", "neighbors", "finalize")
-SHARDED_STAGES = ("embed", "neighbors")
-ENGINES = ("local", "ray")
 
 
 def build_database(
     cls: type[RetrievalDatabase],
     source: str | os.PathLike | Iterable[str] | None,
     path: str | os.PathLike,
-    *,
-    chunk_size: int = 64,
-    num_neighbors: int = 2,
-    seq_len: int = 512,
-    tokenizer: str = GPT2,
-    embedder: str | None = None,
-    pooling: str = "mean",
-    batch_size: int = 128,
-    embedding_dtype: str = "float16",
-    index_factory: str | None = None,
-    exact_threshold: int = EXACT_THRESHOLD,
-    target_recall: float = 0.95,
-    extra_neighbors: int = 10,
-    glob: str | None = None,
-    text_field: str = "text",
-    id_field: str | None = None,
-    split: str | None = None,
-    skip_bad_records: bool = False,
-    stage: str = "all",
-    shard: str | tuple[int, int] | None = None,
-    progress: bool = True,
-    wait: bool = True,
-    engine: str = "local",
-    address: str | None = None,
-    num_shards: int | None = None,
-    retriever: str = "dense",
-    embed_backend: str | None = None,
+    options: BuildConfig | None = None,
+    **changes: Any,
 ) -> RetrievalDatabase | None:
     """Build a database at ``path`` from ``source``: a folder (its files matching ``glob``), a JSONL,
     Parquet or CSV file, a Hugging Face dataset, or strings, read with ``text_field``, ``id_field``,
     ``split`` and ``skip_bad_records`` (see ``retlm.retrieval.sources``).
+
+    ``options``: a ``BuildOptions`` (``retlm.retrieval.config``; a ``BuildConfig`` gives the content
+    options and leaves the others at their defaults); ``changes``: any of its fields as keywords, which
+    win (``RetrievalDatabase.build(texts, out, chunk_size=32, progress=False)``).
 
     ``tokenizer``: the LM tokenizer, ``"gpt2"`` (GPT-2's byte-level BPE, the default), ``"bert"`` (the
     embedder's WordPiece for both, retro-pytorch's way), a pretrained model's (``"smollm2-135m"``, a .gguf
@@ -122,56 +94,32 @@ def build_database(
     ``address`` (default: the initialised or a new local one), with the same result
     (``retlm.retrieval.ray_build``; needs ``pip install 'retlm[ray]'``).
 
-    Every option is checked before anything is written (``retlm.retrieval.preflight``: option ranges,
-    the embedder's position limit, the faiss factory string, a source with some text, and the disk
-    and memory the build needs). A build holds the database's lock (a sharded stage: its shard's);
-    a second writer waits for it (``wait=False``: raises ``LockedError`` naming the holder's PID).
-    A stage that fails with an exception removes what it wrote; a fresh build that fails in its first
-    stage removes the folder (the Ray engine keeps what it wrote instead: re-running resumes it).
+    Every option is checked before anything is written (``BuildOptions.validate`` and
+    ``retlm.retrieval.preflight``: option ranges, the embedder's position limit, the faiss factory
+    string, a source with some text, and the disk and memory the build needs). A build holds the
+    database's lock (a sharded stage: its shard's); a second writer waits for it (``wait=False``: raises
+    ``LockedError`` naming the holder's PID). A stage that fails with an exception removes what it
+    wrote; a fresh build that fails in its first stage removes the folder (the Ray engine keeps what it
+    wrote instead: re-running resumes it).
     """
-    config = BuildConfig(
-        chunk_size=chunk_size,
-        num_neighbors=num_neighbors,
-        seq_len=seq_len,
-        tokenizer=tokenizer,
-        embedder=embedder or DEFAULT_EMBEDDER,
-        pooling=pooling,
-        embedding_dtype=embedding_dtype,
-        batch_size=batch_size,
-        index_factory=index_factory,
-        exact_threshold=exact_threshold,
-        target_recall=target_recall,
-        extra_neighbors=extra_neighbors,
-        retriever=retriever,
-        embed_backend=embed_backend or default_backend(),
-    )
+    opts = options if isinstance(options, BuildOptions) else BuildOptions()
+    if options is not None and not isinstance(options, BuildOptions):
+        opts = BuildOptions(**asdict(options))
+    opts = replace(opts, **changes)  # an unknown keyword is a TypeError, as for any function
     try:
-        shard = parse_shard(shard)
+        shard = parse_shard(opts.shard)
     except ValueError as err:
         raise OptionError(str(err)) from None
-    if engine not in ENGINES:
-        raise OptionError(f"engine must be one of {ENGINES}, got {engine!r}")
+    opts.validate()
+    stage, engine, progress, wait = opts.stage, opts.engine, opts.progress, opts.wait
+    address, num_shards = opts.address, opts.num_shards
+    config = opts.content()
     if engine == "ray":
-        if retriever != "dense":
-            raise OptionError(f"engine 'ray' builds dense databases only, not retriever {retriever!r}")
-        if stage != "all" or shard is not None:
-            raise OptionError("engine 'ray' runs every stage itself: it takes no stage or shard")
-        if num_shards is not None and (not isinstance(num_shards, int) or num_shards <= 0):
-            raise OptionError(f"num_shards must be a positive integer, got {num_shards!r}")
         from retlm.retrieval.ray_build import require_ray
 
         require_ray()  # the missing extra is named before anything is written
-    elif address is not None or num_shards is not None:
-        raise OptionError("address and num_shards apply to engine 'ray' only")
-    if stage not in ("all", *STAGES):
-        raise OptionError(f"stage must be 'all' or one of {STAGES}, got {stage!r}")
-    if shard is not None and stage not in SHARDED_STAGES:
-        raise OptionError(f"--shard applies to the stages {SHARDED_STAGES}, not {stage!r}")
-    path = Path(path)
-    options = SourceOptions(
-        glob=glob, text_field=text_field, id_field=id_field, split=split, skip_bad_records=skip_bad_records
-    )
-    source = preflight.check_build(source, path, config, stage, options)  # before anything is written
+    path = Path(path)  # then the checks that read the source and the embedder, before anything is written
+    source = preflight.check_build(source, path, config, stage, opts.source_options())
     fresh = not path.exists() or not any(path.iterdir())
     if shard is None:
         lock, what = path / LOCK_FILE, f"database {path}"

@@ -253,10 +253,3 @@ def write_chunks(
 def chunk_mask(chunks: np.ndarray, pad_id: int = 0) -> np.ndarray:
     """``True`` where a chunk row holds a real token, ``False`` on padding. Any shape."""
     return np.asarray(chunks) != pad_id
-
-
-def validate_sizes(chunk_size: int, seq_len: int) -> None:
-    if not isinstance(chunk_size, int | np.integer) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if not isinstance(seq_len, int | np.integer) or seq_len <= 0 or seq_len % chunk_size:
-        raise ValueError(f"seq_len must be a positive multiple of chunk_size={chunk_size}, got {seq_len!r}")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retlm.errors import OptionError
+from retlm.errors import OptionError, check_int
 from retlm.locking import writer_lock
 from retlm.retrieval import integrity, preflight
 from retlm.retrieval._storage import CorruptDatabaseError, open_memmap, read_json
@@ -417,8 +417,7 @@ class RetrievalDatabase:
     def check_k(self, k: Any, what: str = "k") -> None:
         """Refuse a neighbor count the database cannot serve: ``1 <= k <= max(num_chunks,
         num_neighbors)`` (a larger ``k`` would only allocate room for ``-1`` entries)."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
-            raise OptionError(f"{what} must be a positive integer, got {k!r}")
+        check_int(what, int(k) if isinstance(k, np.integer) else k)
         limit = max(self.num_chunks, self.num_neighbors)
         if k > limit:
             raise OptionError(

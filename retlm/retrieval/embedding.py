@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from retlm.errors import short_repr
 from retlm.retrieval._storage import ResumableRows, is_complete
+from retlm.retrieval.config import POOLINGS
 from retlm.retrieval.encoders import check_backend, default_backend, load_encoder
 from retlm.tokenization import DEFAULT_EMBEDDER, resolve_model_path
 from retlm.tokenization import load_embedder_tokenizer as load_tokenizer
 
-POOLINGS = ("mean", "cls")
 WIDTH_STEP = 16  # text rows are padded to a multiple of this
 BLOCK_BATCHES = 16  # embed_rows sorts this many batches of chunks by width at a time
 
@@ -62,7 +63,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     if pooling == "cls":
         return hidden[:, 0]
     if pooling != "mean":
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {short_repr(pooling)}")
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-8)
 
@@ -86,7 +87,7 @@ class Embedder:
         from transformers import AutoConfig
 
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {short_repr(pooling)}")
         self.name = str(name)
         self.pooling = pooling
         self.backend = check_backend(backend or default_backend(device))

@@ -38,10 +38,10 @@ import torch
 from retlm.compat import FAST_EMBED_BACKENDS_TRACE, FAST_EMBED_MIN_TRANSFORMERS
 from retlm.errors import OptionError
 from retlm.integrity import CorruptFileError, sha256_file, verify_folder, write_folder_checksums
+from retlm.retrieval.config import EMBED_BACKENDS
 from retlm.tokenization import resolve_model_path
 from retlm.utils import retlm_home
 
-EMBED_BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
 CPU_DEFAULT_BACKEND = "openvino"
 RECIPE_VERSION = 1  # bump when the export or quantisation recipe changes: old cache entries are ignored
 MODEL_FILE = "model.onnx"

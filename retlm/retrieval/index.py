@@ -34,8 +34,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import CorruptDatabaseError
+from retlm.retrieval.config import EXACT_THRESHOLD
 
-EXACT_THRESHOLD = 100_000
 TRAIN_POINTS_PER_LIST = 64
 ADD_BLOCK = 65_536
 HNSW_COARSE_FROM = 8192

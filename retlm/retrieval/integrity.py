@@ -37,15 +37,13 @@ from retlm.integrity import (
     sha256_handle,
 )
 from retlm.retrieval._storage import CorruptDatabaseError
-from retlm.retrieval.encoders import EMBED_BACKENDS
-from retlm.retrieval.sparse import BM25_ARRAYS, BM25_FILES, RETRIEVERS, has_dense, has_sparse
+from retlm.retrieval.config import EMBED_BACKENDS, EMBEDDING_DTYPES, POOLINGS, RETRIEVERS
+from retlm.retrieval.sparse import BM25_ARRAYS, BM25_FILES, has_dense, has_sparse
 
 ARRAY_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "embeddings.dat", "knn.dat")
 INDEX_FILE = "index.faiss"
 NAMES_FILE = "doc_names.jsonl"  # read whole when a document's name is first asked for
 TOKENIZER_DIR = "tokenizer"
-POOLINGS = ("mean", "cls")
-EMBEDDING_DTYPES = ("float16", "float32")
 EMBEDDER_INPUTS = ("text", "tokens")
 _HEX = set("0123456789abcdef")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.errors import OptionError, ResourceError, format_bytes
+from retlm.errors import OptionError, ResourceError, format_bytes, short_repr
 from retlm.retrieval.sources import Source, SourceOptions, open_source
 from retlm.utils import available_memory_bytes, free_disk_bytes
 
@@ -43,7 +43,7 @@ def resolve_local_model(name: str, what: str = "embedder") -> str:
     from retlm.tokenization import _DEFAULT_ALIASES, resolve_model_path
 
     if not isinstance(name, str) or not name:
-        raise OptionError(f"{what} must be a model name or folder, got {name!r}")
+        raise OptionError(f"{what} must be a model name or folder, got {short_repr(name)}")
     if name in _DEFAULT_ALIASES:
         return resolve_model_path(name)
     folder = Path(name).expanduser()
@@ -61,8 +61,8 @@ def resolve_local_model(name: str, what: str = "embedder") -> str:
         return snapshot_download(name, local_files_only=True)
     except Exception:  # not cached, or not a valid repo id
         raise OptionError(
-            f"{what} {name!r}: no such folder, and not in the local Hugging Face cache (retlm downloads "
-            "nothing; give a model folder, or the bundled all-MiniLM-L6-v2)"
+            f"{what} {short_repr(name)}: no such folder, and not in the local Hugging Face cache (retlm "
+            "downloads nothing; give a model folder, or the bundled all-MiniLM-L6-v2)"
         ) from None
 
 
@@ -175,7 +175,7 @@ def check_index_factory(factory: str | None, dim: int) -> None:
     if factory is None:
         return
     if not isinstance(factory, str) or not factory.strip():
-        raise OptionError(f"index_factory must be a faiss index_factory string, got {factory!r}")
+        raise OptionError(f"index_factory must be a faiss index_factory string, got {short_repr(factory)}")
     import faiss
 
     try:
@@ -184,7 +184,7 @@ def check_index_factory(factory: str | None, dim: int) -> None:
         text = str(err).strip().splitlines()
         reason = text[-1] if text else ""
         raise OptionError(
-            f"index_factory {factory!r} is not a faiss index_factory string for {dim}-d vectors "
+            f"index_factory {short_repr(factory)} is not a faiss index_factory string for {dim}-d vectors "
             f"(faiss: {reason.split('Error: ')[-1][:200]}); examples: 'Flat', 'IVF1024,SQ8', 'HNSW32'"
         ) from None
 
@@ -203,31 +203,15 @@ def check_index_fits(factory: str | None, num_chunks: int, num_neighbors: int | 
     match = re.search(r"IVF(\d+)", factory)
     if match and int(match.group(1)) > num_chunks:
         raise OptionError(
-            f"index_factory {factory!r} has {match.group(1)} lists but the database has only {num_chunks} "
-            "chunks to train them on; use fewer lists or 'Flat'"
+            f"index_factory {short_repr(factory)} has {match.group(1)} lists but the database has only "
+            f"{num_chunks} chunks to train them on; use fewer lists or 'Flat'"
         )
 
 
-def _positive_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise OptionError(f"{name} must be {kind}, got {value!r}")
-
-
 def check_options(config: Any) -> EmbedderShape:
-    """Types and ranges of every build option, and those that depend on the embedder."""
-    for name in ("chunk_size", "num_neighbors", "seq_len", "batch_size"):
-        _positive_int(name, getattr(config, name))
-    for name in ("exact_threshold", "extra_neighbors"):
-        _positive_int(name, getattr(config, name), low=0)
-    try:
-        config.validate()
-    except OptionError:
-        raise
-    except ValueError as err:
-        raise OptionError(str(err)) from None
-    if isinstance(config.target_recall, bool) or not isinstance(config.target_recall, int | float):
-        raise OptionError(f"target_recall must be a number in (0, 1], got {config.target_recall!r}")
+    """Types and ranges of every build option (``BuildConfig.validate``), and those that depend on the
+    embedder."""
+    config.validate()
     shape = embedder_shape(config.embedder)
     if config.chunk_size + 2 > shape.max_positions:
         raise OptionError(
@@ -252,7 +236,7 @@ def check_tokenizer(config: Any) -> None:
     except OptionError:
         raise
     except (OSError, ValueError) as err:  # TokenizerFilesError, FileNotFoundError, a broken folder
-        raise OptionError(f"tokenizer {config.tokenizer!r}: {' '.join(str(err).split())}") from None
+        raise OptionError(f"tokenizer {short_repr(config.tokenizer)}: {' '.join(str(err).split())}") from None
 
 
 def check_build(source: Any, path: Path, config: Any, stage: str, options: SourceOptions) -> Source | None:

@@ -110,9 +110,7 @@ def build_with_ray(
     cluster's CPU count.
     """
     ray = require_ray()
-    config.validate()
-    if num_shards is not None and num_shards <= 0:
-        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    config.validate()  # num_shards: checked by BuildOptions.validate (build_database is the caller)
     path = Path(path).resolve()
     builder = _Builder(path, config, progress)  # checks the options against an unfinished build
     if builder.finished():

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from retlm.errors import short_repr
 from retlm.retrieval._storage import is_complete
 
 
@@ -19,7 +20,7 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
             (int(x) for x in shard.split("/")) if isinstance(shard, str) else (int(shard[0]), int(shard[1]))
         )
     except (ValueError, TypeError, IndexError):
-        raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), got {shard!r}") from None
+        raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), got {short_repr(shard)}") from None
     if not 0 <= i < n:
         raise ValueError(f"shard i/n needs 0 <= i < n, got {i}/{n}")
     return i, n

@@ -35,7 +35,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from retlm.errors import OptionError
+from retlm.errors import OptionError, short_repr
+from retlm.options import option
 from retlm.retrieval import source_formats as formats
 from retlm.retrieval.chunking import Document, EmptySourceError, SkipReport, _read_text_blocks, is_utf8_text
 from retlm.retrieval.source_formats import (
@@ -63,24 +64,40 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """How to read a source (``retlm build-db`` / ``retlm add`` options of the same names)."""
+    """How to read a source (``retlm build-db`` / ``retlm add`` derive their options of the same names)."""
 
-    glob: str | None = None  # a folder's documents (default: DEFAULT_GLOB, or its record files)
-    text_field: str = "text"
-    id_field: str | None = None  # default: <file>:<line or row>
-    split: str | None = None  # a dataset's split (a Hub dataset: default "train")
-    skip_bad_records: bool = False
+    glob: str | None = option(
+        None,
+        help="which files of a SOURCE folder are documents (default: **/*.txt, or, in a folder without "
+        ".txt files, its .jsonl, .parquet and .csv files)",
+    )
+    text_field: str = option("text", help="the field (column) of a record that holds its text")
+    id_field: str | None = option(
+        None,
+        help="the field that names a record (shown beside its neighbors); default: the file name and the "
+        "record's line (JSONL) or row number",
+    )
+    split: str | None = option(
+        None, help="the split of a Hugging Face dataset (a Hub dataset: default train)"
+    )
+    skip_bad_records: bool = option(
+        False,
+        help="count malformed records (bad JSON, a missing or non-text field) and go on, instead of "
+        "stopping at the first one",
+    )
 
     def validate(self) -> None:
         glob = self.glob
         if glob is not None and (
             not isinstance(glob, str) or not glob or Path(glob).is_absolute() or "\x00" in glob
         ):
-            raise OptionError(f"glob must be a non-empty pattern relative to the source folder, got {glob!r}")
+            raise OptionError(
+                f"glob must be a non-empty pattern relative to the source folder, got {short_repr(glob)}"
+            )
         for name in ("text_field", "id_field", "split"):
             value = getattr(self, name)
             if (value is not None or name == "text_field") and (not isinstance(value, str) or not value):
-                raise OptionError(f"{name} must be a non-empty string, got {value!r}")
+                raise OptionError(f"{name} must be a non-empty string, got {short_repr(value)}")
 
 
 @dataclass(frozen=True)
@@ -293,9 +310,9 @@ def matching_files(root: Path, glob: str) -> list[Path]:
     try:
         paths = sorted(p for p in Path(root).glob(glob) if p.is_file())
     except (ValueError, NotImplementedError) as err:  # a pattern pathlib refuses
-        raise OptionError(f"glob {glob!r} is not a valid pattern: {err}") from None
+        raise OptionError(f"glob {short_repr(glob)} is not a valid pattern: {err}") from None
     if not paths:
-        raise EmptySourceError(f"no file in {root} matches the glob {glob!r}")
+        raise EmptySourceError(f"no file in {root} matches the glob {short_repr(glob)}")
     return paths
 
 

@@ -26,7 +26,6 @@ import numpy as np
 
 from retlm.compat import bm25_save_kwargs
 
-RETRIEVERS = ("dense", "bm25", "hybrid")
 RRF_K = 60
 BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}
 # logical name -> bm25s's save() / load() keyword for that file

@@ -86,6 +86,16 @@ class Sampling:
     def do_sample(self) -> bool:
         return self.temperature > 0
 
+    def decoding(self) -> dict[str, Any]:
+        """The decoding keywords both generation paths take (RETRO's and In-Context RALM's)."""
+        return {
+            "do_sample": self.do_sample,
+            "temperature": self.temperature if self.do_sample else 1.0,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
@@ -162,6 +172,12 @@ class _Shared:
         self.vocab_size = len(tokenizer)
         self.max_neighbors = max(database.num_chunks, database.num_neighbors) if database is not None else 0
 
+    def encode(self, text: str) -> list[int]:
+        """``text`` in the model's tokens, without added special tokens (as In-Context RALM and a chat
+        template's text want them)."""
+        with self.lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def decode(self, token_ids: Sequence[int]) -> str:
         with self.lock:
             return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -185,6 +201,17 @@ class _Shared:
                 for i, d, s in zip(found.chunk_ids[0], found.doc_ids[0], found.scores[0], strict=True)
                 if int(i) >= 0
             ]
+
+    def describe(self) -> dict[str, Any]:
+        """What /health and /v1/models report: the retrieval kind, the model, its context and database."""
+        info: dict[str, Any] = {
+            "retrieval": self.kind,
+            "architecture": type(self.model).__name__,
+            "context_length": self.context_length,
+        }
+        if self.database is not None:
+            info["database"] = self.database_info()
+        return info
 
     def database_info(self) -> dict[str, Any]:
         db = self.database
@@ -226,10 +253,6 @@ class CCABackend(_Shared):
         self.context_length = int(getattr(config, "max_seq_len", None) or 2**31 - 1)
         self.eos_token_ids = frozenset({int(database.eos_id)})
         self.device = next(model.parameters()).device
-
-    def encode(self, text: str) -> list[int]:
-        with self.lock:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def max_rows(self, sampling: Sampling) -> int:
         return self.max_batch
@@ -279,25 +302,13 @@ class CCABackend(_Shared):
             input_ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
-            do_sample=sampling.do_sample,
-            temperature=sampling.temperature if sampling.do_sample else 1.0,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            repetition_penalty=sampling.repetition_penalty,
+            **sampling.decoding(),
             num_neighbors=sampling.num_neighbors,
             eos_token_id=int(self.database.eos_id),
             generator=sampling.generator(self.device),
             streamer=streamer,
             on_retrieval=announce,
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "retrieval": self.kind,
-            "architecture": type(self.model).__name__,
-            "context_length": self.context_length,
-            "database": self.database_info(),
-        }
 
 
 class CausalLMBackend(_Shared):
@@ -331,12 +342,6 @@ class CausalLMBackend(_Shared):
         self.eos_token_ids = frozenset(
             int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None
         )
-
-    def encode(self, text: str) -> list[int]:
-        """``text`` in the model's tokens, without added special tokens (as In-Context RALM and a chat
-        template's text want them)."""
-        with self.lock:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def max_rows(self, sampling: Sampling) -> int:
         return 1 if sampling.retrieval and self.database is not None else self.max_batch
@@ -398,22 +403,13 @@ class CausalLMBackend(_Shared):
             streamer=streamer,
             on_retrieval=announce,
             seed=sampling.seed,
-            do_sample=sampling.do_sample,
-            temperature=sampling.temperature if sampling.do_sample else 1.0,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            repetition_penalty=sampling.repetition_penalty,
+            **sampling.decoding(),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "retrieval": self.kind,
-            "architecture": type(self.model).__name__,
-            "context_length": self.context_length,
-        }
+        info = super().describe()
         if self.database is not None:
-            info["database"] = self.database_info()
             info["stride"], info["query_tokens"] = self.stride, self.query_tokens
         return info
 

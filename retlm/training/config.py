@@ -10,12 +10,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import PretrainedConfig
 
 from retlm.errors import OptionError, did_you_mean
 from retlm.models.retro import RetroConfig
 from retlm.models.retro.configuration_retro import check_config_keys
+from retlm.options import load_yaml
 from retlm.training import checkpoint as ckpt
 
 CONFIG_DIR = "configs"
@@ -42,11 +42,7 @@ def read_model_config(model_config: str | os.PathLike[str] | Mapping[str, Any]) 
                 f"{did_you_mean(str(model_config), named)}"
             )
         path = named[str(model_config)]
-    try:
-        mapping = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as err:
-        reason = " ".join(str(err).split())
-        raise OptionError(f"model config {path} is not a valid yaml file: {reason}") from None
+    mapping = load_yaml(path, "model config")  # bounded: size checked, no aliases
     if not isinstance(mapping, dict):
         raise OptionError(f"model config {path} must be a yaml mapping of RetroConfig arguments")
     check_config_keys(mapping, f"model config {path}")

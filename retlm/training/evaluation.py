@@ -40,8 +40,10 @@ from retlm.data import (
     split_datasets,
     spread_subset,
 )
+from retlm.errors import short_repr
 from retlm.models.auto import load_model, resolve_model_dir
 from retlm.training.checkpoint import check_model_fits_database
+from retlm.training.options import SPLITS
 from retlm.training.precision import autocast_for, resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
 
@@ -244,9 +246,6 @@ def _eos_id(db: Any) -> int | None:
     return None if eos is None else int(eos)
 
 
-SPLITS = ("heldout", "train", "all")
-
-
 def _tokenizer_of(db: Any) -> Any:
     tokenizer = getattr(db, "tokenizer", None)
     if tokenizer is None or hasattr(tokenizer, "batch_decode"):
@@ -309,7 +308,7 @@ def evaluate(
     evaluation; the "with_retrieval" numbers are then those of the filtered neighbors).
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {short_repr(split)}; choose one of {', '.join(SPLITS)}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = resolve_device(device)  # a bad device or precision is refused before anything is loaded

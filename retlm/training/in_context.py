@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retlm.data import DocumentSplit
-from retlm.errors import OptionError
+from retlm.errors import OptionError, check_int, short_repr
 from retlm.generation.in_context import context_limit, fit_neighbors, neighbor_budget, search_neighbors
 from retlm.generation.neighbors import NeighborText
 from retlm.training.in_context_report import build_report
@@ -47,7 +47,7 @@ DEFAULT_CONTEXT = 1024
 def split_documents(database: Any, split: str, train_fraction: float, seed: int) -> np.ndarray:
     """Sorted document ids of ``split`` ("heldout", "train" or "all") under training's document split."""
     if split not in SPLITS:
-        raise OptionError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise OptionError(f"unknown split {short_repr(split)}; choose one of {', '.join(SPLITS)}")
     docs = np.unique(np.asarray(database.doc_ids, dtype=np.int64))
     docs = docs[docs >= 0]
     if split == "all":
@@ -349,13 +349,12 @@ def _check(
         ("context", context),
         ("batch_size", batch_size),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, value)
     if context < 2 or context > max_length:
         raise OptionError(f"context must be in 2..{max_length} (the model's context length), got {context}")
     if stride >= neighbor_budget(max_length):
         raise OptionError(f"stride must be less than half the context length {max_length}, got {stride}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
-        raise OptionError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens)
     if max_overlap is not None and not 0.0 <= max_overlap <= 1.0:
         raise OptionError(f"max_overlap must be a fraction in [0, 1], got {max_overlap}")

@@ -13,11 +13,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from retlm.errors import OptionError
+from retlm.errors import OptionError, short_repr
 from retlm.options import option, zero_is_none
 
 SCHEDULES = ("cosine", "linear", "constant")
 RESUME_MODES = ("auto", "never")
+SPLITS = ("heldout", "train", "all")  # the documents evaluate() scores
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # resolve_precision (training.precision) checks them
 
 LENGTH = "length (with neither: one epoch)"
@@ -80,6 +81,11 @@ class TrainOptions:
     progress: bool = option(True, negate=True, group=RUNS, help="hide the progress bar")
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every option's type and range (run on construction: a ``TrainOptions`` is always valid)."""
+
         def positive(name: str, optional: bool = False) -> None:
             value = getattr(self, name)
             if (value is not None or not optional) and not (value is not None and value > 0):
@@ -90,7 +96,7 @@ class TrainOptions:
             if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
                 raise OptionError(f"{name} must be a finite number, got {value}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise OptionError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
+            raise OptionError(f"seed must be an integer in 0..2**32-1, got {short_repr(self.seed)}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise OptionError(
                 f"save_total_limit must be >= 1 (checkpoints kept), got {self.save_total_limit}"
@@ -102,7 +108,9 @@ class TrainOptions:
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"minutes (the time budget) must be positive, got {self.minutes}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise ValueError(
+                f"unknown schedule {short_repr(self.schedule)}; choose one of {', '.join(SCHEDULES)}"
+            )
         if self.warmup < 0:
             raise ValueError(
                 f"warmup must be >= 0 (steps, or a fraction of the run when below 1), got {self.warmup}"
@@ -110,7 +118,9 @@ class TrainOptions:
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.resume not in RESUME_MODES and not Path(str(self.resume)).is_dir():
-            raise ValueError(f"resume must be 'auto', 'never' or a checkpoint directory, got {self.resume!r}")
+            raise ValueError(
+                f"resume must be 'auto', 'never' or a checkpoint directory, got {short_repr(self.resume)}"
+            )
 
     @property
     def budget_s(self) -> float | None:

@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from retlm.errors import OptionError
+from retlm.errors import OptionError, short_repr
 from retlm.training.options import PRECISIONS
 
 
@@ -16,14 +16,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise OptionError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise OptionError(f"unknown device {short_repr(device)}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device 'cuda' was asked for but no CUDA device is available; use 'cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise OptionError(f"device {device} does not exist: this machine has {count} GPU(s)")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise OptionError(f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
+        raise OptionError(f"unsupported device {short_repr(str(device))}; use cpu, cuda or cuda:N")
     return device
 
 
@@ -33,7 +33,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     bf16 is also accepted on CPU (torch autocasts matmuls there); fp16 needs CUDA.
     """
     if precision not in PRECISIONS:
-        raise OptionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise OptionError(f"unknown precision {short_repr(precision)}; choose one of {', '.join(PRECISIONS)}")
     cuda = device.type == "cuda"
     if precision == "auto":
         if not cuda:
