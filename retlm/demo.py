@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from retlm.options import option, zero_is_none
+from retlm.retrieval.config import RETRIEVERS
 from retlm.utils import atomic_write, ensure_writable_dir, quoted
 
 # Decoding defaults of the demo's generations (measured in docs/benchmarks.md, "Demo generations"): a
@@ -54,6 +55,12 @@ class DemoOptions:
         "gpt2",
         help="LM tokenizer: gpt2 (cased, lossless byte-level BPE), bert (retro-pytorch's way: the "
         "embedder's uncased WordPiece for both) or a tokenizer folder",
+    )
+    retriever: str = option(
+        "hybrid",
+        choices=RETRIEVERS,
+        help="how the database finds neighbors (build-db --retriever); hybrid measured best for in-context "
+        "retrieval (docs/in_context.md)",
     )
     pretrained: str = option(
         "smollm2-135m",
@@ -133,6 +140,9 @@ def build_database(opts: DemoOptions) -> Any:
             db = RetrievalDatabase.open(db_dir)
         except ValueError as err:  # e.g. a database of an older format
             raise ValueError(f"{err}{hint}") from None
+        if db.retriever != opts.retriever:
+            built = f"{db_dir} was built with --retriever {db.retriever}"
+            raise ValueError(f"{built}, not {opts.retriever}{hint}")
         if db.tokenizer_name != opts.tokenizer:
             raise ValueError(
                 f"{db_dir} was built with tokenizer {db.tokenizer_name!r}, not {opts.tokenizer!r}{hint}"
@@ -150,6 +160,7 @@ def build_database(opts: DemoOptions) -> Any:
         num_neighbors=opts.num_neighbors,
         seq_len=opts.seq_len,
         tokenizer=opts.tokenizer,
+        retriever=opts.retriever,
         glob=glob,
         progress=opts.progress,
     )
