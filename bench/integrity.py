@@ -105,7 +105,7 @@ def main() -> None:
     import faiss
 
     from retlm import RetrievalDatabase
-    from retlm.integrity import sha256_file
+    from retlm.checksums import sha256_file
     from retlm.retrieval import integrity
     from retlm.retrieval._storage import read_json
 

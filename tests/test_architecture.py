@@ -15,7 +15,7 @@ MAX_LINES = 500
 # Lowest first. A module may import from its own level or any level below, never above. The package
 # root (retlm/__init__.py, the public API) re-exports from every level and is exempt.
 LEVELS = [
-    {"utils", "errors", "compat", "integrity", "locking", "options"},
+    {"utils", "errors", "compat", "checksums", "integrity", "locking", "options"},
     {"ops"},
     {"layers"},
     {"models", "tokenization"},

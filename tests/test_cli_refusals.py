@@ -278,7 +278,7 @@ def test_non_utf8_arguments_and_missing_embedder_are_one_line_errors(robust, tmp
 
 
 def test_a_manifest_naming_a_missing_embedder_is_refused_not_fetched(robust, tmp_path):
-    from retlm.integrity import seal
+    from retlm.checksums import seal
 
     db = copy_tree(robust.db, tmp_path / "db")
     manifest = json.loads((db / "manifest.json").read_text())

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import retlm
 from retlm.errors import ResourceError
-from retlm.integrity import CHECKSUM_FILE, CorruptFileError, sha256_file
+from retlm.checksums import CHECKSUM_FILE, CorruptFileError, sha256_file
 from retlm.models import gguf_cache, pretrained
 from retlm.models.gguf_cache import PackagedGguf
 from retlm.models.pretrained import UnknownModelError, load_causal_lm, model_kind, pretrained_path

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from retlm.integrity import seal
+from retlm.checksums import seal
 from retlm.retrieval import integrity
 from retlm.retrieval._storage import sha256_file, write_json
 from retlm.retrieval.index import Tuning
