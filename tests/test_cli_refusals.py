@@ -16,7 +16,7 @@ import pytest
 import yaml
 from robust_helpers import SEQ, TINY_MODEL, C, cli, copy_tree, files_under, flip
 
-import retlm.retrieval.build as build_module
+import retlm.retrieval.stages as stages_module
 import retlm.retrieval.preflight as preflight
 from retlm.cli.main import build_parser
 from retlm.errors import ResourceError
@@ -101,13 +101,13 @@ def test_a_build_that_needs_more_memory_than_is_available_is_refused(robust, tmp
 
 def test_a_failed_build_removes_what_it_wrote(robust, tmp_path, monkeypatch):
     """The issue's run wrote a 45 GB chunks.dat, failed allocating, and left it behind."""
-    real = build_module.write_chunks
+    real = stages_module.write_chunks
 
     def write_then_fail(*args, **kwargs):
         real(*args, **kwargs)
         raise MemoryError("Unable to allocate 89.4 GiB for an array")
 
-    monkeypatch.setattr(build_module, "write_chunks", write_then_fail)
+    monkeypatch.setattr(stages_module, "write_chunks", write_then_fail)
     result = cli(*build_args(robust, robust.corpus, tmp_path / "db"))
     assert_failure(result, "MemoryError: Unable to allocate 89.4 GiB")
     assert not (tmp_path / "db").exists()

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.errors import ResourceError, format_bytes
 from retlm.checksums import (
     CHECKSUM_FILE,
     CorruptFileError,
@@ -45,6 +44,7 @@ from retlm.checksums import (
     verify_folder,
     write_folder_checksums,
 )
+from retlm.errors import ResourceError, format_bytes
 from retlm.locking import writer_lock
 from retlm.models.auto import quiet_hf_progress
 from retlm.utils import RETLM_HOME_ENV as HOME_ENV

@@ -3,8 +3,8 @@
 Imports nothing from ``retlm.models`` or ``retlm.layers``.
 """
 
-from retlm.retrieval.build import BuildConfig
 from retlm.retrieval.chunking import chunk_mask
+from retlm.retrieval.config import BuildConfig
 from retlm.retrieval.database import RetrievalDatabase, SearchResult
 from retlm.retrieval.embedding import DEFAULT_EMBEDDER, Embedder, bert_embed, tokenize
 

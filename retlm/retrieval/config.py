@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from retlm.retrieval.chunking import validate_sizes
-from retlm.retrieval.embedding import DEFAULT_EMBEDDER, POOLINGS
+from retlm.retrieval.embedding import DEFAULT_EMBEDDER
 from retlm.retrieval.encoders import EMBED_BACKENDS
+from retlm.retrieval.format import EMBEDDING_DTYPES, POOLINGS, RETRIEVERS
 from retlm.retrieval.index import EXACT_THRESHOLD
-from retlm.retrieval.integrity import EMBEDDING_DTYPES
-from retlm.retrieval.sparse import RETRIEVERS
 from retlm.tokenization import GPT2
 
 

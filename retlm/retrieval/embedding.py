@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import ResumableRows, is_complete
 from retlm.retrieval.encoders import check_backend, default_backend, load_encoder
+from retlm.retrieval.format import POOLINGS
 from retlm.tokenization import DEFAULT_EMBEDDER, resolve_model_path
 from retlm.tokenization import load_embedder_tokenizer as load_tokenizer
 
-POOLINGS = ("mean", "cls")
 WIDTH_STEP = 16  # text rows are padded to a multiple of this
 BLOCK_BATCHES = 16  # embed_rows sorts this many batches of chunks by width at a time
 
