@@ -118,16 +118,17 @@ def retlm_home() -> Path:
 
 def deprecated_aliases(module: str, renamed: dict[str, str]) -> Callable[[str], object]:
     """A module ``__getattr__`` serving each old public name (``renamed``: old -> new) for one release,
-    with a ``DeprecationWarning`` naming the new one."""
+    with a ``DeprecationWarning`` naming the new one. A new name ``"package.module:name"`` lives in
+    another module (a name that moved)."""
     import importlib
     import warnings
 
     def __getattr__(name: str) -> object:
         if name not in renamed:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(
-            f"{module}.{name} is deprecated; use {module}.{renamed[name]}", DeprecationWarning, stacklevel=2
-        )
-        return getattr(importlib.import_module(module), renamed[name])
+        home, _, new = renamed[name].rpartition(":")
+        home = home or module
+        warnings.warn(f"{module}.{name} is deprecated; use {home}.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(home), new)
 
     return __getattr__

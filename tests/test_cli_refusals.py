@@ -16,8 +16,8 @@ import pytest
 import yaml
 from robust_helpers import SEQ, TINY_MODEL, C, cli, copy_tree, files_under, flip
 
-import retlm.retrieval.stages as stages_module
 import retlm.retrieval.preflight as preflight
+import retlm.retrieval.stages as stages_module
 from retlm.cli.main import build_parser
 from retlm.errors import ResourceError
 

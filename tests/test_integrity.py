@@ -204,3 +204,22 @@ def test_files_are_created_with_the_umask(robust, tmp_path):
     for name in ("manifest.json", "chunks.dat", "index.faiss"):
         assert (robust.db / name).stat().st_mode & 0o044 == 0o044, name  # group and others can read
     assert (robust.model / "retlm_checksums.json").stat().st_mode & 0o044 == 0o044
+
+
+def test_the_old_names_warn_and_give_the_moved_objects():
+    """``retlm.integrity`` became ``retlm.checksums`` and the format's names moved to
+    ``retlm.retrieval.format`` (issue #20): the old spellings still work for one release, with a warning."""
+    import importlib
+    import sys
+
+    from retlm.retrieval import format, integrity, manifest, sparse
+
+    sys.modules.pop("retlm.integrity", None)
+    with pytest.warns(DeprecationWarning, match="use retlm.checksums"):
+        old = importlib.import_module("retlm.integrity")
+    assert old is checksums_module
+    for module, name in ((integrity, "check_manifest"), (manifest, "DATA_FILES"), (sparse, "RETRIEVERS")):
+        with pytest.warns(DeprecationWarning, match=f"use retlm.retrieval.format.{name}"):
+            assert getattr(module, name) is getattr(format, name)
+    with pytest.raises(AttributeError):
+        sparse.no_such_name  # noqa: B018

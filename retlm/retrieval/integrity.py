@@ -35,6 +35,22 @@ from retlm.retrieval.format import (
     array_files,
     resolve,
 )
+from retlm.utils import deprecated_aliases
+
+# names that moved to format.py (issue #20), for one release
+__getattr__ = deprecated_aliases(
+    __name__,
+    {
+        "ARRAY_FILES": "retlm.retrieval.format:ARRAY_FILES",
+        "POOLINGS": "retlm.retrieval.format:POOLINGS",
+        "EMBEDDING_DTYPES": "retlm.retrieval.format:EMBEDDING_DTYPES",
+        "EMBEDDER_INPUTS": "retlm.retrieval.format:EMBEDDER_INPUTS",
+        "retriever_of": "retlm.retrieval.format:retriever_of",
+        "required_files": "retlm.retrieval.format:required_files",
+        "file_map": "retlm.retrieval.format:file_map",
+        "check_manifest": "retlm.retrieval.format:check_manifest",
+    },
+)
 
 # ---- written at build time ----
 

@@ -18,6 +18,18 @@ from retlm.retrieval.format import (
     has_dense,
 )
 from retlm.retrieval.index import Tuning
+from retlm.utils import deprecated_aliases
+
+# names that moved to format.py (issue #20), for one release
+__getattr__ = deprecated_aliases(
+    __name__,
+    {
+        "CHUNK_FILES": "retlm.retrieval.format:CHUNK_FILES",
+        "DATA_FILES": "retlm.retrieval.format:DATA_FILES",
+        "DENSE_FILES": "retlm.retrieval.format:DENSE_FILES",
+        "LOCK_FILE": "retlm.retrieval.format:LOCK_FILE",
+    },
+)
 
 
 def tuning_info(tuning: Tuning) -> dict[str, Any]:

@@ -26,6 +26,18 @@ import numpy as np
 
 from retlm.compat import bm25_save_kwargs
 from retlm.retrieval.format import BM25_FILES
+from retlm.utils import deprecated_aliases
+
+# names that moved to format.py (issue #20), for one release
+__getattr__ = deprecated_aliases(
+    __name__,
+    {
+        "RETRIEVERS": "retlm.retrieval.format:RETRIEVERS",
+        "has_dense": "retlm.retrieval.format:has_dense",
+        "has_sparse": "retlm.retrieval.format:has_sparse",
+        "BM25_ARRAYS": "retlm.retrieval.format:BM25_ARRAYS",
+    },
+)
 
 RRF_K = 60
 BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}
