@@ -58,8 +58,8 @@ def add_documents(
     progress: bool = False,
     wait: bool = True,
 ) -> RetrievalDatabase:
-    """Append documents to the database ``db``: embed only their chunks, add them to the index, update
-    the neighbors; the database reopened.
+    """Append documents to the database ``db`` (``RetrievalDatabase.add``): embed only their chunks, add
+    them to the index, update the neighbors; ``db`` itself, reopened on the new state.
 
     ``docs``: any source ``build`` reads (a folder, a JSONL, Parquet or CSV file, a Hugging Face
     dataset, strings), with the same options (``retlm.retrieval.sources``); the source is checked
@@ -86,7 +86,8 @@ def add_documents(
     with writer_lock(db.path / LOCK_FILE, what=f"database {db.path}", wait=wait):
         current = reader.open(db.path, verify=False)  # another writer may have added
         _Adder(current, progress).run(source)
-    return reader.open(db.path, verify=False)
+    db.__dict__.update(reader.open(db.path, verify=False).__dict__)
+    return db
 
 
 class _Adder:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,26 @@ from retlm.retrieval.sparse import make_searcher, query_inputs
 from retlm.tokenization import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 from retlm.tokenization import vocabulary_sha256
+
+
+class _BuildEntry:
+    """``RetrievalDatabase.build``: ``classmethod(build_database)``, imported at first use. The writers
+    sit on top of this reader, so it imports them only when one is called; the signature and docstring
+    are the writer's."""
+
+    def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
+        from retlm.retrieval.build import build_database
+
+        return MethodType(build_database, owner)
+
+
+class _AddEntry:
+    """``RetrievalDatabase.add``: ``add_documents`` as a method, imported at first use (as ``build``)."""
+
+    def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
+        from retlm.retrieval.add import add_documents
+
+        return add_documents if instance is None else MethodType(add_documents, instance)
 
 
 @dataclass
@@ -275,15 +296,7 @@ class RetrievalDatabase:
             integrity.check_full(path, manifest)
         return db
 
-    @classmethod
-    def build(
-        cls, source: str | os.PathLike | Iterable[str] | None, path: str | os.PathLike, **options: Any
-    ) -> RetrievalDatabase | None:
-        """Build a database at ``path`` from ``source`` and open it (``None`` after a single stage): the
-        staged build of ``retlm.retrieval.build.build_database``, whose keywords ``options`` are."""
-        from retlm.retrieval.build import build_database
-
-        return build_database(cls, source, path, **options)
+    build = _BuildEntry()  # classmethod(retlm.retrieval.build.build_database), imported when used
 
     def _choose_backend(self, embed_backend: str | None) -> None:
         from retlm.retrieval.encoders import check_backend
@@ -415,16 +428,7 @@ class RetrievalDatabase:
             )
 
     # ------------------------------------------------------------------ add
-    def add(self, docs: str | os.PathLike | Iterable[str], **options: Any) -> RetrievalDatabase:
-        """Append documents (any source ``build`` reads) and reopen: only their chunks are embedded, the
-        index is extended, the neighbors updated, and one rename of ``manifest.json`` publishes the new
-        files. ``options``: the keywords of ``retlm.retrieval.add.add_documents`` (source options,
-        ``progress``, ``wait``), which documents the rest."""
-        from retlm.retrieval.add import add_documents
-
-        fresh = add_documents(self, docs, **options)
-        self.__dict__.update(fresh.__dict__)
-        return self
+    add = _AddEntry()  # retlm.retrieval.add.add_documents as a method, imported when used
 
 
 def _check_query_texts(queries: list[Any]) -> None:
