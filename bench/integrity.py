@@ -40,9 +40,10 @@ def write_database(path: Path, n: int, factory: str) -> None:
 
     import faiss
 
-    from retlm.retrieval.build import BuildConfig, _save_tokenizer, _tokenizers_entry
+    from retlm.retrieval.config import BuildConfig
     from retlm.retrieval.index import write_index
     from retlm.retrieval.manifest import write_manifest
+    from retlm.retrieval.stages import save_tokenizer, tokenizers_entry
     from retlm.tokenization import load_tokenizer
 
     rng = np.random.default_rng(0)
@@ -60,7 +61,7 @@ def write_database(path: Path, n: int, factory: str) -> None:
     rng.integers(0, n, (n, K), dtype="<i4").tofile(path / "knn.dat")
     config = BuildConfig(chunk_size=C, num_neighbors=K, seq_len=512, index_factory=factory, tokenizer="bert")
     lm_tokenizer = load_tokenizer("bert")  # the seed's vocabulary: ids 1000..30000 are words in it
-    _save_tokenizer(lm_tokenizer, path / "tokenizer")
+    save_tokenizer(lm_tokenizer, path / "tokenizer")
     (path / "doc_names.jsonl").write_text("".join(json.dumps(f"doc-{d}.txt") + "\n" for d in range(docs)))
 
     vectors = np.memmap(path / "embeddings.dat", dtype="<f2", mode="r", shape=(n, DIM))
@@ -72,7 +73,7 @@ def write_database(path: Path, n: int, factory: str) -> None:
 
     settings = asdict(config)
     chunking = {
-        **_tokenizers_entry(config, lm_tokenizer),  # the manifest's tokenizer fields, as a build writes them
+        **tokenizers_entry(config, lm_tokenizer),  # the manifest's tokenizer fields, as a build writes them
         "embedder_truncated_chunks": 0,
         "num_chunks": n,
         "num_docs": docs,
@@ -105,8 +106,8 @@ def main() -> None:
     import faiss
 
     from retlm import RetrievalDatabase
-    from retlm.integrity import sha256_file
-    from retlm.retrieval import integrity
+    from retlm.checksums import sha256_file
+    from retlm.retrieval import format, integrity
     from retlm.retrieval._storage import read_json
 
     path = args.db_dir
@@ -116,7 +117,7 @@ def main() -> None:
         write_database(path, args.chunks, args.factory)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
     manifest = read_json(path / "manifest.json")
-    sizes = {name: (path / name).stat().st_size for name in (*integrity.ARRAY_FILES, "index.faiss")}
+    sizes = {name: (path / name).stat().st_size for name in (*format.ARRAY_FILES, "index.faiss")}
     print(
         f"database: {manifest['num_chunks']:,} chunks; "
         + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in sizes.items())
@@ -149,7 +150,7 @@ def main() -> None:
         ),
         "  index sha256 alone": median_time(lambda: sha256_file(path / "index.faiss"), args.repeat),
         "streamed array hash (the alternative; --verify)": median_time(
-            lambda: [sha256_file(path / name) for name in integrity.ARRAY_FILES], max(1, args.repeat // 2)
+            lambda: [sha256_file(path / name) for name in format.ARRAY_FILES], max(1, args.repeat // 2)
         ),
         "open + first search, ours": median_time(ours_search, args.repeat),
         "open + first search, before issue 14": median_time(before_search, args.repeat),

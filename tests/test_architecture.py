@@ -15,7 +15,7 @@ MAX_LINES = 500
 # Lowest first. A module may import from its own level or any level below, never above. The package
 # root (retlm/__init__.py, the public API) re-exports from every level and is exempt.
 LEVELS = [
-    {"utils", "errors", "compat", "integrity", "locking", "options"},
+    {"utils", "errors", "compat", "checksums", "integrity", "locking", "options"},
     {"ops"},
     {"layers"},
     {"models", "tokenization"},
@@ -69,3 +69,136 @@ def test_imports_point_down(path: Path):
 def test_no_module_is_longer_than_500_lines(path: Path):
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines; split it by job"
+
+
+# ---- file-level import cycles (issue #20) ----
+
+
+def module_file(module: str, root: Path = PACKAGE) -> Path | None:
+    """``retlm.x.y`` -> retlm/x/y.py or retlm/x/y/__init__.py (``root``: the package); None outside it."""
+    parts = module.split(".")
+    if parts[0] != root.name:
+        return None
+    base = root.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _run_time_imports(tree: ast.AST):
+    """Every import statement of a module, at any depth (function-level imports included), except those
+    under ``if TYPE_CHECKING:``, which never run."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif _is_type_checking_block(node):
+            yield from (n for child in node.orelse for n in _run_time_imports(ast.Module([child], [])))
+        else:
+            yield from _run_time_imports(node)
+
+
+def imported_files(path: Path, root: Path = PACKAGE) -> set[Path]:
+    """The package's files that ``path`` imports: ``import retlm.x`` and ``from retlm.x import y`` name
+    retlm/x.py (or retlm/x/__init__.py), and ``from retlm.x import submodule`` names the submodule's file.
+    Relative imports are resolved from ``path``'s package."""
+    package = list(path.relative_to(root.parent).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in _run_time_imports(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(f for alias in node.names if (f := module_file(alias.name, root)))
+            continue
+        if node.level:
+            base = package[: len(package) - node.level + 1]
+            module = ".".join(base + ([node.module] if node.module else []))
+        else:
+            module = node.module or ""
+        file = module_file(module, root)
+        if file is None:
+            continue
+        submodules = [module_file(f"{module}.{alias.name}", root) for alias in node.names]
+        found.update(f for f in submodules if f)
+        if not all(submodules):  # names defined in the module itself
+            found.add(file)
+    found.discard(path)
+    return found
+
+
+def import_cycles(files: set[Path], root: Path = PACKAGE) -> list[list[Path]]:
+    """The import cycles among ``files`` (of the package at ``root``): each strongly connected component
+    of more than one file of the graph "a imports b" restricted to ``files``, sorted (Tarjan's algorithm,
+    iterative)."""
+    graph = {f: sorted(imported_files(f, root) & files) for f in sorted(files)}
+    index: dict[Path, int] = {}
+    low: dict[Path, int] = {}
+    stack: list[Path] = []
+    on_stack: set[Path] = set()
+    cycles = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(graph[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(graph[child])))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return sorted(cycles)
+
+
+def test_the_cycle_finder_finds_lazy_and_submodule_cycles(tmp_path):
+    package = tmp_path / "retlm"
+    (package / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "a.py": "from retlm.sub import b\n",  # a submodule: an import of sub/b.py
+        "sub/__init__.py": "X = 1\n",
+        "sub/b.py": "def f():\n    from retlm import c\n",  # lazy
+        "c.py": "import typing\nif typing.TYPE_CHECKING:\n    from retlm import d\nimport retlm.a\n",
+        "d.py": "from .c import thing\n",  # relative; d -> c, but c -> d only for type checkers
+        "e.py": "from retlm.sub import X\n",  # a name of sub/__init__.py
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    assert imported_files(package / "e.py", package) == {package / "sub" / "__init__.py"}
+    assert imported_files(package / "d.py", package) == {package / "c.py"}
+    cycles = import_cycles(set(package.rglob("*.py")), package)
+    assert cycles == [sorted(package / n for n in ("a.py", "sub/b.py", "c.py"))]
+
+
+def test_no_import_cycles_in_retrieval_and_training():
+    files = {p for part in ("retrieval", "training") for p in (PACKAGE / part).rglob("*.py")}
+    cycles = [[str(f.relative_to(PACKAGE.parent)) for f in cycle] for cycle in import_cycles(files)]
+    assert not cycles, f"files that import each other (lazily or not): {cycles}"

@@ -240,8 +240,8 @@ def test_build_takes_one_options_object_or_its_keywords():
             RetrievalDatabase.build(["text"], "unused", options)
     with pytest.raises(ValueError, match="num_shards must be a positive integer"):
         BuildOptions(engine="ray", num_shards=0).validate()
-    assert BuildOptions(chunk_size=32).content() == BuildConfig(
-        chunk_size=32, embed_backend=BuildOptions().content().embed_backend
+    assert BuildOptions(chunk_size=32).content("openvino") == BuildConfig(
+        chunk_size=32, embed_backend="openvino"
     )
 
 

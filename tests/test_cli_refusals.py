@@ -16,8 +16,8 @@ import pytest
 import yaml
 from robust_helpers import SEQ, TINY_MODEL, C, cli, copy_tree, files_under, flip
 
-import retlm.retrieval.build as build_module
 import retlm.retrieval.preflight as preflight
+import retlm.retrieval.stages as stages_module
 from retlm.cli.main import build_parser
 from retlm.errors import ResourceError
 
@@ -101,13 +101,13 @@ def test_a_build_that_needs_more_memory_than_is_available_is_refused(robust, tmp
 
 def test_a_failed_build_removes_what_it_wrote(robust, tmp_path, monkeypatch):
     """The issue's run wrote a 45 GB chunks.dat, failed allocating, and left it behind."""
-    real = build_module.write_chunks
+    real = stages_module.write_chunks
 
     def write_then_fail(*args, **kwargs):
         real(*args, **kwargs)
         raise MemoryError("Unable to allocate 89.4 GiB for an array")
 
-    monkeypatch.setattr(build_module, "write_chunks", write_then_fail)
+    monkeypatch.setattr(stages_module, "write_chunks", write_then_fail)
     result = cli(*build_args(robust, robust.corpus, tmp_path / "db"))
     assert_failure(result, "MemoryError: Unable to allocate 89.4 GiB")
     assert not (tmp_path / "db").exists()
@@ -278,7 +278,7 @@ def test_non_utf8_arguments_and_missing_embedder_are_one_line_errors(robust, tmp
 
 
 def test_a_manifest_naming_a_missing_embedder_is_refused_not_fetched(robust, tmp_path):
-    from retlm.integrity import seal
+    from retlm.checksums import seal
 
     db = copy_tree(robust.db, tmp_path / "db")
     manifest = json.loads((db / "manifest.json").read_text())

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from robust_helpers import SEQ, TINY_MODEL, C, cli, copy_tree
 
 import retlm.demo as demo_module
-from retlm.integrity import seal
+from retlm.checksums import seal
 
 
 def fuzz(max_examples: int) -> settings:

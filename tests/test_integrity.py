@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from robust_helpers import cli, copy_tree, flip
 
-import retlm.integrity as integrity_module
+import retlm.checksums as checksums_module
 from retlm import RetrievalDatabase
-from retlm.integrity import CorruptFileError, check_safetensors, sample_digest, sample_offsets
+from retlm.checksums import CorruptFileError, check_safetensors, sample_digest, sample_offsets
 from retlm.models.auto import load_model
 from retlm.retrieval._storage import CorruptDatabaseError
 
@@ -81,8 +81,8 @@ def test_sampled_digest_covers_fixed_blocks_and_verify_covers_every_byte(robust,
     assert sample_digest(path) == clean
 
     # the same through a database: with 2 blocks of 64 bytes sampled, a middle byte is only seen by verify
-    monkeypatch.setattr(integrity_module, "SAMPLE_BLOCKS", 2)
-    monkeypatch.setattr(integrity_module, "SAMPLE_BLOCK", 64)
+    monkeypatch.setattr(checksums_module, "SAMPLE_BLOCKS", 2)
+    monkeypatch.setattr(checksums_module, "SAMPLE_BLOCK", 64)
     from robust_helpers import build_db
 
     db = build_db(robust.corpus, tmp_path / "db", robust.embedder).path
@@ -98,7 +98,7 @@ def test_manifest_is_sealed_and_its_fields_checked(robust, tmp_path):
 
     def write(manifest, reseal):
         if reseal:
-            manifest = integrity_module.seal(manifest)
+            manifest = checksums_module.seal(manifest)
         (db / "manifest.json").write_text(json.dumps(manifest))
 
     write({**original, "nprobe": 3}, reseal=False)  # a changed field, seal not updated: corruption
@@ -204,3 +204,22 @@ def test_files_are_created_with_the_umask(robust, tmp_path):
     for name in ("manifest.json", "chunks.dat", "index.faiss"):
         assert (robust.db / name).stat().st_mode & 0o044 == 0o044, name  # group and others can read
     assert (robust.model / "retlm_checksums.json").stat().st_mode & 0o044 == 0o044
+
+
+def test_the_old_names_warn_and_give_the_moved_objects():
+    """``retlm.integrity`` became ``retlm.checksums`` and the format's names moved to
+    ``retlm.retrieval.format`` (issue #20): the old spellings still work for one release, with a warning."""
+    import importlib
+    import sys
+
+    from retlm.retrieval import format, integrity, manifest, sparse
+
+    sys.modules.pop("retlm.integrity", None)
+    with pytest.warns(DeprecationWarning, match="use retlm.checksums"):
+        old = importlib.import_module("retlm.integrity")
+    assert old is checksums_module
+    for module, name in ((integrity, "check_manifest"), (manifest, "DATA_FILES"), (sparse, "RETRIEVERS")):
+        with pytest.warns(DeprecationWarning, match=f"use retlm.retrieval.format.{name}"):
+            assert getattr(module, name) is getattr(format, name)
+    with pytest.raises(AttributeError):
+        sparse.no_such_name  # noqa: B018

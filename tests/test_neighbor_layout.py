@@ -23,6 +23,7 @@ import torch
 from retlm.data import RETRODataset
 from retlm.retrieval import RetrievalDatabase
 from retlm.retrieval.chunking import chunk_document
+from retlm.retrieval.format import FORMAT_VERSION
 from retlm.tokenization import load_tokenizer
 
 C, SEQ_LEN = 4, 8
@@ -126,6 +127,7 @@ def write_database(path, docs: list[np.ndarray], *, pad_id: int, eos_id: int) ->
     ):
         array.tofile(path / f"{name}.dat")
     manifest = dict(
+        format_version=FORMAT_VERSION,
         chunk_size=C,
         num_chunks=n,
         num_neighbors=2,

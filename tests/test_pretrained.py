@@ -21,8 +21,8 @@ from gguf_helpers import tiny_llama, tiny_tokenizer, write_llama_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import retlm
+from retlm.checksums import CHECKSUM_FILE, CorruptFileError, sha256_file
 from retlm.errors import ResourceError
-from retlm.integrity import CHECKSUM_FILE, CorruptFileError, sha256_file
 from retlm.models import gguf_cache, pretrained
 from retlm.models.gguf_cache import PackagedGguf
 from retlm.models.pretrained import UnknownModelError, load_causal_lm, model_kind, pretrained_path

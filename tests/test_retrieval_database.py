@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerFast
 
 import retlm
 from retlm import RetrievalDatabase
+from retlm.checksums import seal
 from retlm.corpus import pydoc_topics
-from retlm.integrity import seal
 from retlm.retrieval._storage import CorruptDatabaseError
 from retlm.tokenization import vocabulary_sha256
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from retlm import RETRO, RETRODataset
+from retlm.retrieval.format import FORMAT_VERSION
 
 C, K, SEQ_LEN, NUM_CHUNKS, NUM_SEQS, EOS = 4, 3, 16, 40, 9, 102
 
@@ -174,7 +175,14 @@ def test_from_database_reads_the_manifest(files, tmp_path):
     for name, filename in (("chunks", "chunks.dat"), ("knn", "knn.dat"), ("seqs", "seqs.dat")):
         shutil.copy(paths[name], db / filename)
     manifest = dict(
-        chunk_size=C, num_chunks=NUM_CHUNKS, num_neighbors=K, seq_len=SEQ_LEN, pad_id=0, eos_id=EOS
+        format_version=FORMAT_VERSION,
+        chunk_size=C,
+        num_chunks=NUM_CHUNKS,
+        num_neighbors=K,
+        num_seqs=NUM_SEQS,
+        seq_len=SEQ_LEN,
+        pad_id=0,
+        eos_id=EOS,
     )
     (db / "manifest.json").write_text(json.dumps(manifest))
     direct = make(paths)

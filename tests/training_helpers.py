@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from retlm.retrieval.format import FORMAT_VERSION
+
 PAD, EOS = 0, 2
 FIRST_WORD = 4  # ids below are special tokens (pad, unk, eos, ...)
 
@@ -102,6 +104,7 @@ def write_twin_database(
     ):
         array.tofile(path / f"{name}.dat")
     manifest = {
+        "format_version": FORMAT_VERSION,
         "tokenizer": {"name": ToyTokenizer.name_or_path, "vocab_size": vocab_size},
         "chunk_size": c,
         "num_neighbors": num_neighbors,

@@ -72,7 +72,7 @@ def quiet_hf_progress() -> Iterator[None]:
 def verify_model_dir(folder: Path, names: Any = None) -> None:
     """Compare a model folder's files (``names``, default all recorded) with their saved sha256, and
     check that ``model.safetensors`` is structurally whole; errors name the file."""
-    from retlm.integrity import check_safetensors, verify_folder
+    from retlm.checksums import check_safetensors, verify_folder
 
     verify_folder(folder, names)
     weights = Path(folder) / "model.safetensors"

@@ -5,7 +5,7 @@ files into:
 
 - an entry is a folder ``cache_dir() / NAME``: ``config.json``, safetensors weights (float32), the tokenizer
   files, ``retlm_source.json`` (what it was converted from, by which versions) and
-  ``retlm_checksums.json`` (the sha256 of every file, :mod:`retlm.integrity`);
+  ``retlm_checksums.json`` (the sha256 of every file, :mod:`retlm.checksums`);
 - a conversion holds the entry's lock file (``.NAME.lock``, :func:`retlm.locking.writer_lock`): a second
   converter waits, then finds the entry done. It writes into a temporary folder beside the entry and
   publishes it with one rename, so a killed conversion leaves only a ``.NAME.tmp-*`` folder, which the
@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retlm.errors import ResourceError, format_bytes
-from retlm.integrity import (
+from retlm.checksums import (
     CHECKSUM_FILE,
     CorruptFileError,
     check_safetensors,
@@ -45,6 +44,7 @@ from retlm.integrity import (
     verify_folder,
     write_folder_checksums,
 )
+from retlm.errors import ResourceError, format_bytes
 from retlm.locking import writer_lock
 from retlm.models.auto import quiet_hf_progress
 from retlm.utils import RETLM_HOME_ENV as HOME_ENV
@@ -161,7 +161,7 @@ Source = PackagedGguf | GgufFile
 def verify_entry(folder: Path, *, weights: bool = True) -> dict[str, Any]:
     """Compare a converted folder with the sha256 recorded at conversion (``weights=False``: all but the
     safetensors files) and check its safetensors headers; return its source record. Raises
-    :class:`~retlm.integrity.CorruptFileError` naming the first bad file."""
+    :class:`~retlm.checksums.CorruptFileError` naming the first bad file."""
     sums = read_folder_checksums(folder)
     if sums is None:
         raise CorruptFileError(f"{folder / CHECKSUM_FILE} is missing: the converted folder is incomplete")

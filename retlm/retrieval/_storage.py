@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from retlm.integrity import CorruptFileError, sha256_file
+from retlm.checksums import CorruptFileError, sha256_file
 from retlm.utils import atomic_write
 
 __all__ = ["CorruptDatabaseError", "sha256_file", "open_memmap", "write_json", "read_json", "ResumableRows"]

@@ -1,29 +1,93 @@
-"""Adding documents to a built database (``RetrievalDatabase.add``): only the new chunks are embedded,
-the index is extended in place, the neighbors are updated, and one rename of ``manifest.json``
-publishes the new files."""
+"""Adding documents to a built database (``add_documents``, ``RetrievalDatabase.add``): only the new
+chunks are embedded, the index is extended in place, the neighbors are updated, and one rename of
+``manifest.json`` publishes the new files. A writer on top of the reader: it reads the database through
+``RetrievalDatabase`` and returns it reopened."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retlm.retrieval import integrity
+from retlm.locking import writer_lock
+from retlm.retrieval import format
 from retlm.retrieval._storage import open_memmap
 from retlm.retrieval.chunking import SkipReport, write_chunks
 from retlm.retrieval.embedding import count_truncated_chunks, embed_rows
+from retlm.retrieval.format import (
+    ADD_DIR,
+    BM25_FILES,
+    CHUNK_FILES,
+    CHUNKS_FILE,
+    DATA_FILES,
+    DOC_IDS_FILE,
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    KNN_FILE,
+    LOCK_FILE,
+    NAMES_FILE,
+    SEQS_FILE,
+    data_files,
+    has_dense,
+    has_sparse,
+)
 from retlm.retrieval.index import Tuning, tune_search, write_index
-from retlm.retrieval.manifest import CHUNK_FILES, DATA_FILES, data_files, tuning_info, write_manifest
+from retlm.retrieval.manifest import tuning_info, write_manifest
 from retlm.retrieval.neighbors import compute_neighbors, merge_new_neighbors
-from retlm.retrieval.sources import Source, provenance
-from retlm.retrieval.sparse import BM25_FILES, ChunkQueries, build_bm25, has_dense, has_sparse, make_searcher
+from retlm.retrieval.sources import Source, SourceOptions, open_source, provenance
+from retlm.retrieval.sparse import ChunkQueries, build_bm25, make_searcher
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the class comes in with ``db``: the reader does not import its writers back
     from retlm.retrieval.database import RetrievalDatabase
+
+
+def add_documents(
+    db: RetrievalDatabase,
+    docs: str | os.PathLike | Iterable[str],
+    *,
+    glob: str | None = None,
+    text_field: str = "text",
+    id_field: str | None = None,
+    split: str | None = None,
+    skip_bad_records: bool = False,
+    progress: bool = False,
+    wait: bool = True,
+) -> RetrievalDatabase:
+    """Append documents to the database ``db`` (``RetrievalDatabase.add``): embed only their chunks, add
+    them to the index, update the neighbors; ``db`` itself, reopened on the new state.
+
+    ``docs``: any source ``build`` reads (a folder, a JSONL, Parquet or CSV file, a Hugging Face
+    dataset, strings), with the same options (``retlm.retrieval.sources``); the source is checked
+    before the lock is taken, and recorded in the manifest's ``sources``.
+
+    With an exact index the result equals a full rebuild; with an IVF index the existing lists are
+    kept (no retraining), ``nprobe`` is re-tuned and every chunk's neighbors are recomputed.
+
+    The database's lock is held throughout: a second writer waits (``wait=False``: ``LockedError``
+    naming the holder's PID). The new files get new names and one atomic rename of
+    ``manifest.json`` publishes them, so a reader (or a kill at any step) sees the old database or
+    the new one, never a mix.
+    """
+    options = SourceOptions(
+        glob=glob,
+        text_field=text_field,
+        id_field=id_field,
+        split=split,
+        skip_bad_records=skip_bad_records,
+    )
+    source = open_source(docs, options)
+    source.check()  # before the lock: a missing field or an empty source writes nothing
+    reader = type(db)
+    with writer_lock(db.path / LOCK_FILE, what=f"database {db.path}", wait=wait):
+        current = reader.open(db.path, verify=False)  # another writer may have added
+        _Adder(current, progress).run(source)
+    db.__dict__.update(reader.open(db.path, verify=False).__dict__)
+    return db
 
 
 class _Adder:
@@ -31,7 +95,7 @@ class _Adder:
 
     def __init__(self, db: RetrievalDatabase, progress: bool):
         self.db, self.progress = db, progress
-        self.stage = db.path / ".add"
+        self.stage = db.path / ADD_DIR
 
     def run(self, source: Source) -> None:
         db, m = self.db, self.db.manifest
@@ -47,22 +111,22 @@ class _Adder:
             return
         n = old_n + counts.num_chunks
         c, k, dim, dtype = db.chunk_size, db.num_neighbors, m["embedding_dim"], m["embedding_dtype"]
-        chunks = open_memmap(self.stage / "chunks.dat", "int32", (n, c + 1))
-        doc_ids = open_memmap(self.stage / "doc_ids.dat", "int32", (n,))
+        chunks = open_memmap(self.stage / CHUNKS_FILE, "int32", (n, c + 1))
+        doc_ids = open_memmap(self.stage / DOC_IDS_FILE, "int32", (n,))
         retriever, extra = db.retriever, m["extra_neighbors"]
         truncated, index, embeddings = m["embedder_truncated_chunks"], None, None
         tuning = Tuning(None, 1.0, 0)
         if has_dense(retriever):
             truncated += self._embed_new(chunks, old_n, n)
-            embeddings = open_memmap(self.stage / "embeddings.dat", dtype, (n, dim))
+            embeddings = open_memmap(self.stage / EMBEDDINGS_FILE, dtype, (n, dim))
             index = db.index
             index.add(np.ascontiguousarray(embeddings[old_n:], dtype=np.float32))
             tuning = tune_search(index, embeddings, k, m["target_recall"], fetch=k + extra)
-            write_index(index, self.stage / "index.faiss")
+            write_index(index, self.stage / INDEX_FILE)
         if has_sparse(retriever):  # BM25's statistics cover every chunk: rebuilt whole
             build_bm25(chunks, db.tokenizer, db.pad_id, self.stage)
 
-        knn = np.memmap(self.stage / "knn.dat", dtype="<i4", mode="w+", shape=(n, k))
+        knn = np.memmap(self.stage / KNN_FILE, dtype="<i4", mode="w+", shape=(n, k))
         if retriever == "dense" and m["nprobe"] is None:  # exact lists: only entries beaten by a new chunk
             knn[:old_n] = merge_new_neighbors(db.knn, embeddings, old_n, k)
             compute_neighbors(
@@ -131,7 +195,7 @@ class _Adder:
             lm_tokenizer=lm_tokenizer,
             progress=self.progress,
         )
-        _concat_files(db.file("embeddings.dat"), new_embeddings, self.stage / "embeddings.dat")
+        _concat_files(db.file(EMBEDDINGS_FILE), new_embeddings, self.stage / EMBEDDINGS_FILE)
         if lm_tokenizer is None:
             return 0
         return count_truncated_chunks(db.embedder, lm_tokenizer, chunks, db.pad_id, rows=(old_n, n))
@@ -142,10 +206,10 @@ class _Adder:
         for name, file in files.items():
             shutil.copyfile(db.file(name), file)
         with (
-            open(files["chunks.dat"], "ab") as chunks,
-            open(files["doc_ids.dat"], "ab") as doc_ids,
-            open(files["seqs.dat"], "ab") as seqs,
-            open(files["doc_names.jsonl"], "a", encoding="utf-8") as names,
+            open(files[CHUNKS_FILE], "ab") as chunks,
+            open(files[DOC_IDS_FILE], "ab") as doc_ids,
+            open(files[SEQS_FILE], "ab") as seqs,
+            open(files[NAMES_FILE], "a", encoding="utf-8") as names,
         ):
             return write_chunks(
                 docs,
@@ -172,7 +236,7 @@ def _generation_name(name: str, generation: int) -> str:
 
 def _remove_unreferenced(path: Path, manifest: dict[str, Any]) -> None:
     """Delete data files of other generations than the manifest's (a killed ``add()`` leaves some)."""
-    keep = set(integrity.file_map(manifest).values())
+    keep = set(format.file_map(manifest).values())
     patterns = {
         name: re.compile(
             rf"{re.escape(name.partition('.')[0])}(\.g\d+)?\.{re.escape(name.partition('.')[2])}"

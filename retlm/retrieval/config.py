@@ -122,15 +122,14 @@ class BuildConfig:
             if getattr(self, name) not in choices:
                 raise OptionError(f"{name} must be one of {choices}, got {short_repr(getattr(self, name))}")
 
-    def content(self) -> BuildConfig:
+    def content(self, default_backend: str = "torch") -> BuildConfig:
         """The ``BuildConfig`` of these options (an embedder of None: the default one; an embed backend
-        of None: this machine's default)."""
+        of None: ``default_backend``, which the build takes from ``encoders.default_backend()``: this
+        machine's)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(BuildConfig)}
         values["embedder"] = values["embedder"] or DEFAULT_EMBEDDER
         if values["embed_backend"] is None:
-            from retlm.retrieval.encoders import default_backend
-
-            values["embed_backend"] = default_backend()
+            values["embed_backend"] = default_backend
         return BuildConfig(**values)
 
 

@@ -1,8 +1,9 @@
 """``RetrievalDatabase``: open, read and search the on-disk retrieval database.
 
-The staged build is ``retlm.retrieval.build`` (``RetrievalDatabase.build``), adding documents
-``retlm.retrieval.add`` (``RetrievalDatabase.add``), the manifest and file names
-``retlm.retrieval.manifest``.
+This module only opens and reads. The writers sit on top of it: the staged build
+(``retlm.retrieval.build``, ``RetrievalDatabase.build``) and adding documents (``retlm.retrieval.add``,
+``RetrievalDatabase.add``), both imported when called. The file names, shapes and the manifest's
+schema are ``retlm.retrieval.format``'s.
 
 Two tokenizers are involved, and the manifest records both (name, vocabulary size, vocabulary sha256):
 the LM tokenizer, whose ids the chunks hold (GPT-2's byte-level BPE by default; ``tokenizer="bert"``: the
@@ -15,29 +16,46 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import numpy as np
 import torch
 
 from retlm.errors import OptionError, check_int
-from retlm.locking import writer_lock
-from retlm.retrieval import integrity, preflight
-from retlm.retrieval._storage import CorruptDatabaseError, open_memmap, read_json
-from retlm.retrieval.add import _Adder
-from retlm.retrieval.build import build_database
+from retlm.retrieval import format, integrity, preflight
+from retlm.retrieval._storage import CorruptDatabaseError, open_memmap
 from retlm.retrieval.embedding import Embedder, embed_token_chunks
+from retlm.retrieval.format import BM25_FILES, BM25_WHOLE, TOKENIZER_DIR, has_dense
 from retlm.retrieval.layout import neighbor_tokens
-from retlm.retrieval.manifest import FORMAT_VERSION, LOCK_FILE
 from retlm.retrieval.neighbors import search_excluding
-from retlm.retrieval.sources import SourceOptions, open_source
-from retlm.retrieval.sparse import BM25_FILES, has_dense, make_searcher, query_inputs
+from retlm.retrieval.sparse import make_searcher, query_inputs
 from retlm.tokenization import _DEFAULT_ALIASES as DEFAULT_ALIASES
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
 from retlm.tokenization import vocabulary_sha256
+
+
+class _BuildEntry:
+    """``RetrievalDatabase.build``: ``classmethod(build_database)``, imported at first use. The writers
+    sit on top of this reader, so it imports them only when one is called; the signature and docstring
+    are the writer's."""
+
+    def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
+        from retlm.retrieval.build import build_database
+
+        return MethodType(build_database, owner)
+
+
+class _AddEntry:
+    """``RetrievalDatabase.add``: ``add_documents`` as a method, imported at first use (as ``build``)."""
+
+    def __get__(self, instance: Any, owner: type) -> Callable[..., Any]:
+        from retlm.retrieval.add import add_documents
+
+        return add_documents if instance is None else MethodType(add_documents, instance)
 
 
 @dataclass
@@ -79,19 +97,13 @@ class RetrievalDatabase:
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
         self.path = Path(path)
         self.manifest = manifest
-        c, k = manifest["chunk_size"], manifest["num_neighbors"]
-        n = manifest["num_chunks"]
-        self.chunks = open_memmap(self.file("chunks.dat"), "int32", (n, c + 1))
-        self.doc_ids = open_memmap(self.file("doc_ids.dat"), "int32", (n,))
-        self.seqs = open_memmap(self.file("seqs.dat"), "int32", (manifest["num_seqs"],))
-        self.knn = open_memmap(self.file("knn.dat"), "int32", (n, k))
-        self.embeddings = (
-            open_memmap(
-                self.file("embeddings.dat"), manifest["embedding_dtype"], (n, manifest["embedding_dim"])
-            )
-            if has_dense(self.retriever)
-            else None
-        )
+        arrays = {
+            name: open_memmap(self.file(name), format.array_dtype(name, manifest), tuple(shape))
+            for name, shape in format.manifest_shapes(manifest).items()
+        }
+        self.chunks, self.doc_ids = arrays[format.CHUNKS_FILE], arrays[format.DOC_IDS_FILE]
+        self.seqs, self.knn = arrays[format.SEQS_FILE], arrays[format.KNN_FILE]
+        self.embeddings = arrays.get(format.EMBEDDINGS_FILE)  # dense and hybrid only
         self._index_handle = None  # the open index file, read (and checked) by open() or at first use
         self._names_handle = None  # doc_names.jsonl, opened by open(), read and checked at first use
         self._index = None
@@ -116,7 +128,7 @@ class RetrievalDatabase:
     )
     neighbors = property(lambda self: self.knn, doc="The precomputed ``(num_chunks, num_neighbors)`` array.")
     retriever = property(
-        lambda self: integrity.retriever_of(self.manifest), doc="``'dense'``, ``'bm25'`` or ``'hybrid'``."
+        lambda self: format.retriever_of(self.manifest), doc="``'dense'``, ``'bm25'`` or ``'hybrid'``."
     )
 
     @property
@@ -130,7 +142,7 @@ class RetrievalDatabase:
 
     def file(self, name: str) -> Path:
         """The file that holds logical file ``name`` (``chunks.dat``, ...) now; ``add()`` renames them."""
-        return integrity.resolve(self.path, self.manifest, name)
+        return format.resolve(self.path, self.manifest, name)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -145,11 +157,11 @@ class RetrievalDatabase:
         vocabulary hash in the manifest."""
         if self._tokenizer is None:
             integrity.verify_tokenizer(self.path, self.manifest)  # its files, before they are parsed
-            tokenizer = load_lm_tokenizer(str(self.path / "tokenizer"))
+            tokenizer = load_lm_tokenizer(str(self.path / TOKENIZER_DIR))
             expected = self.manifest["tokenizer"]["sha256"]
             if vocabulary_sha256(tokenizer) != expected:
                 raise CorruptDatabaseError(
-                    f"{self.path / 'tokenizer'} does not hold the vocabulary recorded in manifest.json "
+                    f"{self.path / TOKENIZER_DIR} does not hold the vocabulary recorded in manifest.json "
                     f"(sha256 {expected[:12]}...); the database's tokenizer folder was modified"
                 )
             self._tokenizer = tokenizer
@@ -159,7 +171,7 @@ class RetrievalDatabase:
         """The name of document ``doc_id``: its file's path relative to the source folder, or ``doc-<i>``."""
         if self._doc_names is None:  # read whole, so checked whole (through the handle open() kept)
             if self._names_handle is None:
-                self._names_handle = integrity.open_handle(self.path, self.manifest, integrity.NAMES_FILE)
+                self._names_handle = integrity.open_handle(self.path, self.manifest, format.NAMES_FILE)
             self._doc_names = integrity.read_doc_names(self.path, self.manifest, self._names_handle)
             self._names_handle.close()
         return self._doc_names[doc_id]
@@ -188,8 +200,8 @@ class RetrievalDatabase:
         if self._searcher is None:
             if self.retriever == "dense":
                 return self.index
-            integrity.check_whole(self.path, self.manifest, ("bm25_vocab.json", "bm25_params.json"))
-            files = {name: integrity.file_map(self.manifest)[name] for name in BM25_FILES}
+            integrity.check_whole(self.path, self.manifest, BM25_WHOLE)
+            files = {name: format.file_map(self.manifest)[name] for name in BM25_FILES}
             dense = self.index if has_dense(self.retriever) else None
             self._searcher = make_searcher(self.retriever, dense, self.path, files)
         return self._searcher
@@ -231,16 +243,16 @@ class RetrievalDatabase:
         old or the new state: it retries when the manifest it read was replaced under it.
         """
         path = Path(path)
-        manifest_file = path / "manifest.json"
+        manifest_file = path / format.MANIFEST_FILE
         for attempt in range(5):
             if not manifest_file.is_file():
-                hint = (
-                    " (its build has not finished: re-run build-db)" if (path / "build.json").exists() else ""
-                )
+                unfinished = (path / format.BUILD_FILE).exists()
+                hint = " (its build has not finished: re-run build-db)" if unfinished else ""
                 raise CorruptDatabaseError(f"not a retrieval database: {manifest_file} is missing{hint}")
             before = os.stat(manifest_file)
             try:
-                db = cls._open_once(path, read_json(manifest_file), tokenizer, embedder, verify, read_index)
+                manifest = format.read_manifest(path)  # format version and seal
+                db = cls._open_once(path, manifest, tokenizer, embedder, verify, read_index)
                 db._choose_backend(embed_backend)
                 return db
             except (CorruptDatabaseError, FileNotFoundError) as err:
@@ -260,24 +272,13 @@ class RetrievalDatabase:
     def _open_once(
         cls,
         path: Path,
-        manifest: Any,
+        manifest: dict[str, Any],
         tokenizer: str | None,
         embedder: str | None,
         verify: bool,
         read_index: bool,
     ) -> RetrievalDatabase:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        if version == 1:
-            raise CorruptDatabaseError(
-                f"{path} was built by an older retlm (format_version 1: one WordPiece vocabulary, no "
-                "document names); rebuild it with `retlm build-db` (`--tokenizer bert` for the same tokens)"
-            )
-        if version != FORMAT_VERSION:
-            raise CorruptDatabaseError(
-                f"{path / 'manifest.json'}: format_version {version!r}"
-                f" is not supported (expected {FORMAT_VERSION})"
-            )
-        integrity.check_manifest(manifest, path)
+        format.check_manifest(manifest, path)
         for what, wanted, stored in (
             ("tokenizer", tokenizer, manifest["tokenizer"]["name"]),
             ("embedder", embedder, manifest["embedder"]),
@@ -288,14 +289,14 @@ class RetrievalDatabase:
         integrity.check_samples(path, manifest)
         if has_dense(db.retriever):  # kept: an add() may replace it
             db._index_handle = integrity.open_index_handle(path, manifest)
-        db._names_handle = integrity.open_handle(path, manifest, "doc_names.jsonl")
+        db._names_handle = integrity.open_handle(path, manifest, format.NAMES_FILE)
         if read_index:
             db.searcher  # noqa: B018  (read, checked against its sha256, parsed)
         if verify:
             integrity.check_full(path, manifest)
         return db
 
-    build = classmethod(build_database)
+    build = _BuildEntry()  # classmethod(retlm.retrieval.build.build_database), imported when used
 
     def _choose_backend(self, embed_backend: str | None) -> None:
         from retlm.retrieval.encoders import check_backend
@@ -426,47 +427,7 @@ class RetrievalDatabase:
             )
 
     # ------------------------------------------------------------------ add
-    def add(
-        self,
-        docs: str | os.PathLike | Iterable[str],
-        *,
-        glob: str | None = None,
-        text_field: str = "text",
-        id_field: str | None = None,
-        split: str | None = None,
-        skip_bad_records: bool = False,
-        progress: bool = False,
-        wait: bool = True,
-    ) -> RetrievalDatabase:
-        """Append documents: embed only their chunks, add them to the index, update the neighbors.
-
-        ``docs``: any source ``build`` reads (a folder, a JSONL, Parquet or CSV file, a Hugging Face
-        dataset, strings), with the same options (``retlm.retrieval.sources``); the source is checked
-        before the lock is taken, and recorded in the manifest's ``sources``.
-
-        With an exact index the result equals a full rebuild; with an IVF index the existing lists are
-        kept (no retraining), ``nprobe`` is re-tuned and every chunk's neighbors are recomputed.
-
-        The database's lock is held throughout: a second writer waits (``wait=False``: ``LockedError``
-        naming the holder's PID). The new files get new names and one atomic rename of
-        ``manifest.json`` publishes them, so a reader (or a kill at any step) sees the old database or
-        the new one, never a mix.
-        """
-        options = SourceOptions(
-            glob=glob,
-            text_field=text_field,
-            id_field=id_field,
-            split=split,
-            skip_bad_records=skip_bad_records,
-        )
-        source = open_source(docs, options)
-        source.check()  # before the lock: a missing field or an empty source writes nothing
-        with writer_lock(self.path / LOCK_FILE, what=f"database {self.path}", wait=wait):
-            current = RetrievalDatabase.open(self.path, verify=False)  # another writer may have added
-            _Adder(current, progress).run(source)
-        fresh = RetrievalDatabase.open(self.path, verify=False)
-        self.__dict__.update(fresh.__dict__)
-        return self
+    add = _AddEntry()  # retlm.retrieval.add.add_documents as a method, imported when used
 
 
 def _check_query_texts(queries: list[Any]) -> None:

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from retlm.checksums import CorruptFileError, sha256_file, verify_folder, write_folder_checksums
 from retlm.compat import FAST_EMBED_BACKENDS_TRACE, FAST_EMBED_MIN_TRANSFORMERS
 from retlm.errors import OptionError
-from retlm.integrity import CorruptFileError, sha256_file, verify_folder, write_folder_checksums
 from retlm.retrieval.config import EMBED_BACKENDS
 from retlm.tokenization import resolve_model_path
 from retlm.utils import retlm_home

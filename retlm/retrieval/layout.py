@@ -25,7 +25,6 @@ module fixes. Text holding ``eos_id`` cannot be told apart from a document end i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -33,11 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from retlm.retrieval import integrity
+from retlm.retrieval import format
+from retlm.retrieval.format import CHUNKS_FILE, DOC_IDS_FILE, KNN_FILE, MANIFEST_FILE, SEQS_FILE
 from retlm.utils import deprecated_aliases
-
-CHUNKS_FILE, KNN_FILE, SEQS_FILE, DOC_IDS_FILE = "chunks.dat", "knn.dat", "seqs.dat", "doc_ids.dat"
-MANIFEST_FILE = "manifest.json"
 
 __getattr__ = deprecated_aliases(__name__, {"neighbour_tokens": "neighbor_tokens"})
 
@@ -155,25 +152,28 @@ class ChunkStore:
 
     @classmethod
     def from_directory(cls, path: str | os.PathLike) -> ChunkStore:
-        """The files of the database directory ``path``, shapes and ids from its ``manifest.json``."""
+        """The files of the database directory ``path``, shapes and ids from its ``manifest.json``, read
+        as ``RetrievalDatabase.open`` reads it (format version, seal) and its counts checked."""
         path = Path(path)
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{path} is not a retrieval database: {manifest_path} is missing")
-        manifest = json.loads(manifest_path.read_text())
-        n, c, k = (int(manifest[key]) for key in ("num_chunks", "chunk_size", "num_neighbors"))
-        num_sequences = manifest.get("num_seqs")
-        if num_sequences is None:
-            num_sequences = integrity.resolve(path, manifest, SEQS_FILE).stat().st_size // 4
+        manifest = format.read_manifest(path)
+        format.check_counts(manifest, path)
+        shapes = format.array_shapes(
+            num_chunks=manifest["num_chunks"],
+            chunk_size=manifest["chunk_size"],
+            num_neighbors=manifest["num_neighbors"],
+            num_seqs=manifest["num_seqs"],
+        )
         files = {
-            "chunks": (integrity.resolve(path, manifest, CHUNKS_FILE), (n, c + 1)),
-            "knn": (integrity.resolve(path, manifest, KNN_FILE), (n, k)),
-            "seqs": (integrity.resolve(path, manifest, SEQS_FILE), (int(num_sequences),)),
+            name: (format.resolve(path, manifest, file), tuple(shapes[file]))
+            for name, file in (("chunks", CHUNKS_FILE), ("knn", KNN_FILE), ("seqs", SEQS_FILE))
         }
-        doc_ids = integrity.resolve(path, manifest, DOC_IDS_FILE)
+        doc_ids = format.resolve(path, manifest, DOC_IDS_FILE)
         if doc_ids.is_file():
-            files["doc_ids"] = (doc_ids, (n,))
-        store = cls(files, pad_id=int(manifest.get("pad_id", 0)), eos_id=int(manifest.get("eos_id", 102)))
+            files["doc_ids"] = (doc_ids, tuple(shapes[DOC_IDS_FILE]))
+        store = cls(files, pad_id=manifest["pad_id"], eos_id=manifest["eos_id"])
         store.manifest = manifest
         return store
 

@@ -1,39 +1,35 @@
-"""The database's file names and ``manifest.json``, written last by a build (``retlm.retrieval.build``)
-and by every ``add()`` (``retlm.retrieval.add``); read by ``RetrievalDatabase.open``."""
+"""Writing ``manifest.json``, last, by a build (``retlm.retrieval.stages``) and by every ``add()``
+(``retlm.retrieval.add``); its schema and reader are ``retlm.retrieval.format``'s."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from retlm.integrity import seal
+from retlm.checksums import seal
 from retlm.retrieval import integrity
 from retlm.retrieval._storage import sha256_file, write_json
-from retlm.retrieval.index import Tuning
-from retlm.retrieval.sparse import BM25_FILES, has_dense, has_sparse
-
-FORMAT_VERSION = 2  # 2: LM tokenizer and embedder tokenizer recorded apart, document names
-DATA_FILES = (
-    "chunks.dat",
-    "doc_ids.dat",
-    "seqs.dat",
-    "doc_names.jsonl",
-    "embeddings.dat",
-    "knn.dat",
-    "index.faiss",
+from retlm.retrieval.format import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TOKENIZER_DIR,
+    array_shapes,
+    data_files,
+    has_dense,
 )
-CHUNK_FILES = ("chunks.dat", "doc_ids.dat", "seqs.dat", "doc_names.jsonl")
-DENSE_FILES = ("embeddings.dat", "index.faiss")
+from retlm.retrieval.index import Tuning
+from retlm.utils import deprecated_aliases
 
-
-def data_files(retriever: str) -> tuple[str, ...]:
-    """The data files of a database with ``retriever``: the chunk files and knn.dat, the embeddings and
-    the faiss index (dense, hybrid), the BM25 index (bm25, hybrid)."""
-    files = tuple(name for name in DATA_FILES if has_dense(retriever) or name not in DENSE_FILES)
-    return files + (tuple(BM25_FILES) if has_sparse(retriever) else ())
-
-
-LOCK_FILE = ".lock"  # held by every writer of the database (build stages, add); see retlm.locking
+# names that moved to format.py (issue #20), for one release
+__getattr__ = deprecated_aliases(
+    __name__,
+    {
+        "CHUNK_FILES": "retlm.retrieval.format:CHUNK_FILES",
+        "DATA_FILES": "retlm.retrieval.format:DATA_FILES",
+        "DENSE_FILES": "retlm.retrieval.format:DENSE_FILES",
+        "LOCK_FILE": "retlm.retrieval.format:LOCK_FILE",
+    },
+)
 
 
 def tuning_info(tuning: Tuning) -> dict[str, Any]:
@@ -62,19 +58,18 @@ def write_manifest(
     names = data_files(retriever)
     files = {name: name for name in names} | (files or {})
     c, k, n = settings["chunk_size"], settings["num_neighbors"], chunking["num_chunks"]
-    shapes = {
-        "chunks.dat": [n, c + 1],
-        "doc_ids.dat": [n],
-        "seqs.dat": [chunking["num_seqs"]],
-        "knn.dat": [n, k],
-    }
-    if has_dense(retriever):
-        shapes["embeddings.dat"] = [n, embedding_dim]
+    shapes = array_shapes(
+        num_chunks=n,
+        chunk_size=c,
+        num_neighbors=k,
+        num_seqs=chunking["num_seqs"],
+        embedding_dim=embedding_dim if has_dense(retriever) else None,
+    )
     manifest = {
         "retriever": retriever,
         "embed_backend": settings.get("embed_backend", "torch"),
         "format_version": FORMAT_VERSION,
-        "tokenizer": {**chunking["tokenizer"], "path": "tokenizer"},
+        "tokenizer": {**chunking["tokenizer"], "path": TOKENIZER_DIR},
         "embedder": settings["embedder"],
         "embedder_tokenizer": chunking["embedder_tokenizer"],
         "embedder_input": chunking["embedder_input"],
@@ -107,5 +102,5 @@ def write_manifest(
         "integrity": integrity.describe(path, files, retriever),
     }
     manifest = seal(manifest)
-    write_json(path / "manifest.json", manifest)
+    write_json(path / MANIFEST_FILE, manifest)
     return manifest

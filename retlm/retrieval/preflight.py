@@ -25,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from retlm.errors import OptionError, ResourceError, format_bytes, short_repr
+from retlm.retrieval.format import (
+    CHUNKING_FILE,
+    CHUNKS_FILE,
+    DOC_IDS_FILE,
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    KNN_FILE,
+    MANIFEST_FILE,
+)
 from retlm.retrieval.sources import Source, SourceOptions, open_source
 from retlm.utils import available_memory_bytes, free_disk_bytes
 
@@ -133,11 +142,11 @@ def estimate_build(n: int, config: Any, shape: EmbedderShape) -> BuildEstimate:
     exact = factory is None and n < config.exact_threshold or factory in ("Flat", "IDMap,Flat")
     per_vector = 4 * dim if exact else dim // 8 + 2 * dim + 8 if factory is None else dim
     parts = {
-        "chunks.dat": n * (c + 1) * 4,
-        "doc_ids.dat": n * 4,
-        "embeddings.dat": n * dim * itemsize,
-        "knn.dat": n * k * 4,
-        "index.faiss": n * per_vector,
+        CHUNKS_FILE: n * (c + 1) * 4,
+        DOC_IDS_FILE: n * 4,
+        EMBEDDINGS_FILE: n * dim * itemsize,
+        KNN_FILE: n * k * 4,
+        INDEX_FILE: n * per_vector,
     }
     width = c + 2
     batch = min(config.batch_size, max(n, 1))
@@ -246,13 +255,13 @@ def check_build(source: Any, path: Path, config: Any, stage: str, options: Sourc
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OptionError(f"output {path} exists and is not a folder")
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST_FILE).is_file():
         return None
     if stage not in ("all", "chunk"):
-        if not (path / "chunking.json").is_file():
+        if not (path / CHUNKING_FILE).is_file():
             raise OptionError(f"--stage {stage}: {path} has not been chunked; run --stage chunk first")
         return None
-    if (path / "chunking.json").is_file():
+    if (path / CHUNKING_FILE).is_file():
         return None  # chunked by an earlier run; the rest resumes
     if source is None:
         raise OptionError("the chunk stage needs a source (a folder, a file or an iterable of strings)")

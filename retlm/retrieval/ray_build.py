@@ -59,9 +59,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import read_json, write_json
-from retlm.retrieval.build import BuildConfig, _Builder
 from retlm.retrieval.chunking import Document, SkipReport
-from retlm.retrieval.database import RetrievalDatabase
+from retlm.retrieval.config import BuildConfig
+from retlm.retrieval.format import (
+    CHUNK_FILES,
+    CHUNKING_FILE,
+    CHUNKS_FILE,
+    DOC_IDS_FILE,
+    INDEX_INFO_FILE,
+    NAMES_FILE,
+    SEQS_FILE,
+    SHARDS_DIR,
+    TOKENIZER_DIR,
+)
 from retlm.retrieval.index import (
     add_rows,
     merge_indexes,
@@ -70,9 +80,9 @@ from retlm.retrieval.index import (
     train_index,
     write_index,
 )
-from retlm.retrieval.manifest import CHUNK_FILES
-from retlm.retrieval.shards import _merge_shards, shard_rows
+from retlm.retrieval.shards import merge_shards, shard_rows
 from retlm.retrieval.sources import Part, Source, SourceOptions, provenance, read_parts, split_part
+from retlm.retrieval.stages import Builder
 
 RAY_EXTRA = "pip install 'retlm[ray]'"
 MAX_RETRIES = 3
@@ -100,9 +110,10 @@ def build_with_ray(
     address: str | None = None,
     num_shards: int | None = None,
     progress: bool = True,
-) -> RetrievalDatabase:
+) -> Path:
     """Build the database of ``source`` (resolved by ``retlm.retrieval.sources``; None once chunked) at
-    ``path`` with Ray. The chunk stage's tasks read the source's files, or row and byte ranges of them
+    ``path`` with Ray; the finished database's folder (resolved), which ``build_database`` opens with the
+    reader. The chunk stage's tasks read the source's files, or row and byte ranges of them
     (``_document_groups``).
 
     ``address``: a running cluster (``ray.init(address=...)``); without it, an already initialised Ray
@@ -112,9 +123,9 @@ def build_with_ray(
     ray = require_ray()
     config.validate()  # num_shards: checked by BuildOptions.validate (build_database is the caller)
     path = Path(path).resolve()
-    builder = _Builder(path, config, progress)  # checks the options against an unfinished build
+    builder = Builder(path, config, progress)  # checks the options against an unfinished build
     if builder.finished():
-        return RetrievalDatabase.open(path, verify=False)
+        return path
     started = not ray.is_initialized()
     if started and address is None:  # a local Ray for this build
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -126,7 +137,7 @@ def build_with_ray(
     finally:
         if started:
             ray.shutdown()
-    return RetrievalDatabase.open(path, verify=False)
+    return path
 
 
 class _Driver:
@@ -169,7 +180,7 @@ class _Driver:
 
     def run(self, source: Source | None) -> None:
         path, opts, s = str(self.path), self.options, self.shards
-        if not (self.path / "chunking.json").is_file():
+        if not (self.path / CHUNKING_FILE).is_file():
             if source is None:
                 raise ValueError("the chunk stage needs a source (a folder, a file or a sequence of strings)")
             groups = _document_groups(source, s)
@@ -185,13 +196,13 @@ class _Driver:
             ]
             SkipReport(*self.wait(refs, "chunk merge")[0]).warn()
         # as the single-process build: no chunk from a source, or too few for an IVF factory, stops here
-        _Builder(self.path, self.config, progress=False).check_chunked(source)
+        Builder(self.path, self.config, progress=False).check_chunked(source)
         refs = [
             self.submit(_stage_task, path, opts, "embed", (i, s), name=f"embed {i}/{s}", gpu=True)
             for i in range(s)
         ]
         self.wait(refs, "embed")
-        if not (self.path / "index.json").is_file():
+        if not (self.path / INDEX_INFO_FILE).is_file():
             refs = [self.submit(_train_task, path, opts, name="index train", whole_node=True)]
             factory = self.wait(refs, "index train")[0]
             refs = [
@@ -237,7 +248,7 @@ def _document_groups(source: Source, shards: int) -> list[tuple[str, list]]:
 
 
 def _chunk_dir(path: Path, shard: int, shards: int) -> Path:
-    return path / "shards" / f"chunk-{shard:05d}-of-{shards:05d}"
+    return path / SHARDS_DIR / f"chunk-{shard:05d}-of-{shards:05d}"
 
 
 def _chunk_task(
@@ -250,9 +261,9 @@ def _chunk_task(
 ) -> None:
     """Chunk one group of documents into its own folder, exactly as the single-process chunk stage."""
     folder = _chunk_dir(Path(path), shard, shards)
-    if (folder / "chunking.json").is_file():
+    if (folder / CHUNKING_FILE).is_file():
         return
-    builder = _Builder(folder, BuildConfig(**options), progress=False)
+    builder = Builder(folder, BuildConfig(**options), progress=False)
     report = SkipReport()
     kind, items = group
     if kind == "parts":  # read as the single-process build reads them (retlm.retrieval.sources)
@@ -273,32 +284,32 @@ def _merge_chunks_task(
     renumbered after the shards before), atomically, with the source's ``entry`` and counts; returns what
     was skipped (the fields of a ``SkipReport``)."""
     root = Path(path)
-    if (root / "chunking.json").is_file():
-        return _skipped(read_json(root / "chunking.json"))
+    if (root / CHUNKING_FILE).is_file():
+        return _skipped(read_json(root / CHUNKING_FILE))
     folders = [_chunk_dir(root, i, shards) for i in range(shards)]
-    infos = [read_json(f / "chunking.json") for f in folders]
+    infos = [read_json(f / CHUNKING_FILE) for f in folders]
     tmp = {name: root / f".{name}.tmp" for name in CHUNK_FILES}
     docs = chunks = 0
     with (
-        open(tmp["chunks.dat"], "wb") as chunks_out,
-        open(tmp["doc_ids.dat"], "wb") as doc_ids_out,
-        open(tmp["seqs.dat"], "wb") as seqs_out,
-        open(tmp["doc_names.jsonl"], "wb") as names_out,
+        open(tmp[CHUNKS_FILE], "wb") as chunks_out,
+        open(tmp[DOC_IDS_FILE], "wb") as doc_ids_out,
+        open(tmp[SEQS_FILE], "wb") as seqs_out,
+        open(tmp[NAMES_FILE], "wb") as names_out,
     ):
         for folder, info in zip(folders, infos, strict=True):
-            for name, out in (("chunks.dat", chunks_out), ("doc_names.jsonl", names_out)):
+            for name, out in ((CHUNKS_FILE, chunks_out), (NAMES_FILE, names_out)):
                 with open(folder / name, "rb") as part:
                     shutil.copyfileobj(part, out, 1 << 24)
-            _copy_offset(folder / "doc_ids.dat", doc_ids_out, docs)
-            _copy_offset(folder / "seqs.dat", seqs_out, chunks)
+            _copy_offset(folder / DOC_IDS_FILE, doc_ids_out, docs)
+            _copy_offset(folder / SEQS_FILE, seqs_out, chunks)
             docs, chunks = docs + info["num_docs"], chunks + info["num_chunks"]
-    _save_tokenizer_folder(folders[0] / "tokenizer", root / "tokenizer")
+    _save_tokenizer_folder(folders[0] / TOKENIZER_DIR, root / TOKENIZER_DIR)
     for name, file in tmp.items():
         os.replace(file, root / name)
     merged = _merge_infos(infos)
     report = SkipReport.from_record(merged)
     merged.update(report.recorded(), sources=[provenance(entry, report, merged["num_docs"])])
-    write_json(root / "chunking.json", merged)
+    write_json(root / CHUNKING_FILE, merged)
     return _skipped(merged)
 
 
@@ -344,7 +355,7 @@ def _merge_infos(infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- stages
 def _stage_task(path: str, options: dict[str, Any], stage: str, shard: tuple[int, int] | None) -> None:
     """One shard of a single-process stage (``embed`` / ``neighbors``), or ``finalize``."""
-    builder = _Builder(Path(path), BuildConfig(**options), progress=False)
+    builder = Builder(Path(path), BuildConfig(**options), progress=False)
     if stage == "finalize":
         if not builder.finished():
             builder.finalize()
@@ -353,7 +364,7 @@ def _stage_task(path: str, options: dict[str, Any], stage: str, shard: tuple[int
 
 
 def _index_files(path: Path, shards: int) -> tuple[Path, list[Path]]:
-    folder = path / "shards"
+    folder = path / SHARDS_DIR
     parts = [folder / f"index-{i:05d}-of-{shards:05d}.faiss" for i in range(shards)]
     return folder / "index-trained.faiss", parts
 
@@ -361,8 +372,8 @@ def _index_files(path: Path, shards: int) -> tuple[Path, list[Path]]:
 def _train_task(path: str, options: dict[str, Any]) -> str:
     """Merge the embedding shards, train the index once (the single-process sample); its factory."""
     root, config = Path(path), BuildConfig(**options)
-    builder = _Builder(root, config, progress=False)
-    _merge_shards(root, "embeddings")
+    builder = Builder(root, config, progress=False)
+    merge_shards(root, "embeddings")
     embeddings = builder.embeddings()
     factory = builder.factory(embeddings)
     trained, _ = _index_files(root, 1)
@@ -377,7 +388,7 @@ def _add_task(path: str, options: dict[str, Any], factory: str, shard: tuple[int
     trained, parts = _index_files(root, shard[1])
     if parts[shard[0]].is_file():
         return
-    embeddings = _Builder(root, BuildConfig(**options), progress=False).embeddings()
+    embeddings = Builder(root, BuildConfig(**options), progress=False).embeddings()
     part = mergeable_empty(read_index(trained))
     add_rows(part, embeddings, shard_rows(len(embeddings), shard), progress=False)
     write_index(part, parts[shard[0]])
@@ -386,8 +397,8 @@ def _add_task(path: str, options: dict[str, Any], factory: str, shard: tuple[int
 def _merge_index_task(path: str, options: dict[str, Any], factory: str, shards: int) -> None:
     """Merge the shards' indexes in row order, tune the search, write index.faiss and index.json."""
     root = Path(path)
-    builder = _Builder(root, BuildConfig(**options), progress=False)
-    if (root / "index.json").is_file():
+    builder = Builder(root, BuildConfig(**options), progress=False)
+    if (root / INDEX_INFO_FILE).is_file():
         return
     trained, parts = _index_files(root, shards)
     index = merge_indexes(read_index(trained), (read_index(p) for p in parts))

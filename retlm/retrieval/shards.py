@@ -9,6 +9,7 @@ from pathlib import Path
 
 from retlm.errors import short_repr
 from retlm.retrieval._storage import is_complete
+from retlm.retrieval.format import SHARDS_DIR
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -39,16 +40,16 @@ def shard_rows(num_rows: int, shard: tuple[int, int] | None, align: int = 1) -> 
     return boundary(i), boundary(i + 1)
 
 
-def _shard_file(path: Path, kind: str, shard: tuple[int, int]) -> Path:
-    return path / "shards" / f"{kind}-{shard[0]:05d}-of-{shard[1]:05d}.dat"
+def shard_file(path: Path, kind: str, shard: tuple[int, int]) -> Path:
+    return path / SHARDS_DIR / f"{kind}-{shard[0]:05d}-of-{shard[1]:05d}.dat"
 
 
-def _merge_shards(path: Path, kind: str) -> None:
+def merge_shards(path: Path, kind: str) -> None:
     """Concatenate complete shard files ``shards/{kind}-i-of-n.dat`` into ``{kind}.dat`` (atomically)."""
     target = path / f"{kind}.dat"
     if is_complete(target):
         return
-    files = sorted((path / "shards").glob(f"{kind}-*-of-*.dat"))
+    files = sorted((path / SHARDS_DIR).glob(f"{kind}-*-of-*.dat"))
     if not files:
         raise RuntimeError(
             f"{path}: no {kind} found: run the '{'embed' if kind == 'embeddings' else 'neighbors'}' "
@@ -56,14 +57,14 @@ def _merge_shards(path: Path, kind: str) -> None:
         )
     counts = {f.stem.split("-of-")[1] for f in files}
     if len(counts) != 1:
-        raise RuntimeError(f"{path / 'shards'}: {kind} shards of different shard counts: {sorted(counts)}")
+        raise RuntimeError(f"{path / SHARDS_DIR}: {kind} shards of different shard counts: {sorted(counts)}")
     n = int(counts.pop())
-    missing = [i for i in range(n) if not is_complete(_shard_file(path, kind, (i, n)))]
+    missing = [i for i in range(n) if not is_complete(shard_file(path, kind, (i, n)))]
     if missing:
         raise RuntimeError(f"{path}: {kind} shards {missing} of {n} are not finished")
     tmp = path / f".{kind}.dat.tmp"
     with open(tmp, "wb") as out:
         for i in range(n):
-            with open(_shard_file(path, kind, (i, n)), "rb") as part:
+            with open(shard_file(path, kind, (i, n)), "rb") as part:
                 shutil.copyfileobj(part, out, 1 << 24)
     os.replace(tmp, target)

@@ -9,9 +9,9 @@
   a chunk's score is the sum over the rankings of ``1 / (RRF_K + rank)``, rank from 1.
 
 A database with ``bm25`` has no embeddings and no faiss index; ``hybrid`` has both indexes. The BM25
-index lives in the ``BM25_FILES`` of the database folder, each under the checksums of the manifest.
-Scores returned: BM25 scores (``bm25``), fused scores (``hybrid``). A BM25 hit that shares no word with
-the query scores 0 and is returned as no neighbor (``-1``).
+index lives in the ``BM25_FILES`` (``retlm.retrieval.format``) of the database folder, each under the
+checksums of the manifest. Scores returned: BM25 scores (``bm25``), fused scores (``hybrid``). A BM25
+hit that shares no word with the query scores 0 and is returned as no neighbor (``-1``).
 """
 
 from __future__ import annotations
@@ -25,27 +25,27 @@ from typing import Any
 import numpy as np
 
 from retlm.compat import bm25_save_kwargs
+from retlm.retrieval.format import BM25_FILES
+from retlm.utils import deprecated_aliases
+
+# names that moved to format.py (issue #20), for one release
+__getattr__ = deprecated_aliases(
+    __name__,
+    {
+        "RETRIEVERS": "retlm.retrieval.format:RETRIEVERS",
+        "has_dense": "retlm.retrieval.format:has_dense",
+        "has_sparse": "retlm.retrieval.format:has_sparse",
+        "BM25_ARRAYS": "retlm.retrieval.format:BM25_ARRAYS",
+    },
+)
 
 RRF_K = 60
 BM25_PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene"}
 # logical name -> bm25s's save() / load() keyword for that file
-BM25_FILES = {
-    "bm25_data.npy": "data_name",
-    "bm25_indices.npy": "indices_name",
-    "bm25_indptr.npy": "indptr_name",
-    "bm25_vocab.json": "vocab_name",
-    "bm25_params.json": "params_name",
-}
-BM25_ARRAYS = ("bm25_data.npy", "bm25_indices.npy", "bm25_indptr.npy")  # memory-mapped, sampled on open
+BM25_KEYWORDS = dict(
+    zip(BM25_FILES, ("data_name", "indices_name", "indptr_name", "vocab_name", "params_name"), strict=True)
+)
 TEXT_BLOCK = 4096
-
-
-def has_dense(retriever: str) -> bool:
-    return retriever in ("dense", "hybrid")
-
-
-def has_sparse(retriever: str) -> bool:
-    return retriever in ("bm25", "hybrid")
 
 
 def _word_tokenizer():
@@ -88,7 +88,7 @@ def build_bm25(
     tmp = Path(folder) / ".bm25.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = {BM25_FILES[k]: v for k, v in names.items()}
+    files = {BM25_KEYWORDS[k]: v for k, v in names.items()}
     retriever.save(tmp, **files, **bm25_save_kwargs(retriever.save))
     for target in names.values():
         os.replace(tmp / target, Path(folder) / target)
@@ -101,7 +101,7 @@ class BM25Searcher:
     def __init__(self, folder: Path, files: dict[str, str]):
         import bm25s
 
-        kwargs = {keyword: files.get(logical, logical) for logical, keyword in BM25_FILES.items()}
+        kwargs = {keyword: files.get(logical, logical) for logical, keyword in BM25_KEYWORDS.items()}
         self.retriever = bm25s.BM25.load(folder, mmap=True, load_corpus=False, **kwargs)
         self.ntotal = int(self.retriever.scores["num_docs"])
 

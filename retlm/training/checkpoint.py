@@ -75,7 +75,7 @@ def final_model_step(run_dir: Path) -> int | None:
 
 def seal_model_dir(folder: Path) -> None:
     """Record the sha256 of every file of a model folder or checkpoint in ``retlm_checksums.json``."""
-    from retlm.integrity import write_folder_checksums
+    from retlm.checksums import write_folder_checksums
 
     write_folder_checksums(folder)
 

@@ -15,19 +15,14 @@ lower-cased and whitespace-normalised, so it is within a few percent of, not equ
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from retlm.data import (
     IGNORE_INDEX,
@@ -46,30 +41,7 @@ from retlm.training.checkpoint import check_model_fits_database
 from retlm.training.options import SPLITS
 from retlm.training.precision import autocast_for, resolve_device, resolve_precision
 from retlm.training.resources import check_training_memory
-
-
-@dataclass
-class Score:
-    """Sums over scored tokens; the ratios are properties."""
-
-    nll: float  # natural-log negative log-likelihood, summed
-    tokens: int
-    bytes: int = 0
-
-    @property
-    def loss(self) -> float:
-        return self.nll / max(self.tokens, 1)
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
-
-    @property
-    def bits_per_byte(self) -> float | None:
-        return self.nll / math.log(2) / self.bytes if self.bytes else None
-
-    def as_dict(self) -> dict[str, float | None]:
-        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+from retlm.training.scoring import Score, causal_lm_loss, scoring_batches
 
 
 def paired_bootstrap(
@@ -93,25 +65,6 @@ def paired_bootstrap(
         float(np.quantile(ratios, 0.025)),
         float(np.quantile(ratios, 0.975)),
     )
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of ``logits (batch, seq, vocab)`` against already shifted ``labels (batch, seq)``."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
-    )
-
-
-def _shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
-    return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
-
-
-def scoring_batches(
-    dataset: Dataset, batch_size: int, collate: RetroCollator, rank: int, world_size: int, desc: str | None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of this rank's share of ``dataset``, with a progress bar when ``desc`` is set."""
-    loader = DataLoader(_shard(dataset, rank, world_size), batch_size=batch_size, collate_fn=collate)
-    return iter(tqdm(loader, desc=desc, leave=False, dynamic_ncols=True) if desc else loader)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

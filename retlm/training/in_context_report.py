@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from retlm.training.evaluation import Score, paired_bootstrap
+from retlm.training.evaluation import paired_bootstrap
 from retlm.training.in_context_scoring import VARIANTS
 from retlm.training.overlap import BUCKET_NAMES, UNBUCKETED
+from retlm.training.scoring import Score
 
 DIFFERENCES = (
     ("with_retrieval", "without_retrieval"),

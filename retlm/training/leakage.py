@@ -26,7 +26,6 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from retlm.data import IGNORE_INDEX, RetroCollator
-from retlm.training.evaluation import Score, causal_lm_loss, scoring_batches
 from retlm.training.overlap import (
     BUCKET_NAMES,
     UNBUCKETED,
@@ -35,6 +34,7 @@ from retlm.training.overlap import (
     sequence_overlaps,
     target_buckets,
 )
+from retlm.training.scoring import Score, causal_lm_loss, scoring_batches
 
 UNBUCKETED_NAME = "not bucketed"  # chunk 0 of each sequence (reads no neighbor) and the extra target
 VARIANTS = (("with_retrieval", True), ("without_retrieval", False))
