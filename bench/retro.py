@@ -58,7 +58,7 @@ from retlm import RETRO
 from retlm.compat import output_cache
 from retlm.layers.attention import KVCache
 from retlm.models.retro.convert import from_retro_pytorch
-from retlm.models.retro.generation import generate_with_retrieval
+from retlm.models.retrieval_generation import generate_with_retrieval
 
 MiB = 2**20
 

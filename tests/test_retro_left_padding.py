@@ -17,7 +17,7 @@ from test_decode_steps import CallLog, FakeDatabase, assert_incremental, retro_m
 from training_helpers import build_real_database, left_pad, tiny_bert_embedder
 
 from retlm import RETRO
-from retlm.models.retro.generation import generate_with_retrieval
+from retlm.models.retrieval_generation import generate_with_retrieval
 
 C = 4
 VOCAB = 64

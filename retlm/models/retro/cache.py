@@ -8,36 +8,20 @@ from typing import Any
 from torch import Tensor
 
 from retlm.layers.attention import KVCache
+from retlm.layers.neighbors import NeighborState
 
 
 @dataclass
-class RetroCache:
-    """Decoding state of a RETRO model (all rows of the batch share one column position).
-
-    Attributes:
-        position: number of tokens processed so far (absolute position of the next token).
-        layers: per decoder layer, the rotated self-attention keys and values (a growing ``KVCache``,
-            ``(batch, heads, position, dim_head)``; transformer decoder), or the retention state
-            (RetNet decoder: constant size), or None before the first call.
-        context: ``(batch, position % chunk_size, dec_dim)`` decoder states, at the first CCA layer, of
-            the current incomplete chunk; the encoder is conditioned on them once the chunk completes.
-        neighbors: ``(batch, k, r, dec_dim)`` encoded neighbors of the last completed chunk (read by the
-            tokens up to the end of the following chunk), or None when that chunk had no retrieval.
-        neighbor_mask: ``(batch, k, r)`` bool, True = real neighbor token.
-        padding: ``(batch,)`` leading padding columns of each row when the prompt was left-padded, else
-            None. Row ``i``'s token at column ``t`` then sits at position ``t - padding[i]``, its chunks
-            are counted from its first real token, and (left-padded mode only) ``context`` holds the
-            states of the last ``chunk_size - 1`` columns, ``neighbors`` each row's own last completed
-            chunk's encoded neighbors, ``neighbor_valid (batch,)`` whether that chunk had retrieval.
+class RetroCache(NeighborState):
+    """Decoding state of a RETRO model (all rows of the batch share one column position): the
+    neighbors' side (:class:`~retlm.layers.neighbors.NeighborState`: ``position``, ``context``,
+    ``neighbors``, ``neighbor_mask``, ``padding``, ``neighbor_valid``) and, in ``layers``, per decoder
+    layer the rotated self-attention keys and values (a growing ``KVCache``, ``(batch, heads, position,
+    dim_head)``; transformer decoder), or the retention state (RetNet decoder: constant size), or None
+    before the first call.
     """
 
-    position: int = 0
     layers: list[Any] = field(default_factory=list)
-    context: Tensor | None = None
-    neighbors: Tensor | None = None
-    neighbor_mask: Tensor | None = None
-    padding: Tensor | None = None
-    neighbor_valid: Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
@@ -69,11 +53,6 @@ class RetroCache:
             return value
 
         self.layers = [select(state) for state in self.layers]
-        self.context, self.neighbors, self.neighbor_mask = (
-            select(self.context),
-            select(self.neighbors),
-            select(self.neighbor_mask),
-        )
-        self.padding, self.neighbor_valid = select(self.padding), select(self.neighbor_valid)
+        self.select_rows(indices)
 
     reorder_cache = batch_select_indices

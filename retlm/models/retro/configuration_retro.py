@@ -4,14 +4,15 @@ choice ("transformer" or "retnet") and the switches needed to reproduce retro-py
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import Any
 
 from transformers import PretrainedConfig
 
+from retlm.layers.neighbor_encoder import CCA_QUERY_POSITIONS, RetrievalLayersConfig
 from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA
 
 DECODERS = ("transformer", "retnet")
-CCA_QUERY_POSITIONS = ("paper", "retro_pytorch")
 BERT_CASED_VOCAB_SIZE = 28996  # retro-pytorch's default num_tokens (bert-base-cased)
 
 
@@ -187,9 +188,9 @@ class RetroConfig(PretrainedConfig):
         """Whether decoder layer ``layer`` (1-based) has chunked cross-attention."""
         return self.dec_cross_attn_layers is None or layer in self.dec_cross_attn_layers
 
-    def enc_has_cross_attn(self, layer: int) -> bool:
-        """Whether encoder layer ``layer`` (1-based) cross-attends to the retrieving chunk."""
-        return self.enc_cross_attn_layers is None or layer in self.enc_cross_attn_layers
+    def retrieval_layers(self) -> RetrievalLayersConfig:
+        """The fields of this config that the shared retrieval layers (encoder, CCA, norms) read."""
+        return RetrievalLayersConfig(**{f.name: getattr(self, f.name) for f in fields(RetrievalLayersConfig)})
 
 
 # ---- what a config mapping may hold, and of which types (a yaml file, a config.json) ----

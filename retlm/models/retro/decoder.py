@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from retlm.layers.attention import Attention
+from retlm.layers.neighbor_encoder import Residual, chunked_cross_attention, feed_forward
+from retlm.layers.neighbors import cross_attend
+from retlm.models.padding import RowPadding
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.neighbors import cross_attend
-from retlm.models.retro.padding import RowPadding
-from retlm.models.retro.sublayers import Residual, chunked_cross_attention, feed_forward
 
 
 class RetroDecoderLayer(nn.Module):
@@ -22,6 +22,7 @@ class RetroDecoderLayer(nn.Module):
     def __init__(self, config: RetroConfig, has_cca: bool) -> None:
         super().__init__()
         dim, scale = config.dec_dim, config.dec_scale_residual
+        layers = config.retrieval_layers()
         self.is_retnet = config.decoder_type == "retnet"
         if self.is_retnet:
             from retlm.layers.retention import MultiScaleRetention  # the RetNet decoder only
@@ -42,13 +43,13 @@ class RetroDecoderLayer(nn.Module):
                 dropout=config.dec_attn_dropout,
                 rotary_dim=config.rotary_dim,
             )
-        self.self_attn_norm = Residual(dim, config, scale)
-        self.cca = chunked_cross_attention(dim, config) if has_cca else None
-        self.cca_norm = Residual(dim, config, scale) if has_cca else None
+        self.self_attn_norm = Residual(dim, layers, scale)
+        self.cca = chunked_cross_attention(dim, layers) if has_cca else None
+        self.cca_norm = Residual(dim, layers, scale) if has_cca else None
         if self.cca is not None and config.zero_init_cca:
             self.cca.attn.to_out.zero_init = True  # read by RetroPreTrainedModel._init_weights
-        self.ff = feed_forward(dim, config, config.dec_ff_dropout)
-        self.ff_norm = Residual(dim, config, scale)
+        self.ff = feed_forward(dim, layers, config.dec_ff_dropout)
+        self.ff_norm = Residual(dim, layers, scale)
 
     def mix(
         self,

@@ -29,7 +29,7 @@ forward with the same neighbors (tested).
 
 Left padding (``attention_mask`` of zeros, then ones) batches prompts of different lengths: each row's
 positions, chunks and neighbors are counted from its first real token, as if it ran alone
-(:mod:`retlm.models.retro.padding`, :func:`retlm.models.retro.neighbors.row_neighbors_for_call`).
+(:mod:`retlm.models.padding`, :func:`retlm.layers.neighbors.row_neighbors_for_call`).
 """
 
 from __future__ import annotations
@@ -43,32 +43,18 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
-from retlm.models.retro.cache import RetroCache
-from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.decoder import RetroDecoderLayer, cross_and_feed_forward, mix_only
-from retlm.models.retro.encoder import RetroEncoder, RetroEncoderLayer  # noqa: F401  (importable here)
-from retlm.models.retro.neighbors import (
+from retlm.layers.neighbor_encoder import RetroEncoder, final_norm, init_retrieval_weights
+from retlm.layers.neighbors import (
     check_retrieved,
     encode_neighbors,
     neighbors_for_call,
     row_neighbors_for_call,
 )
-from retlm.models.retro.padding import (  # noqa: F401  (check_right_padding: importable here)
-    RowPadding,
-    check_right_padding,
-    left_padding,
-    row_padding,
-)
-from retlm.models.retro.sublayers import (  # noqa: F401  (GatedScaledL2Norm, Residual: importable here)
-    GatedScaledL2Norm,
-    Residual,
-    final_norm,
-)
-from retlm.models.retro.weights import (  # noqa: F401  (config_difference: importable here)
-    StrictLoadingMixin,
-    config_difference,
-    init_retro_module,
-)
+from retlm.models.padding import RowPadding, left_padding, row_padding
+from retlm.models.retro.cache import RetroCache
+from retlm.models.retro.configuration_retro import RetroConfig
+from retlm.models.retro.decoder import RetroDecoderLayer, cross_and_feed_forward, mix_only
+from retlm.models.retro.weights import StrictLoadingMixin
 from retlm.ops.retention import RETENTION_MODES
 
 # -- models -------------------------------------------------------------------------------------------
@@ -86,7 +72,7 @@ class RetroPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        init_retro_module(module)
+        init_retrieval_weights(module)
 
 
 def at_least_float32(logits: Tensor) -> Tensor:
@@ -109,11 +95,11 @@ class RetroModel(RetroPreTrainedModel):
         self.to_decoder_model_dim = (
             nn.Linear(config.enc_dim, config.dec_dim) if config.enc_dim != config.dec_dim else nn.Identity()
         )
-        self.encoder = RetroEncoder(config)
+        self.encoder = RetroEncoder(config.retrieval_layers())
         self.layers = nn.ModuleList(
             RetroDecoderLayer(config, config.dec_has_cca(i)) for i in range(1, config.dec_depth + 1)
         )
-        self.norm_out = final_norm(config.dec_dim, config)
+        self.norm_out = final_norm(config.dec_dim, config.retrieval_layers())
         cca_layers = [i for i, layer in enumerate(self.layers) if layer.cca is not None]
         self.context_layer = cca_layers[0] if cca_layers else None
         self.gradient_checkpointing = False
@@ -234,7 +220,13 @@ class RetroModel(RetroPreTrainedModel):
         if cache is not None:
             self.check_cache(cache, batch)
         start = cache.position if cache is not None else 0
-        pad = left_padding(attention_mask, cache, start, seq_len, cache is not None or bool(use_cache))
+        pad = left_padding(
+            attention_mask,
+            None if cache is None else cache.padding,
+            start,
+            seq_len,
+            cache is not None or bool(use_cache),
+        )
         dtype = self.token_emb.weight.dtype
         padding = None if pad is None else row_padding(pad.to(input_ids.device), start, seq_len, dtype)
         if start + seq_len > config.max_seq_len:
@@ -349,14 +341,14 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
 
     def generate(self, *args: Any, retrieval_database: Any = None, **kwargs: Any) -> Any:
         """HF ``generate``, or, with ``retrieval_database=db``, generation that retrieves from ``db`` at
-        every chunk boundary (see :func:`retlm.models.retro.generation.generate_with_retrieval`, whose
+        every chunk boundary (see :func:`retlm.models.retrieval_generation.generate_with_retrieval`, whose
         keyword options it takes: ``max_new_tokens, do_sample, temperature, top_k, top_p, ...``); it then
         returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbors used per chunk.
         Either way, a left-padded ``attention_mask`` batches prompts of different lengths (each row as if
         alone, retrieving at its own chunk boundaries)."""
         if retrieval_database is None:
             return super().generate(*args, **kwargs)
-        from retlm.models.retro.generation import generate_with_retrieval
+        from retlm.models.retrieval_generation import generate_with_retrieval
 
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         return generate_with_retrieval(self, retrieval_database, input_ids, **kwargs)
@@ -409,11 +401,3 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
             **cache_kwargs(outputs.past_key_values),
         )
         return out.to_tuple() if return_dict is False else out
-
-
-def __getattr__(name: str) -> Any:
-    if name == "RETRO":  # built on RetroForCausalLM, in its own module (imported late: no cycle)
-        from retlm.models.retro.compat_retro_pytorch import RETRO
-
-        return RETRO
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from retlm.models.retro.configuration_retro import CCA_QUERY_POSITIONS, RetroConfig
+from retlm.layers.neighbor_encoder import CCA_QUERY_POSITIONS, RetrievalLayersConfig
 
 # The base's config fields that an adapter depends on; loading refuses a base that differs in one.
 BASE_SIGNATURE = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
@@ -127,34 +127,27 @@ class RetroFitConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)  # the base ties its own weights, if it does
         super().__init__(**kwargs)
 
-    def retro_config(self) -> RetroConfig:
-        """The :class:`RetroConfig` of the adapter's RETRO pieces: the encoder reads ``enc_dim`` neighbor
-        vectors and cross-attends to, and projects out to, the base's ``hidden_size``; every CCA starts
-        with a zero output projection."""
+    def retrieval_layers(self) -> RetrievalLayersConfig:
+        """The shape of the adapter's retrieval layers: the encoder reads ``enc_dim`` neighbor vectors and
+        cross-attends to, and projects out to, the base's ``hidden_size``."""
         if not (self.hidden_size and self.num_hidden_layers and self.heads and self.cca_layers):
             raise ValueError(
                 "this RetroFitConfig names no base shape; build it with RetroFitForCausalLM.from_base"
             )
-        return RetroConfig(
-            num_tokens=self.vocab_size,
-            max_seq_len=self.max_seq_len or 2**31 - 1,
+        return RetrievalLayersConfig(
             enc_dim=self.enc_dim,
-            enc_depth=self.enc_depth,
             dec_dim=self.hidden_size,
-            dec_depth=self.num_hidden_layers,
-            dec_cross_attn_layers=self.cca_layers,
+            enc_depth=self.enc_depth,
             heads=self.heads,
             dim_head=self.dim_head,
             rotary_dim=self.rotary_dim,
             chunk_size=self.chunk_size,
-            pad_id=self.pad_id,
             ff_mult=self.ff_mult,
             norm_eps=self.norm_eps,
             cca_query_positions=self.cca_query_positions,
             enc_attn_dropout=self.enc_attn_dropout,
             enc_ff_dropout=self.enc_ff_dropout,
             dec_attn_dropout=self.cca_dropout,
-            zero_init_cca=True,
         )
 
 

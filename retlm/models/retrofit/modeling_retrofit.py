@@ -13,12 +13,12 @@ state of a RetNet, a ``RetroCache`` for a RETRO control) and ``generate()`` are 
 CCA output projection starts at zero, so a fresh RETRO-fitted model computes exactly its base; the
 base's parameters are frozen, and only the adapter (:class:`RetroFitAdapter`) trains.
 
-The encoder, the CCA layers and the chunk alignment are RETRO's own (:mod:`retlm.models.retro.modeling_retro`,
-:mod:`retlm.models.retro.neighbors`): the tokens of chunk u+1 (and the last token of chunk u) read the
+The encoder, the CCA layers and the chunk alignment are RETRO's own (:mod:`retlm.layers.neighbor_encoder`,
+:mod:`retlm.layers.neighbors`): the tokens of chunk u+1 (and the last token of chunk u) read the
 neighbors retrieved for chunk u, never a neighbor retrieved with their own future.
 
 Incremental decoding follows :class:`~retlm.models.retro.RetroForCausalLM`'s contract (the loop of
-:mod:`retlm.models.retro.generation` drives it): a call receives, in ``retrieved``, the neighbors of
+:mod:`retlm.models.retrieval_generation` drives it): a call receives, in ``retrieved``, the neighbors of
 every chunk whose last token is among its ``input_ids``. The adapter's decoding state (position, the
 states of the current chunk, the encoded neighbors of the last completed one) travels on the base's
 own cache object, as its attribute :data:`STATE_ATTR`.
@@ -44,19 +44,22 @@ from torch.nn.modules.module import _IncompatibleKeys
 from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import CausalLMOutputWithCache, cache_kwargs, output_cache, resolve_cache
-from retlm.models.pretrained import KNOWN
-from retlm.models.retro.cache import RetroCache
-from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.encoder import RetroEncoder
-from retlm.models.retro.modeling_retro import check_right_padding
-from retlm.models.retro.neighbors import (
+from retlm.layers.neighbor_encoder import (
+    Residual,
+    RetrievalLayersConfig,
+    RetroEncoder,
+    chunked_cross_attention,
+    init_retrieval_weights,
+)
+from retlm.layers.neighbors import (
+    NeighborState,
     check_retrieved,
     cross_attend,
     encode_neighbors,
     neighbors_for_call,
 )
-from retlm.models.retro.sublayers import Residual, chunked_cross_attention
-from retlm.models.retro.weights import init_retro_module
+from retlm.models.padding import check_right_padding
+from retlm.models.pretrained import KNOWN
 from retlm.models.retrofit.base import (  # noqa: F401  (LAYER_PATHS, SUPPORTED: importable here)
     LAYER_PATHS,
     SUPPORTED,
@@ -79,13 +82,13 @@ UNBOUNDED = 2**31 - 1  # max_seq_len of a base without a position table (RetNet)
 class RetroFitBlock(nn.Module):
     """The sub-layer added after one base decoder layer: ``x + CCA(norm(x), encoded neighbors)``, with
     the CCA output projection zero at initialisation. Parameter names are those of
-    :class:`~retlm.models.retro.modeling_retro.RetroDecoderLayer` (``cca``, ``cca_norm``)."""
+    :class:`~retlm.models.retro.decoder.RetroDecoderLayer` (``cca``, ``cca_norm``)."""
 
-    def __init__(self, retro: RetroConfig) -> None:
+    def __init__(self, layers: RetrievalLayersConfig) -> None:
         super().__init__()
-        self.cca_norm = Residual(retro.dec_dim, retro, None)
-        self.cca = chunked_cross_attention(retro.dec_dim, retro)
-        self.cca.attn.to_out.zero_init = True  # read by init_retro_module
+        self.cca_norm = Residual(layers.dec_dim, layers, None)
+        self.cca = chunked_cross_attention(layers.dec_dim, layers)
+        self.cca.attn.to_out.zero_init = True  # read by init_retrieval_weights
 
     def forward(self, x: Tensor, start: int, neighbors: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
         """``x (batch, seq, hidden)`` of positions ``start ..`` -> same shape."""
@@ -98,10 +101,10 @@ class RetroFitAdapter(nn.Module):
 
     def __init__(self, config: RetroFitConfig) -> None:
         super().__init__()
-        retro = config.retro_config()
-        self.embed_proj = nn.Linear(config.embedding_dim, retro.enc_dim, bias=False)
-        self.encoder = RetroEncoder(retro)
-        self.blocks = nn.ModuleDict({str(layer): RetroFitBlock(retro) for layer in config.cca_layers})
+        layers = config.retrieval_layers()
+        self.embed_proj = nn.Linear(config.embedding_dim, layers.enc_dim, bias=False)
+        self.encoder = RetroEncoder(layers)
+        self.blocks = nn.ModuleDict({str(layer): RetroFitBlock(layers) for layer in config.cca_layers})
 
 
 @dataclass
@@ -112,7 +115,7 @@ class _Call:
 
     start: int
     retrieved: Tensor | None
-    state: RetroCache | None
+    state: NeighborState | None
     neighbors: tuple[Tensor, Tensor, Tensor | None] | None = None
 
 
@@ -311,7 +314,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        init_retro_module(module)
+        init_retrieval_weights(module)
 
     def train(self, mode: bool = True) -> RetroFitForCausalLM:
         """The adapter trains; the frozen base stays in eval mode (no dropout), as it is not trained."""
@@ -334,11 +337,11 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args: Any, retrieval_database: Any = None, **kwargs: Any) -> Any:
         """The base's own ``generate()`` (no retrieval: the adapter adds nothing), or, with
         ``retrieval_database=db``, generation that retrieves from ``db`` at every chunk boundary
-        (:func:`retlm.models.retro.generation.generate_with_retrieval`, whose options it takes), decoding
+        (:func:`retlm.models.retrieval_generation.generate_with_retrieval`, whose options it takes), decoding
         one token per step from the base's cache."""
         if retrieval_database is None:
             return self.base.generate(*args, **kwargs)
-        from retlm.models.retro.generation import generate_with_retrieval
+        from retlm.models.retrieval_generation import generate_with_retrieval
 
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         kwargs.pop("attention_mask", None)
@@ -416,7 +419,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
                     f"this cache holds {start} tokens but was not written by this model's forward, so the "
                     "states of its incomplete chunk are unknown; start from no cache, or at a chunk boundary"
                 )
-            state = RetroCache(position=start)
+            state = NeighborState(position=start)
         if retrieved is not None or (state is not None and state.neighbors is not None):
             check_right_padding(attention_mask)
         if self._mode_kwarg is not None:

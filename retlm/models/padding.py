@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from retlm.models.retro.cache import RetroCache
-
 
 def check_right_padding(attention_mask: Tensor | None) -> None:
     """Only right padding is supported: a causal model never looks at the padding after a row's end."""
@@ -65,17 +63,17 @@ def row_padding(padding: Tensor, start: int, seq_len: int, dtype: torch.dtype) -
 
 
 def left_padding(
-    attention_mask: Tensor | None, cache: RetroCache | None, start: int, seq_len: int, decoding: bool
+    attention_mask: Tensor | None, known: Tensor | None, start: int, seq_len: int, decoding: bool
 ) -> Tensor | None:
     """The leading padding ``(batch,)`` of a left-padded batch (zeros, then ones, in each row of
     ``attention_mask``), or None when no row is padded. Right padding (ones, then zeros) is accepted for
     a full forward without a cache, as before: a causal model never looks at what follows a row's end.
 
-    ``attention_mask`` is ``(batch, seq)`` or, continuing ``cache``, ``(batch, start + seq)`` (generate's
-    growing mask); padding may only precede the first call's tokens. ``decoding``: a cache is passed or
-    asked for (right padding is then refused: decoding would continue after the padding).
+    ``attention_mask`` is ``(batch, seq)`` or, continuing a cache, ``(batch, start + seq)`` (generate's
+    growing mask); padding may only precede the first call's tokens. ``known``: the padding the cache
+    recorded on the first call (None: none, or no cache). ``decoding``: a cache is passed or asked for
+    (right padding is then refused: decoding would continue after the padding).
     """
-    known = None if cache is None else cache.padding
     if attention_mask is None:
         return known
     mask = attention_mask.bool()

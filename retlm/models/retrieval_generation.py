@@ -35,6 +35,7 @@ from transformers.generation.logits_process import (
 )
 
 from retlm.compat import cache_kwargs, output_cache
+from retlm.models.padding import left_padding
 
 
 class SearchableDatabase(Protocol):
@@ -207,8 +208,6 @@ def generate_with_retrieval(
     batch, prompt_len = input_ids.shape
     padding = torch.zeros(batch, dtype=torch.long)
     if attention_mask is not None:
-        from retlm.models.retro.modeling_retro import left_padding
-
         found_padding = left_padding(attention_mask, None, 0, prompt_len, decoding=True)  # validates
         padding = found_padding.cpu() if found_padding is not None else padding
     retrieve = _Retriever(database, k, padding, on_retrieval) if database is not None else None
