@@ -8,6 +8,7 @@ import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def quoted(text: str, prefix: str = "    | ") -> str:
@@ -131,3 +132,14 @@ def deprecated_aliases(module: str, renamed: dict[str, str]) -> Callable[[str], 
         return getattr(importlib.import_module(module), renamed[name])
 
     return __getattr__
+
+
+def deprecated_keyword(kwargs: dict[str, Any], old: str, new: str) -> Any:
+    """Pop the renamed keyword argument ``old`` from ``kwargs`` (None when absent), warning that it is
+    deprecated in favour of ``new`` (served for one release)."""
+    if old not in kwargs:
+        return None
+    import warnings
+
+    warnings.warn(f"the keyword {old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+    return kwargs.pop(old)

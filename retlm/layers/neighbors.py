@@ -18,7 +18,7 @@ from retlm.layers.neighbor_encoder import Residual
 from retlm.ops.attention import cca_groups, chunks_completed
 
 
-@dataclass
+@dataclass(eq=False)
 class NeighborState:
     """The neighbors' side of a RETRO decoding state (all rows of the batch share one column position).
 
