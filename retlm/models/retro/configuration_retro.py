@@ -190,6 +190,13 @@ class RetroConfig(PreTrainedConfig):
         """Whether decoder layer ``layer`` (1-based) has chunked cross-attention."""
         return self.dec_cross_attn_layers is None or layer in self.dec_cross_attn_layers
 
+    def enc_has_cross_attn(self, layer: int) -> bool:
+        """Deprecated: ``config.retrieval_layers().enc_has_cross_attn(layer)``."""
+        warnings.warn(
+            "use RetroConfig.retrieval_layers().enc_has_cross_attn", DeprecationWarning, stacklevel=2
+        )
+        return self.retrieval_layers().enc_has_cross_attn(layer)
+
     def retrieval_layers(self) -> RetrievalLayersConfig:
         """The fields of this config that the shared retrieval layers (encoder, CCA, norms) read."""
         return RetrievalLayersConfig(**{f.name: getattr(self, f.name) for f in fields(RetrievalLayersConfig)})
