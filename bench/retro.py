@@ -57,8 +57,8 @@ from _memory import proc_status_bytes, release_free_memory, reset_peak_rss
 from retlm import RETRO
 from retlm.compat import output_cache
 from retlm.layers.attention import KVCache
+from retlm.models.retrieval_generation import generate_with_retrieval
 from retlm.models.retro.convert import from_retro_pytorch
-from retlm.models.retro.generation import generate_with_retrieval
 
 MiB = 2**20
 
@@ -194,7 +194,7 @@ def build_training_models(peer_module, kwargs: dict, device: torch.device) -> di
     models = {"retro-pytorch 0.3.9": peer, "ours, transformer": from_retro_pytorch(kwargs, peer.state_dict())}
     for mode in ("parallel", "chunkwise"):
         torch.manual_seed(0)
-        models[f"ours, RetNet ({mode})"] = RETRO(**kwargs, decoder="retnet", retnet_mode=mode)
+        models[f"ours, RetNet ({mode})"] = RETRO(**kwargs, decoder="retnet", retention_mode=mode)
     return {name: model.to(device).train() for name, model in models.items()}
 
 
@@ -327,7 +327,7 @@ def cache_bytes(cache) -> int:
         elif isinstance(value, KVCache):  # count the allocated buffers, not only the filled part
             collect([value.keys, value.values])
 
-    collect([cache.layers, cache.context, cache.neighbors, cache.neighbor_mask])
+    collect([[layer.state for layer in cache.layers], cache.context, cache.neighbors, cache.neighbor_mask])
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -335,7 +335,7 @@ def generate_once(model, database, prompt, new_tokens: int, mode: str | None, de
     timed = TimedModel(model, device)
     with PeakMemory(device) as peak:
         start = time.perf_counter()
-        out = generate_with_retrieval(timed, database, prompt, max_new_tokens=new_tokens, retnet_mode=mode)
+        out = generate_with_retrieval(timed, database, prompt, max_new_tokens=new_tokens, retention_mode=mode)
         total = time.perf_counter() - start
     assert out.sequences.shape[1] == prompt.shape[1] + new_tokens
     steps = timed.seconds[1:]  # the first call is the prompt; then one call per new token but the last
@@ -366,7 +366,7 @@ def bench_generate(kwargs: dict, new_tokens: int, device: torch.device, rounds: 
     prompt = torch.randint(1, kwargs["num_tokens"], (1, c), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     for name, model in models.items():  # warm-up
-        generate_with_retrieval(model, database, prompt, max_new_tokens=4 * c, retnet_mode=modes[name])
+        generate_with_retrieval(model, database, prompt, max_new_tokens=4 * c, retention_mode=modes[name])
 
     results: dict[str, list[dict]] = {name: [] for name in models}
     for rnd in range(rounds):  # interleaved rounds; the round with the median tokens/s is reported

@@ -8,6 +8,7 @@ import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def quoted(text: str, prefix: str = "    | ") -> str:
@@ -135,7 +136,9 @@ def deprecated_aliases(module: str, renamed: dict[str, str]) -> Callable[[str], 
     return __getattr__
 
 
-def renamed_argument(where: str, old: str, new: str, old_value: object, new_value: object) -> object:
+def renamed_argument(
+    where: str, old: str, new: str, old_value: object, new_value: object, stacklevel: int = 3
+) -> object:
     """The value of a keyword argument renamed from ``old`` to ``new`` (kept for one release):
     ``new_value``, or else ``old_value`` with a ``DeprecationWarning``. None means "not passed"."""
     if old_value is None:
@@ -144,5 +147,12 @@ def renamed_argument(where: str, old: str, new: str, old_value: object, new_valu
         raise TypeError(f"{where}: pass {new}= only ({old}= is its deprecated name)")
     import warnings
 
-    warnings.warn(f"{where}: {old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+    prefix = f"{where}: " if where else "the keyword "
+    warnings.warn(f"{prefix}{old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=stacklevel)
     return old_value
+
+
+def deprecated_keyword(kwargs: dict[str, Any], old: str, new: str) -> Any:
+    """Pop the renamed keyword argument ``old`` from ``kwargs`` (None when absent), warning that it is
+    deprecated in favour of ``new`` (served for one release; :func:`renamed_argument` for a named one)."""
+    return renamed_argument("", old, new, kwargs.pop(old, None), None, stacklevel=4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from retlm import RETRO
-from retlm.models.retro.generation import generate_with_retrieval
+from retlm.models.retrieval_generation import generate_with_retrieval
 
 C = 4
 VOCAB = 64

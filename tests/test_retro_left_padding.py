@@ -17,7 +17,7 @@ from test_decode_steps import CallLog, FakeDatabase, assert_incremental, retro_m
 from training_helpers import build_real_database, left_pad, tiny_bert_embedder
 
 from retlm import RETRO
-from retlm.models.retro.generation import generate_with_retrieval
+from retlm.models.retrieval_generation import generate_with_retrieval
 
 C = 4
 VOCAB = 64
@@ -52,7 +52,7 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[torch.
         ("transformer", {}),
         ("transformer", {"absolute_position_embedding": True}),
         ("retnet", {}),
-        ("retnet", {"retnet_mode": "chunkwise", "retnet_chunk_size": 3}),
+        ("retnet", {"retention_mode": "chunkwise", "retention_block_size": 3}),
     ],
 )
 def test_padded_forward_equals_each_row_alone(decoder: str, extra: dict) -> None:

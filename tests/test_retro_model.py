@@ -185,9 +185,9 @@ def test_retnet_decoder_cache_does_not_grow():
     seq, retrieved = data(16)
     with torch.no_grad():
         out = model(input_ids=seq[:, :8], retrieved=retrieved[:, :2], use_cache=True)
-        sizes = [sum(t.numel() for t in state) for state in out.past_key_values.layers]
+        sizes = [sum(t.numel() for t in layer.state) for layer in out.past_key_values.layers]
         out = model(input_ids=seq[:, 8:9], past_key_values=out.past_key_values)
-    assert [sum(t.numel() for t in state) for state in out.past_key_values.layers] == sizes
+    assert [sum(t.numel() for t in layer.state) for layer in out.past_key_values.layers] == sizes
 
 
 @pytest.mark.skipif(not HAS_RETENTION, reason="retlm.ops.retention absent")
@@ -196,7 +196,7 @@ def test_retnet_decoder_modes_give_the_same_logits():
     seq, retrieved = data(18)
     with torch.no_grad():
         logits = {
-            mode: model(input_ids=seq, retrieved=retrieved, retnet_mode=mode).logits
+            mode: model(input_ids=seq, retrieved=retrieved, retention_mode=mode).logits
             for mode in ("parallel", "chunkwise", "recurrent")
         }
     for mode in ("chunkwise", "recurrent"):

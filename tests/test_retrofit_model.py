@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from retlm import RETRO, RetNetConfig, RetNetForCausalLM
 from retlm.compat import output_cache
-from retlm.models.retro.generation import generate_with_retrieval
+from retlm.models.retrieval_generation import generate_with_retrieval
 from retlm.models.retrofit import RetroFitForCausalLM, RetroFitLayer, decoder_layers, default_cca_layers
 
 VOCAB = 61

@@ -2,7 +2,7 @@
 
 - RETRO (:func:`generate_text`): tokenize a prompt with the database's tokenizer, generate with retrieval
   at every chunk boundary through chunked cross-attention, and report the neighbors used, as text. The
-  token-level loop is :func:`retlm.models.retro.generation.generate_with_retrieval`; this layer adds the
+  token-level loop is :func:`retlm.models.retrieval_generation.generate_with_retrieval`; this layer adds the
   text on both ends (the database and the model share one tokenizer, the database's LM tokenizer).
 - In-context, for any frozen causal LM (:func:`generate_in_context`, In-Context RALM): every ``stride``
   tokens, the neighbors' text goes in front of the context, re-tokenized by the LM's own tokenizer
@@ -23,7 +23,7 @@ from retlm.generation.in_context import (
     search_neighbors,
 )
 from retlm.generation.neighbors import NeighborText
-from retlm.models.retro.generation import ChunkRetrieval, RetrievalGenerateOutput, generate_with_retrieval
+from retlm.models.retrieval_generation import ChunkRetrieval, RetrievalGenerateOutput, generate_with_retrieval
 from retlm.utils import deprecated_aliases, quoted
 
 __getattr__ = deprecated_aliases(

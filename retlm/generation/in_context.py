@@ -36,7 +36,7 @@ import torch
 from retlm.compat import cache_kwargs, output_cache
 from retlm.errors import OptionError, check_int
 from retlm.generation.neighbors import NeighborText
-from retlm.models.retro.generation import _logits_processors
+from retlm.models.retrieval_generation import _logits_processors
 
 NEIGHBOR_SEPARATOR = "\n\n"  # after each neighbor's text in the block in front of the context
 

@@ -3,7 +3,7 @@
 Two backends exist, one per way of reading retrieved text:
 
 - :class:`CCABackend`: a RETRO or RETRO-fit model, which reads the neighbors of every completed chunk
-  through chunked cross-attention (:func:`retlm.models.retro.generation.generate_with_retrieval`). Rows
+  through chunked cross-attention (:func:`retlm.models.retrieval_generation.generate_with_retrieval`). Rows
   of different lengths batch together (left padding), with retrieval on or off.
 - :class:`CausalLMBackend`: any HF causal LM. Without retrieval it generates with ``model.generate``
   (batched); with ``--in-context`` retrieval, every ``stride`` tokens the recent text is searched and the
@@ -265,7 +265,7 @@ class CCABackend(_Shared):
         streamer: Any,
         on_retrieval: OnRetrieval,
     ) -> None:
-        from retlm.models.retro.generation import generate_with_retrieval
+        from retlm.models.retrieval_generation import generate_with_retrieval
 
         input_ids, mask = left_pad([p.ids for p in prompts], self.database.pad_id, self.device)
         searched = _LockedSearch(self.database, self.lock) if sampling.retrieval else None

@@ -27,9 +27,9 @@ def score_bytes(config: Any, batch_size: int, seq_len: int) -> tuple[int, str]:
     """Bytes of one decoder layer's score matrix for a batch, and how it was counted."""
     retnet = getattr(config, "decoder_type", "transformer") == "retnet"
     heads = int(config.retnet_heads if retnet else config.heads)
-    mode = getattr(config, "retnet_mode", "parallel") if retnet else "attention"
+    mode = getattr(config, "retention_mode", "parallel") if retnet else "attention"
     if mode == "chunkwise":
-        width = min(seq_len, int(config.retnet_chunk_size))
+        width = min(seq_len, int(config.retention_block_size))
     elif mode == "recurrent":
         width = 1
     else:

@@ -24,6 +24,7 @@ from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cach
 from retlm.layers.feedforward import FeedForward
 from retlm.layers.norm import build_norm
 from retlm.layers.retention import MultiScaleRetention, RetentionState, StepTables
+from retlm.models.padding import leading_padding
 from retlm.models.retnet.cache import RetNetCache
 from retlm.models.retnet.configuration_retnet import RetNetConfig, renamed_retention_kwargs
 from retlm.models.retnet.decoding import RetNetDecodingMixin
@@ -117,11 +118,6 @@ class RetNetPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     # The cache is a running state that cannot be rolled back (no assisted decoding).
     _is_stateful = True
-
-
-def leading_padding(mask: Tensor) -> Tensor:
-    """Number of padding columns before each row's first real token. ``mask (batch, seq)`` -> ``(batch,)``."""
-    return (mask.long().cumsum(-1) == 0).sum(-1)
 
 
 class RetNetModel(RetNetPreTrainedModel, RetNetDecodingMixin):

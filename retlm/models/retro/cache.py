@@ -1,79 +1,128 @@
-"""The decoding state of a RETRO model (:class:`RetroCache`), continued in place call after call."""
+"""The decoding state of a RETRO model (:class:`RetroCache`, a transformers ``Cache``), continued in place
+call after call."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+from transformers.cache_utils import Cache
 
 from retlm.layers.attention import KVCache
+from retlm.layers.neighbors import NeighborState
 
 
-@dataclass
-class RetroCache:
-    """Decoding state of a RETRO model (all rows of the batch share one column position).
+def _rows(value: Any) -> int | None:
+    """The batch size of the first tensor (or ``KVCache``) in ``value``, a possibly nested sequence."""
+    if isinstance(value, KVCache):
+        return value.keys.shape[0]
+    if isinstance(value, Tensor):
+        return value.shape[0]
+    if isinstance(value, (tuple, list)):
+        return next((n for n in map(_rows, value) if n is not None), None)
+    return None
 
-    Attributes:
-        position: number of tokens processed so far (absolute position of the next token).
-        layers: per decoder layer, the rotated self-attention keys and values (a growing ``KVCache``,
-            ``(batch, heads, position, dim_head)``; transformer decoder), or the retention state
-            (RetNet decoder: constant size), or None before the first call.
-        context: ``(batch, position % chunk_size, dec_dim)`` decoder states, at the first CCA layer, of
-            the current incomplete chunk; the encoder is conditioned on them once the chunk completes.
-        neighbors: ``(batch, k, r, dec_dim)`` encoded neighbors of the last completed chunk (read by the
-            tokens up to the end of the following chunk), or None when that chunk had no retrieval.
-        neighbor_mask: ``(batch, k, r)`` bool, True = real neighbor token.
-        padding: ``(batch,)`` leading padding columns of each row when the prompt was left-padded, else
-            None. Row ``i``'s token at column ``t`` then sits at position ``t - padding[i]``, its chunks
-            are counted from its first real token, and (left-padded mode only) ``context`` holds the
-            states of the last ``chunk_size - 1`` columns, ``neighbors`` each row's own last completed
-            chunk's encoded neighbors, ``neighbor_valid (batch,)`` whether that chunk had retrieval.
+
+def _select(value: Any, indices: Tensor) -> Any:
+    """``value`` (a tensor, ``KVCache`` or a tuple of them) with only the batch rows ``indices``."""
+    if isinstance(value, KVCache):  # moves the indices to its own device
+        return value.index_select(0, indices)
+    if isinstance(value, Tensor):
+        return value.index_select(0, indices.to(value.device))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select(v, indices) for v in value)
+    return value
+
+
+class RetroCacheLayer:
+    """One decoder layer's state: the rotated self-attention keys and values (a growing ``KVCache``,
+    ``(batch, heads, position, dim_head)``; transformer decoder), or the retention state (RetNet decoder:
+    constant size), or None before the first call."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        self.state: Any = None
+
+    def __repr__(self) -> str:
+        return f"RetroCacheLayer({type(self.state).__name__})"
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.state = _select(self.state, indices)
+
+    reorder_cache = batch_select_indices
+
+    def reset(self) -> None:
+        self.state = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a RETRO cache cannot be cropped: its encoded neighbors cannot be rolled back")
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class RetroCache(NeighborState, Cache):
+    """Decoding state of a RETRO model (all rows of the batch share one column position): the neighbors'
+    side (:class:`~retlm.layers.neighbors.NeighborState`: ``position``, ``context``, ``neighbors``,
+    ``neighbor_mask``, ``padding``, ``neighbor_valid``) and, in ``layers``, one :class:`RetroCacheLayer`
+    per decoder layer (empty until the first call).
+
+    Args:
+        num_layers: number of decoder layers (0: filled by the model's first call).
     """
 
-    position: int = 0
-    layers: list[Any] = field(default_factory=list)
-    context: Tensor | None = None
-    neighbors: Tensor | None = None
-    neighbor_mask: Tensor | None = None
-    padding: Tensor | None = None
-    neighbor_valid: Tensor | None = None
+    def __init__(self, num_layers: int = 0) -> None:
+        NeighborState.__init__(self)
+        Cache.__init__(self, layers=[RetroCacheLayer() for _ in range(num_layers)])
+
+    def __repr__(self) -> str:
+        return f"RetroCache(layers={len(self.layers)}, position={self.position})"
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
 
-    def batch_size(self) -> int | None:
-        """The number of rows the cache holds, or None while it holds no tensor yet."""
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
 
-        def rows(value: Any) -> int | None:
-            if isinstance(value, KVCache):
-                return value.keys.shape[0]
-            if isinstance(value, Tensor):
-                return value.shape[0]
-            if isinstance(value, (tuple, list)):
-                return next((n for n in map(rows, value) if n is not None), None)
-            return None
+    @property
+    def is_compileable(self) -> bool:
+        return False
 
-        return rows([self.context, self.neighbors, self.padding, self.layers])
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.position > 0
+
+    @property
+    def batch_size(self) -> int:
+        """The number of rows the cache holds, or -1 while it holds no tensor yet."""
+        rows = _rows([self.context, self.neighbors, self.padding, [layer.state for layer in self.layers]])
+        return -1 if rows is None else rows
 
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keep (or reorder, e.g. for beam search) the batch rows ``indices``."""
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+        self.select_rows(indices)
 
-        def select(value: Any) -> Any:
-            if isinstance(value, KVCache):  # moves the indices to its own device
-                return value.index_select(0, indices)
-            if isinstance(value, Tensor):
-                return value.index_select(0, indices.to(value.device))
-            if isinstance(value, (tuple, list)):
-                return type(value)(select(v) for v in value)
-            return value
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self.batch_select_indices(beam_idx)
 
-        self.layers = [select(state) for state in self.layers]
-        self.context, self.neighbors, self.neighbor_mask = (
-            select(self.context),
-            select(self.neighbors),
-            select(self.neighbor_mask),
-        )
-        self.padding, self.neighbor_valid = select(self.padding), select(self.neighbor_valid)
+    def reset(self) -> None:
+        NeighborState.__init__(self)
+        for layer in self.layers:
+            layer.reset()
 
-    reorder_cache = batch_select_indices
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a RETRO cache cannot be cropped: its encoded neighbors cannot be rolled back")

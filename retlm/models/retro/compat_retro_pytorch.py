@@ -8,13 +8,14 @@ from typing import Any
 from torch import Tensor
 
 from retlm.compat import CausalLMOutputWithCache
-from retlm.models.retro.configuration_retro import RetroConfig
+from retlm.models.retro.configuration_retro import BERT_CASED_VOCAB_SIZE, RetroConfig
 from retlm.models.retro.modeling_retro import RetroForCausalLM
 
 
 class RETRO(RetroForCausalLM):
     """The seed's interface: ``RETRO(chunk_size=..., max_seq_len=..., enc_dim=..., ...)`` (any
-    :class:`RetroConfig` argument) and ``forward(seq, retrieved=None, return_loss=False)``.
+    :class:`RetroConfig` argument; ``num_tokens`` defaults to retro-pytorch's 28996) and
+    ``forward(seq, retrieved=None, return_loss=False)``.
 
     ``seq``: ``(batch, n)``, or ``(batch, n + 1)`` when ``return_loss`` (split into inputs and labels;
     ``pad_id`` labels are ignored). ``retrieved``: ``(batch, n // chunk_size, k, 2 * chunk_size)`` or None.
@@ -23,8 +24,8 @@ class RETRO(RetroForCausalLM):
     """
 
     def __init__(self, config: RetroConfig | None = None, **kwargs: Any) -> None:
-        if config is None:
-            config = RetroConfig(**kwargs)
+        if config is None:  # retro-pytorch's default vocabulary (bert-base-cased), not RetroConfig's
+            config = RetroConfig(**{"num_tokens": BERT_CASED_VOCAB_SIZE, **kwargs})
         elif kwargs:
             raise ValueError(
                 f"pass either a RetroConfig or keyword arguments, not both (got {sorted(kwargs)})"

@@ -1,37 +1,45 @@
-"""RetroConfig: retro-pytorch 0.3.9's constructor arguments (same names and defaults) plus the decoder
-choice ("transformer" or "retnet") and the switches needed to reproduce retro-pytorch exactly."""
+"""RetroConfig: retro-pytorch 0.3.9's constructor arguments (same names; defaults as retro-pytorch's but
+the vocabulary, GPT-2's) plus the decoder choice ("transformer" or "retnet") and the switches needed to
+reproduce retro-pytorch exactly. transformers' dataclass style, as :class:`RetNetConfig`."""
 
-from __future__ import annotations
-
-from collections.abc import Iterable
+import warnings
+from dataclasses import field, fields
 from typing import Any
 
-from transformers import PretrainedConfig
+from huggingface_hub.dataclasses import type_validator
+from transformers import PreTrainedConfig
 
+from retlm.layers.neighbor_encoder import CCA_QUERY_POSITIONS, RetrievalLayersConfig
 from retlm.ops.retention import RETENTION_MODES, USE_DEFAULT_GAMMA
 
 DECODERS = ("transformer", "retnet")
-CCA_QUERY_POSITIONS = ("paper", "retro_pytorch")
+GPT2_VOCAB_SIZE = 50257  # the default tokenizer's (retlm.tokenization.GPT2_VOCAB_SIZE; tested equal)
 BERT_CASED_VOCAB_SIZE = 28996  # retro-pytorch's default num_tokens (bert-base-cased)
+# config.json keys of earlier releases, loaded with a DeprecationWarning: old name -> new name
+RENAMED_KEYS = {"retnet_mode": "retention_mode", "retnet_chunk_size": "retention_block_size"}
+POSITIVE_INTEGERS = (
+    "chunk_size", "max_seq_len", "heads", "dim_head", "enc_depth", "dec_depth", "num_tokens", "enc_dim",
+    "dec_dim", "ff_mult",
+)  # fmt: skip
 
 
-def _layer_list(layers: Iterable[int] | None, depth: int, name: str) -> list[int] | None:
+def _layer_list(layers: list[int] | None, depth: int, name: str) -> list[int] | None:
     if layers is None:
         return None
-    layers = [int(layer) for layer in layers]
     bad = [layer for layer in layers if not 1 <= layer <= depth]
     if bad:
         raise ValueError(f"{name} must hold layer numbers in 1..{depth} (1-based), got {bad} in {layers}")
     return sorted(set(layers))
 
 
-class RetroConfig(PretrainedConfig):
+class RetroConfig(PreTrainedConfig):
     """Configuration of :class:`~retlm.models.retro.RetroForCausalLM` and :class:`~retlm.models.retro.RETRO`.
 
-    retro-pytorch's arguments: ``num_tokens, max_seq_len, enc_dim, enc_depth, enc_cross_attn_layers
-    (None = every encoder layer), dec_depth, dec_cross_attn_layers (1-based; None = every layer), heads,
-    dec_dim, dim_head, enc_attn_dropout, enc_ff_dropout, dec_attn_dropout, dec_ff_dropout, chunk_size,
-    pad_id, enc_scale_residual, dec_scale_residual, norm_klass (only None: a class cannot be stored),
+    retro-pytorch's arguments: ``num_tokens (default GPT-2's 50257, the default tokenizer's; retro-pytorch:
+    28996), max_seq_len, enc_dim, enc_depth, enc_cross_attn_layers (None = every encoder layer),
+    dec_depth, dec_cross_attn_layers (1-based; None = every layer), heads, dec_dim, dim_head,
+    enc_attn_dropout, enc_ff_dropout, dec_attn_dropout, dec_ff_dropout, chunk_size, pad_id,
+    enc_scale_residual, dec_scale_residual, norm_klass (only None: a class cannot be stored),
     gated_rmsnorm, use_deepnet``. Unlike retro-pytorch, ``heads`` is honoured.
 
     Additional:
@@ -46,8 +54,10 @@ class RetroConfig(PretrainedConfig):
         norm_eps: epsilon of the RMS norms (retro-pytorch: 1e-8, clamping the norm).
         retnet_heads, retnet_qk_dim, retnet_v_dim, retnet_use_default_gamma: retention layer shape
             (defaults: ``heads``, ``dec_dim``, ``2 * dec_dim``, torchscale's gammas).
-        retnet_mode: default retention mode "parallel" | "chunkwise" | "recurrent" (same function).
-        retnet_chunk_size: block length of the chunkwise mode (default ``chunk_size``).
+        retention_mode: default retention mode "parallel" | "chunkwise" | "recurrent" (same function;
+            formerly ``retnet_mode``).
+        retention_block_size: block length of the chunkwise mode (default ``chunk_size``; formerly
+            ``retnet_chunk_size``).
         zero_init_cca: start every chunked cross-attention with a zero output projection, so that a
             freshly initialised RETRO computes exactly its decoder alone and retrieval is added only as
             far as training finds it useful (as Flamingo's zero-initialised gates; retro-pytorch does not).
@@ -64,132 +74,132 @@ class RetroConfig(PretrainedConfig):
         "max_position_embeddings": "max_seq_len",
     }
 
-    def __init__(
-        self,
-        num_tokens: int = BERT_CASED_VOCAB_SIZE,
-        max_seq_len: int = 2048,
-        enc_dim: int = 896,
-        enc_depth: int = 2,
-        enc_cross_attn_layers: Iterable[int] | None = None,
-        dec_depth: int = 12,
-        dec_cross_attn_layers: Iterable[int] | None = (1, 3, 6, 9),
-        heads: int = 8,
-        dec_dim: int = 768,
-        dim_head: int = 64,
-        enc_attn_dropout: float = 0.0,
-        enc_ff_dropout: float = 0.0,
-        dec_attn_dropout: float = 0.0,
-        dec_ff_dropout: float = 0.0,
-        chunk_size: int = 64,
-        pad_id: int = 0,
-        enc_scale_residual: float | None = None,
-        dec_scale_residual: float | None = None,
-        norm_klass: Any = None,
-        gated_rmsnorm: bool = False,
-        use_deepnet: bool = False,
-        decoder: str | None = None,
-        ff_mult: int = 4,
-        rotary_dim: int | None = None,
-        cca_query_positions: str = "paper",
-        absolute_position_embedding: bool = False,
-        norm_eps: float = 1e-8,
-        retnet_heads: int | None = None,
-        retnet_qk_dim: int | None = None,
-        retnet_v_dim: int | None = None,
-        retnet_use_default_gamma: bool = USE_DEFAULT_GAMMA,
-        retnet_mode: str = "parallel",
-        retnet_chunk_size: int | None = None,
-        zero_init_cca: bool = False,
-        decoder_type: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        check_argument_types({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
-        # stored as ``decoder_type``: transformers reserves a ``decoder`` attribute for sub-configs
-        decoder = decoder or decoder_type or "transformer"
-        if norm_klass is not None:
+    num_tokens: int = GPT2_VOCAB_SIZE
+    max_seq_len: int = 2048
+    enc_dim: int = 896
+    enc_depth: int = 2
+    enc_cross_attn_layers: list[int] | None = None
+    dec_depth: int = 12
+    dec_cross_attn_layers: list[int] | None = field(default_factory=lambda: [1, 3, 6, 9])
+    heads: int = 8
+    dec_dim: int = 768
+    dim_head: int = 64
+    enc_attn_dropout: float = 0.0
+    enc_ff_dropout: float = 0.0
+    dec_attn_dropout: float = 0.0
+    dec_ff_dropout: float = 0.0
+    chunk_size: int = 64
+    pad_id: int = 0
+    enc_scale_residual: float | None = None
+    dec_scale_residual: float | None = None
+    gated_rmsnorm: bool = False
+    use_deepnet: bool = False
+    decoder_type: str = "transformer"
+    ff_mult: int = 4
+    rotary_dim: int | None = None
+    cca_query_positions: str = "paper"
+    absolute_position_embedding: bool = False
+    norm_eps: float = 1e-8
+    retnet_heads: int | None = None
+    retnet_qk_dim: int | None = None
+    retnet_v_dim: int | None = None
+    retnet_use_default_gamma: bool = USE_DEFAULT_GAMMA
+    retention_mode: str = "parallel"
+    retention_block_size: int | None = None
+    zero_init_cca: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # ``decoder`` is stored as ``decoder_type``: transformers reserves a ``decoder`` attribute
+        self.decoder_type = kwargs.pop("decoder", None) or self.decoder_type
+        if kwargs.pop("norm_klass", None) is not None:
             raise ValueError(
                 "norm_klass cannot be stored in a config; use gated_rmsnorm=True or use_deepnet=True "
                 "(LayerNorm, post-norm) instead, or leave it None (RMSNorm)"
             )
-        if decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
-        if cca_query_positions not in CCA_QUERY_POSITIONS:
-            raise ValueError(
-                f"unknown cca_query_positions {cca_query_positions!r}; expected one of {CCA_QUERY_POSITIONS}"
-            )
-        if retnet_mode not in RETENTION_MODES:
-            raise ValueError(f"unknown retnet_mode {retnet_mode!r}; expected one of {RETENTION_MODES}")
-        for name, value in (
-            ("chunk_size", chunk_size),
-            ("max_seq_len", max_seq_len),
-            ("heads", heads),
-            ("dim_head", dim_head),
-            ("enc_depth", enc_depth),
-            ("dec_depth", dec_depth),
-            ("num_tokens", num_tokens),
-            ("enc_dim", enc_dim),
-            ("dec_dim", dec_dim),
-            ("ff_mult", ff_mult),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        rotary_dim = min(dim_head, 32) if rotary_dim is None else rotary_dim
-        if rotary_dim % 2 or not 0 <= rotary_dim <= dim_head:
-            raise ValueError(f"rotary_dim must be even and in 0..dim_head={dim_head}, got {rotary_dim}")
+        for old, new in RENAMED_KEYS.items():
+            if old in kwargs:
+                warnings.warn(
+                    f"RetroConfig: {old} is deprecated; use {new}", DeprecationWarning, stacklevel=3
+                )
+                setattr(self, new, kwargs.pop(old))
+        self.validate_field_types()
+        self.validate_retro()
+        self.enc_cross_attn_layers = _layer_list(
+            self.enc_cross_attn_layers, self.enc_depth, "enc_cross_attn_layers"
+        )
+        self.dec_cross_attn_layers = _layer_list(
+            self.dec_cross_attn_layers, self.dec_depth, "dec_cross_attn_layers"
+        )
+        if self.use_deepnet:  # DeepNet residual scales (arXiv 2203.00555, figure 2), as retro-pytorch
+            depths = (self.enc_depth**4) * self.dec_depth
+            self.enc_scale_residual = self.enc_scale_residual or 0.81 * depths**0.0625
+            self.dec_scale_residual = self.dec_scale_residual or (3 * self.dec_depth) ** 0.25
+        self.rotary_dim = self.retrieval_layers().rotary_dim  # checked there; default min(dim_head, 32)
+        self.retnet_heads = self.retnet_heads or self.heads
+        self.retnet_qk_dim = self.retnet_qk_dim or self.dec_dim
+        self.retnet_v_dim = self.retnet_v_dim or 2 * self.dec_dim
+        self.retention_block_size = self.retention_block_size or self.chunk_size
+        self.pad_token_id = self.pad_id if self.pad_token_id is None else self.pad_token_id
+        super().__post_init__(**kwargs)
 
-        self.num_tokens = num_tokens
-        self.max_seq_len = max_seq_len
-        self.enc_dim = enc_dim
-        self.enc_depth = enc_depth
-        self.enc_cross_attn_layers = _layer_list(enc_cross_attn_layers, enc_depth, "enc_cross_attn_layers")
-        self.dec_depth = dec_depth
-        self.dec_cross_attn_layers = _layer_list(dec_cross_attn_layers, dec_depth, "dec_cross_attn_layers")
-        self.heads = heads
-        self.dec_dim = dec_dim
-        self.dim_head = dim_head
-        self.enc_attn_dropout = enc_attn_dropout
-        self.enc_ff_dropout = enc_ff_dropout
-        self.dec_attn_dropout = dec_attn_dropout
-        self.dec_ff_dropout = dec_ff_dropout
-        self.chunk_size = chunk_size
-        self.pad_id = pad_id
-        if use_deepnet:  # DeepNet residual scales (arXiv 2203.00555, figure 2), as retro-pytorch
-            enc_scale_residual = enc_scale_residual or 0.81 * ((enc_depth**4) * dec_depth) ** 0.0625
-            dec_scale_residual = dec_scale_residual or (3 * dec_depth) ** 0.25
-        self.enc_scale_residual = enc_scale_residual
-        self.dec_scale_residual = dec_scale_residual
-        self.norm_klass = None
-        self.gated_rmsnorm = gated_rmsnorm
-        self.use_deepnet = use_deepnet
-        self.decoder_type = decoder
-        self.ff_mult = ff_mult
-        self.rotary_dim = rotary_dim
-        self.cca_query_positions = cca_query_positions
-        self.absolute_position_embedding = absolute_position_embedding
-        self.norm_eps = norm_eps
-        self.retnet_heads = retnet_heads or heads
-        self.retnet_qk_dim = retnet_qk_dim or dec_dim
-        self.retnet_v_dim = retnet_v_dim or 2 * dec_dim
-        self.zero_init_cca = bool(zero_init_cca)
-        self.retnet_use_default_gamma = retnet_use_default_gamma
-        self.retnet_mode = retnet_mode
-        self.retnet_chunk_size = retnet_chunk_size or chunk_size
-        kwargs.setdefault("pad_token_id", pad_id)
-        kwargs.setdefault("tie_word_embeddings", False)
-        if kwargs["tie_word_embeddings"] and enc_dim != dec_dim:
+    def validate_field_types(self) -> None:
+        """Refuse a field of the wrong type (a string for ``dec_dim``, ...) with its name, before a tensor
+        constructor reports it as ``empty(): argument 'size' ...`` (huggingface_hub's type validator; an
+        int is a float, a tuple of layers a list)."""
+        hints = RetroConfig.__annotations__  # types, not strings: no ``from __future__ import annotations``
+        for name in hints:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                value = list(value)
+            if isinstance(value, int) and not isinstance(value, bool) and "float" in str(hints[name]):
+                value = float(value)
+            try:
+                type_validator(name, value, hints[name])
+            except TypeError:
+                wanted = str(hints[name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+                raise ValueError(
+                    f"model config: {name} must be {wanted}, got {value!r} ({type(value).__name__})"
+                ) from None
+            setattr(self, name, value)
+
+    def validate_retro(self) -> None:
+        """Raise ValueError naming the first inconsistent field and its allowed values."""
+        choices = {
+            "decoder_type": DECODERS,
+            "cca_query_positions": CCA_QUERY_POSITIONS,
+            "retention_mode": RETENTION_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = "decoder" if name == "decoder_type" else name
+                raise ValueError(f"unknown {shown} {getattr(self, name)!r}; expected one of {allowed}")
+        for name in POSITIVE_INTEGERS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.tie_word_embeddings and self.enc_dim != self.dec_dim:
             raise ValueError(
                 f"tie_word_embeddings needs enc_dim == dec_dim (the token embedding is enc_dim wide and "
-                f"the LM head reads dec_dim), got enc_dim={enc_dim}, dec_dim={dec_dim}"
+                f"the LM head reads dec_dim), got enc_dim={self.enc_dim}, dec_dim={self.dec_dim}"
             )
-        super().__init__(**kwargs)
 
     def dec_has_cca(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (1-based) has chunked cross-attention."""
         return self.dec_cross_attn_layers is None or layer in self.dec_cross_attn_layers
 
     def enc_has_cross_attn(self, layer: int) -> bool:
-        """Whether encoder layer ``layer`` (1-based) cross-attends to the retrieving chunk."""
-        return self.enc_cross_attn_layers is None or layer in self.enc_cross_attn_layers
+        """Deprecated: ``config.retrieval_layers().enc_has_cross_attn(layer)``."""
+        warnings.warn(
+            "use RetroConfig.retrieval_layers().enc_has_cross_attn", DeprecationWarning, stacklevel=2
+        )
+        return self.retrieval_layers().enc_has_cross_attn(layer)
+
+    def retrieval_layers(self) -> RetrievalLayersConfig:
+        """The fields of this config that the shared retrieval layers (encoder, CCA, norms) read."""
+        return RetrievalLayersConfig(**{f.name: getattr(self, f.name) for f in fields(RetrievalLayersConfig)})
 
 
 # ---- what a config mapping may hold, and of which types (a yaml file, a config.json) ----
@@ -199,11 +209,10 @@ _BASE_KEYS = ("tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_
 
 
 def config_keys() -> list[str]:
-    """Every key a model config may give: ``RetroConfig``'s arguments, their HF aliases
-    (``hidden_size`` ...) and the few ``PretrainedConfig`` arguments that apply."""
-    import inspect
-
-    names = [p for p in inspect.signature(RetroConfig.__init__).parameters if p not in ("self", "kwargs")]
+    """Every key a model config may give: ``RetroConfig``'s fields (and ``decoder``, ``norm_klass``), their
+    HF aliases (``hidden_size`` ...), the renamed keys of earlier releases and the few
+    ``PreTrainedConfig`` arguments that apply."""
+    names = [*RetroConfig.__annotations__, "decoder", "norm_klass", *RENAMED_KEYS]
     return sorted({*names, *RetroConfig.attribute_map, *_BASE_KEYS})
 
 
@@ -218,36 +227,3 @@ def check_config_keys(mapping: dict[str, Any], source: str) -> None:
                 f"{source}: unknown model config key {key!r}{did_you_mean(str(key), valid)} "
                 f"(valid keys: {', '.join(valid)})"
             )
-
-
-def _kinds(annotation: str) -> set[str]:
-    return {part.strip() for part in str(annotation).split("|")}
-
-
-def check_argument_types(values: dict[str, Any]) -> None:
-    """Refuse an argument of the wrong type (a string for ``dec_dim``, ...) with its name, before a
-    tensor constructor reports it as ``empty(): argument 'size' ...``."""
-    import inspect
-
-    parameters = inspect.signature(RetroConfig.__init__).parameters
-    for name, value in values.items():
-        parameter = parameters.get(name)
-        if parameter is None or value is None and "None" in _kinds(parameter.annotation):
-            continue
-        kinds = _kinds(parameter.annotation) - {"None"}
-        ok = True
-        if kinds == {"int"}:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kinds == {"float"}:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        elif kinds == {"bool"}:
-            ok = isinstance(value, bool)
-        elif kinds == {"str"}:
-            ok = isinstance(value, str)
-        elif kinds == {"Iterable[int]"}:
-            ok = isinstance(value, list | tuple) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value
-            )
-        if not ok:
-            wanted = " or ".join(sorted(_kinds(parameter.annotation)))
-            raise ValueError(f"model config: {name} must be {wanted}, got {value!r} ({type(value).__name__})")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from retlm.models.retro.compat_retro_pytorch import RETRO
-from retlm.models.retro.configuration_retro import RetroConfig
+from retlm.models.retro.configuration_retro import BERT_CASED_VOCAB_SIZE, RetroConfig
 
 RETRO_PYTORCH_HEADS = 8  # retro-pytorch 0.3.9 never passes `heads` on to its attention layers
 RETRO_PYTORCH_MIN_DIM_HEAD = 32
@@ -73,7 +73,7 @@ def config_from_retro_pytorch(kwargs: Mapping[str, Any]) -> RetroConfig:
         raise ValueError(
             f"retro-pytorch requires dim_head >= {RETRO_PYTORCH_MIN_DIM_HEAD}, got {kwargs['dim_head']}"
         )
-    args = dict(kwargs)
+    args = {"num_tokens": BERT_CASED_VOCAB_SIZE, **kwargs}  # retro-pytorch's default vocabulary
     args["heads"] = RETRO_PYTORCH_HEADS
     return RetroConfig(
         **args,

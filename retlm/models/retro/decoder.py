@@ -1,27 +1,46 @@
 """RETRO's decoder layer: self-attention (or multi-scale retention for the RetNet decoder), optional
-chunked cross-attention, feed-forward, each in its residual; and the two halves a gradient-checkpointed
-forward runs separately."""
+chunked cross-attention, feed-forward, each in its residual (an HF ``GradientCheckpointingLayer``); and
+what one forward call gives every layer (:class:`RetroCall`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from retlm.layers.attention import Attention
+from retlm.layers.neighbor_encoder import Residual, chunked_cross_attention, feed_forward
+from retlm.layers.neighbors import cross_attend
+from retlm.models.padding import RowPadding
+from retlm.models.retro.cache import RetroCache, RetroCacheLayer
 from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.neighbors import cross_attend
-from retlm.models.retro.padding import RowPadding
-from retlm.models.retro.sublayers import Residual, chunked_cross_attention, feed_forward
 
 
-class RetroDecoderLayer(nn.Module):
+@dataclass
+class RetroCall:
+    """One forward call's inputs, checked (:meth:`RetroModel.validate_inputs`): its first column
+    ``start``, ``retrieved (batch, chunks, k, r)`` or None, the left padding, the retention mode and the
+    cache it continues or fills (None: none is kept)."""
+
+    start: int
+    retrieved: Tensor | None
+    padding: RowPadding | None
+    mode: str
+    cache: RetroCache | None
+
+
+class RetroDecoderLayer(GradientCheckpointingLayer):
     """Self-attention (or retention), optional chunked cross-attention, feed-forward; each residual."""
 
     def __init__(self, config: RetroConfig, has_cca: bool) -> None:
         super().__init__()
         dim, scale = config.dec_dim, config.dec_scale_residual
+        layers = config.retrieval_layers()
+        self.block_size = config.retention_block_size  # of the RetNet decoder's chunkwise mode
         self.is_retnet = config.decoder_type == "retnet"
         if self.is_retnet:
             from retlm.layers.retention import MultiScaleRetention  # the RetNet decoder only
@@ -42,13 +61,13 @@ class RetroDecoderLayer(nn.Module):
                 dropout=config.dec_attn_dropout,
                 rotary_dim=config.rotary_dim,
             )
-        self.self_attn_norm = Residual(dim, config, scale)
-        self.cca = chunked_cross_attention(dim, config) if has_cca else None
-        self.cca_norm = Residual(dim, config, scale) if has_cca else None
+        self.self_attn_norm = Residual(dim, layers, scale)
+        self.cca = chunked_cross_attention(dim, layers) if has_cca else None
+        self.cca_norm = Residual(dim, layers, scale) if has_cca else None
         if self.cca is not None and config.zero_init_cca:
             self.cca.attn.to_out.zero_init = True  # read by RetroPreTrainedModel._init_weights
-        self.ff = feed_forward(dim, config, config.dec_ff_dropout)
-        self.ff_norm = Residual(dim, config, scale)
+        self.ff = feed_forward(dim, layers, config.dec_ff_dropout)
+        self.ff_norm = Residual(dim, layers, scale)
 
     def mix(
         self,
@@ -58,7 +77,7 @@ class RetroDecoderLayer(nn.Module):
         *,
         keep_state: bool,
         mode: str,
-        retnet_chunk_size: int,
+        block_size: int,
         padding: RowPadding | None = None,
     ) -> tuple[Tensor, Any]:
         """Self-attention / retention sub-layer for columns ``start ..``; returns ``(x, new_state)``.
@@ -68,7 +87,7 @@ class RetroDecoderLayer(nn.Module):
         if self.is_retnet:
             offset: int | Tensor = start if padding is None else padding.retention_offset
             mask = None if padding is None else padding.token_mask
-            h, state = self.self_attn(h, offset, mask, state, mode, retnet_chunk_size, keep_state)
+            h, state = self.self_attn(h, offset, mask, state, mode, block_size, keep_state)
         else:
             # rotary positions are relative: the columns give a padded row the same scores as its own
             # positions; the padding columns are masked as keys
@@ -88,55 +107,30 @@ class RetroDecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        start: int,
-        state: Any,
-        *,
-        keep_state: bool,
-        mode: str,
-        retnet_chunk_size: int,
-        neighbors: Any = None,
-        padding: RowPadding | None = None,
-    ) -> tuple[Tensor, Any]:
-        """One decoder layer for positions ``start ..``: ``x (batch, seq, dec_dim)`` -> ``(x, new_state)``.
+        *neighbors: Any,
+        call: RetroCall,
+        cache_layer: RetroCacheLayer | None = None,
+        encode: Callable[[Tensor], Any] | None = None,
+    ) -> tuple[Any, ...]:
+        """One decoder layer for the call's positions ``call.start ..``: ``x (batch, seq, dec_dim)`` ->
+        ``(x, *neighbors)``; ``cache_layer``: this layer's state in the call's cache, read and updated.
 
         ``neighbors``: the encoded neighbors of the groups these positions touch (see
-        :meth:`RetroModel.neighbors_for_call`), or a callable that computes them from this layer's
-        post-attention states (the first CCA layer conditions the encoder on them), or None.
+        :meth:`RetroModel.neighbors_for_call`), as the tensors ``(encoded, mask, group_valid)``, positional
+        so that a gradient checkpoint tracks them, or one ``RowNeighbors`` (a left-padded batch), or
+        nothing. ``encode``: at the first CCA layer, computes them from this layer's post-attention states
+        (the encoder is conditioned on them). They are returned after ``x``, for the next layers.
         """
+        start, mode, padding, keep_state = call.start, call.mode, call.padding, cache_layer is not None
+        state = cache_layer.state if keep_state else None
         x, state = self.mix(
-            x,
-            start,
-            state,
-            keep_state=keep_state,
-            mode=mode,
-            retnet_chunk_size=retnet_chunk_size,
-            padding=padding,
+            x, start, state, keep_state=keep_state, mode=mode, block_size=self.block_size, padding=padding
         )
-        if callable(neighbors):
-            neighbors = neighbors(x)
-        if self.cca is not None and neighbors is not None:
-            x = self.cross(x, start, neighbors)
-        return self.feed_forward(x), state
-
-
-# -- models -------------------------------------------------------------------------------------------
-
-
-def mix_only(layer: RetroDecoderLayer, x: Tensor, start: int, mode: str, chunk_size: int) -> Tensor:
-    """A decoder layer's self-attention / retention sub-layer without a cache ``(batch, seq, dim)``."""
-    return layer.mix(x, start, None, keep_state=False, mode=mode, retnet_chunk_size=chunk_size)[0]
-
-
-def cross_and_feed_forward(
-    layer: RetroDecoderLayer,
-    x: Tensor,
-    start: int,
-    encoded: Tensor | None,
-    mask: Tensor | None,
-    group_valid: Tensor | None,
-) -> Tensor:
-    """A decoder layer's chunked cross-attention (when it has one and there are neighbors: ``encoded
-    (batch, groups, k, r, dim)``, ``mask (batch, groups, k, r)``) and its feed-forward."""
-    if layer.cca is not None and encoded is not None:
-        x = layer.cross(x, start, (encoded, mask, group_valid))
-    return layer.feed_forward(x)
+        if keep_state:
+            cache_layer.state = state
+        if encode is not None:
+            found = encode(x)
+            neighbors = () if found is None else found if isinstance(found, tuple) else (found,)
+        if self.cca is not None and neighbors:
+            x = self.cross(x, start, neighbors if len(neighbors) > 1 else neighbors[0])
+        return (self.feed_forward(x), *neighbors)

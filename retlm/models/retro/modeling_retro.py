@@ -29,47 +29,39 @@ forward with the same neighbors (tested).
 
 Left padding (``attention_mask`` of zeros, then ones) batches prompts of different lengths: each row's
 positions, chunks and neighbors are counted from its first real token, as if it ran alone
-(:mod:`retlm.models.retro.padding`, :func:`retlm.models.retro.neighbors.row_neighbors_for_call`).
+(:mod:`retlm.models.padding`, :func:`retlm.layers.neighbors.row_neighbors_for_call`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import fixed_cross_entropy
+from transformers.utils import logging
 
 from retlm.compat import BaseModelOutputWithCache, CausalLMOutputWithCache, cache_kwargs, resolve_cache
-from retlm.models.retro.cache import RetroCache
-from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.decoder import RetroDecoderLayer, cross_and_feed_forward, mix_only
-from retlm.models.retro.encoder import RetroEncoder, RetroEncoderLayer  # noqa: F401  (importable here)
-from retlm.models.retro.neighbors import (
+from retlm.layers.neighbor_encoder import RetroEncoder, final_norm, init_retrieval_weights
+from retlm.layers.neighbors import (
     check_retrieved,
     encode_neighbors,
     neighbors_for_call,
     row_neighbors_for_call,
 )
-from retlm.models.retro.padding import (  # noqa: F401  (check_right_padding: importable here)
-    RowPadding,
-    check_right_padding,
-    left_padding,
-    row_padding,
-)
-from retlm.models.retro.sublayers import (  # noqa: F401  (GatedScaledL2Norm, Residual: importable here)
-    GatedScaledL2Norm,
-    Residual,
-    final_norm,
-)
-from retlm.models.retro.weights import (  # noqa: F401  (config_difference: importable here)
-    StrictLoadingMixin,
-    config_difference,
-    init_retro_module,
-)
+from retlm.models.padding import RowPadding, left_padding, row_padding
+from retlm.models.retro.cache import RetroCache, RetroCacheLayer
+from retlm.models.retro.configuration_retro import RetroConfig
+from retlm.models.retro.decoder import RetroCall, RetroDecoderLayer
+from retlm.models.retro.weights import StrictLoadingMixin
 from retlm.ops.retention import RETENTION_MODES
+from retlm.utils import deprecated_keyword
+
+logger = logging.get_logger(__name__)
 
 # -- models -------------------------------------------------------------------------------------------
 
@@ -86,12 +78,11 @@ class RetroPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        init_retro_module(module)
+        init_retrieval_weights(module)
 
-
-def at_least_float32(logits: Tensor) -> Tensor:
-    """Half-precision logits are upcast for the loss; float64 stays float64."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    @property
+    def loss_function(self) -> Callable[..., Tensor]:
+        return causal_lm_loss
 
 
 class RetroModel(RetroPreTrainedModel):
@@ -109,11 +100,11 @@ class RetroModel(RetroPreTrainedModel):
         self.to_decoder_model_dim = (
             nn.Linear(config.enc_dim, config.dec_dim) if config.enc_dim != config.dec_dim else nn.Identity()
         )
-        self.encoder = RetroEncoder(config)
+        self.encoder = RetroEncoder(config.retrieval_layers())
         self.layers = nn.ModuleList(
             RetroDecoderLayer(config, config.dec_has_cca(i)) for i in range(1, config.dec_depth + 1)
         )
-        self.norm_out = final_norm(config.dec_dim, config)
+        self.norm_out = final_norm(config.dec_dim, config.retrieval_layers())
         cca_layers = [i for i, layer in enumerate(self.layers) if layer.cca is not None]
         self.context_layer = cca_layers[0] if cca_layers else None
         self.gradient_checkpointing = False
@@ -127,19 +118,63 @@ class RetroModel(RetroPreTrainedModel):
 
     # -- input checks ---------------------------------------------------------------------------------
 
-    def check_retrieved(
+    def validate_inputs(
         self,
+        input_ids: Tensor | None,
         retrieved: Tensor | None,
-        batch: int,
-        start: int,
-        seq_len: int,
-        incremental: bool,
-        row_starts: Tensor | None = None,
-    ) -> Tensor | None:
-        """Validate ``retrieved`` and return it as ``(batch, completed_chunks, k, r)``."""
-        return check_retrieved(
-            retrieved, self.config.chunk_size, batch, start, seq_len, incremental, row_starts
+        attention_mask: Tensor | None,
+        cache: Any,
+        use_cache: bool | None,
+        retention_mode: str | None,
+    ) -> RetroCall:
+        """Check one call's inputs (see :meth:`forward`) and return them normalised, with the cache to
+        continue or fill (a passed cache is always continued; None when no cache is kept)."""
+        config = self.config
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
+        batch, seq_len = input_ids.shape
+        if cache is not None:
+            self.check_cache(cache, batch)
+        use_cache = self.cache_allowed(cache is not None or bool(use_cache))
+        start = cache.position if cache is not None else 0
+        known = None if cache is None else cache.padding
+        pad = left_padding(attention_mask, known, start, seq_len, use_cache)
+        dtype = self.token_emb.weight.dtype
+        padding = None if pad is None else row_padding(pad.to(input_ids.device), start, seq_len, dtype)
+        if padding is not None and self.checkpointing_active():
+            raise ValueError(
+                "left padding batches prompts for generation; train without it (or call .eval())"
+            )
+        if start + seq_len > config.max_seq_len:
+            raise ValueError(
+                f"sequence length {start + seq_len} exceeds max_seq_len={config.max_seq_len}; "
+                f"expected at most (batch, {config.max_seq_len}) tokens in all"
+            )
+        row_starts = None if padding is None else padding.row_starts
+        retrieved = check_retrieved(
+            retrieved, config.chunk_size, batch, start, seq_len, cache is not None, row_starts
         )
+        mode = retention_mode or config.retention_mode
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"unknown retention_mode {mode!r}; expected one of {RETENTION_MODES}")
+        if use_cache and cache is None:
+            cache = RetroCache(len(self.layers))
+        if cache is not None and not cache.layers:
+            cache.layers = [RetroCacheLayer() for _ in self.layers]
+        if cache is not None and padding is not None:
+            cache.padding = padding.padding
+        return RetroCall(start, retrieved, padding, mode, cache)
+
+    def checkpointing_active(self) -> bool:
+        """Whether the decoder layers run under gradient checkpointing in this call."""
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def cache_allowed(self, use_cache: bool) -> bool:
+        """HF's convention: gradient checkpointing (training) keeps no cache; continuing one is refused."""
+        if not (use_cache and self.checkpointing_active()):
+            return use_cache
+        logger.warning_once("use_cache=True is incompatible with gradient checkpointing; not keeping a cache")
+        return False
 
     def check_cache(self, cache: RetroCache, batch: int) -> None:
         """Refuse a cache of another type, depth or batch size than this call's ``(batch, seq)`` input."""
@@ -148,13 +183,15 @@ class RetroModel(RetroPreTrainedModel):
                 f"past_key_values must be a RetroCache (or None), got {type(cache).__name__}; "
                 "pass the past_key_values returned by this model"
             )
+        if self.checkpointing_active():
+            raise ValueError("gradient checkpointing cannot continue a cache; call .eval() to decode")
         if cache.layers and len(cache.layers) != len(self.layers):
             raise ValueError(
                 f"past_key_values comes from another config: it has {len(cache.layers)} layers, "
                 f"this model has dec_depth={len(self.layers)}"
             )
-        rows = cache.batch_size()
-        if rows is not None and rows != batch:
+        rows = cache.batch_size
+        if rows >= 0 and rows != batch:
             raise ValueError(
                 f"past_key_values holds {rows} rows but input_ids has batch {batch}; continue a cache "
                 "with the batch it was built on (or select rows with cache.batch_select_indices)"
@@ -178,19 +215,16 @@ class RetroModel(RetroPreTrainedModel):
         -> ``(encoded (batch, u, k, r, dec_dim), mask (batch, u, k, r))``."""
         return encode_neighbors(self.token_emb, self.encoder, self.config.pad_id, retrieved, context)
 
-    def neighbors_for_call(
-        self,
-        x: Tensor,
-        retrieved: Tensor | None,
-        start: int,
-        cache: RetroCache | None,
-        padding: RowPadding | None = None,
-    ) -> Any:
-        """See :func:`neighbors_for_call`, and :func:`row_neighbors_for_call` for a left-padded batch."""
-        c = self.config.chunk_size
+    def neighbors_for_call(self, x: Tensor, call: RetroCall) -> Any:
+        """The encoded neighbors of every CCA group of this call, from the decoder states ``x (batch, seq,
+        dec_dim)`` at the first CCA layer (see :func:`~retlm.layers.neighbors.neighbors_for_call`, and
+        :func:`~retlm.layers.neighbors.row_neighbors_for_call` for a left-padded batch)."""
+        c, cache, padding = self.config.chunk_size, call.cache, call.padding
         if padding is not None:
-            return row_neighbors_for_call(x, retrieved, padding.row_starts, cache, c, self.encode_neighbors)
-        return neighbors_for_call(x, retrieved, start, cache, c, self.encode_neighbors)
+            return row_neighbors_for_call(
+                x, call.retrieved, padding.row_starts, cache, c, self.encode_neighbors
+            )
+        return neighbors_for_call(x, call.retrieved, call.start, cache, c, self.encode_neighbors)
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -203,7 +237,7 @@ class RetroModel(RetroPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        retnet_mode: str | None = None,
+        retention_mode: str | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithCache | tuple:
         """
@@ -223,93 +257,32 @@ class RetroModel(RetroPreTrainedModel):
             past_key_values: a :class:`RetroCache` from an earlier call, continued in place (or
                 ``cache=``, transformers >= 5.24's name).
             use_cache: return a cache (always True when ``past_key_values`` is given: it is continued).
-            retnet_mode: "parallel" | "chunkwise" | "recurrent" for the RetNet decoder (default from the
+            retention_mode: "parallel" | "chunkwise" | "recurrent" for the RetNet decoder (default from the
                 config); all give the same result.
         """
-        config = self.config
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
-        batch, seq_len = input_ids.shape
+        retention_mode = retention_mode or deprecated_keyword(kwargs, "retnet_mode", "retention_mode")
         cache = resolve_cache(past_key_values, kwargs)
-        if cache is not None:
-            self.check_cache(cache, batch)
-        start = cache.position if cache is not None else 0
-        pad = left_padding(attention_mask, cache, start, seq_len, cache is not None or bool(use_cache))
-        dtype = self.token_emb.weight.dtype
-        padding = None if pad is None else row_padding(pad.to(input_ids.device), start, seq_len, dtype)
-        if start + seq_len > config.max_seq_len:
-            raise ValueError(
-                f"sequence length {start + seq_len} exceeds max_seq_len={config.max_seq_len}; "
-                f"expected at most (batch, {config.max_seq_len}) tokens in all"
-            )
-        retrieved = self.check_retrieved(
-            retrieved,
-            batch,
-            start,
-            seq_len,
-            incremental=cache is not None,
-            row_starts=None if padding is None else padding.row_starts,
-        )
-        mode = retnet_mode or config.retnet_mode
-        if mode not in RETENTION_MODES:
-            raise ValueError(f"unknown retnet_mode {mode!r}; expected one of {RETENTION_MODES}")
-        use_cache = cache is not None or bool(use_cache)  # a passed cache is always continued
-        if use_cache and cache is None:
-            cache = RetroCache()
-        if cache is not None and not cache.layers:
-            cache.layers = [None] * len(self.layers)
-        if cache is not None and padding is not None:
-            cache.padding = padding.padding
-        keep = cache if use_cache else None
-
-        x = self.embed(input_ids, start, padding)
+        call = self.validate_inputs(input_ids, retrieved, attention_mask, cache, use_cache, retention_mode)
+        cache, start = call.cache, call.start
+        x = self.embed(input_ids, start, call.padding)
         hidden_states = [x] if output_hidden_states else None
-        found: dict[str, Any] = {}  # the encoded neighbors, once the first CCA layer has computed them
-
-        def encode_at_context_layer(h: Tensor) -> Any:
-            found["neighbors"] = self.neighbors_for_call(h, retrieved, start, keep, padding)
-            return found["neighbors"]
-
-        # Gradient checkpointing (training without a cache): each layer's sublayers, and the encoder run,
-        # keep only their inputs and are recomputed in backward (dropout replays the same masks).
-        # (a left-padded batch, for generation, runs without it)
-        checkpointing = self.gradient_checkpointing and self.training and keep is None and padding is None
-        neighbors = None
+        neighbors: list[Any] = []
         for i, layer in enumerate(self.layers):
-            state = cache.layers[i] if cache is not None else None
-            if not checkpointing:
-                x, state = layer(
-                    x,
-                    start,
-                    state,
-                    keep_state=keep is not None,
-                    mode=mode,
-                    retnet_chunk_size=config.retnet_chunk_size,
-                    neighbors=encode_at_context_layer if i == self.context_layer else found.get("neighbors"),
-                    padding=padding,
-                )
-            else:
-                x = self._gradient_checkpointing_func(
-                    mix_only, layer, x, start, mode, config.retnet_chunk_size
-                )
-                if i == self.context_layer and retrieved is not None:
-                    neighbors = self._gradient_checkpointing_func(
-                        self.neighbors_for_call, x, retrieved, start, None
-                    )
-                # the neighbors go in as separate tensors: a reentrant checkpoint tracks only top-level ones
-                parts = neighbors if neighbors is not None else (None, None, None)
-                x = self._gradient_checkpointing_func(cross_and_feed_forward, layer, x, start, *parts)
-            if keep is not None:
-                keep.layers[i] = state
+            x, *neighbors = layer(
+                x,
+                *neighbors,
+                call=call,
+                cache_layer=cache.layers[i] if cache is not None else None,
+                encode=partial(self.neighbors_for_call, call=call) if i == self.context_layer else None,
+            )
             if hidden_states is not None:
                 hidden_states.append(x)
-        x = self.norm_out(x)
-        if keep is not None:
-            keep.position = start + seq_len
+        if cache is not None:
+            cache.position = start + input_ids.shape[1]
         out = BaseModelOutputWithCache(
-            last_hidden_state=x,
+            last_hidden_state=self.norm_out(x),
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
-            **cache_kwargs(keep),
+            **cache_kwargs(cache),
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -349,14 +322,14 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
 
     def generate(self, *args: Any, retrieval_database: Any = None, **kwargs: Any) -> Any:
         """HF ``generate``, or, with ``retrieval_database=db``, generation that retrieves from ``db`` at
-        every chunk boundary (see :func:`retlm.models.retro.generation.generate_with_retrieval`, whose
+        every chunk boundary (see :func:`retlm.models.retrieval_generation.generate_with_retrieval`, whose
         keyword options it takes: ``max_new_tokens, do_sample, temperature, top_k, top_p, ...``); it then
         returns a :class:`RetrievalGenerateOutput` with the sequences and the neighbors used per chunk.
         Either way, a left-padded ``attention_mask`` batches prompts of different lengths (each row as if
         alone, retrieving at its own chunk boundaries)."""
         if retrieval_database is None:
             return super().generate(*args, **kwargs)
-        from retlm.models.retro.generation import generate_with_retrieval
+        from retlm.models.retrieval_generation import generate_with_retrieval
 
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         return generate_with_retrieval(self, retrieval_database, input_ids, **kwargs)
@@ -371,10 +344,13 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        retnet_mode: str | None = None,
+        retention_mode: str | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithCache | tuple:
+        """:meth:`RetroModel.forward`'s arguments, and ``labels (batch, seq)`` (HF's: shifted inside,
+        -100 ignored) or ``shift_labels`` (already aligned with the logits) for the loss, computed by
+        ``self.loss_function`` (which also takes the Trainer's ``num_items_in_batch``)."""
         outputs = self.model(
             input_ids=input_ids,
             retrieved=retrieved,
@@ -382,26 +358,15 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
             past_key_values=resolve_cache(past_key_values, kwargs),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            retnet_mode=retnet_mode,
+            retention_mode=retention_mode or deprecated_keyword(kwargs, "retnet_mode", "retention_mode"),
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.to_logits(hidden)
         loss = None
-        shift_labels = kwargs.pop("shift_labels", None)
-        if labels is not None or shift_labels is not None:
-            # HF's convention: ``labels`` are shifted here; ``shift_labels`` (as HF's loss functions take
-            # them) are already aligned with the logits and hold the last position's target too.
-            if shift_labels is None:
-                logits_for_loss, shift_labels = logits[:, :-1], labels[:, 1:]
-            else:
-                logits_for_loss = logits
-            loss = F.cross_entropy(
-                rearrange(at_least_float32(logits_for_loss), "b n v -> (b n) v"),
-                rearrange(shift_labels.to(logits.device), "b n -> (b n)"),
-                ignore_index=-100,
-            )
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithCache(
             loss=loss,
             logits=logits,
@@ -411,9 +376,21 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         return out.to_tuple() if return_dict is False else out
 
 
-def __getattr__(name: str) -> Any:
-    if name == "RETRO":  # built on RetroForCausalLM, in its own module (imported late: no cycle)
-        from retlm.models.retro.compat_retro_pytorch import RETRO
-
-        return RETRO
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor | None,
+    vocab_size: int,
+    num_items_in_batch: Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """transformers' ``ForCausalLMLoss`` (``labels (batch, seq)`` shifted here, or ``shift_labels``
+    aligned with ``logits (batch, seq, vocab)``; ``ignore_index`` skipped; a sum over
+    ``num_items_in_batch`` when the Trainer gives it), but float64 logits stay float64 (half precision is
+    upcast to float32, as there)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(logits.device)
+    return fixed_cross_entropy(logits.reshape(-1, vocab_size), targets, num_items_in_batch, ignore_index)

@@ -1,15 +1,10 @@
-"""RETRO's weight initialisation beyond transformers' default, and strict checkpoint loading (a checkpoint
+"""Strict checkpoint loading of RETRO (a checkpoint
 that does not fit the config is refused instead of being patched with fresh weights)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-from transformers import initialization as init
-
-from retlm.layers.attention import Attention
-from retlm.layers.norm import GatedScaledL2Norm, ScaledL2Norm
 from retlm.models.retro.configuration_retro import RetroConfig
 
 
@@ -44,21 +39,6 @@ class StrictLoadingMixin:
                 "load it with the config.json saved beside it"
             )
         return (model, info) if want_info else model
-
-
-def init_retro_module(module: nn.Module) -> None:
-    """RETRO's initialisation beyond transformers' default (which runs first): zeroed CCA output
-    projections (``zero_init``), unit norm gains, normal null keys and values."""
-    if getattr(module, "zero_init", False):  # RetroConfig.zero_init_cca; drawn first, so that every
-        init.zeros_(module.weight)  # other weight is initialised exactly as without the option
-        init.zeros_(module.bias)
-    if isinstance(module, ScaledL2Norm):
-        init.ones_(module.gamma)
-    if isinstance(module, GatedScaledL2Norm):
-        init.ones_(module.weight)
-    if isinstance(module, Attention) and module.null_k is not None:
-        init.normal_(module.null_k)
-        init.normal_(module.null_v)
 
 
 def config_difference(path: Any, kwargs: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ base.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from retlm.models.retrofit.cache import RetroFitCache
 from retlm.models.retrofit.configuration_retrofit import RetroFitConfig, default_cca_layers
 from retlm.models.retrofit.modeling_retrofit import (
     RetroFitAdapter,
@@ -21,6 +22,7 @@ AutoModelForCausalLM.register(RetroFitConfig, RetroFitForCausalLM, exist_ok=True
 
 __all__ = [
     "RetroFitAdapter",
+    "RetroFitCache",
     "RetroFitConfig",
     "RetroFitForCausalLM",
     "RetroFitLayer",

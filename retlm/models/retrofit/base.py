@@ -4,15 +4,12 @@ adapter was built for, and wrapping a decoder layer so that the retrofit's CCA s
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from retlm.models.retrofit.configuration_retrofit import BASE_SIGNATURE, RetroFitConfig, signature_of
-
-if TYPE_CHECKING:
-    from retlm.models.retrofit.modeling_retrofit import RetroFitForCausalLM
 
 # Where the decoder layers of the supported families live (GPT-2; Llama, Qwen2, Mistral, RetNet, RETRO).
 LAYER_PATHS = ("transformer.h", "model.layers", "model.decoder.layers", "gpt_neox.layers")
@@ -71,7 +68,7 @@ class RetroFitLayer(nn.Module):
     (e.g. Qwen2's ``attention_type``).
     """
 
-    def __init__(self, layer: nn.Module, number: int, owner: RetroFitForCausalLM) -> None:
+    def __init__(self, layer: nn.Module, number: int, owner: nn.Module) -> None:
         super().__init__()
         self.layer = layer
         self.number = number  # 1-based: the CCA follows this decoder layer

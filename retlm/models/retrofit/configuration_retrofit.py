@@ -5,14 +5,12 @@ The base itself (its weights and its own config) is not copied: ``base_model_nam
 config as it was when the adapter was trained, so that loading can refuse a different base.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
-from retlm.models.retro.configuration_retro import CCA_QUERY_POSITIONS, RetroConfig
+from retlm.layers.neighbor_encoder import CCA_QUERY_POSITIONS, RetrievalLayersConfig
 
 # The base's config fields that an adapter depends on; loading refuses a base that differs in one.
 BASE_SIGNATURE = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
@@ -41,7 +39,7 @@ def check_cca_layers(layers: Iterable[int], num_layers: int) -> list[int]:
     return chosen
 
 
-class RetroFitConfig(PretrainedConfig):
+class RetroFitConfig(PreTrainedConfig):
     """Configuration of :class:`~retlm.models.retrofit.RetroFitForCausalLM`.
 
     Args:
@@ -64,97 +62,80 @@ class RetroFitConfig(PretrainedConfig):
 
     model_type = "retrofit"
 
-    def __init__(
-        self,
-        base_model_name_or_path: str | None = None,
-        base_config: dict[str, Any] | None = None,
-        base_signature: dict[str, Any] | None = None,
-        cca_layers: Iterable[int] | None = None,
-        chunk_size: int = 64,
-        pad_id: int = 0,
-        max_seq_len: int | None = None,
-        enc_dim: int | None = None,
-        enc_depth: int = 2,
-        heads: int | None = None,
-        dim_head: int | None = None,
-        rotary_dim: int | None = None,
-        ff_mult: int = 4,
-        norm_eps: float = 1e-8,
-        cca_query_positions: str = "paper",
-        enc_attn_dropout: float = 0.0,
-        enc_ff_dropout: float = 0.0,
-        cca_dropout: float = 0.0,
-        hidden_size: int | None = None,
-        num_hidden_layers: int | None = None,
-        vocab_size: int | None = None,
-        embedding_dim: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if cca_query_positions not in CCA_QUERY_POSITIONS:
+    base_model_name_or_path: str | None = None
+    base_config: dict[str, Any] | None = None
+    base_signature: dict[str, Any] | None = None
+    cca_layers: list[int] | None = None
+    chunk_size: int = 64
+    pad_id: int = 0
+    max_seq_len: int | None = None
+    enc_dim: int | None = None
+    enc_depth: int = 2
+    heads: int | None = None
+    dim_head: int | None = None
+    rotary_dim: int | None = None
+    ff_mult: int = 4
+    norm_eps: float = 1e-8
+    cca_query_positions: str = "paper"
+    enc_attn_dropout: float = 0.0
+    enc_ff_dropout: float = 0.0
+    cca_dropout: float = 0.0
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    vocab_size: int | None = None
+    embedding_dim: int | None = None
+    tie_word_embeddings: bool = False  # the base ties its own weights, if it does
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.cca_query_positions not in CCA_QUERY_POSITIONS:
             raise ValueError(
-                f"unknown cca_query_positions {cca_query_positions!r}; expected one of {CCA_QUERY_POSITIONS}"
+                f"unknown cca_query_positions {self.cca_query_positions!r}; "
+                f"expected one of {CCA_QUERY_POSITIONS}"
             )
-        for name, value in (("chunk_size", chunk_size), ("enc_depth", enc_depth)):
+        for name in ("chunk_size", "enc_depth"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.base_model_name_or_path = base_model_name_or_path
-        self.base_config = dict(base_config) if base_config is not None else None
-        self.base_signature = dict(base_signature) if base_signature is not None else None
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.vocab_size = vocab_size
-        self.embedding_dim = embedding_dim or hidden_size
-        if cca_layers is not None and num_hidden_layers:
-            cca_layers = check_cca_layers(cca_layers, num_hidden_layers)
-        elif cca_layers is None and num_hidden_layers:
-            cca_layers = default_cca_layers(num_hidden_layers)
-        self.cca_layers = list(cca_layers) if cca_layers is not None else None
-        self.chunk_size = chunk_size
-        self.pad_id = pad_id
-        self.max_seq_len = max_seq_len
-        self.enc_dim = enc_dim or (min(hidden_size, 896) if hidden_size else None)
-        self.enc_depth = enc_depth
-        self.heads = heads
-        self.dim_head = dim_head or (hidden_size // heads if hidden_size and heads else None)
-        self.rotary_dim = rotary_dim
-        self.ff_mult = ff_mult
-        self.norm_eps = norm_eps
-        self.cca_query_positions = cca_query_positions
-        self.enc_attn_dropout = enc_attn_dropout
-        self.enc_ff_dropout = enc_ff_dropout
-        self.cca_dropout = cca_dropout
-        kwargs.setdefault("pad_token_id", pad_id)
-        kwargs.setdefault("tie_word_embeddings", False)  # the base ties its own weights, if it does
-        super().__init__(**kwargs)
+        self.base_config = dict(self.base_config) if self.base_config is not None else None
+        self.base_signature = dict(self.base_signature) if self.base_signature is not None else None
+        self.embedding_dim = self.embedding_dim or self.hidden_size
+        if self.num_hidden_layers:
+            layers = self.cca_layers
+            self.cca_layers = (
+                check_cca_layers(layers, self.num_hidden_layers)
+                if layers is not None
+                else default_cca_layers(self.num_hidden_layers)
+            )
+        elif self.cca_layers is not None:
+            self.cca_layers = list(self.cca_layers)
+        hidden, heads = self.hidden_size, self.heads
+        self.enc_dim = self.enc_dim or (min(hidden, 896) if hidden else None)
+        self.dim_head = self.dim_head or (hidden // heads if hidden and heads else None)
+        self.pad_token_id = self.pad_id if self.pad_token_id is None else self.pad_token_id
+        super().__post_init__(**kwargs)
 
-    def retro_config(self) -> RetroConfig:
-        """The :class:`RetroConfig` of the adapter's RETRO pieces: the encoder reads ``enc_dim`` neighbor
-        vectors and cross-attends to, and projects out to, the base's ``hidden_size``; every CCA starts
-        with a zero output projection."""
+    def retrieval_layers(self) -> RetrievalLayersConfig:
+        """The shape of the adapter's retrieval layers: the encoder reads ``enc_dim`` neighbor vectors and
+        cross-attends to, and projects out to, the base's ``hidden_size``."""
         if not (self.hidden_size and self.num_hidden_layers and self.heads and self.cca_layers):
             raise ValueError(
                 "this RetroFitConfig names no base shape; build it with RetroFitForCausalLM.from_base"
             )
-        return RetroConfig(
-            num_tokens=self.vocab_size,
-            max_seq_len=self.max_seq_len or 2**31 - 1,
+        return RetrievalLayersConfig(
             enc_dim=self.enc_dim,
-            enc_depth=self.enc_depth,
             dec_dim=self.hidden_size,
-            dec_depth=self.num_hidden_layers,
-            dec_cross_attn_layers=self.cca_layers,
+            enc_depth=self.enc_depth,
             heads=self.heads,
             dim_head=self.dim_head,
             rotary_dim=self.rotary_dim,
             chunk_size=self.chunk_size,
-            pad_id=self.pad_id,
             ff_mult=self.ff_mult,
             norm_eps=self.norm_eps,
             cca_query_positions=self.cca_query_positions,
             enc_attn_dropout=self.enc_attn_dropout,
             enc_ff_dropout=self.enc_ff_dropout,
             dec_attn_dropout=self.cca_dropout,
-            zero_init_cca=True,
         )
 
 

@@ -13,15 +13,15 @@ state of a RetNet, a ``RetroCache`` for a RETRO control) and ``generate()`` are 
 CCA output projection starts at zero, so a fresh RETRO-fitted model computes exactly its base; the
 base's parameters are frozen, and only the adapter (:class:`RetroFitAdapter`) trains.
 
-The encoder, the CCA layers and the chunk alignment are RETRO's own (:mod:`retlm.models.retro.modeling_retro`,
-:mod:`retlm.models.retro.neighbors`): the tokens of chunk u+1 (and the last token of chunk u) read the
+The encoder, the CCA layers and the chunk alignment are RETRO's own (:mod:`retlm.layers.neighbor_encoder`,
+:mod:`retlm.layers.neighbors`): the tokens of chunk u+1 (and the last token of chunk u) read the
 neighbors retrieved for chunk u, never a neighbor retrieved with their own future.
 
 Incremental decoding follows :class:`~retlm.models.retro.RetroForCausalLM`'s contract (the loop of
-:mod:`retlm.models.retro.generation` drives it): a call receives, in ``retrieved``, the neighbors of
-every chunk whose last token is among its ``input_ids``. The adapter's decoding state (position, the
-states of the current chunk, the encoded neighbors of the last completed one) travels on the base's
-own cache object, as its attribute :data:`STATE_ATTR`.
+:mod:`retlm.models.retrieval_generation` drives it): a call receives, in ``retrieved``, the neighbors of
+every chunk whose last token is among its ``input_ids``. The cache is a :class:`RetroFitCache`: the
+base's own cache object, and the adapter's decoding state (position, the states of the current chunk,
+the encoded neighbors of the last completed one).
 
 Known limits: one call at a time per model object (the wrappers read the current call's neighbors
 from the model; ``torch.nn.DataParallel`` threads would share them, DDP is fine); rows of a batch share
@@ -44,19 +44,22 @@ from torch.nn.modules.module import _IncompatibleKeys
 from transformers import GenerationMixin, PreTrainedModel
 
 from retlm.compat import CausalLMOutputWithCache, cache_kwargs, output_cache, resolve_cache
-from retlm.models.pretrained import KNOWN
-from retlm.models.retro.cache import RetroCache
-from retlm.models.retro.configuration_retro import RetroConfig
-from retlm.models.retro.encoder import RetroEncoder
-from retlm.models.retro.modeling_retro import check_right_padding
-from retlm.models.retro.neighbors import (
+from retlm.layers.neighbor_encoder import (
+    Residual,
+    RetrievalLayersConfig,
+    RetroEncoder,
+    chunked_cross_attention,
+    init_retrieval_weights,
+)
+from retlm.layers.neighbors import (
+    NeighborState,
     check_retrieved,
     cross_attend,
     encode_neighbors,
     neighbors_for_call,
 )
-from retlm.models.retro.sublayers import Residual, chunked_cross_attention
-from retlm.models.retro.weights import init_retro_module
+from retlm.models.padding import check_right_padding
+from retlm.models.pretrained import KNOWN
 from retlm.models.retrofit.base import (  # noqa: F401  (LAYER_PATHS, SUPPORTED: importable here)
     LAYER_PATHS,
     SUPPORTED,
@@ -65,9 +68,10 @@ from retlm.models.retrofit.base import (  # noqa: F401  (LAYER_PATHS, SUPPORTED:
     decoder_layers,
     load_base,
 )
+from retlm.models.retrofit.cache import RetroFitCache
 from retlm.models.retrofit.configuration_retrofit import RetroFitConfig, check_cca_layers, signature_of
+from retlm.utils import deprecated_keyword
 
-STATE_ATTR = "retlm_retrofit_state"  # the adapter's decoding state, on the base's cache object
 ADAPTER_PREFIX = "retrofit."  # state-dict prefix of the new (trained, saved) parameters
 WEIGHTS_NAME = "model.safetensors"
 UNBOUNDED = 2**31 - 1  # max_seq_len of a base without a position table (RetNet)
@@ -79,13 +83,13 @@ UNBOUNDED = 2**31 - 1  # max_seq_len of a base without a position table (RetNet)
 class RetroFitBlock(nn.Module):
     """The sub-layer added after one base decoder layer: ``x + CCA(norm(x), encoded neighbors)``, with
     the CCA output projection zero at initialisation. Parameter names are those of
-    :class:`~retlm.models.retro.modeling_retro.RetroDecoderLayer` (``cca``, ``cca_norm``)."""
+    :class:`~retlm.models.retro.decoder.RetroDecoderLayer` (``cca``, ``cca_norm``)."""
 
-    def __init__(self, retro: RetroConfig) -> None:
+    def __init__(self, layers: RetrievalLayersConfig) -> None:
         super().__init__()
-        self.cca_norm = Residual(retro.dec_dim, retro, None)
-        self.cca = chunked_cross_attention(retro.dec_dim, retro)
-        self.cca.attn.to_out.zero_init = True  # read by init_retro_module
+        self.cca_norm = Residual(layers.dec_dim, layers, None)
+        self.cca = chunked_cross_attention(layers.dec_dim, layers)
+        self.cca.attn.to_out.zero_init = True  # read by init_retrieval_weights
 
     def forward(self, x: Tensor, start: int, neighbors: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
         """``x (batch, seq, hidden)`` of positions ``start ..`` -> same shape."""
@@ -98,10 +102,10 @@ class RetroFitAdapter(nn.Module):
 
     def __init__(self, config: RetroFitConfig) -> None:
         super().__init__()
-        retro = config.retro_config()
-        self.embed_proj = nn.Linear(config.embedding_dim, retro.enc_dim, bias=False)
-        self.encoder = RetroEncoder(retro)
-        self.blocks = nn.ModuleDict({str(layer): RetroFitBlock(retro) for layer in config.cca_layers})
+        layers = config.retrieval_layers()
+        self.embed_proj = nn.Linear(config.embedding_dim, layers.enc_dim, bias=False)
+        self.encoder = RetroEncoder(layers)
+        self.blocks = nn.ModuleDict({str(layer): RetroFitBlock(layers) for layer in config.cca_layers})
 
 
 @dataclass
@@ -112,7 +116,7 @@ class _Call:
 
     start: int
     retrieved: Tensor | None
-    state: RetroCache | None
+    state: NeighborState | None
     neighbors: tuple[Tensor, Tensor, Tensor | None] | None = None
 
 
@@ -155,10 +159,9 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
             layers[number - 1] = RetroFitLayer(layers[number - 1], number, self)
         self._encoder_layer = min(config.cca_layers)  # its states condition the encoder
         params = inspect.signature(base.forward).parameters
-        self._mode_kwarg = next((n for n in ("retention_mode", "retnet_mode") if n in params), None)
-        # RETRO-fitting decides how the base runs: a RetNet base decodes one cached token recurrently
-        # (its blocks then run as modules, CCA included, since RetroFitLayer wraps them).
-        self._decodes_recurrently = getattr(base.config, "model_type", None) == "retnet"
+        modes = ("retention_mode", "forward_impl", "retnet_mode")  # RetNet's, RETRO's; and earlier names
+        self._mode_kwarg = next((n for n in modes if n in params), None)
+        self._recurrent_steps = base.config.model_type == "retnet"
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -314,7 +317,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        init_retro_module(module)
+        init_retrieval_weights(module)
 
     def train(self, mode: bool = True) -> RetroFitForCausalLM:
         """The adapter trains; the frozen base stays in eval mode (no dropout), as it is not trained."""
@@ -337,11 +340,11 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args: Any, retrieval_database: Any = None, **kwargs: Any) -> Any:
         """The base's own ``generate()`` (no retrieval: the adapter adds nothing), or, with
         ``retrieval_database=db``, generation that retrieves from ``db`` at every chunk boundary
-        (:func:`retlm.models.retro.generation.generate_with_retrieval`, whose options it takes), decoding
+        (:func:`retlm.models.retrieval_generation.generate_with_retrieval`, whose options it takes), decoding
         one token per step from the base's cache."""
         if retrieval_database is None:
             return self.base.generate(*args, **kwargs)
-        from retlm.models.retro.generation import generate_with_retrieval
+        from retlm.models.retrieval_generation import generate_with_retrieval
 
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         kwargs.pop("attention_mask", None)
@@ -369,44 +372,21 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
             return hidden
         return self.retrofit.blocks[str(number)](hidden, call.start, call.neighbors)
 
-    def forward(
+    def validate_inputs(
         self,
-        input_ids: Tensor | None = None,
-        retrieved: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        past_key_values: Any = None,
-        use_cache: bool | None = None,
-        return_dict: bool | None = None,
-        retnet_mode: str | None = None,
-        logits_to_keep: int = 0,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithCache | tuple:
-        """
-        Args:
-            input_ids: ``(batch, seq)`` new tokens (after those already in the cache).
-            retrieved: neighbors (+ continuations) of the chunks completed by these tokens, as for
-                :meth:`RetroForCausalLM.forward`: ``(batch, num_chunks, k, 2 * chunk_size)``, or
-                ``(batch, k, 2 * chunk_size)`` for one chunk when a cache is passed; pad / -1 = missing.
-            attention_mask: passed to the base; right padding only while neighbors are read.
-            labels: passed to the base (HF convention: not shifted; -100 = ignored).
-            past_key_values: the base's cache from an earlier call of this model (or ``cache=``).
-            use_cache: return the base's cache, carrying the adapter's decoding state.
-            retnet_mode: the retention mode of a RetNet (or RETRO-RetNet) base; a RetNet base decodes a
-                single cached token recurrently by default.
-            logits_to_keep: only the last n positions' logits.
-            kwargs: passed on to the base's ``forward``.
-
-        Returns :class:`CausalLMOutputWithCache` with ``logits (batch, seq, vocab)``.
-        """
-        cache = resolve_cache(past_key_values, kwargs)
+        input_ids: Tensor | None,
+        retrieved: Tensor | None,
+        attention_mask: Tensor | None,
+        cache: Any,
+        use_cache: bool | None,
+    ) -> tuple[int, Tensor | None, NeighborState | None]:
+        """Check one call's inputs (see :meth:`forward`) and return its first position, ``retrieved``
+        normalised, and the adapter's decoding state to update (None: no cache is kept)."""
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
         batch, seq_len = input_ids.shape
-        state = getattr(cache, STATE_ATTR, None) if cache is not None else None
-        start = (
-            state.position if state is not None else int(cache.get_seq_length()) if cache is not None else 0
-        )
+        state = cache.neighbors if isinstance(cache, RetroFitCache) else None
+        start = int(cache.get_seq_length()) if cache is not None else 0  # a RetroFitCache's: its position
         limit = self.config.max_seq_len
         if limit is not None and start + seq_len > limit:
             raise ValueError(f"sequence length {start + seq_len} exceeds the base's {limit} positions")
@@ -419,33 +399,79 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
                     f"this cache holds {start} tokens but was not written by this model's forward, so the "
                     "states of its incomplete chunk are unknown; start from no cache, or at a chunk boundary"
                 )
-            state = RetroCache(position=start)
+            state = NeighborState(position=start)
         if retrieved is not None or (state is not None and state.neighbors is not None):
             check_right_padding(attention_mask)
-        if self._mode_kwarg is not None:
-            if retnet_mode is None and cache is not None and seq_len == 1 and self._decodes_recurrently:
-                retnet_mode = "recurrent"
-            if retnet_mode is not None:
-                kwargs[self._mode_kwarg] = retnet_mode
-        if keep and cache is not None:
-            kwargs.update(cache_kwargs(cache))
-        self._call = _Call(start, retrieved, state if keep else None)
+        return start, retrieved, state if keep else None
+
+    def retention_kwargs(self, retention_mode: str | None, cached: bool, seq_len: int) -> dict[str, Any]:
+        """The retention mode keyword of a RetNet (or RETRO-RetNet) base: as given, else recurrent for a
+        RetNet base's single cached token."""
+        if self._mode_kwarg is None:
+            return {}
+        if retention_mode is None and cached and seq_len == 1 and self._recurrent_steps:
+            retention_mode = "recurrent"
+        return {} if retention_mode is None else {self._mode_kwarg: retention_mode}
+
+    def run_base(self, call: _Call, **kwargs: Any) -> Any:
+        """The base's ``forward(**kwargs)``, its wrapped decoder layers reading ``call``."""
+        self._call = call
         try:
-            out = self.base(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                labels=labels,
-                use_cache=keep,
-                logits_to_keep=logits_to_keep,
-                return_dict=True,
-                **kwargs,
-            )
+            return self.base(return_dict=True, **kwargs)
         finally:
             self._call = None
-        new_cache = output_cache(out) if keep else None
-        if new_cache is not None:
-            state.position = start + seq_len
-            setattr(new_cache, STATE_ATTR, state)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        retrieved: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        retention_mode: str | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithCache | tuple:
+        """
+        Args:
+            input_ids: ``(batch, seq)`` new tokens (after those already in the cache).
+            retrieved: neighbors (+ continuations) of the chunks completed by these tokens, as for
+                :meth:`RetroForCausalLM.forward`: ``(batch, num_chunks, k, 2 * chunk_size)``, or
+                ``(batch, k, 2 * chunk_size)`` for one chunk when a cache is passed; pad / -1 = missing.
+            attention_mask: passed to the base; right padding only while neighbors are read.
+            labels: passed to the base (HF convention: not shifted; -100 = ignored).
+            past_key_values: a :class:`RetroFitCache` from an earlier call of this model (or ``cache=``),
+                or a cache of the base's at a chunk boundary.
+            use_cache: return a :class:`RetroFitCache` (the base's cache and the adapter's state).
+            retention_mode: the retention mode of a RetNet (or RETRO-RetNet) base (``retnet_mode=``, its
+                deprecated name); a RetNet base decodes a single cached token recurrently by default.
+            logits_to_keep: only the last n positions' logits.
+            kwargs: passed on to the base's ``forward``.
+
+        Returns :class:`CausalLMOutputWithCache` with ``logits (batch, seq, vocab)``.
+        """
+        retention_mode = retention_mode or deprecated_keyword(kwargs, "retnet_mode", "retention_mode")
+        cache = resolve_cache(past_key_values, kwargs)
+        start, retrieved, state = self.validate_inputs(input_ids, retrieved, attention_mask, cache, use_cache)
+        kwargs.update(self.retention_kwargs(retention_mode, cache is not None, input_ids.shape[1]))
+        base_cache = cache.base_cache if isinstance(cache, RetroFitCache) else cache
+        out = self.run_base(
+            _Call(start, retrieved, state),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            use_cache=state is not None,
+            logits_to_keep=logits_to_keep,
+            **cache_kwargs(base_cache),
+            **kwargs,
+        )
+        new_cache = None
+        if state is not None:
+            state.position = start + input_ids.shape[1]
+            new_cache = cache if isinstance(cache, RetroFitCache) else RetroFitCache(None, state)
+            new_cache.base_cache = output_cache(out)
         result = CausalLMOutputWithCache(
             loss=out.loss,
             logits=out.logits,

@@ -1,8 +1,16 @@
-"""Padding of a RETRO batch: which ``attention_mask`` is accepted (:func:`left_padding`,
-:func:`check_right_padding`), and a left-padded call's per-row positions and masks (:class:`RowPadding`).
+"""The one padding policy of retlm's models: which ``attention_mask (batch, seq)`` (1 = token, 0 =
+padding) each accepts, and what a padded row's positions are.
 
-A left-padded row's positions, chunks and neighbors are counted from its first real token, so it
-computes what the same prompt computes alone (the neighbors side: :func:`row_neighbors_for_call`).
+- RETRO (:func:`left_padding`): strict left padding (zeros, then ones), with right padding accepted for a
+  full forward without a cache. A left-padded row's positions, chunks and neighbors are counted from its
+  first real token, so it computes what the same prompt computes alone (:class:`RowPadding`; the
+  neighbors side: :func:`~retlm.layers.neighbors.row_neighbors_for_call`).
+- RETRO-fitting (:func:`check_right_padding`): right padding only while neighbors are read (its rows
+  share one position); any mask otherwise, as its base takes it.
+- RetNet (:func:`leading_padding`): left and right padding; a row's positions start at its first real
+  token.
+
+Every policy refuses a hole (a zero between two ones).
 """
 
 from __future__ import annotations
@@ -12,18 +20,41 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from retlm.models.retro.cache import RetroCache
+
+def _holes(mask: Tensor) -> Tensor:
+    """``(batch,)``: the row has a zero between two ones."""
+    seen = mask.long().cumsum(-1) > 0
+    after = mask.flip(-1).long().cumsum(-1).flip(-1) > 0
+    return (seen & after & ~mask).any(dim=-1)
 
 
-def check_right_padding(attention_mask: Tensor | None) -> None:
-    """Only right padding is supported: a causal model never looks at the padding after a row's end."""
+def refuse_holes(mask: Tensor, model: str) -> None:
+    """Refuse a ``(batch, seq)`` bool mask with a zero between two ones in a row."""
+    if bool(_holes(mask).any()):
+        raise ValueError(
+            f"{model}'s attention_mask has a hole (a zero between two ones in a row); padding may only "
+            "precede or follow a row's tokens"
+        )
+
+
+def leading_padding(mask: Tensor, model: str = "RetNet") -> Tensor:
+    """Number of padding columns before each row's first real token. ``mask (batch, seq)`` -> ``(batch,)``;
+    a row may also end in padding, but holes are refused."""
+    mask = mask.bool()
+    refuse_holes(mask, model)
+    return (mask.long().cumsum(-1) == 0).sum(-1)
+
+
+def check_right_padding(attention_mask: Tensor | None, model: str = "RETRO-fitting") -> None:
+    """Right padding only (ones, then zeros): rows that share one position, whose chunk boundaries agree;
+    a causal model never looks at the padding after a row's end."""
     if attention_mask is None:
         return
     mask = attention_mask.bool()
     if (mask[:, 1:] & ~mask[:, :-1]).any():
         raise ValueError(
-            "RETRO supports right padding only (attention_mask of ones followed by zeros); "
-            "left-padded rows would shift positions and chunk boundaries"
+            f"{model} supports right padding only while it reads neighbors (attention_mask of ones "
+            "followed by zeros); left-padded rows would shift positions and chunk boundaries"
         )
 
 
@@ -65,17 +96,17 @@ def row_padding(padding: Tensor, start: int, seq_len: int, dtype: torch.dtype) -
 
 
 def left_padding(
-    attention_mask: Tensor | None, cache: RetroCache | None, start: int, seq_len: int, decoding: bool
+    attention_mask: Tensor | None, known: Tensor | None, start: int, seq_len: int, decoding: bool
 ) -> Tensor | None:
     """The leading padding ``(batch,)`` of a left-padded batch (zeros, then ones, in each row of
     ``attention_mask``), or None when no row is padded. Right padding (ones, then zeros) is accepted for
     a full forward without a cache, as before: a causal model never looks at what follows a row's end.
 
-    ``attention_mask`` is ``(batch, seq)`` or, continuing ``cache``, ``(batch, start + seq)`` (generate's
-    growing mask); padding may only precede the first call's tokens. ``decoding``: a cache is passed or
-    asked for (right padding is then refused: decoding would continue after the padding).
+    ``attention_mask`` is ``(batch, seq)`` or, continuing a cache, ``(batch, start + seq)`` (generate's
+    growing mask); padding may only precede the first call's tokens. ``known``: the padding the cache
+    recorded on the first call (None: none, or no cache). ``decoding``: a cache is passed or asked for
+    (right padding is then refused: decoding would continue after the padding).
     """
-    known = None if cache is None else cache.padding
     if attention_mask is None:
         return known
     mask = attention_mask.bool()

@@ -35,6 +35,8 @@ from transformers.generation.logits_process import (
 )
 
 from retlm.compat import cache_kwargs, output_cache
+from retlm.models.padding import left_padding
+from retlm.utils import deprecated_keyword
 
 
 class SearchableDatabase(Protocol):
@@ -160,9 +162,10 @@ def generate_with_retrieval(
     num_neighbors: int | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
-    retnet_mode: str | None = None,
+    retention_mode: str | None = None,
     streamer: Any | None = None,
     on_retrieval: Callable[[int, ChunkRetrieval], None] | None = None,
+    **deprecated: Any,
 ) -> RetrievalGenerateOutput:
     """Continue ``input_ids (batch, prompt_len)`` by up to ``max_new_tokens``, retrieving from
     ``database`` at every chunk boundary (``database=None``: no retrieval).
@@ -181,7 +184,11 @@ def generate_with_retrieval(
     raised by ``put`` ends generation (a server cancels a request this way). ``on_retrieval(row, step)``
     is called with each :class:`ChunkRetrieval` as it is searched: a row's prompt chunks before the first
     forward pass, then the chunk that each new token completes, after that token went to the streamer.
+    ``retention_mode``: the RetNet decoder's (``retnet_mode=`` is its deprecated name).
     """
+    retention_mode = retention_mode or deprecated_keyword(deprecated, "retnet_mode", "retention_mode")
+    if deprecated:
+        raise TypeError(f"generate_with_retrieval() got unexpected keyword arguments {sorted(deprecated)}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids must be a non-empty (batch, prompt_len) tensor, got {tuple(input_ids.shape)}"
@@ -207,8 +214,6 @@ def generate_with_retrieval(
     batch, prompt_len = input_ids.shape
     padding = torch.zeros(batch, dtype=torch.long)
     if attention_mask is not None:
-        from retlm.models.retro.modeling_retro import left_padding
-
         found_padding = left_padding(attention_mask, None, 0, prompt_len, decoding=True)  # validates
         padding = found_padding.cpu() if found_padding is not None else padding
     retrieve = _Retriever(database, k, padding, on_retrieval) if database is not None else None
@@ -226,7 +231,7 @@ def generate_with_retrieval(
         input_ids=sequence,
         retrieved=retrieved,
         use_cache=True,
-        retnet_mode=retnet_mode,
+        retention_mode=retention_mode,
         logits_to_keep=1,
         **mask,
     )
@@ -257,7 +262,7 @@ def generate_with_retrieval(
             input_ids=sequence[:, -1:],
             retrieved=retrieved,
             use_cache=True,
-            retnet_mode=retnet_mode,
+            retention_mode=retention_mode,
             **cache_kwargs(cache),
         )
     if streamer is not None:

@@ -1,20 +1,60 @@
 """The retrieved neighbors of a RETRO call: validating ``retrieved``, encoding the neighbors, collecting
-the encoded neighbors of every CCA group a call touches (from the call and from the cache), and the
-residual chunked cross-attention sub-layer that reads them. Shared by RETRO and RETRO-fitting."""
+the encoded neighbors of every CCA group a call touches (from the call and from the decoding state,
+:class:`NeighborState`), and the residual chunked cross-attention sub-layer that reads them. Shared by
+RETRO and RETRO-fitting."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from retlm.layers.attention import ChunkedCrossAttention
-from retlm.models.retro.cache import RetroCache
-from retlm.models.retro.sublayers import Residual
+from retlm.layers.neighbor_encoder import Residual
 from retlm.ops.attention import cca_groups, chunks_completed
+
+
+@dataclass(eq=False)
+class NeighborState:
+    """The neighbors' side of a RETRO decoding state (all rows of the batch share one column position).
+
+    Attributes:
+        position: number of tokens processed so far (absolute position of the next token).
+        context: ``(batch, position % chunk_size, dec_dim)`` decoder states, at the first CCA layer, of
+            the current incomplete chunk; the encoder is conditioned on them once the chunk completes.
+        neighbors: ``(batch, k, r, dec_dim)`` encoded neighbors of the last completed chunk (read by the
+            tokens up to the end of the following chunk), or None when that chunk had no retrieval.
+        neighbor_mask: ``(batch, k, r)`` bool, True = real neighbor token.
+        padding: ``(batch,)`` leading padding columns of each row when the prompt was left-padded, else
+            None. Row ``i``'s token at column ``t`` then sits at position ``t - padding[i]``, its chunks
+            are counted from its first real token, and (left-padded mode only) ``context`` holds the
+            states of the last ``chunk_size - 1`` columns, ``neighbors`` each row's own last completed
+            chunk's encoded neighbors, ``neighbor_valid (batch,)`` whether that chunk had retrieval.
+    """
+
+    position: int = 0
+    context: Tensor | None = None
+    neighbors: Tensor | None = None
+    neighbor_mask: Tensor | None = None
+    padding: Tensor | None = None
+    neighbor_valid: Tensor | None = None
+
+    def select_rows(self, indices: Tensor) -> None:
+        """Keep (or reorder, e.g. for beam search) the batch rows ``indices`` of every tensor."""
+
+        def select(value: Any) -> Any:
+            return value.index_select(0, indices.to(value.device)) if isinstance(value, Tensor) else value
+
+        self.context, self.neighbors, self.neighbor_mask = (
+            select(self.context),
+            select(self.neighbors),
+            select(self.neighbor_mask),
+        )
+        self.padding, self.neighbor_valid = select(self.padding), select(self.neighbor_valid)
 
 
 def cross_attend(
@@ -43,7 +83,7 @@ def check_retrieved(
     row_starts: Tensor | None = None,
 ) -> Tensor | None:
     """Validate the ``retrieved`` argument of a call that feeds positions ``start .. start+seq_len-1`` and
-    return it as ``(batch, completed_chunks, k, r)`` (see :meth:`RetroModel.forward`).
+    return it as ``(batch, completed_chunks, k, r)`` (see :meth:`~retlm.models.retro.RetroModel.forward`).
 
     ``row_starts (batch,)``: for a left-padded batch, each row's position of the call's first column
     (negative in the padding); ``completed_chunks`` is then the most chunks any row completes."""
@@ -96,7 +136,7 @@ def neighbors_for_call(
     x: Tensor,
     retrieved: Tensor | None,
     start: int,
-    cache: RetroCache | None,
+    cache: NeighborState | None,
     chunk_size: int,
     encode: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
@@ -200,7 +240,7 @@ def row_neighbors_for_call(
     x: Tensor,
     retrieved: Tensor | None,
     row_starts: Tensor,
-    cache: RetroCache | None,
+    cache: NeighborState | None,
     chunk_size: int,
     encode: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
 ) -> RowNeighbors | None:
@@ -209,7 +249,7 @@ def row_neighbors_for_call(
 
     ``x (batch, seq, dec_dim)``; ``retrieved (batch, n, k, r)``: row i's entry j holds the neighbors of
     the j-th chunk the row completes in this call (``n`` the most any row completes; the others' extra
-    entries are ignored), or None; ``cache`` (its left-padded fields, see :class:`RetroCache`) is read
+    entries are ignored), or None; ``cache`` (its left-padded fields, see :class:`NeighborState`) is read
     and updated, or None for a full forward. Returns None when no row reads neighbors.
     """
     c = chunk_size
