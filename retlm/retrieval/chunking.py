@@ -50,7 +50,7 @@ class Document:
 
     def pieces(self, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
         if self.path is not None:
-            yield from _whitespace_pieces(_read_text_blocks(self.path), piece_chars)
+            yield from _whitespace_pieces(read_text_blocks(self.path), piece_chars)
         else:
             yield from _whitespace_pieces(iter([self.text or ""]), piece_chars)
 
@@ -95,7 +95,7 @@ class SkipReport:
             warnings.warn(f"skipped {self.bad_records} bad record(s); the first: {first}", stacklevel=3)
 
 
-def _read_text_blocks(path: Path) -> Iterator[str]:
+def read_text_blocks(path: Path) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     with open(path, "rb") as f:
         while block := f.read(_READ_BYTES):
@@ -106,7 +106,7 @@ def _read_text_blocks(path: Path) -> Iterator[str]:
 def is_utf8_text(path: Path) -> bool:
     """True if the file decodes as UTF-8 and holds no NUL byte (a cheap binary-file test). Streams."""
     try:
-        return all("\x00" not in block for block in _read_text_blocks(path))
+        return all("\x00" not in block for block in read_text_blocks(path))
     except (UnicodeDecodeError, OSError):
         return False
 

@@ -33,9 +33,8 @@ from retlm.retrieval.format import BM25_FILES, BM25_WHOLE, TOKENIZER_DIR, has_de
 from retlm.retrieval.layout import neighbor_tokens
 from retlm.retrieval.neighbors import search_excluding
 from retlm.retrieval.sparse import make_searcher, query_inputs
-from retlm.tokenization import _DEFAULT_ALIASES as DEFAULT_ALIASES
+from retlm.tokenization import DEFAULT_ALIASES, vocabulary_sha256
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
-from retlm.tokenization import vocabulary_sha256
 
 
 class _BuildEntry:

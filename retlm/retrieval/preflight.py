@@ -49,11 +49,11 @@ def resolve_local_model(name: str, what: str = "embedder") -> str:
 
     Raises ``OptionError`` for anything else: nothing is downloaded.
     """
-    from retlm.tokenization import _DEFAULT_ALIASES, resolve_model_path
+    from retlm.tokenization import DEFAULT_ALIASES, resolve_model_path
 
     if not isinstance(name, str) or not name:
         raise OptionError(f"{what} must be a model name or folder, got {short_repr(name)}")
-    if name in _DEFAULT_ALIASES:
+    if name in DEFAULT_ALIASES:
         return resolve_model_path(name)
     folder = Path(name).expanduser()
     if folder.is_dir():

@@ -38,7 +38,7 @@ from typing import Any
 from retlm.errors import OptionError, short_repr
 from retlm.options import option
 from retlm.retrieval import source_formats as formats
-from retlm.retrieval.chunking import Document, EmptySourceError, SkipReport, _read_text_blocks, is_utf8_text
+from retlm.retrieval.chunking import Document, EmptySourceError, SkipReport, is_utf8_text, read_text_blocks
 from retlm.retrieval.source_formats import (
     BadRecordError,
     SourceError,
@@ -335,7 +335,7 @@ def _has_text(path: Path) -> bool:
     """UTF-8, no NUL byte, and at least one non-space character (streams the file)."""
     found = False
     try:
-        for block in _read_text_blocks(path):
+        for block in read_text_blocks(path):
             if "\x00" in block:
                 return False
             found = found or bool(block.strip())

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retlm.models.auto import FINAL_DIR  # the run directory's layout, which load_model reads
+from retlm.models.folders import FINAL_DIR  # the run directory's layout, which load_model reads
 from retlm.utils import atomic_write
 
 RUN_FILE = "retlm_run.json"

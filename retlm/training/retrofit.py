@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retlm.data import open_database
-from retlm.models.auto import resolve_model_dir
+from retlm.models.folders import resolve_model_dir
 from retlm.models.pretrained import model_kind, pretrained_path
 from retlm.training.checkpoint import database_signature
 from retlm.training.trainer import TrainResult, train

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging as hf_logging
 
-from retlm.models.auto import latest_checkpoint, verify_model_dir
+from retlm.models.folders import latest_checkpoint, verify_model_dir
 from retlm.training import checkpoint as ckpt
 from retlm.training.callbacks import JsonlMetrics, read_metrics
 from retlm.training.model_card import write_model_card

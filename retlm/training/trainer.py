@@ -43,7 +43,7 @@ from retlm.data import (
     spread_subset,
 )
 from retlm.errors import OptionError
-from retlm.models.auto import CHECKPOINT_PREFIX
+from retlm.models.folders import CHECKPOINT_PREFIX
 from retlm.training import checkpoint as ckpt
 from retlm.training import planning
 from retlm.training.callbacks import (

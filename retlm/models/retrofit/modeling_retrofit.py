@@ -240,7 +240,7 @@ class RetroFitForCausalLM(PreTrainedModel, GenerationMixin):
         if folder.is_dir() and not (folder / "config.json").is_file():
             # a run directory: its model/ (or newest checkpoint), as `retlm eval RUN` takes it; transformers
             # 5.4's pipeline() calls this class directly with the folder it was given
-            from retlm.models.auto import resolve_model_dir
+            from retlm.models.folders import resolve_model_dir
 
             folder = resolve_model_dir(folder)
         if not isinstance(config, RetroFitConfig):
