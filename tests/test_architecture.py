@@ -229,3 +229,22 @@ def private_imports(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_file_imports_another_modules_private_names(path: Path):
     assert not private_imports(path), f"{path.relative_to(PACKAGE.parent)} imports {private_imports(path)}"
+
+
+MODELING_FILES = sorted(PACKAGE.glob("models/*/modeling_*.py"))
+
+
+@pytest.mark.parametrize("path", MODELING_FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_modeling_forward_is_at_most_60_lines(path: Path):
+    """nanoGPT's ``GPT.forward`` is 24 lines, HF's ``LlamaModel.forward`` about 50: a forward reads top
+    to bottom (signature and docstring included)."""
+    long = [
+        f"{cls.name}.forward: {node.end_lineno - node.lineno + 1} lines"
+        for cls in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(cls, ast.ClassDef)
+        for node in cls.body
+        if isinstance(node, ast.FunctionDef)
+        and node.name == "forward"
+        and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, f"{path.relative_to(PACKAGE.parent)}: {long}"
