@@ -21,7 +21,7 @@ def load_average() -> float:
 def corpus_chunks(num_chunks: int):
     """The first ``num_chunks`` GPT-2 chunks (64 tokens) of the bundled corpus, their document ids, and the
     tokenizer: what ``build-db``'s embed stage reads by default."""
-    from retlm.corpus import pydoc_topics
+    from retlm.demo.corpus import pydoc_topics
     from retlm.retrieval.chunking import write_chunks
     from retlm.retrieval.sources import iter_documents
     from retlm.tokenization import load_tokenizer
@@ -127,7 +127,7 @@ def bench_embed(num_chunks: int, batch_size: int, rounds: int, backends: list[st
 def chunk_rate(rounds: int = 3) -> dict:
     """Chunk-stage throughput on the bundled corpus with the default LM tokenizer (GPT-2's byte-level BPE,
     chunk 64), the best of ``rounds``: chunks and megabytes of text per second."""
-    from retlm.corpus import pydoc_topics
+    from retlm.demo.corpus import pydoc_topics
     from retlm.retrieval.chunking import write_chunks
     from retlm.retrieval.sources import iter_documents
     from retlm.tokenization import load_tokenizer

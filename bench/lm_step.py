@@ -66,7 +66,7 @@ def make_step(vocab: int, tie: bool, *, batch: int, seq_len: int, chunk: int, k:
 
 
 def corpus_bytes_per_token() -> dict[str, float]:
-    from retlm.corpus import pydoc_topics, stdlib_docstrings
+    from retlm.demo.corpus import pydoc_topics, stdlib_docstrings
     from retlm.tokenization import load_tokenizer
 
     docs = [text for _, text in [*pydoc_topics(), *stdlib_docstrings()]]

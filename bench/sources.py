@@ -31,7 +31,7 @@ MIB = 1 << 20
 
 
 def paragraphs() -> list[str]:
-    from retlm.corpus import pydoc_topics, stdlib_docstrings
+    from retlm.demo.corpus import pydoc_topics, stdlib_docstrings
 
     found = []
     for _, text in itertools.chain(pydoc_topics(), stdlib_docstrings()):

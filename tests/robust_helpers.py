@@ -24,7 +24,7 @@ TINY_MODEL = dict(
 
 
 def write_corpus(folder: Path, n_docs: int = 10, chars: int = 900) -> Path:
-    from retlm.corpus import pydoc_topics
+    from retlm.demo.corpus import pydoc_topics
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in list(pydoc_topics())[:n_docs]:

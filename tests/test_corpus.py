@@ -1,6 +1,6 @@
 """The bundled corpus: present offline, English prose, one file per document, idempotent writes."""
 
-from retlm.corpus import pydoc_topics, stdlib_docstrings, write_python_docs_corpus
+from retlm.demo.corpus import pydoc_topics, stdlib_docstrings, write_python_docs_corpus
 
 
 def test_corpus_sizes_match_the_documented_scale():

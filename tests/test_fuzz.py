@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from robust_helpers import SEQ, TINY_MODEL, C, cli, copy_tree
 
-import retlm.demo as demo_module
+import retlm.demo.run as demo_module
 from retlm.checksums import seal
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from retlm import RetrievalDatabase
 from retlm.compat import FAST_EMBED_BACKENDS_TRACE
-from retlm.corpus import pydoc_topics
+from retlm.demo.corpus import pydoc_topics
 from retlm.errors import OptionError
 from retlm.retrieval import encoders
 from retlm.retrieval.chunking import write_chunks

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retlm.corpus import pydoc_topics
+from retlm.demo.corpus import pydoc_topics
 from retlm.retrieval.chunking import (
     Document,
     EmptySourceError,

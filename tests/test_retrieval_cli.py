@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from retlm.cli.main import main
-from retlm.corpus import pydoc_topics
+from retlm.demo.corpus import pydoc_topics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 import retlm
 from retlm import RetrievalDatabase
 from retlm.checksums import seal
-from retlm.corpus import pydoc_topics
+from retlm.demo.corpus import pydoc_topics
 from retlm.retrieval._storage import CorruptDatabaseError
 from retlm.tokenization import vocabulary_sha256
 

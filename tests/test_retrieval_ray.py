@@ -18,7 +18,7 @@ import pytest
 
 from retlm import RetrievalDatabase
 from retlm.cli.main import main
-from retlm.corpus import pydoc_topics
+from retlm.demo.corpus import pydoc_topics
 from retlm.retrieval.ray_build import MissingExtraError, require_ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

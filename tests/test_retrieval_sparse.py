@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from retlm import RetrievalDatabase
-from retlm.corpus import pydoc_topics
+from retlm.demo.corpus import pydoc_topics
 from retlm.retrieval._storage import CorruptDatabaseError
 from retlm.retrieval.sparse import RRF_K, bm25_words, fuse_rankings
 

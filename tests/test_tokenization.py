@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import retlm
 from retlm import tokenization
-from retlm.corpus import pydoc_topics, stdlib_docstrings
+from retlm.demo.corpus import pydoc_topics, stdlib_docstrings
 from retlm.retrieval.chunking import Document, SkipReport, document_token_ids, write_chunks
 from retlm.retrieval.sources import iter_documents
 

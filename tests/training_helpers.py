@@ -199,7 +199,7 @@ def tiny_bert_embedder(folder: Path, *, layers: int = 1, max_positions: int = 64
 
 def python_doc_texts(n_docs: int = 40, max_chars: int = 1200) -> list[str]:
     """Real English documents, offline: the first pydoc reference topics."""
-    from retlm.corpus import pydoc_topics
+    from retlm.demo.corpus import pydoc_topics
 
     return [text[:max_chars] for _, text in list(pydoc_topics())[:n_docs]]
 

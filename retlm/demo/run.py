@@ -4,7 +4,7 @@
    single WordPiece vocabulary);
 2. a pretrained LM (``pretrained``, SmolLM2-135M by default, offline), frozen: held-out bits per byte
    without retrieval, with in-context retrieval and with unrelated neighbors
-   (:mod:`retlm.demo_pretrained`);
+   (:mod:`retlm.demo.pretrained`);
 3. its continuations of prompts taken from held-out documents (the first chunk of each, cut back to its
    last sentence end; or ``prompt``), with the passages it read and their sources;
 4. train a small RETRO with the RetNet decoder from scratch on ~90% of the documents (the same split),
@@ -107,9 +107,9 @@ class DemoOptions:
     progress: bool = option(True, negate=True, help="hide progress bars")
 
     def validate(self) -> None:
-        """Every option, before the first step (``retlm.demo_checks``: ranges, the prompt, the corpus,
+        """Every option, before the first step (``retlm.demo.checks``: ranges, the prompt, the corpus,
         the model config, and whether a training step fits in memory)."""
-        from retlm.demo_checks import check_options
+        from retlm.demo.checks import check_options
 
         check_options(self)
 
@@ -130,7 +130,7 @@ def _cached(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any
 
 
 def build_database(opts: DemoOptions) -> Any:
-    from retlm.corpus import write_python_docs_corpus
+    from retlm.demo.corpus import write_python_docs_corpus
     from retlm.retrieval import RetrievalDatabase
 
     db_dir = opts.work_dir / "db"
@@ -335,7 +335,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     prompts = held_out_prompts(opts, db)
     pretrained = None
     if opts.pretrained.lower() != "none":
-        from retlm.demo_pretrained import run_pretrained
+        from retlm.demo.pretrained import run_pretrained
 
         pretrained = run_pretrained(opts, db, prompts, _cached)
 
