@@ -176,6 +176,7 @@ def test_building_the_parsers_imports_neither_torch_nor_transformers():
     assert out.stdout.strip() == "[]", out.stderr
 
 
+@pytest.mark.heavy
 def test_the_lazy_training_names_stay_functions_after_their_modules_load():
     # A submodule named like one of the package's names would replace it on the package once imported
     # (the trainer imports its evaluation module), and `from retlm.training import evaluate` would then

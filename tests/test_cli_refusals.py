@@ -56,6 +56,7 @@ def assert_failure(result, message):
 # ---- defect 2: options bounded by what the data allows, before any work ----
 
 
+@pytest.mark.heavy
 def test_huge_k_and_neighbors_are_refused_before_any_work(robust, tmp_path):
     assert_usage(cli("search", robust.db, "a query", "-k", 10**9), "-k must be at most")
     # the model is corrupted: had generate loaded it before checking --neighbors, it would exit 1

@@ -1,8 +1,11 @@
 """The bundled corpus: present offline, English prose, one file per document, idempotent writes."""
 
+import pytest
+
 from retlm.demo.corpus import pydoc_topics, stdlib_docstrings, write_python_docs_corpus
 
 
+@pytest.mark.heavy
 def test_corpus_sizes_match_the_documented_scale():
     topics = dict(pydoc_topics())
     modules = dict(stdlib_docstrings())
@@ -12,6 +15,7 @@ def test_corpus_sizes_match_the_documented_scale():
     assert not any(name.startswith("module-test.") for name in modules)
 
 
+@pytest.mark.heavy
 def test_write_corpus_is_idempotent(tmp_path):
     out = write_python_docs_corpus(tmp_path / "corpus", progress=False)
     files = sorted(out.glob("*.txt"))

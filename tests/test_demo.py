@@ -97,6 +97,7 @@ def model_yaml(tmp_path_factory):
     return path
 
 
+@pytest.mark.heavy
 def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_yaml, tiny_lm, tmp_path):
     work = tmp_path / "work"
     first = run_cli(demo_args(corpus, work, model_yaml, pretrained=tiny_lm))
@@ -156,6 +157,7 @@ def test_demo_runs_end_to_end_and_a_second_run_reuses_everything(corpus, model_y
     assert len(third.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.heavy
 def test_demo_resumes_after_a_kill(corpus, model_yaml, tmp_path):
     work = tmp_path / "work"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -192,6 +194,7 @@ def test_demo_bad_usage_exits_2_without_traceback(args, message, tmp_path):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.heavy
 def test_demo_empty_corpus_is_usage_and_read_only_work_dir_fails_with_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

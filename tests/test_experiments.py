@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "retrieval_helps.py"
@@ -37,6 +38,7 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_agreement():
     assert low == mean == high == 0.02
 
 
+@pytest.mark.heavy
 def test_the_experiment_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     corpus = tmp_path / "corpus"
@@ -126,6 +128,7 @@ def test_the_experiment_runs_end_to_end(tmp_path, monkeypatch):
         raise AssertionError("--score-only scored a checkpoint that does not exist")
 
 
+@pytest.mark.heavy
 def test_gpt2_trained_from_scratch_then_retrofitted(tmp_path, monkeypatch):
     """experiments/gpt2_scratch.py on a tiny database: the GPT-2 base never trains on a held-out document,
     `retlm retrofit --base` takes its folder, retrieval off is the base exactly, and the report has every

@@ -254,6 +254,7 @@ def no_demo_work(monkeypatch):
 
 @fuzz(OPTIONS)
 @given(data=st.data())
+@pytest.mark.heavy
 def test_random_option_values_give_one_line_errors_or_success(robust, no_demo_work, data):
     command = data.draw(
         st.sampled_from(
@@ -357,6 +358,7 @@ corruption = st.tuples(st.sampled_from(["flip", "truncate", "append"]), st.float
 
 @fuzz(DATABASE)
 @given(data=st.data())
+@pytest.mark.heavy
 def test_corrupted_database_files_are_named_or_harmless(robust, clean_outputs, data):
     files = sorted(
         p.relative_to(robust.db) for p in robust.db.rglob("*") if p.is_file() and p.name != ".lock"
@@ -381,6 +383,7 @@ def test_corrupted_database_files_are_named_or_harmless(robust, clean_outputs, d
 
 @fuzz(MODEL)
 @given(data=st.data())
+@pytest.mark.heavy
 def test_corrupted_model_files_are_named_or_harmless(robust, clean_outputs, data):
     files = sorted(p.name for p in robust.model.iterdir() if p.is_file())
     name = data.draw(st.sampled_from(files), label="file")
@@ -446,6 +449,7 @@ bad_values = st.one_of(
 
 @fuzz(MANIFEST)
 @given(data=st.data())
+@pytest.mark.heavy
 def test_random_manifest_fields_are_refused_naming_the_file(robust, clean_outputs, data):
     manifest = json.loads((robust.db / "manifest.json").read_text())
     path = data.draw(st.sampled_from(manifest_paths(manifest)), label="field")

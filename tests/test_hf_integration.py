@@ -93,6 +93,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.heavy
 def test_auto_classes_after_a_bare_import_in_a_fresh_process(runs, tmp_path):
     child = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps({k: str(v) for k, v in runs.items()}), str(tmp_path)]

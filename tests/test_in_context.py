@@ -107,6 +107,7 @@ def record_inputs(model):
 # ---- generation ----
 
 
+@pytest.mark.heavy
 def test_generation_prepends_exactly_the_neighbors_text(db, gpt2, lm_tokenizer):
     seen, handle = record_inputs(gpt2)
     try:
@@ -249,6 +250,7 @@ def test_the_evaluated_document_is_never_retrieved(db):
 @pytest.mark.parametrize(  # 72: block + prefix is cut at the left; GPT-2's absolute positions catch a shift
     "kind, max_length", [("gpt2", MAX_LENGTH), ("gpt2", 72), ("llama", 72)]
 )
+@pytest.mark.heavy
 def test_the_fast_path_equals_the_naive_loop(db, kind, max_length, lm_tokenizer):
     model = tiny_lm(kind, len(lm_tokenizer))
     plan = make_plan(db, lm_tokenizer, max_length=max_length)

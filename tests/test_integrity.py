@@ -174,6 +174,7 @@ def test_wrong_type_in_config_json_names_the_file(robust, tmp_path):
     assert result.code == 1 and "config.json" in result.err and "Traceback" not in result.err
 
 
+@pytest.mark.heavy
 def test_resuming_from_a_corrupted_checkpoint_is_refused(robust, tmp_path):
     from robust_helpers import TINY_MODEL
 

@@ -71,6 +71,7 @@ def reference(model, dataset, retrieval: bool) -> dict[str, tuple[float, int]]:
     return {k: (v[0], v[1]) for k, v in sums.items()}
 
 
+@pytest.mark.heavy
 def test_buckets_match_a_float64_per_target_reference(db, trained):
     _, model, heldout = trained
     subset = torch.utils.data.Subset(heldout, range(min(6, len(heldout))))

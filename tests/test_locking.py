@@ -70,6 +70,7 @@ def docs_file(tmp_path: Path, docs) -> Path:
     return path
 
 
+@pytest.mark.heavy
 def test_second_writer_waits_or_fails_naming_the_holder(robust, tmp_path, capsys):
     db_path = copy_tree(robust.db, tmp_path / "db")
     holder = child("hold", db_path, 4)
@@ -107,6 +108,7 @@ def test_second_writer_waits_or_fails_naming_the_holder(robust, tmp_path, capsys
     assert RetrievalDatabase.open(db_path, verify=True).num_docs == 12
 
 
+@pytest.mark.heavy
 def test_concurrent_adds_both_land_and_readers_see_whole_states(robust, tmp_path):
     """Two add() processes queue behind a third writer process; this process opens and verifies the
     database in a loop all along and sees only the states before, between and after the adds."""
@@ -173,6 +175,7 @@ KILL_POINTS = [
 
 
 @pytest.mark.parametrize("kill_at, nth, when", KILL_POINTS)
+@pytest.mark.heavy
 def test_add_killed_at_a_step_leaves_old_or_new_state(robust, tmp_path, kill_at, nth, when):
     old_path, new_path = copy_tree(robust.db, tmp_path / "old"), copy_tree(robust.db, tmp_path / "new")
     old = state(old_path)

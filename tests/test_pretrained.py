@@ -301,6 +301,7 @@ def test_concurrent_converters_convert_once(known, conversions):
     gguf_cache.verify_entry(results[0])
 
 
+@pytest.mark.heavy
 def test_build_db_and_retrofit_take_a_model_name(known, tiny, tmp_path, capsys):
     """`retlm build-db --tokenizer NAME`, then `retlm retrofit --base NAME`: the database records the
     name, the run's config names the base by it, and the adapter reloads its base through the cache."""

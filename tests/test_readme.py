@@ -19,6 +19,7 @@ def test_readme_has_snippets():
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
+@pytest.mark.heavy
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = SNIPPETS[index].replace("/tmp/retlm-readme-db", str(tmp_path / "db"))

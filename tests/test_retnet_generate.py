@@ -68,6 +68,7 @@ def test_chunkwise_config_prompts_chunkwise() -> None:
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), argmax_decode(model, ids, 6))
 
 
+@pytest.mark.heavy
 def test_sampling_is_reproducible_with_a_seed() -> None:
     model = tiny_model()
     ids = prompt(5, batch=2)

@@ -241,6 +241,7 @@ def seed_example_outputs(model: RetNetModel, input_ids: torch.Tensor) -> dict:
     }
 
 
+@pytest.mark.heavy
 def test_seed_readme_quick_example() -> None:
     """The seed README's first example (import path changed): the three modes in float64 agree to
     1e-10 (the formula), and each float32 mode is within float32 rounding of the float64 reference."""

@@ -69,6 +69,7 @@ NEW_NAME_ONLY_LATER = pytest.mark.skipif(
         ("chunkwise", "gradient_checkpointing"),
     ],
 )
+@pytest.mark.heavy
 def test_trainer_with_gradient_checkpointing_lowers_the_loss(
     tmp_path, retention_mode: str, flag: str
 ) -> None:

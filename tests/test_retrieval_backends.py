@@ -106,6 +106,7 @@ def test_the_export_is_cached_checked_and_rebuilt_when_corrupted(tiny_encoder):
 
 
 @needs_trace
+@pytest.mark.heavy
 def test_database_records_its_backend_and_a_mismatch_is_caught(tiny_encoder, tmp_path):
     docs = [text[:800] for _, text in list(pydoc_topics())[:6]]
     options = dict(chunk_size=16, seq_len=64, embedder=tiny_encoder, progress=False)

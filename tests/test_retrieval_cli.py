@@ -58,6 +58,7 @@ def retlm(*args, timeout=120):
     )
 
 
+@pytest.mark.heavy
 def test_search_and_info_in_process(db_path, capsys):
     capsys.readouterr()
     assert main(["search", str(db_path), "the assert statement", "-k", "2", "--json"]) == 0
@@ -76,6 +77,7 @@ def test_search_and_info_in_process(db_path, capsys):
     assert json.loads(capsys.readouterr().out)["chunk_size"] == 16
 
 
+@pytest.mark.heavy
 def test_exit_codes_and_messages(db_path, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -95,6 +97,7 @@ def test_exit_codes_and_messages(db_path, tmp_path):
         assert option in result.stdout
 
 
+@pytest.mark.heavy
 def test_killed_build_resumes_byte_identical(text_dir, tmp_path):
     """SIGKILL a real build while it embeds (MiniLM, small batches), re-run it, compare every file."""
     args = ["--chunk-size", "16", "--seq-len", "64", "--batch-size", "1", "--no-progress"]  # blocks of 16

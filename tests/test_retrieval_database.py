@@ -129,6 +129,7 @@ def test_retrieved_tokens_are_neighbor_plus_continuation(db):
     np.testing.assert_array_equal(training[0, 1], db.retrieved_tokens(db.knn[4]))
 
 
+@pytest.mark.heavy
 def test_add_equals_full_rebuild(docs, tiny_encoder, tmp_path):
     full = build(docs, tmp_path / "full", tiny_encoder)
     grown = build(docs[:9], tmp_path / "grown", tiny_encoder)
@@ -140,6 +141,7 @@ def test_add_equals_full_rebuild(docs, tiny_encoder, tmp_path):
     RetrievalDatabase.open(grown.path)  # checksums rewritten
 
 
+@pytest.mark.heavy
 def test_sharded_build_equals_single(docs, db, tiny_encoder, tmp_path):
     path = tmp_path / "sharded"
     build(docs, path, tiny_encoder, stage="chunk")
@@ -163,6 +165,7 @@ def test_missing_shard_is_named(docs, tiny_encoder, tmp_path):
         build(None, path, tiny_encoder, stage="index")
 
 
+@pytest.mark.heavy
 def test_ivf_recall_is_measured_against_exact(docs, tiny_encoder, tmp_path):
     many = [text[:1500] for _, text in list(pydoc_topics())[:50]]
     db = build(
@@ -224,6 +227,7 @@ def test_open_refuses_corruption_and_mismatches(db, tmp_path):
         RetrievalDatabase.open(tmp_path)
 
 
+@pytest.mark.heavy
 def test_empty_database_gives_empty_results(tiny_encoder, tmp_path):
     empty = build([], tmp_path / "empty", tiny_encoder)
     assert len(empty) == 0
@@ -308,6 +312,7 @@ def test_bert_database_feeds_the_wordpiece_ids_to_the_embedder(docs, tiny_encode
         np.testing.assert_allclose(bert.embeddings[i], expected, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_over_long_chunk_texts_are_truncated_and_counted(tiny_encoder, tmp_path):
     # a line of 64 "=" is one GPT-2 token (23926) but 64 WordPiece tokens: a chunk of 16 is ~1000 WordPieces
     rule = "=" * 64

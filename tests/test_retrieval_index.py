@@ -108,6 +108,7 @@ def test_unsupported_index_types_are_named(vectors):
         mergeable_empty(trained)
 
 
+@pytest.mark.heavy
 def test_tuner_reaches_the_target_with_the_smallest_k_factor(vectors):
     index = add_rows(train_index(vectors, "IVF64,PQ16x4fs,Refine(SQfp16)"), vectors, progress=False)
     k, fetch, target = 2, 12, 0.95

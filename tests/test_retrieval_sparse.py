@@ -111,6 +111,7 @@ def test_fuse_rankings_orders_and_pads():
     assert scores[0, 4] == -np.inf
 
 
+@pytest.mark.heavy
 def test_add_equals_a_full_rebuild(docs, tiny_encoder, tmp_path, db):
     grown = build(docs[:10], tmp_path / "grown", tiny_encoder, db.retriever, embedding_dtype="float32")
     grown.add(docs[10:])

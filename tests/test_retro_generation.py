@@ -77,6 +77,7 @@ def test_greedy_matches_full_forward_with_logged_neighbors(decoder, prompt_len):
     assert torch.equal(logits[:, prompt_len - 1 :].argmax(-1), seq[:, prompt_len:])
 
 
+@pytest.mark.heavy
 def test_sampling_is_reproducible_and_respects_top_k():
     model, db = model_for("retnet"), FakeDatabase()
     prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))

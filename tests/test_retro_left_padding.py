@@ -138,6 +138,7 @@ def database_model(db, decoder: str) -> RETRO:
 
 
 @pytest.mark.parametrize("decoder", ["transformer", "retnet"])
+@pytest.mark.heavy
 def test_greedy_generation_of_a_padded_batch_equals_each_prompt_alone(real_database, decoder: str) -> None:
     db = real_database
     c = db.chunk_size

@@ -118,6 +118,7 @@ def test_training_changes_the_adapter_and_leaves_every_base_tensor_bit_identical
         assert torch.equal(loaded(input_ids=seq).logits, base(input_ids=seq).logits)
 
 
+@pytest.mark.heavy
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(db, tmp_path):
     tiny_base("gpt2").save_pretrained(tmp_path / "base")
 
@@ -196,6 +197,7 @@ def real(tmp_path_factory):
     return root, db
 
 
+@pytest.mark.heavy
 def test_retrofit_command_then_eval_and_generate(real, capsys):
     root, db = real
     out = root / "run"
@@ -287,6 +289,7 @@ def test_retrofit_usage_errors_exit_2(real, tmp_path, capsys, argv, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_the_demos_control_retrofits_from_the_command_line(real, capsys, tmp_path):
     """`retlm train --no-retrieval` (the demo's control, a RETRO with a RetNet decoder), then
     `retlm retrofit --base RUN_DIR`: the base's split is kept, and retrieval off gives the control."""
@@ -323,6 +326,7 @@ def test_the_demos_control_retrofits_from_the_command_line(real, capsys, tmp_pat
 
 
 @pytest.mark.parametrize("family", ["llama", "retnet"])
+@pytest.mark.heavy
 def test_retrofit_command_on_llama_and_retnet_bases(family, real, capsys, tmp_path):
     """`retlm retrofit` on the other supported families (GPT-2: above): the CCA trains, the run holds the
     adapter alone and reloads with its base unchanged, and `retlm eval` takes the run. (That training

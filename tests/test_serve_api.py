@@ -58,6 +58,7 @@ def as_tuple(step: dict) -> tuple[str, list[int], list[str]]:
     return step["query"], [n["chunk_id"] for n in neighbors], [n["doc_name"] for n in neighbors]
 
 
+@pytest.mark.heavy
 def test_completion_text_and_retrieval_equal_generate_text(live):
     out = live.client().completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=40, temperature=0)
     ref = reference(live, PROMPT, 40)

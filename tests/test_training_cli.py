@@ -59,6 +59,7 @@ def run_dir(dbs, model_yaml):
     return out
 
 
+@pytest.mark.heavy
 def test_train_command_writes_a_run(run_dir):
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -81,6 +82,7 @@ def test_every_model_folder_holds_its_tokenizer(run_dir):
     assert out.startswith("The with statement") and len(out) > len("The with statement")
 
 
+@pytest.mark.heavy
 def test_eval_command_prints_a_table_and_json(dbs, run_dir, capsys, tmp_path):
     _, db = dbs
     assert (

@@ -15,6 +15,7 @@ from training_helpers import build_real_database, tiny_bert_embedder, tiny_model
 from retlm.training import evaluate, read_metrics
 
 
+@pytest.mark.heavy
 def test_torchrun_two_processes_train_and_evaluate_consistently(tmp_path):
     db = build_real_database(tmp_path / "db", tiny_bert_embedder(tmp_path / "embedder"))
     model_yaml = tmp_path / "tiny.yaml"

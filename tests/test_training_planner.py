@@ -98,6 +98,7 @@ def test_planned_schedule_length_survives_a_scheduler_state_round_trip():
     assert fresh.total == 123 and fresh.warmup == 1  # a re-plan moves the decay's end, not the warmup
 
 
+@pytest.mark.heavy
 def test_a_real_run_uses_its_budget_when_the_first_timing_is_wrong(tmp_path, monkeypatch):
     db = open_twin_database(write_twin_database(tmp_path / "db"))
     real = planning._time_steps

@@ -98,6 +98,7 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.heavy
 def test_kill_mid_step_then_resume_continues_the_same_loss_curve(db, reference, tmp_path):
     run_dir = tmp_path / "run"
     _run_and_kill(db, run_dir, "--hang-at-step", "6")  # checkpoints at 4; steps 5-6 logged, then killed
@@ -107,6 +108,7 @@ def test_kill_mid_step_then_resume_continues_the_same_loss_curve(db, reference, 
     _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.heavy
 def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(db, reference, tmp_path):
     run_dir = tmp_path / "run"
     _run_and_kill(db, run_dir, "--hang-in-save", "8")  # checkpoint-8 written to staging, not committed
