@@ -66,6 +66,7 @@ def test_huge_k_and_neighbors_are_refused_before_any_work(robust, tmp_path):
     assert_usage(result, "--neighbors must be at most")
 
 
+@pytest.mark.heavy
 def test_chunk_size_is_bounded_by_the_embedder_and_nothing_is_written(robust, tmp_path):
     result = cli(
         *build_args(robust, robust.corpus, tmp_path / "db")[:4],

@@ -188,6 +188,7 @@ def test_demo_resumes_after_a_kill(corpus, model_yaml, tmp_path):
         (["--corpus", "/nonexistent/retlm-corpus"], "no such folder"),
     ],
 )
+@pytest.mark.heavy
 def test_demo_bad_usage_exits_2_without_traceback(args, message, tmp_path):
     result = run_cli(["demo", "--work-dir", str(tmp_path / "w"), *args])
     assert result.returncode == 2

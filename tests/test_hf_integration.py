@@ -122,6 +122,7 @@ def test_auto_classes_after_a_bare_import_in_a_fresh_process(runs, tmp_path):
     assert report["retnet AutoModel"] == "RetNetModel" and report["retro AutoModel"] == "RetroModel"
 
 
+@pytest.mark.heavy
 def test_pipeline_text_generation_for_retnet_and_a_retrofit_run_without_retrieval(runs):
     """From the folders' own tokenizers; the tokens are those of a direct greedy ``generate``."""
     from transformers import pipeline

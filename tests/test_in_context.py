@@ -125,6 +125,7 @@ def test_generation_prepends_exactly_the_neighbors_text(db, gpt2, lm_tokenizer):
         assert len(ids) == step.context_tokens
 
 
+@pytest.mark.heavy
 def test_generation_rereads_only_at_retrievals_and_decodes_from_the_cache(db, gpt2, lm_tokenizer):
     seen, handle = record_inputs(gpt2)
     calls = []
@@ -201,6 +202,7 @@ def test_generation_never_retrieves_the_excluded_document(db, gpt2, lm_tokenizer
 # ---- evaluation ----
 
 
+@pytest.mark.heavy
 def test_evaluation_prepends_exactly_the_neighbors_text(db, gpt2, lm_tokenizer):
     tokenizer = lm_tokenizer
     plan = make_plan(db, tokenizer)

@@ -88,6 +88,7 @@ def test_buckets_match_a_float64_per_target_reference(db, trained):
     assert result["overlap"]["buckets"][3]["tokens"] > 0  # the twins put chunks in the 50-100% bucket
 
 
+@pytest.mark.heavy
 def test_buckets_add_up_to_the_plain_evaluation(db, trained):
     _, model, heldout = trained
     result = score_by_overlap(model, heldout, pad_id=0, chunk_size=C, tokenizer=db.tokenizer)

@@ -154,6 +154,7 @@ def assert_close(actual, expected, dtype, what):
 
 @settings(max_examples=40, **SETTINGS)
 @given(p=problems(), mode=st.sampled_from(RETENTION_MODES), chunk_size=CHUNK_SIZES, dtype=DTYPES)
+@pytest.mark.heavy
 def test_mode_matches_definition_with_offsets_and_incoming_state(p, mode, chunk_size, dtype):
     """Call tokens continue a per-row prefix: offset = prefix length, state = the prefix's state."""
     q, k, v, gammas, prefix = make_inputs(p)

@@ -97,6 +97,7 @@ def assert_same_bits(fast, slow) -> None:
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.heavy
 def test_decoding_without_autograd_gives_the_bits_of_the_general_path(overrides, dtype) -> None:
     model = tiny(**overrides).eval().to(dtype)
     ids = torch.randint(0, 50, (3, 14), generator=torch.Generator().manual_seed(1))

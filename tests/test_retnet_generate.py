@@ -55,6 +55,7 @@ def argmax_decode(model: RetNetForCausalLM, ids: torch.Tensor, steps: int) -> to
     ],
     ids=["parallel-prompt", "recurrent-prompt", "chunkwise-prompt", "no-cache"],
 )
+@pytest.mark.heavy
 def test_greedy_equals_stepwise_argmax(options: dict) -> None:
     model = tiny_model()
     ids = prompt(7, batch=2)

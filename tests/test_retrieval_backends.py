@@ -66,6 +66,7 @@ def jaccard(a, b):
 
 @needs_trace
 @pytest.mark.parametrize("backend", ["openvino", "onnx", "onnx-int8"])
+@pytest.mark.heavy
 def test_fast_backend_vectors_and_neighbors_agree_with_torch(backend, corpus, tiny_encoder):
     texts, doc_ids = corpus
     reference = Embedder(tiny_encoder, backend="torch").embed_texts(texts)

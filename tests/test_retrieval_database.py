@@ -55,6 +55,7 @@ def brute_force_knn(embeddings, doc_ids, k):
     return order, np.take_along_axis(sims, order, axis=1)
 
 
+@pytest.mark.heavy
 def test_layout_and_manifest(db, docs):
     m = db.manifest
     assert len(db) == db.num_chunks == m["num_chunks"] > 100

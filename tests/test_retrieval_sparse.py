@@ -123,6 +123,7 @@ def test_add_equals_a_full_rebuild(docs, tiny_encoder, tmp_path, db):
     assert RetrievalDatabase.open(grown.path, verify=True).manifest["generation"] == 1
 
 
+@pytest.mark.heavy
 def test_a_build_killed_after_its_bm25_index_resumes(docs, tiny_encoder, tmp_path, monkeypatch, db):
     """The build dies in its neighbor stage, after the BM25 index is written (a KeyboardInterrupt, which
     the stages do not clean up after, as after a kill); the re-run finishes with the same bytes."""

@@ -77,6 +77,7 @@ def test_completion_text_and_retrieval_equal_generate_text(live):
             assert got["text"] == read_text(live, want.chunk_id)  # the chunk and its continuation
 
 
+@pytest.mark.heavy
 def test_stream_equals_the_whole_response_and_orders_retrieval_by_text(live):
     client = live.client()
     whole = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=40, temperature=0)
@@ -223,6 +224,7 @@ def test_causal_lm_backend_batches_like_hf_generate(serve_paths):
         )
 
 
+@pytest.mark.heavy
 def test_requests_sent_together_share_one_batch(serve_paths):
     """An idle worker waits ``batch_wait`` for company, so four clients that send at once are decoded as
     one batch of four (without the wait the first would run alone: it arrives a few ms earlier)."""

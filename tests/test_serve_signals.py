@@ -45,6 +45,7 @@ def stream_then_signal(port: int, model: str, sig: int, server, backend, result:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.heavy
 def test_a_signal_stops_the_server_and_ends_its_streams(serve_paths, sig):
     from retlm.serve import ServeSettings, create_app
     from retlm.serve.server import listen, make_server

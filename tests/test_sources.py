@@ -128,6 +128,7 @@ FORMATS = ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "parquet folder", "csv",
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.heavy
 def test_every_format_gives_the_folder_builds_documents_and_chunks(
     fmt, sources, folder_chunks, tiny_encoder, tmp_path
 ):

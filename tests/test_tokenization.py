@@ -70,6 +70,7 @@ def test_vocabulary_files_are_checked(monkeypatch):
     assert len(tokenization.load_tokenizer("gpt2")) == 50257
 
 
+@pytest.mark.heavy
 def test_every_bundled_document_round_trips(gpt2, corpus):
     lengths = tokenization.token_byte_lengths(gpt2)
     ids = gpt2(corpus, add_special_tokens=False, verbose=False)["input_ids"]
@@ -80,6 +81,7 @@ def test_every_bundled_document_round_trips(gpt2, corpus):
     assert lengths[EOS] == 0
 
 
+@pytest.mark.heavy
 def test_chunks_of_every_bundled_document_reassemble_it(gpt2, corpus):
     c = 64
     files = [io.BytesIO() for _ in range(3)]

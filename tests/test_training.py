@@ -221,6 +221,7 @@ def test_time_budget_picks_the_steps_and_stops_with_a_checkpoint(db, tmp_path):
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.heavy
 def test_time_budget_callback_stops_at_the_budget(db, tmp_path):
     result = train(
         db, tiny_model_config(), tmp_path / "run", max_steps=10_000, minutes=3 / 60, save_every=None, **FAST

@@ -69,6 +69,7 @@ def test_train_command_writes_a_run(run_dir):
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.heavy
 def test_every_model_folder_holds_its_tokenizer(run_dir):
     from transformers import AutoTokenizer, pipeline
 
