@@ -19,6 +19,7 @@ import pytest
 from retlm import RetrievalDatabase
 from retlm.cli.main import main
 from retlm.demo.corpus import pydoc_topics
+from retlm.retrieval.embedding import embed_block
 from retlm.retrieval.ray_build import MissingExtraError, require_ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,13 +67,16 @@ def test_ray_build_equals_the_single_process_build(ray_cluster, tiny_encoder, tm
 
 @pytest.mark.ray
 def test_a_killed_worker_is_retried_and_its_shard_resumes(ray_cluster, tmp_path):
-    """SIGKILL the worker embedding shard 1 of 2 (real MiniLM, batches of 8) once it has written 16 rows;
-    Ray retries the task, the shard continues from its progress marker (its row count never drops back),
-    and the database equals an uninterrupted single-process build."""
+    """SIGKILL the worker embedding shard 1 of 2 (real MiniLM, batches of 1: blocks of ``BLOCK_BATCHES`` =
+    16 rows, so the shard of 86 rows has 6) once it has written 16 rows; Ray retries the task, the shard
+    continues from its progress marker (its row count never drops back), and the database equals an
+    uninterrupted single-process build."""
     texts = write_texts(tmp_path / "texts", 8, 1200)
-    options = dict(chunk_size=16, seq_len=64, batch_size=8, progress=False)
+    options = dict(chunk_size=16, seq_len=64, batch_size=1, progress=False)
     with pytest.warns(UserWarning, match="skipped 1 non-UTF-8"):
         RetrievalDatabase.build(texts, tmp_path / "local", **options)
+    # a shard must hold several blocks, or it can finish (and drop its progress marker) right after the kill
+    assert embed_block(1) == 16
 
     out, errors = tmp_path / "ray", []
 
