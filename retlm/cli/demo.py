@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="end-to-end demo: database, training, evaluation, generation",
+        help="end-to-end demo: database, SmolLM2 reading retrieved passages, a RETRO trained from scratch",
         description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     evaluate = subparsers.add_parser(
         "eval",
-        help="held-out perplexity with and without retrieval",
+        help="held-out bits per byte with and without retrieval (RETRO; any causal LM with --in-context)",
         description=EVAL_DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
