@@ -119,16 +119,15 @@ def retlm_home() -> Path:
 
 def deprecated_aliases(module: str, renamed: dict[str, str]) -> Callable[[str], object]:
     """A module ``__getattr__`` serving each old public name (``renamed``: old -> new) for one release,
-    with a ``DeprecationWarning`` naming the new one. A new name that lives in another module (a name
-    that moved) is written ``"package.module:name"`` or ``"package.module.Name"``."""
+    with a ``DeprecationWarning`` naming the new one. A name that moved to another module is written
+    with its module: ``"package.module.Name"``."""
     import importlib
     import warnings
 
     def __getattr__(name: str) -> object:
         if name not in renamed:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        target = renamed[name]
-        home, _, new = target.rpartition(":" if ":" in target else ".")
+        home, _, new = renamed[name].rpartition(".")
         home = home or module
         warnings.warn(f"{module}.{name} is deprecated; use {home}.{new}", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(home), new)

@@ -41,14 +41,14 @@ from retlm.utils import deprecated_aliases
 __getattr__ = deprecated_aliases(
     __name__,
     {
-        "ARRAY_FILES": "retlm.retrieval.format:ARRAY_FILES",
-        "POOLINGS": "retlm.retrieval.format:POOLINGS",
-        "EMBEDDING_DTYPES": "retlm.retrieval.format:EMBEDDING_DTYPES",
-        "EMBEDDER_INPUTS": "retlm.retrieval.format:EMBEDDER_INPUTS",
-        "retriever_of": "retlm.retrieval.format:retriever_of",
-        "required_files": "retlm.retrieval.format:required_files",
-        "file_map": "retlm.retrieval.format:file_map",
-        "check_manifest": "retlm.retrieval.format:check_manifest",
+        "ARRAY_FILES": "retlm.retrieval.format.ARRAY_FILES",
+        "POOLINGS": "retlm.retrieval.format.POOLINGS",
+        "EMBEDDING_DTYPES": "retlm.retrieval.format.EMBEDDING_DTYPES",
+        "EMBEDDER_INPUTS": "retlm.retrieval.format.EMBEDDER_INPUTS",
+        "retriever_of": "retlm.retrieval.format.retriever_of",
+        "required_files": "retlm.retrieval.format.required_files",
+        "file_map": "retlm.retrieval.format.file_map",
+        "check_manifest": "retlm.retrieval.format.check_manifest",
     },
 )
 

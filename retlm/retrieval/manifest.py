@@ -24,10 +24,10 @@ from retlm.utils import deprecated_aliases
 __getattr__ = deprecated_aliases(
     __name__,
     {
-        "CHUNK_FILES": "retlm.retrieval.format:CHUNK_FILES",
-        "DATA_FILES": "retlm.retrieval.format:DATA_FILES",
-        "DENSE_FILES": "retlm.retrieval.format:DENSE_FILES",
-        "LOCK_FILE": "retlm.retrieval.format:LOCK_FILE",
+        "CHUNK_FILES": "retlm.retrieval.format.CHUNK_FILES",
+        "DATA_FILES": "retlm.retrieval.format.DATA_FILES",
+        "DENSE_FILES": "retlm.retrieval.format.DENSE_FILES",
+        "LOCK_FILE": "retlm.retrieval.format.LOCK_FILE",
     },
 )
 

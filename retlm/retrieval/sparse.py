@@ -32,10 +32,10 @@ from retlm.utils import deprecated_aliases
 __getattr__ = deprecated_aliases(
     __name__,
     {
-        "RETRIEVERS": "retlm.retrieval.format:RETRIEVERS",
-        "has_dense": "retlm.retrieval.format:has_dense",
-        "has_sparse": "retlm.retrieval.format:has_sparse",
-        "BM25_ARRAYS": "retlm.retrieval.format:BM25_ARRAYS",
+        "RETRIEVERS": "retlm.retrieval.format.RETRIEVERS",
+        "has_dense": "retlm.retrieval.format.has_dense",
+        "has_sparse": "retlm.retrieval.format.has_sparse",
+        "BM25_ARRAYS": "retlm.retrieval.format.BM25_ARRAYS",
     },
 )
 
