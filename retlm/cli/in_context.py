@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,17 +116,25 @@ def run_eval(opts: Any) -> int:
         progress=opts.progress,
     )
     report.update(model=str(opts.checkpoint), db=str(opts.db), precision=precision)
-    if opts.output is not None:
+    print_report(report, opts.output, opts.json, format_in_context_table)
+    return 0
+
+
+def print_report(
+    report: dict[str, Any], output: Path | None, as_json: bool, table: Callable[[dict[str, Any]], str]
+) -> None:
+    """`retlm eval`'s result: written to ``output`` as JSON (atomically) when given, then printed as JSON
+    (``--json``) or as ``table(report)``."""
+    if output is not None:
         from retlm.utils import atomic_write
 
         text = json.dumps(report, indent=2) + "\n"
-        atomic_write(opts.output, lambda tmp: tmp.write_text(text))
-    if opts.json:
+        atomic_write(output, lambda tmp: tmp.write_text(text))
+    if as_json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        print(format_in_context_table(report))
-    return 0
+        print(table(report))
 
 
 def run_generate(opts: Any) -> int:

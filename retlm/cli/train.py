@@ -6,14 +6,18 @@ Heavy imports (torch, transformers) happen inside the commands, so `retlm --help
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from retlm.cli.in_context import DEFAULT_HELDOUT_FRACTION, DEFAULT_NEIGHBORS, IN_CONTEXT, InContextOptions
+from retlm.cli.in_context import (
+    DEFAULT_HELDOUT_FRACTION,
+    DEFAULT_NEIGHBORS,
+    IN_CONTEXT,
+    InContextOptions,
+    print_report,
+)
 from retlm.errors import OptionError, check_int, short_repr
 from retlm.options import add_dataclass_arguments, flag_of, option, option_values, options_from
 from retlm.training.options import PRECISIONS, SPLITS, TrainOptions
@@ -264,20 +268,12 @@ def run_eval(args: argparse.Namespace) -> int:
         from retlm.training.plot import plot_overlap_buckets
 
         plot = plot_overlap_buckets(result, args.plot)
-    if args.output is not None:
-        from retlm.utils import atomic_write
 
-        text = json.dumps(result, indent=2) + "\n"
-        atomic_write(args.output, lambda tmp: tmp.write_text(text))
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    else:
+    def tables(report: dict[str, Any]) -> str:
         from retlm.training.leakage import format_overlap_table
 
-        print(format_table(result))
-        print()
-        print(format_overlap_table(result))
-        if plot is not None:
-            print(f"plot of loss by overlap bucket: {plot}")
+        shown = f"{format_table(report)}\n\n{format_overlap_table(report)}"
+        return shown if plot is None else f"{shown}\nplot of loss by overlap bucket: {plot}"
+
+    print_report(result, args.output, args.json, tables)
     return 0
