@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache
 
+from retlm.models.state_cache import StateCache
 from retlm.ops.retention import RetentionState
 
 
@@ -67,7 +67,7 @@ class RetentionCacheLayer:
         return -1
 
 
-class RetNetCache(Cache):
+class RetNetCache(StateCache):
     """Per-layer retention states + per-row position offsets.
 
     Args:
@@ -101,23 +101,8 @@ class RetNetCache(Cache):
         """Number of input columns (padding included) already folded into the state."""
         return self.seen_tokens
 
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return query_length, 0
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.seen_tokens > 0
 
     @property
     def batch_size(self) -> int:

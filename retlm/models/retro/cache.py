@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from transformers.cache_utils import Cache
 
 from retlm.layers.attention import KVCache
 from retlm.layers.neighbors import NeighborState
+from retlm.models.state_cache import StateCache
 
 
 def _rows(value: Any) -> int | None:
@@ -69,7 +69,7 @@ class RetroCacheLayer:
         return -1
 
 
-class RetroCache(NeighborState, Cache):
+class RetroCache(NeighborState, StateCache):
     """Decoding state of a RETRO model (all rows of the batch share one column position): the neighbors'
     side (:class:`~retlm.layers.neighbors.NeighborState`: ``position``, ``context``, ``neighbors``,
     ``neighbor_mask``, ``padding``, ``neighbor_valid``) and, in ``layers``, one :class:`RetroCacheLayer`
@@ -81,28 +81,13 @@ class RetroCache(NeighborState, Cache):
 
     def __init__(self, num_layers: int = 0) -> None:
         NeighborState.__init__(self)
-        Cache.__init__(self, layers=[RetroCacheLayer() for _ in range(num_layers)])
+        StateCache.__init__(self, layers=[RetroCacheLayer() for _ in range(num_layers)])
 
     def __repr__(self) -> str:
         return f"RetroCache(layers={len(self.layers)}, position={self.position})"
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.position > 0
 
     @property
     def batch_size(self) -> int:
