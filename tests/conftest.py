@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import settings
-from training_helpers import tiny_bert_embedder
+from training_helpers import build_real_database, open_twin_database, tiny_bert_embedder, write_twin_database
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
@@ -33,6 +33,22 @@ def tiny_encoder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def twin_db(tmp_path_factory):
+    """The synthetic twin database (``training_helpers.write_twin_database``'s defaults: 12 pairs of
+    documents, chunks of 8, sequences of 32, a 64-token toy vocabulary), opened as training reads it.
+    Shared by every test that only reads it: a test that changes it writes its own."""
+    return open_twin_database(write_twin_database(tmp_path_factory.mktemp("twin") / "db"))
+
+
+@pytest.fixture(scope="session")
+def real_db(tmp_path_factory):
+    """A real ``RetrievalDatabase`` of 40 Python documentation topics (GPT-2 chunks of 8, sequences of 32,
+    a tiny random embedder, exact index; ``training_helpers.build_real_database``), shared read-only."""
+    root = tmp_path_factory.mktemp("real")
+    return build_real_database(root / "db", tiny_bert_embedder(root / "embedder"))
+
+
+@pytest.fixture(scope="session")
 def robust(tmp_path_factory):
     """A real database built from a folder of 10 pydoc topics (tiny random BERT embedder, chunk 16) and a
     RETRO trained 2 steps on it: the clean state the robustness tests and the fuzz suite corrupt."""
@@ -46,11 +62,3 @@ def robust(tmp_path_factory):
     db = build_db(corpus, root / "db", embedder)
     model = train_tiny(db, root / "run")
     return SimpleNamespace(root=root, embedder=embedder, corpus=corpus, db=db.path, model=model)
-
-
-@pytest.fixture(scope="session")
-def serve_paths(tmp_path_factory):
-    """A database, a tiny RETRO trained on it and a tiny Llama (see serve_helpers.build_fixture)."""
-    from serve_helpers import build_fixture
-
-    return build_fixture(tmp_path_factory.mktemp("serve"))

@@ -248,3 +248,26 @@ def test_every_modeling_forward_is_at_most_60_lines(path: Path):
         and node.end_lineno - node.lineno + 1 > 60
     ]
     assert not long, f"{path.relative_to(PACKAGE.parent)}: {long}"
+
+
+TESTS = Path(__file__).resolve().parent
+TOP_LEVEL_TESTS = {
+    "test_architecture.py",
+    "test_readme.py",
+    "test_fuzz.py",
+    "test_tokenization.py",
+    "test_experiments.py",
+}
+
+
+def test_tests_mirror_the_package():
+    """Each test folder is named after a part of ``retlm/`` (``helpers/`` holds what they share), and only
+    the checks that span the whole tree stay at the top (docs/architecture.md, "Tests mirror the
+    package"); test file names are unique, as pytest's default import mode needs."""
+    parts = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders - {"helpers"} <= parts, sorted(folders - {"helpers"} - parts)
+    assert {p.name for p in TESTS.glob("test_*.py")} == TOP_LEVEL_TESTS
+    names = [p.name for p in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert not list((TESTS / "helpers").glob("test_*.py"))

@@ -4,7 +4,7 @@ compiled (:meth:`RetNetDecodingMixin.compile_decoding`).
 A decoding step of a small model costs per-call overhead more than arithmetic, so one-token recurrent
 steps without padding or autograd skip the general path: the position tables are built once for all
 blocks, and :meth:`RetNetDecodingMixin.layer_steps` calls every block's ``step`` in turn. The result
-is the general path's, bit for bit (``tests/test_retnet_decode_fastpath.py``).
+is the general path's, bit for bit (``tests/models/test_retnet_decode_fastpath.py``).
 
 The compiled step: ``torch.compile`` of ``layer_steps``, the weights frozen in
 (:class:`FrozenWeightsStep`). Why freeze: at batch 1 a decoding step is a chain of matrix-vector

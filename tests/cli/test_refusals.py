@@ -14,31 +14,12 @@ import shutil
 
 import pytest
 import yaml
-from robust_helpers import SEQ, TINY_MODEL, C, cli, copy_tree, files_under, flip
+from robust_helpers import TINY_MODEL, build_args, cli, copy_tree, files_under, flip
 
 import retlm.retrieval.preflight as preflight
 import retlm.retrieval.stages as stages_module
 from retlm.cli.main import build_parser
 from retlm.errors import ResourceError
-
-
-def build_args(robust, corpus, out, *extra):
-    return (
-        "build-db",
-        corpus,
-        "--out",
-        out,
-        "--chunk-size",
-        C,
-        "--seq-len",
-        SEQ,
-        "--embedder",
-        robust.embedder,
-        "--embedding-dtype",
-        "float32",
-        "--no-progress",
-        *extra,
-    )
 
 
 def assert_usage(result, message):

@@ -2,7 +2,7 @@
 bit-identical), runs resume, `retlm eval` / `retlm generate` take the run, the RETRO control of the demo
 retrofits from the command line, and a database with another tokenizer is refused in one line.
 
-The synthetic twin database (tests/training_helpers.py) has a 64-token toy vocabulary, chunks of 8
+The synthetic twin database (tests/helpers/training_helpers.py) has a 64-token toy vocabulary, chunks of 8
 tokens and sequences of 32; the command-line tests use a real RetrievalDatabase (MiniLM tokenizer, a
 tiny random embedder).
 """
@@ -15,16 +15,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_causal_lm
 from training_helpers import (
-    build_real_database,
     open_twin_database,
-    tiny_bert_embedder,
     tiny_model_config,
     write_twin_database,
 )
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from retlm import RetNetConfig, RetNetForCausalLM
 from retlm.cli.main import main
 from retlm.models.auto import checkpoints
 from retlm.models.retrofit import RetroFitForCausalLM, load_base
@@ -35,39 +32,12 @@ FAST = dict(batch_size=4, lr=1e-2, log_every=1, progress=False)
 
 
 def tiny_base(family: str, vocab: int = 64, positions: int = 64) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if family == "gpt2":
-        return GPT2LMHeadModel(
-            GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=2, n_head=2)
-        )
-    if family == "llama":
-        return LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=positions,
-            )
-        )
-    return RetNetForCausalLM(
-        RetNetConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=2,
-            v_dim=64,
-            ffn_proj_size=64,
-            pad_token_id=0,
-        )
-    )
+    return tiny_causal_lm(family, vocab, positions=positions)
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    return open_twin_database(write_twin_database(tmp_path_factory.mktemp("twin") / "db"))
+def db(twin_db):
+    return twin_db
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -188,9 +158,8 @@ def test_a_retlm_base_keeps_its_split_and_its_tokenizer_is_checked(db, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    db = build_real_database(root / "db", tiny_bert_embedder(root / "embedder"))
+def real(tmp_path_factory, real_db):
+    root, db = tmp_path_factory.mktemp("real"), real_db
     base = tiny_base("gpt2", vocab=len(db.tokenizer))
     base.save_pretrained(root / "gpt2")
     db.tokenizer.save_pretrained(root / "gpt2")  # the base's tokenizer is the database's

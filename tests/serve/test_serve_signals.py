@@ -80,7 +80,7 @@ def test_a_signal_stops_the_server_and_ends_its_streams(serve_paths, sig):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_a_retlm_serve_process(serve_paths, sig):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [
         sys.executable,
         "-m",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CHILD = Path(__file__).parent / "accelerate_child.py"
+CHILD = Path(__file__).resolve().parents[1] / "helpers" / "accelerate_child.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 MODELS = ("retro-transformer", "retro-retnet", "retnet")
 

@@ -3,7 +3,7 @@ into a checksummed HF folder whose logits equal a direct GGUF load; the cache re
 rebuilt, a killed conversion leaving nothing, concurrent converters converting once; one-line refusals
 (unknown name, truncated GGUF, too little memory); the names taken by load_tokenizer, retrofit and the CLI.
 
-The GGUF files are a tiny random Llama written with the gguf package's writer (tests/gguf_helpers.py),
+The GGUF files are a tiny random Llama written with the gguf package's writer (tests/helpers/gguf_helpers.py),
 registered as a known model inside a throwaway package where a test needs a known name. The real
 SmolLM2 is converted by the slow test at the end.
 """

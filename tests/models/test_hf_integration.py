@@ -6,7 +6,7 @@ RETRO-fit run (retrieval off), with the tokens of a direct greedy ``generate``; 
 carries a Hub model card whose figures are the run's.
 
 Runs are tiny and real: RETRO and a RETRO-fit of a small GPT-2 trained 2 steps on the synthetic twin
-database (tests/training_helpers.py), with a 64-word tokenizer so that the folders hold one.
+database (tests/helpers/training_helpers.py), with a 64-word tokenizer so that the folders hold one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A training process for the multi-process tests. Not a test module.
 
-    accelerate launch --cpu --num_processes 2 tests/accelerate_child.py {ddp|fsdp} OUT.json
-    python tests/accelerate_child.py single OUT.json
+    accelerate launch --cpu --num_processes 2 tests/helpers/accelerate_child.py {ddp|fsdp} OUT.json
+    python tests/helpers/accelerate_child.py single OUT.json
 
 Trains three tiny models (RETRO with the transformer decoder, RETRO with the RetNet decoder, RetNet)
 for ``STEPS`` AdamW steps on the same fixed global batch, every process taking its contiguous share of

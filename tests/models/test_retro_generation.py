@@ -2,61 +2,26 @@
 when training would (from the chunk's last token on), so greedy decoding equals the argmax of one full
 forward pass over the final sequence with the neighbors the loop logged."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
+from tiny_models import FakeDatabase, tiny_retro
 
 from retlm import RETRO
 from retlm.models.retrieval_generation import generate_with_retrieval
 
 C = 4
 VOCAB = 64
-CONFIG = dict(
-    num_tokens=VOCAB,
-    max_seq_len=40,
-    enc_dim=24,
-    enc_depth=1,
-    dec_dim=32,
-    dec_depth=3,
-    dec_cross_attn_layers=(1, 3),
-    heads=2,
-    dim_head=16,
-    chunk_size=C,
-)
-
-
-class FakeDatabase:
-    """Neighbors are a deterministic function of the query chunk, so a wrong query shows up."""
-
-    chunk_size, pad_id, num_neighbors = C, 0, 2
-
-    def __init__(self):
-        self.calls = []
-
-    def search(self, queries, k):
-        queries = np.asarray(queries)
-        self.calls.append(queries.shape)
-        lead = queries.shape[:-1]
-        base = (queries.sum(-1) % 7)[..., None, None]
-        tokens = (base + 3 * np.arange(k)[:, None] + np.arange(2 * C)) % (VOCAB - 1) + 1
-        tokens = np.broadcast_to(tokens, (*lead, k, 2 * C)).copy()
-        ids = np.broadcast_to(base[..., 0] * 10 + np.arange(k), (*lead, k)).copy()
-        return SimpleNamespace(
-            tokens=tokens, chunk_ids=ids, doc_ids=ids // 10, scores=np.ones((*lead, k), np.float32)
-        )
 
 
 def model_for(decoder):
-    torch.manual_seed(0)
-    return RETRO(**CONFIG, decoder=decoder).double().eval()
+    return tiny_retro(decoder, max_seq_len=40).double()
 
 
 @pytest.mark.parametrize("decoder", ["transformer", "retnet"])
 @pytest.mark.parametrize("prompt_len", [1, 3, 4, 9])
 def test_greedy_matches_full_forward_with_logged_neighbors(decoder, prompt_len):
-    model, db = model_for(decoder), FakeDatabase()
+    model, db = model_for(decoder), FakeDatabase(C, VOCAB)
     prompt = torch.randint(1, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     out = generate_with_retrieval(model, db, prompt, max_new_tokens=14)
     seq = out.sequences
@@ -79,7 +44,7 @@ def test_greedy_matches_full_forward_with_logged_neighbors(decoder, prompt_len):
 
 @pytest.mark.heavy
 def test_sampling_is_reproducible_and_respects_top_k():
-    model, db = model_for("retnet"), FakeDatabase()
+    model, db = model_for("retnet"), FakeDatabase(C, VOCAB)
     prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
     runs = [
         generate_with_retrieval(
@@ -177,7 +142,7 @@ def test_bad_input():
     model = model_for("transformer")
     with pytest.raises(ValueError, match="max_seq_len"):
         generate_with_retrieval(model, None, torch.ones(1, 30, dtype=torch.long), max_new_tokens=20)
-    db = FakeDatabase()
+    db = FakeDatabase(C, VOCAB)
     db.chunk_size = 8
     with pytest.raises(ValueError, match="chunk_size"):
         generate_with_retrieval(model, db, torch.ones(1, 3, dtype=torch.long))
@@ -192,10 +157,10 @@ def test_bad_input():
 
 
 def test_model_generate_with_database_delegates_to_the_retrieving_loop():
-    model, db = model_for("retnet"), FakeDatabase()
+    model, db = model_for("retnet"), FakeDatabase(C, VOCAB)
     prompt = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     via_model = model.generate(prompt, retrieval_database=db, max_new_tokens=7)
-    direct = generate_with_retrieval(model, FakeDatabase(), prompt, max_new_tokens=7)
+    direct = generate_with_retrieval(model, FakeDatabase(C, VOCAB), prompt, max_new_tokens=7)
     assert torch.equal(via_model.sequences, direct.sequences)
     assert len(via_model.retrievals[0]) == (6 + 7 - 1) // C
 
@@ -223,7 +188,7 @@ class RecordingStreamer:
 def test_streamer_and_on_retrieval_see_every_token_and_search_in_order(decoder):
     """The streamer gets the prompt, then one (batch,) token per step, then end(), as HF's ``generate``
     drives it; each retrieval is announced after the token that completes its chunk went out."""
-    model, db = model_for(decoder), FakeDatabase()
+    model, db = model_for(decoder), FakeDatabase(C, VOCAB)
     prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
     recorder = RecordingStreamer()
     out = generate_with_retrieval(
@@ -249,7 +214,7 @@ def test_streamer_and_on_retrieval_see_every_token_and_search_in_order(decoder):
 
 
 def test_an_exception_from_the_streamer_ends_generation():
-    model, db = model_for("transformer"), FakeDatabase()
+    model, db = model_for("transformer"), FakeDatabase(C, VOCAB)
     prompt = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
     recorder = RecordingStreamer(stop_after=3)
     with pytest.raises(KeyboardInterrupt, match="cancelled"):

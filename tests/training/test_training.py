@@ -1,4 +1,4 @@
-"""Training and evaluation on a small synthetic database (tests/training_helpers.py).
+"""Training and evaluation on a small synthetic database (tests/helpers/training_helpers.py).
 
 Numbers are checked against independent references: the document split against the sequences' own
 document ids, evaluation against a float64 recomputation of the NLL, bytes against the toy tokenizer's
@@ -32,8 +32,8 @@ FAST = dict(batch_size=4, lr=3e-3, log_every=1, progress=False)
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    return open_twin_database(write_twin_database(tmp_path_factory.mktemp("twin") / "db"))
+def db(twin_db):
+    return twin_db
 
 
 @pytest.fixture(scope="module")

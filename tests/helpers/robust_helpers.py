@@ -10,17 +10,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from training_helpers import tiny_model_config
+
 C, SEQ = 16, 64
-TINY_MODEL = dict(
-    enc_dim=32,
-    enc_depth=1,
-    dec_dim=32,
-    dec_depth=2,
-    dec_cross_attn_layers=[2],
-    heads=2,
-    dim_head=16,
-    decoder="retnet",
-)
+# training_helpers' tiny RETRO (RetNet decoder) without what the database decides: a --model-config
+TINY_MODEL = {
+    k: v for k, v in tiny_model_config().items() if k not in ("num_tokens", "max_seq_len", "chunk_size")
+}
 
 
 def write_corpus(folder: Path, n_docs: int = 10, chars: int = 900) -> Path:
@@ -104,3 +100,24 @@ def cli(*args) -> Result:
 
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def build_args(robust, corpus, out, *extra) -> tuple:
+    """``retlm build-db`` CORPUS --out OUT with the settings of ``build_db`` (the ``robust`` fixture's
+    embedder), then ``extra``."""
+    return (
+        "build-db",
+        corpus,
+        "--out",
+        out,
+        "--chunk-size",
+        C,
+        "--seq-len",
+        SEQ,
+        "--embedder",
+        robust.embedder,
+        "--embedding-dtype",
+        "float32",
+        "--no-progress",
+        *extra,
+    )

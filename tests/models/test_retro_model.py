@@ -8,24 +8,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_retro, tiny_retro_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from retlm import RETRO, RetroConfig, RetroForCausalLM
 from retlm.models.retro import RetroCache
 
 C = 4  # chunk size
-SMALL = dict(
-    num_tokens=64,
-    max_seq_len=48,
-    enc_dim=24,
-    enc_depth=2,
-    dec_dim=32,
-    dec_depth=4,
-    dec_cross_attn_layers=(2, 4),
-    heads=2,
-    dim_head=16,
-    chunk_size=C,
-)
+SMALL = tiny_retro_config(enc_depth=2, dec_depth=4, dec_cross_attn_layers=(2, 4))  # C = 4
 HAS_RETENTION = importlib.util.find_spec("retlm.ops.retention") is not None
 DECODERS = [
     "transformer",
@@ -38,8 +28,7 @@ def maxdiff(a, b):
 
 
 def make(decoder="transformer", dtype=torch.float64, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return RETRO(**{**SMALL, "decoder": decoder, **overrides}).to(dtype).eval()
+    return tiny_retro(decoder, seed, **{**SMALL, **overrides}).to(dtype)
 
 
 def data(seq_len, k=2, seed=1, batch=2):

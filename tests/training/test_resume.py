@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import write_twin_database
 
 from retlm.training import read_metrics
 
-CHILD = Path(__file__).with_name("training_child.py")
+CHILD = Path(__file__).resolve().parents[1] / "helpers" / "training_child.py"
 MAX_STEPS = 14
 # float32 CPU training from the same state runs the same kernels on the same numbers: we expect
 # bit-identical losses and allow only float32 rounding noise.
@@ -74,8 +73,8 @@ def _eval_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory) -> Path:
-    return write_twin_database(tmp_path_factory.mktemp("twin") / "db")
+def db(twin_db) -> Path:
+    return twin_db.path
 
 
 @pytest.fixture(scope="module")

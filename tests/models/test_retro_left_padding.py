@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_decode_steps import CallLog, FakeDatabase, assert_incremental, retro_model
+from tiny_models import CallLog, FakeDatabase, assert_incremental, tiny_retro, tiny_retro_config
 from training_helpers import build_real_database, left_pad, tiny_bert_embedder
 
 from retlm import RETRO
@@ -23,22 +23,6 @@ C = 4
 VOCAB = 64
 LENGTHS = [13, 6, 9, 3]  # paddings 0, 7, 4, 10: none a multiple of C except 0 and 4
 ATOL = 1e-5  # float32; the padded rows differ from the rows alone by rounding only (seen: < 1e-6)
-
-
-def small_config(**extra) -> dict:
-    return dict(
-        num_tokens=VOCAB,
-        max_seq_len=48,
-        enc_dim=24,
-        enc_depth=1,
-        dec_dim=32,
-        dec_depth=3,
-        dec_cross_attn_layers=(1, 3),
-        heads=2,
-        dim_head=16,
-        chunk_size=C,
-        **extra,
-    )
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[torch.Tensor]:
@@ -56,8 +40,7 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[torch.
     ],
 )
 def test_padded_forward_equals_each_row_alone(decoder: str, extra: dict) -> None:
-    torch.manual_seed(0)
-    model = RETRO(**small_config(**extra), decoder=decoder).eval()
+    model = tiny_retro(decoder, **extra)
     prompts = random_prompts(LENGTHS, VOCAB)
     g = torch.Generator().manual_seed(2)
     own = [torch.randint(1, VOCAB, (len(p) // C, 2, 2 * C), generator=g) for p in prompts]
@@ -77,8 +60,7 @@ def test_padded_forward_equals_each_row_alone(decoder: str, extra: dict) -> None
 def test_padded_prompt_then_token_by_token_equals_full_forward(decoder: str) -> None:
     """The incremental API on a left-padded cache: each call gets the neighbors of the chunks its rows
     complete (a row completing none ignores its entry); the logits equal one full forward per row."""
-    torch.manual_seed(0)
-    model = RETRO(**small_config(), decoder=decoder).eval()
+    model = tiny_retro(decoder)
     full = random_prompts([20, 14, 17], VOCAB, seed=3)
     g = torch.Generator().manual_seed(4)
     own = [torch.randint(1, VOCAB, (len(p) // C, 2, 2 * C), generator=g) for p in full]
@@ -128,7 +110,7 @@ def database_model(db, decoder: str) -> RETRO:
     # float64: greedy argmax must not flip on a rounding-level near-tie between the two layouts
     return (
         RETRO(
-            **{**small_config(), "num_tokens": 50257, "max_seq_len": 64, "chunk_size": db.chunk_size},
+            **{**tiny_retro_config(), "num_tokens": 50257, "max_seq_len": 64, "chunk_size": db.chunk_size},
             pad_id=db.pad_id,
             decoder=decoder,
         )
@@ -169,8 +151,7 @@ def test_greedy_generation_of_a_padded_batch_equals_each_prompt_alone(real_datab
 
 @pytest.mark.parametrize("decoder", ["transformer", "retnet"])
 def test_hf_generate_of_a_padded_batch_without_retrieval_equals_each_prompt_alone(decoder: str) -> None:
-    torch.manual_seed(0)
-    model = RETRO(**small_config(), decoder=decoder).double().eval()
+    model = tiny_retro(decoder).double()
     prompts = random_prompts(LENGTHS, VOCAB, seed=5)
     ids, mask = left_pad(prompts)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
@@ -181,14 +162,16 @@ def test_hf_generate_of_a_padded_batch_without_retrieval_equals_each_prompt_alon
 
 @pytest.mark.parametrize("decoder", ["transformer", "retnet"])
 def test_padded_batch_decodes_one_token_per_step(decoder: str) -> None:
-    """The padded batch keeps the incremental contract of test_decode_steps: prompt once, then one
-    token per call on the growing cache, with retrieval and with HF generate."""
-    model = retro_model(decoder)
+    """The padded batch keeps the incremental contract of test_decode_steps.py: prompt once, then one token
+    per call on the growing cache, with retrieval and with HF generate."""
+    model = tiny_retro(decoder, num_tokens=53, max_seq_len=64, pad_id=0)
     prompts = random_prompts([11, 6, 9], 53, seed=6)
     ids, mask = left_pad(prompts)
     width, new = ids.shape[1], 16
     with CallLog(model) as log:
-        out = model.generate(ids, attention_mask=mask, retrieval_database=FakeDatabase(), max_new_tokens=new)
+        out = model.generate(
+            ids, attention_mask=mask, retrieval_database=FakeDatabase(C, 53), max_new_tokens=new
+        )
     assert out.sequences.shape == (3, width + new)
     assert_incremental(log.calls, width, new)
     for i, p in enumerate(prompts):
@@ -199,7 +182,7 @@ def test_padded_batch_decodes_one_token_per_step(decoder: str) -> None:
 
 
 def test_padding_errors() -> None:
-    model = RETRO(**small_config()).eval()
+    model = tiny_retro()
     ids = torch.randint(1, VOCAB, (2, 6))
     with pytest.raises(ValueError, match="hole"):
         model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 0, 1, 1, 1], [1] * 6]))

@@ -13,16 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from robust_helpers import cli
+from tiny_models import tiny_causal_lm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from training_helpers import build_real_database, python_doc_texts, tiny_bert_embedder
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    TextIteratorStreamer,
-)
+from transformers import PreTrainedTokenizerFast, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from retlm.generation import generate_in_context, search_neighbors
@@ -40,20 +34,7 @@ def db(tmp_path_factory):
 
 
 def tiny_lm(kind: str, vocab: int, positions: int = MAX_LENGTH) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=positions)
-        return GPT2LMHeadModel(config).double().eval()
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=positions,
-    )
-    return LlamaForCausalLM(config).double().eval()
+    return tiny_causal_lm(kind, vocab, positions=positions).double().eval()
 
 
 @pytest.fixture(scope="module")

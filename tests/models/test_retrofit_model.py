@@ -10,15 +10,13 @@ adapter saves alone and loads back, with its base, to equal logits.
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import CallLog, FakeDatabase, assert_incremental, tiny_causal_lm, tiny_retro
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-from retlm import RETRO, RetNetConfig, RetNetForCausalLM
 from retlm.compat import output_cache
 from retlm.models.retrieval_generation import generate_with_retrieval
 from retlm.models.retrofit import RetroFitForCausalLM, RetroFitLayer, decoder_layers, default_cca_layers
@@ -29,58 +27,25 @@ K = 2  # neighbors per chunk
 FAMILIES = ["gpt2", "llama", "retnet", "retro-control"]
 
 
+# each family's own touch: GPT-2 and Llama with BOS = EOS = 1, Llama with grouped KV heads, RetNet peaked
+BASE_OVERRIDES = {
+    "gpt2": dict(bos_token_id=1, eos_token_id=1),
+    "llama": dict(num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=1),
+    "retnet": dict(initializer_range=0.3),
+}
+
+
 def make_base(family: str, layers: int = 3) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if family == "gpt2":
-        config = GPT2Config(
-            vocab_size=VOCAB,
-            n_positions=64,
-            n_embd=32,
-            n_layer=layers,
-            n_head=2,
-            bos_token_id=1,
-            eos_token_id=1,
+    if family == "retro-control":  # the demo's control: a RETRO (RetNet decoder) trained without retrieval
+        return tiny_retro(
+            "retnet",
+            num_tokens=VOCAB,
+            max_seq_len=64,
+            dec_depth=layers,
+            dec_cross_attn_layers=(2,),
+            chunk_size=C,
         )
-        return GPT2LMHeadModel(config).eval()
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            bos_token_id=1,
-            eos_token_id=1,
-        )
-        return LlamaForCausalLM(config).eval()
-    if family == "retnet":
-        config = RetNetConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_layers=layers,
-            num_heads=2,
-            v_dim=64,
-            ffn_proj_size=64,
-            pad_token_id=0,
-            initializer_range=0.3,
-        )
-        return RetNetForCausalLM(config).eval()
-    # the demo's control: a RETRO (RetNet decoder) trained without retrieval, its own CCA never used
-    return RETRO(
-        num_tokens=VOCAB,
-        max_seq_len=64,
-        enc_dim=24,
-        enc_depth=1,
-        dec_dim=32,
-        dec_depth=layers,
-        dec_cross_attn_layers=(2,),
-        heads=2,
-        dim_head=16,
-        chunk_size=C,
-        decoder="retnet",
-    ).eval()
+    return tiny_causal_lm(family, VOCAB, positions=64, layers=layers, **BASE_OVERRIDES[family]).eval()
 
 
 def make(family: str, *, trained: bool = True, dtype: torch.dtype = torch.float64, **kwargs):
@@ -181,30 +146,13 @@ def test_neighbors_of_chunk_u_reach_only_tokens_from_its_last_token_on(family):
             assert maxdiff(logits[:, first_reader:], reference[:, first_reader:]) > 1e-6, u
 
 
-class FakeDatabase:
-    """Neighbors are a deterministic function of the query chunk, so a wrong query shows up."""
-
-    chunk_size, pad_id, num_neighbors = C, 0, K
-
-    def search(self, queries, k):
-        queries = np.asarray(queries)
-        lead = queries.shape[:-1]
-        start = (queries.sum(-1) % 7)[..., None, None]
-        tokens = (start + 3 * np.arange(k)[:, None] + np.arange(2 * C)) % (VOCAB - 1) + 1
-        tokens = np.broadcast_to(tokens, (*lead, k, 2 * C)).copy()
-        ids = np.broadcast_to(start[..., 0] * 10 + np.arange(k), (*lead, k)).copy()
-        return SimpleNamespace(
-            tokens=tokens, chunk_ids=ids, doc_ids=ids // 10, scores=np.ones((*lead, k), np.float32)
-        )
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("prompt_len", [3, 9])
 def test_retrieval_generation_equals_a_full_forward_with_the_neighbors_it_read(family, prompt_len):
     _, model = make(family)
     prompt = torch.randint(1, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     new = 15
-    out = generate_with_retrieval(model, FakeDatabase(), prompt, max_new_tokens=new)
+    out = generate_with_retrieval(model, FakeDatabase(C, VOCAB, K), prompt, max_new_tokens=new)
     seq = out.sequences
     fed = seq.shape[1] - 1
     assert [r.chunk_index for r in out.retrievals[0]] == list(range(fed // C))
@@ -242,27 +190,6 @@ def test_incremental_logits_equal_the_full_forward(family):
     assert maxdiff(torch.cat(steps, dim=1), full) < 1e-10
 
 
-class CallLog:
-    """``(new_tokens, cache_seen)`` and the retention mode of every forward call of a module (a forward
-    pre-hook)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.calls: list[tuple[int, int]] = []
-        self.modes: list[str | None] = []
-        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
-
-    def hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self.calls.append((ids.shape[1], cache.get_seq_length() if cache is not None else 0))
-        self.modes.append(kwargs.get("retention_mode"))  # a RetNet base's retention mode
-
-
-def assert_incremental(calls: list[tuple[int, int]], prompt_len: int, steps: int) -> None:
-    """The prompt in the first call, then one new token per call on a cache that has seen the rest."""
-    assert calls == [(prompt_len, 0)] + [(1, prompt_len + i) for i in range(steps - 1)], calls
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_retrieval_generation_decodes_one_token_per_step_from_the_bases_cache(family):
     _, model = make(family, dtype=torch.float32)
@@ -270,7 +197,7 @@ def test_retrieval_generation_decodes_one_token_per_step_from_the_bases_cache(fa
     outer, inner = CallLog(model), CallLog(model.base)
     out = model.generate(
         prompt,
-        retrieval_database=FakeDatabase(),
+        retrieval_database=FakeDatabase(C, VOCAB, K),
         max_new_tokens=new,
         do_sample=True,
         generator=torch.Generator().manual_seed(0),

@@ -2,7 +2,7 @@
 reference that scores every target by hand and buckets it with the naive overlap of test_overlap.py;
 the filtered evaluation; the `retlm eval` table and plot.
 
-On the twin database (tests/training_helpers.py) each chunk's first neighbor is the same chunk of an
+On the twin database (tests/helpers/training_helpers.py) each chunk's first neighbor is the same chunk of an
 identical document, so its continuation holds the next chunk whole: most chunks overlap their
 neighbors fully, which is what the filtered evaluation must remove.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from test_overlap import naive_overlap
-from training_helpers import open_twin_database, tiny_model_config, write_twin_database
+from training_helpers import tiny_model_config
 
 from retlm.data import RETRODataset
 from retlm.training import evaluate, load_model, train
@@ -28,8 +28,8 @@ C = 8
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    return open_twin_database(write_twin_database(tmp_path_factory.mktemp("twin") / "db"))
+def db(twin_db):
+    return twin_db
 
 
 @pytest.fixture(scope="module")

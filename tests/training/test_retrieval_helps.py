@@ -1,6 +1,6 @@
 """End to end through the training pipeline: a model trained on neighbors learns to use them.
 
-On the twin corpus (tests/training_helpers.py) each chunk's first neighbor is the same chunk of an
+On the twin corpus (tests/helpers/training_helpers.py) each chunk's first neighbor is the same chunk of an
 identical document, so its continuation is exactly the next chunk to predict; the documents are random
 token streams, too many to memorise. Held-out perplexity with retrieval must fall clearly below the
 same model's perplexity without retrieval. This exercises the split, the neighbor alignment of the

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from robust_helpers import TINY_MODEL, build_db, write_corpus
+from tiny_models import tiny_causal_lm
 from training_helpers import tiny_bert_embedder
 
 MODEL_ID = "tiny-retro"
@@ -45,24 +46,17 @@ def build_fixture(root: Path) -> dict[str, Path]:
 
 
 def tiny_llama(tokenizer: Any) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
+    """A tiny random Llama with ``tokenizer``'s vocabulary, its EOS as the padding token."""
+    eos = tokenizer.eos_token_id
+    return tiny_causal_lm(
+        "llama",
+        len(tokenizer),
+        positions=256,
         bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos,
+        pad_token_id=eos,
         tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
 
 
 def cca_backend(paths: dict[str, Path], max_batch: int = 16) -> Any:

@@ -1,6 +1,6 @@
 """A training process for the subprocess tests (kill and resume, torchrun). Not a test module.
 
-    python tests/training_child.py DB RUN_DIR MAX_STEPS [--hang-at-step N | --hang-in-save N]
+    python tests/helpers/training_child.py DB RUN_DIR MAX_STEPS [--hang-at-step N | --hang-in-save N]
 
 ``--hang-at-step N`` blocks inside optimizer step N+1 (after step N was logged) and
 ``--hang-in-save N`` blocks after checkpoint N was written to staging but before it was committed;

@@ -9,13 +9,11 @@ given and how many tokens its cache has already seen.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import numpy as np
 import pytest
 import torch
+from tiny_models import CallLog, FakeDatabase, assert_incremental, tiny_retnet, tiny_retro
 
-from retlm import RETRO, RetNetConfig, RetNetForCausalLM
+from retlm import RETRO, RetNetForCausalLM
 from retlm.compat import CACHE_NAME, cache_kwargs, output_cache
 
 VOCAB = 53
@@ -24,68 +22,12 @@ PROMPT = 11
 NEW = 16
 
 
-class CallLog:
-    """Records ``(new_tokens, cache_seen)`` for every forward call of ``model``."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.calls: list[tuple[int, int]] = []
-        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
-
-    def hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("seq")
-        new = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self.calls.append((new, cache.get_seq_length() if cache is not None else 0))
-
-    def __enter__(self) -> CallLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-
-def assert_incremental(calls: list[tuple[int, int]], prompt_len: int, steps: int, seen: int = 0) -> None:
-    """First call: the ``prompt_len`` unseen prompt tokens; then one token per call on a growing cache."""
-    assert len(calls) == steps, calls
-    assert calls[0] == (prompt_len, seen), calls
-    for i, call in enumerate(calls[1:], start=1):
-        assert call == (1, seen + prompt_len + i - 1), f"call {i}: {call}; all calls: {calls}"
-
-
 def retnet_model() -> RetNetForCausalLM:
-    torch.manual_seed(0)
-    config = RetNetConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        v_dim=64,
-        ffn_proj_size=64,
-        pad_token_id=0,
-        eos_token_id=None,
-        initializer_range=0.3,
-    )
-    return RetNetForCausalLM(config).eval()
+    return tiny_retnet(vocab_size=VOCAB)
 
 
 def retro_model(decoder: str) -> RETRO:
-    torch.manual_seed(0)
-    return RETRO(
-        num_tokens=VOCAB,
-        max_seq_len=64,
-        enc_dim=24,
-        enc_depth=1,
-        dec_dim=32,
-        dec_depth=3,
-        dec_cross_attn_layers=(1, 3),
-        heads=2,
-        dim_head=16,
-        chunk_size=C,
-        decoder=decoder,
-        pad_id=0,
-    ).eval()
+    return tiny_retro(decoder, num_tokens=VOCAB, max_seq_len=64, pad_id=0)
 
 
 def prompt(batch: int = 1) -> torch.Tensor:
@@ -132,23 +74,6 @@ def test_retnet_continuation_from_a_returned_cache_feeds_only_new_tokens(name: s
     assert torch.equal(resumed, model.generate(prompt(), do_sample=False, max_new_tokens=9))
 
 
-class FakeDatabase:
-    """Neighbors are a deterministic function of the query chunk."""
-
-    chunk_size, pad_id, num_neighbors = C, 0, 2
-
-    def search(self, queries, k):
-        queries = np.asarray(queries)
-        lead = queries.shape[:-1]
-        base = (queries.sum(-1) % 7)[..., None, None]
-        tokens = (base + 3 * np.arange(k)[:, None] + np.arange(2 * C)) % (VOCAB - 1) + 1
-        tokens = np.broadcast_to(tokens, (*lead, k, 2 * C)).copy()
-        ids = np.broadcast_to(base[..., 0] * 10 + np.arange(k), (*lead, k)).copy()
-        return SimpleNamespace(
-            tokens=tokens, chunk_ids=ids, doc_ids=ids // 10, scores=np.ones((*lead, k), np.float32)
-        )
-
-
 @pytest.mark.parametrize("do_sample", [False, True])
 @pytest.mark.parametrize("decoder", ["transformer", "retnet"])
 def test_retrieval_generation_decodes_one_token_per_step(decoder: str, do_sample: bool) -> None:
@@ -156,7 +81,7 @@ def test_retrieval_generation_decodes_one_token_per_step(decoder: str, do_sample
     with CallLog(model) as log:
         out = model.generate(
             prompt(2),
-            retrieval_database=FakeDatabase(),
+            retrieval_database=FakeDatabase(C, VOCAB),
             max_new_tokens=NEW,
             do_sample=do_sample,
             generator=torch.Generator().manual_seed(0),
@@ -206,7 +131,7 @@ def test_retlm_calls_log_no_cache_deprecation(recwarn: pytest.WarningsRecorder) 
         for decoder in ("transformer", "retnet"):
             retro = retro_model(decoder)
             retro.generate(prompt(), max_new_tokens=3, do_sample=False)
-            retro.generate(prompt(), retrieval_database=FakeDatabase(), max_new_tokens=6)
+            retro.generate(prompt(), retrieval_database=FakeDatabase(C, VOCAB), max_new_tokens=6)
             out = retro(input_ids=prompt(), use_cache=True)
             assert out.past_key_values is out.cache
     finally:

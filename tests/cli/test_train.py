@@ -18,10 +18,8 @@ TRAIN_FLAGS = ["--batch-size", "4", "--lr", "3e-3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def dbs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    db = build_real_database(root / "db", tiny_bert_embedder(root / "embedder"))
-    return root, db
+def dbs(tmp_path_factory, real_db):
+    return tmp_path_factory.mktemp("real"), real_db
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +203,9 @@ def test_failures_exit_1_with_one_line(dbs, run_dir, model_yaml, tmp_path, capsy
     assert code == 1 and "exists and is not a directory" in err and len(err.strip().splitlines()) == 1
 
     # a database built with another LM tokenizer (the seed's WordPiece) is refused
-    assert main(["eval", str(run_dir), "--db", str(bert_db(root).path), "--no-progress"]) == 1
+    other = bert_db(root)
+    capsys.readouterr()  # what building it printed
+    assert main(["eval", str(run_dir), "--db", str(other.path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert (
         "tokenizer mismatch: the model was trained with tokenizer 'gpt2' but the database uses 'bert'" in err

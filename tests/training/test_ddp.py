@@ -10,14 +10,14 @@ import sys
 
 import pytest
 import yaml
-from training_helpers import build_real_database, tiny_bert_embedder, tiny_model_config
+from training_helpers import tiny_model_config
 
 from retlm.training import evaluate, read_metrics
 
 
 @pytest.mark.heavy
-def test_torchrun_two_processes_train_and_evaluate_consistently(tmp_path):
-    db = build_real_database(tmp_path / "db", tiny_bert_embedder(tmp_path / "embedder"))
+def test_torchrun_two_processes_train_and_evaluate_consistently(tmp_path, real_db):
+    db = real_db
     model_yaml = tmp_path / "tiny.yaml"
     model_yaml.write_text(yaml.safe_dump({k: v for k, v in tiny_model_config().items() if k != "num_tokens"}))
     run_dir = tmp_path / "run"

@@ -19,17 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
-from robust_helpers import SEQ, C, cli, copy_tree
+from robust_helpers import build_args, cli, copy_tree
 
 from retlm import RetrievalDatabase
 from retlm.locking import LockedError
 
-CHILD = str(Path(__file__).with_name("add_child.py"))
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+CHILD = str(HELPERS / "add_child.py")
 ENV = {
     **os.environ,
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    "PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")]),
 }
 NEW_DOCS = [
     "The lighthouse keeper counted ships passing in the fog, one lantern for each mast.",
@@ -79,24 +80,7 @@ def test_second_writer_waits_or_fails_naming_the_holder(robust, tmp_path, capsys
         db = RetrievalDatabase.open(db_path, verify=False)
         with pytest.raises(LockedError, match=f"locked by PID {holder.pid}"):
             db.add(NEW_DOCS, wait=False)
-        result = cli(
-            "build-db",
-            robust.corpus,
-            "--out",
-            db_path,
-            "--chunk-size",
-            C,
-            "--seq-len",
-            SEQ,
-            "--embedder",
-            robust.embedder,
-            "--embedding-dtype",
-            "float32",
-            "--batch-size",
-            64,
-            "--no-progress",
-            "--no-wait",
-        )
+        result = cli(*build_args(robust, robust.corpus, db_path, "--batch-size", 64, "--no-wait"))
         assert result.code == 1 and f"locked by PID {holder.pid}" in result.err
         assert len(result.err_lines) == 1
         capsys.readouterr()

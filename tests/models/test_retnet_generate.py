@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_retnet
 from training_helpers import left_pad
 
-from retlm import RetNetConfig, RetNetForCausalLM
+from retlm import RetNetForCausalLM
 from retlm.compat import cache_kwargs, output_cache
 
 VOCAB = 53
@@ -16,20 +17,7 @@ PAD = 0
 
 
 def tiny_model(seed: int = 0, **overrides) -> RetNetForCausalLM:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        v_dim=64,
-        ffn_proj_size=64,
-        pad_token_id=PAD,
-        eos_token_id=None,
-        initializer_range=0.3,  # peaked next-token distributions: beams and samples differ visibly
-    )
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return RetNetForCausalLM(RetNetConfig(**fields)).eval()
+    return tiny_retnet(seed, vocab_size=VOCAB, pad_token_id=PAD, **overrides)
 
 
 def prompt(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tiny_models import tiny_causal_lm
 
 TEXT = (
     "The capital of France is Paris. Retrieval helps a language model read what it does not remember. "
@@ -42,23 +43,20 @@ def tiny_tokenizer(vocab_size: int = 300) -> Any:
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> Any:
     """A random 2-layer LlamaForCausalLM (hidden 64, 4 heads, 2 KV heads, tied embeddings), float32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    model = tiny_causal_lm(
+        "llama",
+        vocab_size,
+        positions=256,
+        seed=seed,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    ).eval()
     with torch.no_grad():  # the norms start at 1: make them random too, so that a mix-up shows
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -28,7 +28,7 @@ const copy = document.getElementById(arguments[0]).cloneNode(true);
 copy.querySelectorAll('.marker').forEach((m) => m.remove());
 return copy.textContent;
 """
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "serve-page.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "serve-page.png"
 
 
 def chromium(width: int = 1600, height: int = 1200):
