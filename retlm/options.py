@@ -186,6 +186,7 @@ def config_defaults(sub: argparse.ArgumentParser, command: str, values: dict[str
 #   to_value   converts the parsed value to the field's value (e.g. ``0`` -> None)
 # ``--config`` keys are the fields' names (``no_progress`` for a negated one), their flags or any alias,
 # with dashes or underscores. ``options_from(args, cls)`` turns the parsed command line back into ``cls``.
+# ``option_from(cls, name, ...)``: another command's option of the same meaning (its own default, maybe).
 
 OPTION_KEYS = frozenset(
     (
@@ -222,6 +223,24 @@ def option(
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def option_from(
+    cls: type,
+    name: str,
+    default: Any = dataclasses.MISSING,
+    help: str | None = None,  # noqa: A002 (argparse's own name)
+    **metadata: Any,
+) -> Any:
+    """Option ``name`` of options dataclass ``cls`` offered by another command: a field with the same
+    metadata (help, flag, aliases, choices, ...) and default, but for what is given here (``default``,
+    ``help``, any other metadata key). The other command's option then has one home, ``cls``'s field."""
+    source = {f.name: f for f in dataclasses.fields(cls)}[name]
+    meta = {**source.metadata, **metadata}
+    meta["help"] = help if help is not None else meta["help"]
+    if default is dataclasses.MISSING and source.default_factory is not dataclasses.MISSING:
+        return option(default_factory=source.default_factory, **meta)
+    return option(source.default if default is dataclasses.MISSING else default, **meta)
 
 
 def _base_type(annotation: Any) -> Any:

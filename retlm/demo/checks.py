@@ -3,8 +3,10 @@ generates for minutes; a bad value must not surface at the end).
 
 ``check_options(opts)`` (the body of ``DemoOptions.validate``) raises ``OptionError`` (CLI exit code 2)
 for a value out of range, a prompt with no text, a model config that does not exist or holds an unknown
-key, a chunk size the embedder cannot read, a corpus folder without text, and ``ResourceError`` for a
-sequence length whose training step cannot fit in memory.
+key, a corpus folder without text, and ``ResourceError`` for a sequence length whose training step cannot
+fit in memory. The database's options (``DemoOptions.build_options``) get build-db's checks
+(``retlm.retrieval.preflight.check_options``: their ranges, a chunk size the embedder can read, a
+tokenizer that loads), in messages that name the demo's flags.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from retlm.errors import OptionError, check_int, check_number, short_repr
 
 def check_options(opts: Any) -> None:
     """See the module docstring; ``opts`` is a ``DemoOptions``."""
+    from retlm.retrieval import preflight
     from retlm.retrieval.chunking import EmptySourceError
-    from retlm.retrieval.embedding import DEFAULT_EMBEDDER
-    from retlm.retrieval.preflight import embedder_shape
     from retlm.retrieval.sources import scan_source
 
     minutes = opts.minutes
@@ -31,9 +32,6 @@ def check_options(opts: Any) -> None:
     check_number("--repetition-penalty", opts.repetition_penalty)
     check_int("--no-repeat-ngram-size", opts.no_repeat_ngram_size, low=0)
     for name, value in (
-        ("--seq-len", opts.seq_len),
-        ("--chunk-size", opts.chunk_size),
-        ("--neighbors", opts.num_neighbors),
         ("--batch-size", opts.batch_size),
         ("--max-new-tokens", opts.max_new_tokens),
         ("--num-prompts", opts.num_prompts),
@@ -46,11 +44,6 @@ def check_options(opts: Any) -> None:
         if isinstance(opts.eval_sequences, int) and opts.eval_sequences < 0:
             raise OptionError(f"--eval-sequences must be >= 0 (0: all), got {opts.eval_sequences}")
         check_int("--eval-sequences", opts.eval_sequences)
-    if opts.seq_len % opts.chunk_size:
-        raise OptionError(
-            f"--seq-len must be a multiple of --chunk-size {opts.chunk_size} (a sequence is a whole number "
-            f"of chunks), got {opts.seq_len}"
-        )
     prompt = getattr(opts, "prompt", None)
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -59,12 +52,8 @@ def check_options(opts: Any) -> None:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
             raise OptionError("--prompt is not valid UTF-8 text") from None
-    shape = embedder_shape(DEFAULT_EMBEDDER)
-    if opts.chunk_size + 2 > shape.max_positions:
-        raise OptionError(
-            f"--chunk-size must be at most {shape.max_positions - 2} (the embedder reads "
-            f"{shape.max_positions} positions, [CLS] and [SEP] included), got {opts.chunk_size}"
-        )
+    # the database's options: build-db's checks (ranges, the embedder's positions, the tokenizer loads)
+    preflight.check_options(opts.build_options(), flags=True)
     if opts.corpus is not None:
         corpus = Path(opts.corpus)
         if not corpus.is_dir():
@@ -75,10 +64,10 @@ def check_options(opts: Any) -> None:
             scan_source(corpus, "**/*")
         except EmptySourceError as err:
             raise OptionError(f"--corpus: {err}") from None
-    _check_model(opts, shape)
+    _check_model(opts)
 
 
-def _check_model(opts: Any, shape: Any) -> None:
+def _check_model(opts: Any) -> None:
     """The model config exists, its keys and types are RetroConfig's, and a training step fits."""
     from retlm.models.retro import RetroConfig
     from retlm.retrieval.embedding import DEFAULT_EMBEDDER
@@ -90,10 +79,7 @@ def _check_model(opts: Any, shape: Any) -> None:
         mapping = read_model_config(opts.model_config)
     except FileNotFoundError as err:
         raise OptionError(f"--model-config: {err}") from None
-    try:
-        vocab = len(load_tokenizer(getattr(opts, "tokenizer", "gpt2"), embedder=DEFAULT_EMBEDDER))
-    except (OSError, ValueError) as err:
-        raise OptionError(f"--tokenizer {short_repr(getattr(opts, 'tokenizer', 'gpt2'))}: {err}") from None
+    vocab = len(load_tokenizer(opts.tokenizer, embedder=DEFAULT_EMBEDDER))  # it loads: check_options
     defaults = {"num_tokens": vocab, "chunk_size": opts.chunk_size, "pad_id": 0, "max_seq_len": opts.seq_len}
     try:
         config = RetroConfig(**{**defaults, **mapping})

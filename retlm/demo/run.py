@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from retlm.options import option, zero_is_none
-from retlm.retrieval.config import RETRIEVERS
+from retlm.options import option, option_from, zero_is_none
+from retlm.retrieval.config import BuildConfig, BuildOptions
 from retlm.utils import atomic_write, ensure_writable_dir, quoted
 
 # Decoding defaults of the demo's generations (measured in docs/benchmarks.md, "Demo generations"): a
@@ -40,6 +40,7 @@ from retlm.utils import atomic_write, ensure_writable_dir, quoted
 # are runs of spaces and newlines.
 REPETITION_PENALTY = 1.3
 NO_REPEAT_NGRAM_SIZE = 3
+BUILD_FIELDS = ("tokenizer", "retriever", "seq_len", "chunk_size", "num_neighbors")  # BuildConfig's
 
 
 @dataclass
@@ -51,17 +52,9 @@ class DemoOptions:
     corpus: Path | None = option(
         None, help="folder of your own text files (default: the bundled Python documentation)"
     )
-    tokenizer: str = option(
-        "gpt2",
-        help="LM tokenizer: gpt2 (cased, lossless byte-level BPE), bert (retro-pytorch's way: the "
-        "embedder's uncased WordPiece for both) or a tokenizer folder",
-    )
-    retriever: str = option(
-        "hybrid",
-        choices=RETRIEVERS,
-        help="how the database finds neighbors (build-db --retriever); hybrid measured best for in-context "
-        "retrieval (docs/in_context.md)",
-    )
+    # the database's options are build-db's (BuildConfig's help and choices), with defaults of the demo's
+    tokenizer: str = option_from(BuildConfig, "tokenizer")
+    retriever: str = option_from(BuildConfig, "retriever", "hybrid")  # best in-context: docs/in_context.md
     pretrained: str = option(
         "smollm2-135m",
         help="pretrained LM shown reading retrieved passages in its context: a name (smollm2-135m), a model "
@@ -77,9 +70,9 @@ class DemoOptions:
     model_config: str = option(
         "retro-tiny", help="built-in model config name or a yaml file of RetroConfig arguments"
     )
-    seq_len: int = option(256, help="training sequence length")
-    chunk_size: int = option(64, help="tokens per retrieval chunk")
-    num_neighbors: int = option(2, flag="--neighbors", aliases=("--neighbours",), help="neighbors per chunk")
+    seq_len: int = option_from(BuildConfig, "seq_len", 256)
+    chunk_size: int = option_from(BuildConfig, "chunk_size", 64)
+    num_neighbors: int = option_from(BuildConfig, "num_neighbors", 2)
     batch_size: int = option(8, help="training batch size")
     lr: float = option(2e-3, help="peak learning rate")
     eval_sequences: int | None = option(
@@ -112,6 +105,14 @@ class DemoOptions:
         from retlm.demo.checks import check_options
 
         check_options(self)
+
+    def build_options(self) -> BuildOptions:
+        """The options the demo builds its database with: its own ``BUILD_FIELDS``, every file of a
+        ``corpus`` folder (binary ones are skipped) or the bundled corpus's ``.txt`` files; the rest are
+        build-db's defaults."""
+        glob = "*.txt" if self.corpus is None else "**/*"
+        shared = {name: getattr(self, name) for name in BUILD_FIELDS}
+        return BuildOptions(**shared, glob=glob, progress=self.progress)
 
 
 def _say(message: str) -> None:
@@ -149,21 +150,11 @@ def build_database(opts: DemoOptions) -> Any:
             )
         _say(f"[1/6] database: reusing {db_dir} ({db.num_chunks} chunks, tokenizer {db.tokenizer_name})")
         return db
-    corpus, glob = opts.corpus, "**/*"  # a user's folder: every text file (binary ones are skipped)
+    corpus = opts.corpus
     if corpus is None:
-        corpus, glob = write_python_docs_corpus(opts.work_dir / "corpus", progress=opts.progress), "*.txt"
+        corpus = write_python_docs_corpus(opts.work_dir / "corpus", progress=opts.progress)
     start = time.perf_counter()
-    db = RetrievalDatabase.build(
-        corpus,
-        db_dir,
-        chunk_size=opts.chunk_size,
-        num_neighbors=opts.num_neighbors,
-        seq_len=opts.seq_len,
-        tokenizer=opts.tokenizer,
-        retriever=opts.retriever,
-        glob=glob,
-        progress=opts.progress,
-    )
+    db = RetrievalDatabase.build(corpus, db_dir, opts.build_options())
     _say(
         f"[1/6] database: {db.num_chunks} chunks of {db.chunk_size} {db.tokenizer_name} tokens from "
         f"{db.num_docs} documents of {corpus} in {time.perf_counter() - start:.0f} s -> {db_dir}"

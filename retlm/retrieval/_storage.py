@@ -13,11 +13,24 @@ import numpy as np
 from retlm.checksums import CorruptFileError, sha256_file
 from retlm.utils import atomic_write
 
-__all__ = ["CorruptDatabaseError", "sha256_file", "open_memmap", "write_json", "read_json", "ResumableRows"]
+__all__ = [
+    "CorruptDatabaseError",
+    "sha256_file",
+    "file_dtype",
+    "open_memmap",
+    "write_json",
+    "read_json",
+    "ResumableRows",
+]
 
 
 class CorruptDatabaseError(CorruptFileError):
     """A database file is missing, truncated, or does not match its manifest."""
+
+
+def file_dtype(dtype: str) -> np.dtype:
+    """``dtype`` as the array files store it: little-endian on every machine."""
+    return np.dtype(dtype).newbyteorder("<")
 
 
 def open_memmap(path: Path, dtype: str, shape: tuple[int, ...], mode: str = "r") -> np.ndarray:
@@ -33,8 +46,8 @@ def open_memmap(path: Path, dtype: str, shape: tuple[int, ...], mode: str = "r")
             f"for {np.dtype(dtype).name}{list(shape)}"
         )
     if expected == 0:  # numpy cannot map an empty file
-        return np.empty(shape, dtype=np.dtype(dtype).newbyteorder("<"))
-    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode=mode, shape=shape)
+        return np.empty(shape, dtype=file_dtype(dtype))
+    return np.memmap(path, dtype=file_dtype(dtype), mode=mode, shape=shape)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -81,7 +94,7 @@ class ResumableRows:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.marker = self.path.with_name(self.path.name + ".progress")
         self.shape = (num_rows, *row_shape)
-        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.dtype = file_dtype(dtype)
         self.key = key
         self.rows_done = self._resume_point()
 

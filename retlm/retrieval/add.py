@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from retlm.locking import writer_lock
 from retlm.retrieval import format
-from retlm.retrieval._storage import open_memmap
+from retlm.retrieval._storage import file_dtype, open_memmap
 from retlm.retrieval.chunking import SkipReport, write_chunks
 from retlm.retrieval.embedding import count_truncated_chunks, embed_rows
 from retlm.retrieval.format import (
@@ -32,6 +33,8 @@ from retlm.retrieval.format import (
     LOCK_FILE,
     NAMES_FILE,
     SEQS_FILE,
+    TOKEN_DTYPE,
+    array_shape,
     data_files,
     has_dense,
     has_sparse,
@@ -110,15 +113,16 @@ class _Adder:
             shutil.rmtree(self.stage)
             return
         n = old_n + counts.num_chunks
-        c, k, dim, dtype = db.chunk_size, db.num_neighbors, m["embedding_dim"], m["embedding_dtype"]
-        chunks = open_memmap(self.stage / CHUNKS_FILE, "int32", (n, c + 1))
-        doc_ids = open_memmap(self.stage / DOC_IDS_FILE, "int32", (n,))
+        k, dim, dtype = db.num_neighbors, m["embedding_dim"], m["embedding_dtype"]
+        shape = partial(array_shape, chunk_size=db.chunk_size, num_neighbors=k, embedding_dim=dim)
+        chunks = open_memmap(self.stage / CHUNKS_FILE, TOKEN_DTYPE, shape(CHUNKS_FILE, n))
+        doc_ids = open_memmap(self.stage / DOC_IDS_FILE, TOKEN_DTYPE, shape(DOC_IDS_FILE, n))
         retriever, extra = db.retriever, m["extra_neighbors"]
         truncated, index, embeddings = m["embedder_truncated_chunks"], None, None
         tuning = Tuning(None, 1.0, 0)
         if has_dense(retriever):
             truncated += self._embed_new(chunks, old_n, n)
-            embeddings = open_memmap(self.stage / EMBEDDINGS_FILE, dtype, (n, dim))
+            embeddings = open_memmap(self.stage / EMBEDDINGS_FILE, dtype, shape(EMBEDDINGS_FILE, n))
             index = db.index
             index.add(np.ascontiguousarray(embeddings[old_n:], dtype=np.float32))
             tuning = tune_search(index, embeddings, k, m["target_recall"], fetch=k + extra)
@@ -126,7 +130,7 @@ class _Adder:
         if has_sparse(retriever):  # BM25's statistics cover every chunk: rebuilt whole
             build_bm25(chunks, db.tokenizer, db.pad_id, self.stage)
 
-        knn = np.memmap(self.stage / KNN_FILE, dtype="<i4", mode="w+", shape=(n, k))
+        knn = np.memmap(self.stage / KNN_FILE, file_dtype(TOKEN_DTYPE), mode="w+", shape=shape(KNN_FILE, n))
         if retriever == "dense" and m["nprobe"] is None:  # exact lists: only entries beaten by a new chunk
             knn[:old_n] = merge_new_neighbors(db.knn, embeddings, old_n, k)
             compute_neighbors(
@@ -139,13 +143,13 @@ class _Adder:
                 extra=extra,
                 progress=self.progress,
             )
-            knn[old_n:] = open_memmap(self.stage / "knn_new.dat", "int32", (n - old_n, k))
+            knn[old_n:] = open_memmap(self.stage / "knn_new.dat", TOKEN_DTYPE, shape(KNN_FILE, n - old_n))
         else:  # approximate lists, or BM25 scores that every new chunk changes: all recomputed
             searcher = make_searcher(retriever, index, self.stage)
             queries = ChunkQueries(retriever, chunks, db.tokenizer, db.pad_id, embeddings)
             all_knn = self.stage / "knn_all.dat"
             compute_neighbors(searcher, queries, doc_ids, k, all_knn, extra=extra, progress=self.progress)
-            knn[:] = open_memmap(all_knn, "int32", (n, k))
+            knn[:] = open_memmap(all_knn, TOKEN_DTYPE, shape(KNN_FILE, n))
         knn.flush()
         del knn
 

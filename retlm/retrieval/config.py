@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 from retlm.errors import OptionError, check_int, short_repr
-from retlm.options import option
+from retlm.options import flag_of, option
 from retlm.retrieval.sources import SourceOptions
 from retlm.tokenization import DEFAULT_EMBEDDER, GPT2
 
@@ -94,33 +95,38 @@ class BuildConfig:
         "The export is built once under $RETLM_HOME (default ~/.cache/retlm); queries use the same",
     )
 
-    def validate(self) -> None:
+    def validate(self, flags: bool = False) -> None:
         """Types and ranges of the content options (those that need the embedder or faiss:
-        ``retlm.retrieval.preflight``)."""
-        for name in ("chunk_size", "num_neighbors", "seq_len", "batch_size"):
-            check_int(name, getattr(self, name))
-        for name in ("exact_threshold", "extra_neighbors"):
-            check_int(name, getattr(self, name), low=0)
+        ``retlm.retrieval.preflight``). ``flags``: messages name the options by their command-line flags
+        (``--chunk-size``), for a command that offers them (`retlm demo`); else by their field names."""
+        name = partial(option_name, flags=flags)
+        for field in ("chunk_size", "num_neighbors", "seq_len", "batch_size"):
+            check_int(name(field), getattr(self, field))
+        for field in ("exact_threshold", "extra_neighbors"):
+            check_int(name(field), getattr(self, field), low=0)
         if self.seq_len % self.chunk_size:
             raise OptionError(
-                f"seq_len must be a positive multiple of chunk_size={self.chunk_size}, got {self.seq_len}"
+                f"{name('seq_len')} must be a multiple of {name('chunk_size')} {self.chunk_size} "
+                f"(a sequence is a whole number of chunks), got {self.seq_len}"
             )
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise OptionError(
-                f"tokenizer must be 'gpt2', 'bert' or a tokenizer folder, got {short_repr(self.tokenizer)}"
+                f"{name('tokenizer')} must be 'gpt2', 'bert' or a tokenizer folder, "
+                f"got {short_repr(self.tokenizer)}"
             )
         number = isinstance(self.target_recall, int | float) and not isinstance(self.target_recall, bool)
         if not number or not 0 < self.target_recall <= 1:
             shown = short_repr(self.target_recall)
-            raise OptionError(f"target_recall must be a number in (0, 1], got {shown}")
-        for name, choices in (
+            raise OptionError(f"{name('target_recall')} must be a number in (0, 1], got {shown}")
+        for field, choices in (
             ("pooling", POOLINGS),
             ("embedding_dtype", EMBEDDING_DTYPES),
             ("retriever", RETRIEVERS),
             ("embed_backend", (None, *EMBED_BACKENDS)),
         ):
-            if getattr(self, name) not in choices:
-                raise OptionError(f"{name} must be one of {choices}, got {short_repr(getattr(self, name))}")
+            if getattr(self, field) not in choices:
+                shown = short_repr(getattr(self, field))
+                raise OptionError(f"{name(field)} must be one of {choices}, got {shown}")
 
     def content(self, default_backend: str = "torch") -> BuildConfig:
         """The ``BuildConfig`` of these options (an embedder of None: the default one; an embed backend
@@ -166,9 +172,9 @@ class BuildOptions(BuildConfig, SourceOptions):
         help="fail at once if another build or add holds the database's lock (default: wait for it)",
     )
 
-    def validate(self) -> None:
+    def validate(self, flags: bool = False) -> None:
         """Every option's type and range, and how they combine (stage, shard, engine)."""
-        BuildConfig.validate(self)
+        BuildConfig.validate(self, flags)
         SourceOptions.validate(self)
         if self.engine not in ENGINES:
             raise OptionError(f"engine must be one of {ENGINES}, got {short_repr(self.engine)}")
@@ -191,3 +197,9 @@ class BuildOptions(BuildConfig, SourceOptions):
     def source_options(self) -> SourceOptions:
         """How the source is read."""
         return SourceOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SourceOptions)})
+
+
+def option_name(field: str, flags: bool = False) -> str:
+    """How a message names build option ``field``: its command-line flag (``num_neighbors`` ->
+    ``--neighbors``) or its field name."""
+    return flag_of(BuildOptions, field) if flags else field

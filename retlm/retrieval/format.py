@@ -107,6 +107,27 @@ def required_files(retriever: str) -> tuple[str, ...]:
 # ---- shapes and dtypes ----
 
 
+def array_shape(
+    name: str,
+    num_rows: int,
+    *,
+    chunk_size: int | None = None,
+    num_neighbors: int | None = None,
+    embedding_dim: int | None = None,
+) -> tuple[int, ...]:
+    """The shape of array file ``name`` (of ``ARRAY_FILES``) with ``num_rows`` rows: chunks ``(rows,
+    chunk_size + 1)``, doc_ids and seqs ``(rows,)``, knn ``(rows, num_neighbors)``, embeddings ``(rows,
+    embedding_dim)``; of the widths, only ``name``'s is needed."""
+    if name in (DOC_IDS_FILE, SEQS_FILE):
+        return (num_rows,)
+    given = {CHUNKS_FILE: chunk_size, KNN_FILE: num_neighbors, EMBEDDINGS_FILE: embedding_dim}
+    if name not in given:
+        raise ValueError(f"{name!r} is not an array file of a database ({', '.join(ARRAY_FILES)})")
+    if given[name] is None:
+        raise TypeError(f"the shape of {name} needs its width (chunk_size, num_neighbors or embedding_dim)")
+    return (num_rows, given[name] + 1 if name == CHUNKS_FILE else given[name])
+
+
 def array_shapes(
     *,
     num_chunks: int,
@@ -115,17 +136,13 @@ def array_shapes(
     num_seqs: int,
     embedding_dim: int | None = None,
 ) -> dict[str, list[int]]:
-    """Each array file's shape; ``embeddings.dat``'s only with an ``embedding_dim`` (dense, hybrid)."""
-    n = num_chunks
-    shapes = {
-        CHUNKS_FILE: [n, chunk_size + 1],
-        DOC_IDS_FILE: [n],
-        SEQS_FILE: [num_seqs],
-        KNN_FILE: [n, num_neighbors],
-    }
+    """Each array file's shape (``array_shape``); ``embeddings.dat``'s only with an ``embedding_dim``
+    (dense, hybrid)."""
+    rows = {CHUNKS_FILE: num_chunks, DOC_IDS_FILE: num_chunks, SEQS_FILE: num_seqs, KNN_FILE: num_chunks}
     if embedding_dim is not None:
-        shapes[EMBEDDINGS_FILE] = [n, embedding_dim]
-    return shapes
+        rows[EMBEDDINGS_FILE] = num_chunks
+    widths = {"chunk_size": chunk_size, "num_neighbors": num_neighbors, "embedding_dim": embedding_dim}
+    return {name: list(array_shape(name, n, **widths)) for name, n in rows.items()}
 
 
 def manifest_shapes(manifest: dict[str, Any]) -> dict[str, list[int]]:

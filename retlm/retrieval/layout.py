@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +144,11 @@ class ChunkStore:
         eos_id: int,
     ) -> ChunkStore:
         """retro-pytorch's three files (no document ids: boundaries come from ``eos_id``)."""
+        shape = partial(format.array_shape, chunk_size=chunk_size, num_neighbors=num_neighbors)
         files = {
-            "chunks": (Path(chunks), (num_chunks, chunk_size + 1)),
-            "knn": (Path(knn), (num_chunks, num_neighbors)),
-            "seqs": (Path(seqs), (num_sequences,)),
+            "chunks": (Path(chunks), shape(CHUNKS_FILE, num_chunks)),
+            "knn": (Path(knn), shape(KNN_FILE, num_chunks)),
+            "seqs": (Path(seqs), shape(SEQS_FILE, num_sequences)),
         }
         return cls(files, pad_id=pad_id, eos_id=eos_id)
 

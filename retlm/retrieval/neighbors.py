@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retlm.retrieval._storage import ResumableRows, is_complete
+from retlm.retrieval.format import TOKEN_DTYPE
 from retlm.retrieval.index import as_float32
 
 NO_DOC = -1
@@ -103,7 +104,7 @@ def compute_neighbors(
         out_path,
         hi - lo,
         (k,),
-        "int32",
+        TOKEN_DTYPE,
         {"rows": [lo, hi], "k": k, "extra": extra, "block": block, "ntotal": int(index.ntotal)},
     )
     bar = tqdm(total=hi - lo, initial=out.rows_done, desc=desc, unit="chunk", disable=not progress)
@@ -113,7 +114,7 @@ def compute_neighbors(
         ids, _ = search_excluding(
             index, queries, k, doc_ids, np.asarray(doc_ids[lo + start : lo + stop]), extra
         )
-        out.write(start, ids.astype(np.int32))
+        out.write(start, ids.astype(TOKEN_DTYPE))
         bar.update(stop - start)
     bar.close()
     out.finish()
@@ -149,4 +150,4 @@ def merge_new_neighbors(
             np.take_along_axis(all_ids, order, axis=1),
             -1,
         )
-    return merged.astype(np.int32)
+    return merged.astype(TOKEN_DTYPE)

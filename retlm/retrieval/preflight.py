@@ -21,10 +21,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from retlm.errors import OptionError, ResourceError, format_bytes, short_repr
+from retlm.retrieval.config import option_name
 from retlm.retrieval.format import (
     CHUNKING_FILE,
     CHUNKS_FILE,
@@ -217,24 +219,26 @@ def check_index_fits(factory: str | None, num_chunks: int, num_neighbors: int | 
         )
 
 
-def check_options(config: Any) -> EmbedderShape:
+def check_options(config: Any, flags: bool = False) -> EmbedderShape:
     """Types and ranges of every build option (``BuildConfig.validate``), and those that depend on the
-    embedder."""
-    config.validate()
+    embedder. ``flags``: messages name the options by their command-line flags (``BuildConfig.validate``)."""
+    config.validate(flags)
     shape = embedder_shape(config.embedder)
+    name = partial(option_name, flags=flags)
     if config.chunk_size + 2 > shape.max_positions:
         raise OptionError(
-            f"chunk_size must be at most {shape.max_positions - 2}: the embedder {config.embedder} reads at "
-            f"most {shape.max_positions} positions, [CLS] and [SEP] included; got {config.chunk_size}"
+            f"{name('chunk_size')} must be at most {shape.max_positions - 2}: the embedder "
+            f"{config.embedder} reads at most {shape.max_positions} positions, [CLS] and [SEP] included; "
+            f"got {config.chunk_size}"
         )
     if config.seq_len > MAX_SEQ_LEN:
-        raise OptionError(f"seq_len must be at most {MAX_SEQ_LEN} tokens, got {config.seq_len}")
+        raise OptionError(f"{name('seq_len')} must be at most {MAX_SEQ_LEN} tokens, got {config.seq_len}")
     check_index_factory(config.index_factory, shape.hidden_size)
-    check_tokenizer(config)
+    check_tokenizer(config, flags)
     return shape
 
 
-def check_tokenizer(config: Any) -> None:
+def check_tokenizer(config: Any, flags: bool = False) -> None:
     """The LM tokenizer (``gpt2``, ``bert`` or a folder) loads; its errors name the file and the fix."""
     if not hasattr(config, "tokenizer"):
         return
@@ -245,7 +249,8 @@ def check_tokenizer(config: Any) -> None:
     except OptionError:
         raise
     except (OSError, ValueError) as err:  # TokenizerFilesError, FileNotFoundError, a broken folder
-        raise OptionError(f"tokenizer {short_repr(config.tokenizer)}: {' '.join(str(err).split())}") from None
+        shown = f"{option_name('tokenizer', flags)} {short_repr(config.tokenizer)}"
+        raise OptionError(f"{shown}: {' '.join(str(err).split())}") from None
 
 
 def check_build(source: Any, path: Path, config: Any, stage: str, options: SourceOptions) -> Source | None:

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from retlm.retrieval._storage import read_json, write_json
+from retlm.retrieval._storage import file_dtype, read_json, write_json
 from retlm.retrieval.chunking import Document, SkipReport
 from retlm.retrieval.config import BuildConfig
 from retlm.retrieval.format import (
@@ -70,6 +70,7 @@ from retlm.retrieval.format import (
     NAMES_FILE,
     SEQS_FILE,
     SHARDS_DIR,
+    TOKEN_DTYPE,
     TOKENIZER_DIR,
 )
 from retlm.retrieval.index import (
@@ -321,10 +322,11 @@ def _skipped(info: dict[str, Any]) -> tuple[list[str], int, int, list[str]]:
 
 def _copy_offset(source: Path, out, offset: int, block: int = 1 << 22) -> None:
     """Append the int32 array file ``source`` to ``out`` with ``offset`` added, ``block`` values at a time."""
-    values = np.memmap(source, dtype="<i4", mode="r") if source.stat().st_size else np.empty(0, "<i4")
+    dtype = file_dtype(TOKEN_DTYPE)
+    values = np.memmap(source, dtype=dtype, mode="r") if source.stat().st_size else np.empty(0, dtype)
     for start in range(0, len(values), block):
         shifted = np.asarray(values[start : start + block], dtype=np.int64) + offset
-        out.write(shifted.astype("<i4").tobytes())
+        out.write(shifted.astype(dtype).tobytes())
 
 
 def _save_tokenizer_folder(source: Path, folder: Path) -> None:

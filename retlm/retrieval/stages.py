@@ -46,7 +46,9 @@ from retlm.retrieval.format import (
     NAMES_FILE,
     SEQS_FILE,
     SHARDS_DIR,
+    TOKEN_DTYPE,
     TOKENIZER_DIR,
+    array_shape,
     has_dense,
     has_sparse,
 )
@@ -101,11 +103,11 @@ class Builder:
         return read_json(file)
 
     def chunk_arrays(self):
-        info = self.chunking()
-        n, c = info["num_chunks"], self.config.chunk_size
+        n = self.chunking()["num_chunks"]
+        chunks_shape = array_shape(CHUNKS_FILE, n, chunk_size=self.config.chunk_size)
         return (
-            open_memmap(self.path / CHUNKS_FILE, "int32", (n, c + 1)),
-            open_memmap(self.path / DOC_IDS_FILE, "int32", (n,)),
+            open_memmap(self.path / CHUNKS_FILE, TOKEN_DTYPE, chunks_shape),
+            open_memmap(self.path / DOC_IDS_FILE, TOKEN_DTYPE, array_shape(DOC_IDS_FILE, n)),
         )
 
     # ---- stage 1
@@ -214,9 +216,8 @@ class Builder:
 
     def embeddings(self) -> np.ndarray:
         n = self.chunking()["num_chunks"]
-        return open_memmap(
-            self.path / EMBEDDINGS_FILE, self.config.embedding_dtype, (n, self.embedding_dim())
-        )
+        shape = array_shape(EMBEDDINGS_FILE, n, embedding_dim=self.embedding_dim())
+        return open_memmap(self.path / EMBEDDINGS_FILE, self.config.embedding_dtype, shape)
 
     # ---- stage 3
     def index(self) -> None:

@@ -246,6 +246,24 @@ def test_build_takes_one_options_object_or_its_keywords():
     )
 
 
+def test_the_demo_offers_build_db_options_with_defaults_of_its_own():
+    from retlm.errors import OptionError
+    from retlm.retrieval import BuildConfig, BuildOptions
+
+    build = {f.name: f for f in dataclasses.fields(BuildConfig)}
+    demo = {f.name: f for f in dataclasses.fields(DemoOptions)}
+    for name in ("tokenizer", "retriever", "seq_len", "chunk_size", "num_neighbors"):
+        assert demo[name].metadata == build[name].metadata  # help, flag, aliases, choices: one home
+    assert (demo["retriever"].default, build["retriever"].default) == ("hybrid", "dense")
+    assert (demo["seq_len"].default, build["seq_len"].default) == (256, 512)
+    opts = DemoOptions(chunk_size=32, seq_len=96, num_neighbors=3, retriever="bm25", progress=False)
+    expected = dict(chunk_size=32, seq_len=96, num_neighbors=3, retriever="bm25", tokenizer="gpt2")
+    assert opts.build_options() == BuildOptions(**expected, glob="*.txt", progress=False)
+    assert opts.build_options().content() == BuildConfig(**expected, embed_backend="torch")
+    with pytest.raises(OptionError, match="^--seq-len must be a multiple of --chunk-size 32 "):
+        dataclasses.replace(opts, seq_len=100).build_options().validate(flags=True)
+
+
 def test_the_old_error_names_are_deprecated_aliases_of_option_error():
     import retlm.cli.main
     import retlm.options

@@ -248,7 +248,7 @@ def test_bad_arguments_raise_value_errors(db, docs, tiny_encoder, tmp_path):
         build(docs, tmp_path / "a", tiny_encoder, chunk_size=0)
     with pytest.raises(ValueError, match="num_neighbors"):
         build(docs, tmp_path / "b", tiny_encoder, num_neighbors=0)
-    with pytest.raises(ValueError, match="seq_len must be a positive multiple"):
+    with pytest.raises(ValueError, match=f"seq_len must be a multiple of chunk_size {C} "):
         build(docs, tmp_path / "c", tiny_encoder, seq_len=70)
     with pytest.raises(ValueError, match="shard must look like"):
         build(docs, tmp_path / "d", tiny_encoder, stage="embed", shard="one of two")
