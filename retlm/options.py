@@ -179,7 +179,7 @@ def config_defaults(sub: argparse.ArgumentParser, command: str, values: dict[str
 # required) comes from the field itself:
 #   help       the help text (required: `retlm CMD --help` shows every option with help and default)
 #   flag       the flag, default ``--field-name``; ``positional=True``: a positional argument instead
-#   aliases    other accepted spellings (e.g. ``--neighbours`` for ``--neighbors``), hidden from help
+#   aliases    other accepted spellings of the flag (a former name), hidden from help
 #   choices, metavar, nargs, type (argparse ``type`` when the annotation is not enough), group (an
 #   argument group title), cli (False: a Python-only keyword)
 #   negate     a bool field that defaults to True and is switched off by ``flag`` (``--no-progress``)

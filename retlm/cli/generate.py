@@ -9,7 +9,8 @@ from typing import Any
 
 from retlm.cli.in_context import InContextOptions
 from retlm.errors import OptionError, check_int, short_repr
-from retlm.options import add_dataclass_arguments, flag_of, option, options_from
+from retlm.options import add_dataclass_arguments, flag_of, option, option_from, options_from
+from retlm.retrieval.config import BuildConfig
 
 DESCRIPTION = (
     "Continue PROMPT with a trained RETRO model (a run directory, its model/ folder or a checkpoint-N "
@@ -50,11 +51,8 @@ class GenerateOptions(InContextOptions):
         None, help="never produce an n-gram of this many tokens twice (HF's NoRepeatNGramLogitsProcessor)"
     )
     seed: int = option(0, help="sampling seed")
-    num_neighbors: int | None = option(
-        None,
-        flag="--neighbors",
-        aliases=("--neighbours",),
-        help="neighbors per chunk (default: the database's)",
+    num_neighbors: int | None = option_from(
+        BuildConfig, "num_neighbors", None, help="neighbors per chunk (default: the database's)"
     )
     retrieval: bool = option(True, negate=True, help="generate without retrieval")
     show_neighbors: bool = option(
