@@ -263,7 +263,8 @@ TOP_LEVEL_TESTS = {
 def test_tests_mirror_the_package():
     """Each test folder is named after a part of ``retlm/`` (``helpers/`` holds what they share), and only
     the checks that span the whole tree stay at the top (docs/architecture.md, "Tests mirror the
-    package"); test file names are unique, as pytest's default import mode needs."""
+    package"); test file names are unique, as pytest's default import mode needs, and no test module
+    imports another (what two share lives in ``helpers/``)."""
     parts = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
     assert folders - {"helpers"} <= parts, sorted(folders - {"helpers"} - parts)
@@ -271,3 +272,14 @@ def test_tests_mirror_the_package():
     names = [p.name for p in TESTS.rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
     assert not list((TESTS / "helpers").glob("test_*.py"))
+    imports_tests = [
+        str(path.relative_to(TESTS))
+        for path in TESTS.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        and any(
+            name.startswith("test_")
+            for name in [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+        )
+    ]
+    assert not imports_tests, f"test modules import other test modules: {imports_tests}"

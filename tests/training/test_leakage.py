@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_overlap import naive_overlap
+from overlap_reference import naive_overlap
 from training_helpers import tiny_model_config
 
 from retlm.data import RETRODataset
