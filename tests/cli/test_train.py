@@ -115,40 +115,12 @@ def test_train_options_from_a_yaml_config_file(dbs, model_yaml, tmp_path, capsys
         yaml.safe_dump({"max-steps": 2, "batch_size": 4, "save_every": 0, "no_progress": True})
     )
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(options),
-                "--db",
-                str(db.path),
-                "--model-config",
-                str(model_yaml),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = ["train", "--config", str(options), "--db", str(db.path), "--model-config", str(model_yaml)]
+    argv += ["--out", str(out)]
+    assert main(argv) == 0
     assert "trained 2/2 steps" in capsys.readouterr().out
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # the end is always saved
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(options),
-                "--db",
-                str(db.path),
-                "--model-config",
-                str(model_yaml),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(argv) == 0  # the same command again
     assert "already finished (2 steps); nothing to do" in capsys.readouterr().out
 
 
