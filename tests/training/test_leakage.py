@@ -28,11 +28,6 @@ C = 8
 
 
 @pytest.fixture(scope="module")
-def db(twin_db):
-    return twin_db
-
-
-@pytest.fixture(scope="module")
 def trained(db, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "run"
     train(db, tiny_model_config(), run, max_steps=8, batch_size=4, lr=1e-2, save_every=None, progress=False)

@@ -35,11 +35,6 @@ def tiny_base(family: str, vocab: int = 64, positions: int = 64) -> torch.nn.Mod
     return tiny_causal_lm(family, vocab, positions=positions)
 
 
-@pytest.fixture(scope="module")
-def db(twin_db):
-    return twin_db
-
-
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 

@@ -32,11 +32,6 @@ FAST = dict(batch_size=4, lr=3e-3, log_every=1, progress=False)
 
 
 @pytest.fixture(scope="module")
-def db(twin_db):
-    return twin_db
-
-
-@pytest.fixture(scope="module")
 def trained(db, tmp_path_factory):
     """One short run shared by the tests that only read its outputs."""
     run_dir = tmp_path_factory.mktemp("run") / "run"
