@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from retlm.demo.display import say, show_continuation
+
 # The demo's in-context schedule: retrieve every 32 tokens with the last 32 as the query, two neighbors
 # (each a chunk and its continuation) in front of windows of 256 tokens. Smaller strides score better and
 # cost more (docs/in_context.md: -8%, -14%, -21% at strides 64, 32, 16 on the demo database, 9, 19 and 35
@@ -20,10 +22,6 @@ QUERY_TOKENS = 32
 CONTEXT = 256
 GENERATION_STRIDE = 32
 GENERATION_TOKENS = 48
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
 
 
 def evaluate_pretrained(opts: Any, db: Any, model: Any, tokenizer: Any, cached: Any) -> dict[str, Any]:
@@ -82,7 +80,6 @@ def generate_pretrained(
 ) -> list[dict[str, Any]]:
     """Greedy continuations of ``prompts`` with in-context retrieval, each printed with the passages read."""
     from retlm.generation.in_context import generate_in_context
-    from retlm.utils import quoted
 
     records = []
     for i, p in enumerate(prompts, 1):
@@ -98,17 +95,14 @@ def generate_pretrained(
             exclude_doc_id=p["doc_id"],
             no_repeat_ngram_size=opts.no_repeat_ngram_size or None,
         )
-        where = f" (held out: {p['document']})" if p["document"] else ""
-        _say(f"\n=== {opts.pretrained}, prompt {i} of {len(prompts)}{where} ===")
-        _say(quoted(result.prompt))
-        _say("=== continuation ===")
-        _say(quoted(result.continuation))
-        _say("=== what it read (placed in front of its context) ===")
+        title = f"{opts.pretrained}, prompt {i} of {len(prompts)}"
+        reading = "what it read (placed in front of its context)"
+        show_continuation(title, p["document"], result.prompt, result.continuation, reading)
         for step in result.retrievals:
-            _say(f"after {step.position} generated tokens, query {step.query[-60:]!r}:")
+            say(f"after {step.position} generated tokens, query {step.query[-60:]!r}:")
             for rank, n in enumerate(step.neighbors, 1):
                 text = " ".join(n.text.split())
-                _say(f"  {rank}. {n.doc_name or f'doc {n.doc_id}'} (score {n.score:.3f}): {text[:140]}...")
+                say(f"  {rank}. {n.doc_name or f'doc {n.doc_id}'} (score {n.score:.3f}): {text[:140]}...")
         records.append(
             {
                 **p,
@@ -119,7 +113,7 @@ def generate_pretrained(
                 ],
             }
         )
-    _say("")
+    say("")
     return records
 
 
@@ -132,15 +126,15 @@ def run_pretrained(opts: Any, db: Any, prompts: list[dict[str, Any]], cached: An
 
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(opts.pretrained)
-    _say(f"[2/6] pretrained LM {opts.pretrained}: loaded in {time.perf_counter() - start:.0f} s (frozen)")
+    say(f"[2/6] pretrained LM {opts.pretrained}: loaded in {time.perf_counter() - start:.0f} s (frozen)")
     start = time.perf_counter()
     report = evaluate_pretrained(opts, db, model, tokenizer, cached)
     tokens = report["without_retrieval"]["tokens"]
-    _say(
+    say(
         f"      held-out ({tokens} scored tokens, retrieval every {STRIDE} tokens, {CONTEXT}-token windows, "
         f"{time.perf_counter() - start:.0f} s): {bits_line(report)}"
     )
-    _say(
+    say(
         f"[3/6] {opts.pretrained} continues {len(prompts)} held-out prompt(s), greedy, retrieving every "
         f"{GENERATION_STRIDE} tokens, the prompt's own document excluded"
     )

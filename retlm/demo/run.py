@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from retlm.demo.display import say, show_continuation
 from retlm.options import option, option_from, zero_is_none
 from retlm.retrieval.config import BuildConfig, BuildOptions
-from retlm.utils import atomic_write, ensure_writable_dir, quoted
+from retlm.utils import atomic_write, ensure_writable_dir
 
 # Decoding defaults of the demo's generations (measured in docs/benchmarks.md, "Demo generations"): a
 # model trained for minutes puts most of its mass on whitespace and on " the"; without a penalty its samples
@@ -115,10 +116,6 @@ class DemoOptions:
         return BuildOptions(**shared, glob=glob, progress=self.progress)
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
 def _cached(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``compute()``, or its stored result when ``path`` holds one for the same ``key``."""
     if path.is_file():
@@ -148,14 +145,14 @@ def build_database(opts: DemoOptions) -> Any:
             raise ValueError(
                 f"{db_dir} was built with tokenizer {db.tokenizer_name!r}, not {opts.tokenizer!r}{hint}"
             )
-        _say(f"[1/6] database: reusing {db_dir} ({db.num_chunks} chunks, tokenizer {db.tokenizer_name})")
+        say(f"[1/6] database: reusing {db_dir} ({db.num_chunks} chunks, tokenizer {db.tokenizer_name})")
         return db
     corpus = opts.corpus
     if corpus is None:
         corpus = write_python_docs_corpus(opts.work_dir / "corpus", progress=opts.progress)
     start = time.perf_counter()
     db = RetrievalDatabase.build(corpus, db_dir, opts.build_options())
-    _say(
+    say(
         f"[1/6] database: {db.num_chunks} chunks of {db.chunk_size} {db.tokenizer_name} tokens from "
         f"{db.num_docs} documents of {corpus} in {time.perf_counter() - start:.0f} s -> {db_dir}"
     )
@@ -188,7 +185,7 @@ def train_model(opts: DemoOptions, db: Any, *, retrieval: bool, max_steps: int |
     what = "with retrieval" if retrieval else "without retrieval (control)"
     verb = "reused" if result.stop_reason == "already_finished" else "trained"
     loss = f", last training loss {result.last_train_loss:.3f}" if result.last_train_loss is not None else ""
-    _say(
+    say(
         f"[4/6] model {what}: {verb} {result.global_step} steps in {result.elapsed_s / 60:.1f} min{loss} "
         f"-> {result.model_dir}"
     )
@@ -268,7 +265,7 @@ def generate_samples(
         if opts.prompt is None
         else "--prompt"
     )
-    _say(
+    say(
         f"[5/6] generation: {len(prompts)} prompt(s), each {source}; {opts.max_new_tokens} new tokens "
         f"sampled (temperature {opts.temperature}, top-k {opts.top_k}, repetition penalty "
         f"{opts.repetition_penalty}, no repeated {opts.no_repeat_ngram_size}-gram), retrieving at every "
@@ -291,12 +288,8 @@ def generate_samples(
             exclude_doc_id=p["doc_id"],
             eos_token_id=int(db.eos_id),
         )
-        where = f" (held out: {p['document']})" if p["document"] else ""
-        _say(f"\n=== prompt {i} of {len(prompts)}{where} ===")
-        _say(quoted(generated.prompt))
-        _say("=== continuation ===")
-        _say(quoted(generated.continuation))
-        _say("=== what the model read, chunk by chunk ===")
+        title, reading = f"prompt {i} of {len(prompts)}", "what the model read, chunk by chunk"
+        show_continuation(title, p["document"], generated.prompt, generated.continuation, reading)
         print_neighbors(generated)
         records.append(
             {
@@ -308,7 +301,7 @@ def generate_samples(
                 ],
             }
         )
-    _say("")
+    say("")
     return records
 
 
@@ -337,13 +330,13 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     scores = evaluate_model(opts, db, trained)
     with_r, without_r = scores["with_retrieval"], scores["without_retrieval"]
-    _say(
+    say(
         f"[4/6] held-out ({scores['documents']} documents, {scores['tokens']} tokens, {scores['bytes']} "
         f"bytes): perplexity {_scores_line(with_r)} with retrieval, {_scores_line(without_r)} without"
     )
     control_scores = evaluate_model(opts, db, control) if control is not None else None
     if control_scores is not None:
-        _say(
+        say(
             f"      control trained without retrieval: perplexity "
             f"{_scores_line(control_scores['without_retrieval'])}"
         )
@@ -380,9 +373,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     }
     report_file = opts.work_dir / "report.json"
     atomic_write(report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    _say(f"[6/6] loss curves -> {png}; report -> {report_file}")
+    say(f"[6/6] loss curves -> {png}; report -> {report_file}")
     for line in side_by_side(opts, pretrained, trained, scores):
-        _say(line)
+        say(line)
     return report
 
 
