@@ -172,11 +172,11 @@ def print_sources(result: Any, show_text: bool = False) -> None:
         print("  (no retrieval: nothing was generated)")
     for step in result.retrievals:
         where = "end of the prompt" if step.position == 0 else f"after {step.position} generated tokens"
-        found = ", ".join(f"{n.doc_name or f'doc {n.doc_id}'} (score {n.score:.3f})" for n in step.neighbors)
+        found = ", ".join(f"{n.source} (score {n.score:.3f})" for n in step.neighbors)
         print(f"  {where}: {found or '(no neighbor)'}")
         if show_text:
             print("  query:")
             print(quoted(step.query, "      | "))
             for rank, n in enumerate(step.neighbors, 1):
-                print(f"    neighbor {rank}: {n.doc_name or f'doc {n.doc_id}'} (chunk {n.chunk_id})")
+                print(f"    neighbor {rank}: {n.source} (chunk {n.chunk_id})")
                 print(quoted(n.text, "      | "))

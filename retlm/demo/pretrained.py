@@ -102,7 +102,7 @@ def generate_pretrained(
             say(f"after {step.position} generated tokens, query {step.query[-60:]!r}:")
             for rank, n in enumerate(step.neighbors, 1):
                 text = " ".join(n.text.split())
-                say(f"  {rank}. {n.doc_name or f'doc {n.doc_id}'} (score {n.score:.3f}): {text[:140]}...")
+                say(f"  {rank}. {n.source} (score {n.score:.3f}): {text[:140]}...")
         records.append(
             {
                 **p,

@@ -15,3 +15,8 @@ class NeighborText:
     score: float
     text: str
     doc_name: str = ""
+
+    @property
+    def source(self) -> str:
+        """How printouts name the neighbor's document: its name, or ``doc N`` if the database has none."""
+        return self.doc_name or f"doc {self.doc_id}"

@@ -109,10 +109,7 @@ def print_neighbors(result: GeneratedText) -> None:
         if not neighbors:
             print("  (no neighbor)")
         for rank, n in enumerate(neighbors, 1):
-            print(
-                f"  neighbor {rank}: {n.doc_name or f'doc {n.doc_id}'}  "
-                f"(score {n.score:.3f}, doc {n.doc_id}, chunk {n.chunk_id})"
-            )
+            print(f"  neighbor {rank}: {n.source}  (score {n.score:.3f}, doc {n.doc_id}, chunk {n.chunk_id})")
             print(quoted(n.text))
 
 
