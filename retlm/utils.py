@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike[str], value: Any, *, sort_keys: bool = True) -> None:
+    """``value`` as indented JSON with a final newline, written atomically (:func:`atomic_write`): the
+    run directory's and the database's state files, and reports."""
+    text = json.dumps(value, indent=2, sort_keys=sort_keys) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def current_umask() -> int:

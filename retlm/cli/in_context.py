@@ -126,10 +126,9 @@ def print_report(
     """`retlm eval`'s result: written to ``output`` as JSON (atomically) when given, then printed as JSON
     (``--json``) or as ``table(report)``."""
     if output is not None:
-        from retlm.utils import atomic_write
+        from retlm.utils import write_json
 
-        text = json.dumps(report, indent=2) + "\n"
-        atomic_write(output, lambda tmp: tmp.write_text(text))
+        write_json(output, report, sort_keys=False)
     if as_json:
         json.dump(report, sys.stdout, indent=2)
         print()

@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 
 from retlm.checksums import CorruptFileError, sha256_file
-from retlm.utils import atomic_write
+from retlm.utils import write_json
 
 __all__ = [
     "CorruptDatabaseError",
     "sha256_file",
     "file_dtype",
     "open_memmap",
-    "write_json",
     "read_json",
     "ResumableRows",
 ]
@@ -48,11 +47,6 @@ def open_memmap(path: Path, dtype: str, shape: tuple[int, ...], mode: str = "r")
     if expected == 0:  # numpy cannot map an empty file
         return np.empty(shape, dtype=file_dtype(dtype))
     return np.memmap(path, dtype=file_dtype(dtype), mode=mode, shape=shape)
-
-
-def write_json(path: Path, value: Any) -> None:
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 MAX_JSON_BYTES = 64 << 20  # manifest.json and the build's state files: far below this

@@ -8,7 +8,7 @@ from typing import Any
 
 from retlm.checksums import seal
 from retlm.retrieval import integrity
-from retlm.retrieval._storage import sha256_file, write_json
+from retlm.retrieval._storage import sha256_file
 from retlm.retrieval.format import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -18,7 +18,7 @@ from retlm.retrieval.format import (
     has_dense,
 )
 from retlm.retrieval.index import Tuning
-from retlm.utils import deprecated_aliases
+from retlm.utils import deprecated_aliases, write_json
 
 # names that moved to format.py (issue #20), for one release
 __getattr__ = deprecated_aliases(

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from retlm.retrieval._storage import file_dtype, read_json, write_json
+from retlm.retrieval._storage import file_dtype, read_json
 from retlm.retrieval.chunking import Document, SkipReport
 from retlm.retrieval.config import BuildConfig
 from retlm.retrieval.format import (
@@ -84,6 +84,7 @@ from retlm.retrieval.index import (
 from retlm.retrieval.shards import merge_shards, shard_rows
 from retlm.retrieval.sources import Part, Source, SourceOptions, provenance, read_parts, split_part
 from retlm.retrieval.stages import Builder
+from retlm.utils import write_json
 
 RAY_EXTRA = "pip install 'retlm[ray]'"
 MAX_RETRIES = 3

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retlm.retrieval import preflight
-from retlm.retrieval._storage import is_complete, open_memmap, read_json, write_json
+from retlm.retrieval._storage import is_complete, open_memmap, read_json
 from retlm.retrieval.chunking import Document, SkipReport, write_chunks
 from retlm.retrieval.config import SHARDED_STAGES, STAGES, BuildConfig
 from retlm.retrieval.embedding import (
@@ -60,6 +60,7 @@ from retlm.retrieval.sources import Source, empty_error, provenance
 from retlm.retrieval.sparse import ChunkQueries, build_bm25, make_searcher
 from retlm.tokenization import describe, special_ids
 from retlm.tokenization import load_tokenizer as load_lm_tokenizer
+from retlm.utils import write_json
 
 __all__ = ["Builder", "SHARDED_STAGES", "STAGES"]
 

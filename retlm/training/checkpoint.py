@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from retlm.models.folders import FINAL_DIR  # the run directory's layout, which load_model reads
-from retlm.utils import atomic_write
 
 RUN_FILE = "retlm_run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -46,10 +45,6 @@ def commit_dir(staging: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def read_json(path: Path) -> Any:

@@ -20,6 +20,7 @@ from retlm.models.folders import latest_checkpoint, verify_model_dir
 from retlm.training import checkpoint as ckpt
 from retlm.training.callbacks import JsonlMetrics, read_metrics
 from retlm.training.model_card import write_model_card
+from retlm.utils import write_json
 
 
 @contextmanager
@@ -62,7 +63,7 @@ def start_run_files(out_dir: Path, resume_from: Path | None, run: dict[str, Any]
     else:
         JsonlMetrics.truncate(metrics, ckpt.checkpoint_step(resume_from))
     shutil.rmtree(out_dir / ckpt.STAGING_DIR, ignore_errors=True)
-    ckpt.write_json(out_dir / ckpt.RUN_FILE, run)
+    write_json(out_dir / ckpt.RUN_FILE, run)
 
 
 def resume_point(resume: str, out_dir: Path, previous: dict | None, fixed: dict) -> Path | None:
@@ -107,7 +108,7 @@ def save_final(trainer: Any, out_dir: Path) -> Path:
     barrier()
     if trainer.args.should_save:
         (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
-        ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": trainer.state.global_step})
+        write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": trainer.state.global_step})
         model = trainer.model
         write_model_card(
             staging,
@@ -137,7 +138,7 @@ def finish_without_training(
         for name in ckpt.MODEL_FILES:
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, staging / name)
-        ckpt.write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": step})
+        write_json(staging / ckpt.FINAL_STEP_FILE, {"global_step": step})
         from transformers import AutoConfig
 
         write_model_card(staging, out_dir, AutoConfig.from_pretrained(staging), global_step=step)
@@ -149,7 +150,7 @@ def finish_without_training(
             run.update(
                 status="finished", stop_reason="resumed_after_end", global_step=step, elapsed_s=elapsed
             )
-            ckpt.write_json(out_dir / ckpt.RUN_FILE, run)
+            write_json(out_dir / ckpt.RUN_FILE, run)
     barrier()
     result = TrainResult(
         run_dir=out_dir,

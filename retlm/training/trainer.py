@@ -69,7 +69,7 @@ from retlm.training.run_files import (
     save_final,
     start_run_files,
 )
-from retlm.utils import ensure_writable_dir
+from retlm.utils import ensure_writable_dir, write_json
 
 # ---- the Trainer ----
 
@@ -370,7 +370,7 @@ def train_prepared(data: PreparedData, out_dir: str | os.PathLike[str], opts: Tr
             elapsed_s=result.elapsed_s,
             max_steps=result.max_steps,
         )
-        ckpt.write_json(run_file, run)
+        write_json(run_file, run)
     barrier()
     return result
 
