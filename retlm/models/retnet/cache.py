@@ -15,28 +15,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retlm.models.state_cache import StateCache
+from retlm.models.state_cache import StateCache, StateCacheLayer
 from retlm.ops.retention import RetentionState
 
 
-class RetentionCacheLayer:
+class RetentionCacheLayer(StateCacheLayer):
     """One layer's ``(kv, z)`` retention state (None before the first update)."""
 
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self) -> None:
-        self.state: RetentionState | None = None
+    crop_refusal = "a RetNet state cannot be cropped: it keeps no per-token history to roll back"
+    state: RetentionState | None
 
     def __repr__(self) -> str:
         shapes = None if self.state is None else [tuple(t.shape) for t in self.state]
         return f"RetentionCacheLayer({shapes})"
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.state is not None
 
     def _map(self, fn) -> None:
         if self.state is not None:
@@ -51,20 +42,11 @@ class RetentionCacheLayer:
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    def reset(self) -> None:
-        self.state = None
-
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:  # states are small; nothing is offloaded ahead of time
         pass
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("a RetNet state cannot be cropped: it keeps no per-token history to roll back")
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 class RetNetCache(StateCache):

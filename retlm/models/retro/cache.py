@@ -9,7 +9,7 @@ from torch import Tensor
 
 from retlm.layers.attention import KVCache
 from retlm.layers.neighbors import NeighborState
-from retlm.models.state_cache import StateCache
+from retlm.models.state_cache import StateCache, StateCacheLayer
 
 
 def _rows(value: Any) -> int | None:
@@ -34,39 +34,20 @@ def _select(value: Any, indices: Tensor) -> Any:
     return value
 
 
-class RetroCacheLayer:
+class RetroCacheLayer(StateCacheLayer):
     """One decoder layer's state: the rotated self-attention keys and values (a growing ``KVCache``,
     ``(batch, heads, position, dim_head)``; transformer decoder), or the retention state (RetNet decoder:
     constant size), or None before the first call."""
 
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self) -> None:
-        self.state: Any = None
+    crop_refusal = "a RETRO cache cannot be cropped: its encoded neighbors cannot be rolled back"
 
     def __repr__(self) -> str:
         return f"RetroCacheLayer({type(self.state).__name__})"
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.state is not None
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self.state = _select(self.state, indices)
 
     reorder_cache = batch_select_indices
-
-    def reset(self) -> None:
-        self.state = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("a RETRO cache cannot be cropped: its encoded neighbors cannot be rolled back")
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 class RetroCache(NeighborState, StateCache):
